@@ -1,0 +1,12 @@
+"""tessera: build, train, evaluate and serve multimodal LLMs — every design the article surveys is a switch."""
+
+from tessera.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
+from tessera.errors import CheckpointError, ConfigError, DataError, ImageTokenMismatchError, TesseraError
+from tessera.model import GenerationOutput, ModelOutput, MultimodalLM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataError", "FusionConfig", "GenerationOutput", "ImageTokenMismatchError",
+    "ModelConfig", "ModelOutput", "MultimodalLM", "TesseraError", "TextConfig", "VisionConfig",
+]

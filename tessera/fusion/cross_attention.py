@@ -1,0 +1,99 @@
+"""Method B, cross-modality attention: text hidden states (queries) attend to image features (keys/values) in
+gated blocks inserted before some decoder layers (Flamingo, Llama 3.2 Vision, NVLM-X).
+
+Each block adds its attention and MLP outputs through tanh(gate) with the gates starting at 0, so a freshly built
+block is the identity and the LLM behaves exactly as it did before training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.config import TextConfig
+from tessera.text.mlp import SwiGLU
+from tessera.text.norm import RMSNorm
+
+
+def image_visibility(input_ids: torch.Tensor, image_token_id: int, max_images: int, scope: str) -> torch.Tensor:
+    """(batch, seq, max_images) bool: may token i attend to image j of its sample?
+
+    Image j is the j-th `<image>` marker of the sample. "previous": from its marker on to the end. "latest": from
+    its marker until the next run of markers starts (consecutive markers form one run and stay visible together).
+    """
+    batch, seq = input_ids.shape
+    visible = torch.zeros(batch, seq, max_images, dtype=torch.bool, device=input_ids.device)
+    for b in range(batch):
+        positions = (input_ids[b] == image_token_id).nonzero().flatten().tolist()[:max_images]
+        for j, start in enumerate(positions):
+            end = seq
+            if scope == "latest":
+                later = positions[j + 1:]
+                run_end = start
+                for p in later:  # skip the rest of this run of consecutive markers
+                    if p != run_end + 1:
+                        break
+                    run_end = p
+                end = next((p for p in later if p > run_end), seq)
+            visible[b, start:end, j] = True
+    return visible
+
+
+def pack_images(image_features: torch.Tensor, image_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S, D) features of every image in batch order → (batch, max_images, S, D) and a (batch, max_images) mask
+    of real image slots."""
+    batch, most = len(image_counts), max(image_counts, default=0)
+    n, s, d = image_features.shape
+    packed = image_features.new_zeros(batch, max(most, 1), s, d)
+    real = torch.zeros(batch, max(most, 1), dtype=torch.bool, device=image_features.device)
+    start = 0
+    for b, count in enumerate(image_counts):
+        packed[b, :count] = image_features[start:start + count]
+        real[b, :count] = True
+        start += count
+    return packed, real
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
+        self.kv_proj = nn.Linear(d, 2 * config.num_kv_heads * hd, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per-head norms keep the logits of a new block tame
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_norm = RMSNorm(d, config.rms_norm_eps)
+        self.mlp = SwiGLU(d, config.intermediate_size)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+        for linear in (self.q_proj, self.kv_proj, self.o_proj):
+            nn.init.normal_(linear.weight, std=0.02)
+
+    def image_keys_values(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, max_images, S, D) projected image features → keys and values (batch, kv_heads, M·S, head_dim).
+        No RoPE: image tokens have no position in the text."""
+        b, m, s, _ = images.shape
+        k, v = self.kv_proj(images.reshape(b, m * s, -1)).chunk(2, dim=-1)
+        k = self.k_norm(k.view(b, m * s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(b, m * s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                visible: torch.Tensor) -> torch.Tensor:
+        """visible: (batch, seq, max_images) bool. Rows that see no image get no contribution at all."""
+        b, t, _ = x.shape
+        tokens_per_image = keys.shape[2] // visible.shape[-1]
+        sees_any = visible.any(-1)  # (b, t)
+        key_mask = visible.repeat_interleave(tokens_per_image, dim=-1)
+        key_mask = key_mask | ~sees_any[..., None]  # keep blind rows finite; their output is zeroed below
+        q = self.q_proj(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim)
+        q = self.q_norm(q).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[:, None],
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        row = sees_any[..., None].to(x.dtype)
+        x = x + torch.tanh(self.attn_gate) * row * self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return x + torch.tanh(self.mlp_gate) * row * self.mlp(self.mlp_norm(x))

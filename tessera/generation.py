@@ -1,0 +1,106 @@
+"""Choosing the next token: greedy, temperature, top-k and top-p sampling, and the stop conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 means greedy decoding; otherwise sample from softmax(logits / temperature) restricted to the
+    top_k most likely tokens (0: no limit) and the smallest set whose probability reaches top_p."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: Sequence[str] = ()
+    eos_token_ids: Sequence[int] = ()
+    suppress_token_ids: Sequence[int] = field(default_factory=tuple)  # never generated (e.g. <image>, <pad>)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature!r}: expected a number >= 0 (0 is greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """(batch, vocab) logits of the last position → (batch,) chosen token ids."""
+    logits = logits.float()
+    if params.suppress_token_ids:
+        logits[:, list(params.suppress_token_ids)] = float("-inf")
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class StopChecker:
+    """Tracks, per sample, whether generation has finished and why ("stop" or "length")."""
+
+    def __init__(self, batch_size: int, params: SamplingParams, decode: Callable[[list[int]], str] | None):
+        if params.stop_strings and decode is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text; pass tokenizer=")
+        self.params = params
+        self.decode = decode
+        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+        self.finish_reasons: list[str | None] = [None] * batch_size
+
+    @property
+    def all_done(self) -> bool:
+        return all(reason is not None for reason in self.finish_reasons)
+
+    def add(self, tokens: list[int]) -> None:
+        for i, token in enumerate(tokens):
+            if self.finish_reasons[i] is not None:
+                continue
+            if token in self.params.eos_token_ids:
+                self.finish_reasons[i] = "stop"
+                continue
+            self.tokens[i].append(token)
+            if self.params.stop_strings and self._hit_stop_string(i):
+                self.finish_reasons[i] = "stop"
+            elif len(self.tokens[i]) >= self.params.max_new_tokens:
+                self.finish_reasons[i] = "length"
+
+    def finish(self) -> None:
+        self.finish_reasons = [reason or "length" for reason in self.finish_reasons]
+
+    def _hit_stop_string(self, i: int) -> bool:
+        text = self.decode(self.tokens[i])
+        return any(s in text for s in self.params.stop_strings)
+
+    def text(self, i: int) -> str:
+        """The decoded text of sample i, cut before the first stop string."""
+        text = self.decode(self.tokens[i])
+        for s in self.params.stop_strings:
+            text = text.split(s, 1)[0]
+        return text

@@ -1,0 +1,290 @@
+"""MultimodalLM: image encoder → projector → decoder LLM, joined by Method A (unified) or Method B (cross).
+
+    model = MultimodalLM(ModelConfig(fusion="cross"))
+    out = model(**batch)                       # logits, and the loss when labels are given
+    result = model.generate(**prompt_batch, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.checkpoint import CONFIG_NAME, load_weights, save_weights
+from tessera.config import ModelConfig
+from tessera.errors import ConfigError, DataError
+from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
+from tessera.fusion.projector import Projector
+from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
+from tessera.generation import SamplingParams, StopChecker, next_tokens
+from tessera.text.cache import KVCache
+from tessera.text.decoder import DecoderLLM, positions_from_mask
+from tessera.vision.encoder import VisionEncoder, deepest_layer, select_image_features
+
+IGNORE_INDEX = -100
+COMPONENTS = ("vision", "projector", "llm", "cross_attention")
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    num_tokens: int = 0  # supervised (label != -100) tokens behind the loss
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # new token ids per sample, without the EOS token
+    finish_reasons: list[str]  # "stop" (EOS or a stop string) or "length"
+    texts: list[str] | None = None  # decoded and cut at the first stop string, when a tokenizer was given
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config.vision)
+        feature_width = config.vision.hidden_size * len(config.fusion.feature_layers)
+        self.projector = Projector(feature_width, config.text.hidden_size, config.fusion.projector,
+                                   config.fusion.projector_bias)
+        self.llm = DecoderLLM(config.text)
+        # Method B's gated blocks, keyed by the decoder layer they run before; empty for Method A.
+        self.cross_attention = nn.ModuleDict(
+            {str(i): GatedCrossAttentionBlock(config.text) for i in config.cross_attention_layers}
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.embed_tokens.weight.device
+
+    # --- images ------------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) pixels → (N, S, text width) projected image features."""
+        fusion, layers = self.config.fusion, self.config.fusion.feature_layers
+        num_layers = self.config.vision.num_layers
+        hidden = self.vision(pixel_values.to(self.dtype), up_to_layer=deepest_layer(layers, num_layers))
+        drop_cls = fusion.vision_feature_select_strategy == "default"
+        return self.projector(select_image_features(hidden, layers, num_layers, drop_cls))
+
+    # --- forward -----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | list[int] | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        image_features: torch.Tensor | None = None,
+        num_items_in_batch: int | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """pixel_values holds every image of the batch in order (sample 0's images first); image_counts says how
+        many belong to each sample (read off the `<image>` tokens when omitted). image_features may replace
+        pixel_values when the images are already encoded. With a cache, only the first call (prefill) takes images.
+
+        The loss is summed over supervised tokens and divided by their count — or by num_items_in_batch, the count
+        over all micro-batches of an accumulated step, so every token weighs the same.
+        """
+        prefill = cache is None or cache.length == 0
+        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0 and prefill:
+            image_features = self.encode_images(pixel_values)
+        inputs_embeds = self.llm.embed_tokens(input_ids)
+        inject = None
+        if prefill:
+            num_images = 0 if image_features is None else image_features.shape[0]
+            per_image = self.config.image_seq_length
+            if image_counts is None:
+                image_counts = infer_image_counts(input_ids, self.config.image_token_id, per_image)
+            image_counts = [int(c) for c in image_counts]
+            check_image_token_counts(input_ids, self.config.image_token_id, per_image, image_counts, num_images)
+            if num_images and self.config.fusion.method == "unified":
+                inputs_embeds = merge_image_features(inputs_embeds, input_ids, image_features,
+                                                     self.config.image_token_id)
+        if self.config.fusion.method == "cross":
+            inject = self._cross_attention_inject(input_ids, image_features, image_counts, cache, prefill)
+        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, inject=inject, logits_to_keep=logits_to_keep)
+        if labels is None:
+            return ModelOutput(logits)
+        return self._loss(logits, labels, input_ids, num_items_in_batch)
+
+    def _cross_attention_inject(self, input_ids, image_features, image_counts, cache, prefill
+                                ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """Bind each gated block to its image keys/values and to which images each token may see.
+
+        At prefill the keys/values are computed once and stored in the cache; decode steps reuse them, and a new
+        token sees the images the last prompt token saw."""
+        state = cache.cross if cache is not None else None
+        if prefill:
+            if image_features is None or image_features.shape[0] == 0:
+                return None  # no image in the batch: every block would add exactly zero
+            images, real = pack_images(image_features, image_counts)
+            visible = image_visibility(input_ids, self.config.image_token_id, images.shape[1],
+                                       self.config.fusion.cross_attention_scope) & real[:, None, :]
+            keys_values = {int(i): block.image_keys_values(images) for i, block in self.cross_attention.items()}
+            if state is not None:
+                state.keys_values, state.visible = keys_values, visible[:, -1]
+        else:
+            if not state.keys_values:
+                return None
+            keys_values = state.keys_values
+            visible = state.visible[:, None, :].expand(-1, input_ids.shape[1], -1)
+        return {
+            int(i): partial(block, keys=keys_values[int(i)][0], values=keys_values[int(i)][1], visible=visible)
+            for i, block in self.cross_attention.items()
+        }
+
+    def _loss(self, logits, labels, input_ids, num_items_in_batch) -> ModelOutput:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(input_ids.shape)} like input_ids")
+        targets = labels[:, 1:]  # token t predicts token t+1
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+        if num_items_in_batch is None:
+            if num_tokens == 0:
+                raise DataError(
+                    "labels: every label is -100, so there is no answer token to learn from and the loss would be a "
+                    "silent 0; expected at least one supervised token (was the answer cut off by the length limit?)"
+                )
+            num_items_in_batch = num_tokens
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch
+        return ModelOutput(logits, loss, num_tokens)
+
+    # --- generation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | list[int] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_strings: list[str] | tuple[str, ...] = (),
+        eos_token_id: int | list[int] | None = None,
+        tokenizer=None,
+        use_cache: bool = True,
+        **ignored,
+    ) -> GenerationOutput:
+        """Continue each (left-padded) prompt. temperature 0 is greedy; seed makes sampling reproducible.
+        tokenizer (anything with .decode(ids)) is needed for stop_strings and to return texts."""
+        ignored.pop("labels", None)  # a training batch may be passed as **batch
+        if ignored:
+            raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(ignored))}")
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop_strings=tuple(stop_strings), eos_token_ids=tuple([eos] if isinstance(eos, int) else eos),
+            suppress_token_ids=self._never_generated(),
+        )
+        decode = tokenizer.decode if tokenizer is not None else None
+        checker = StopChecker(input_ids.shape[0], params, decode)
+        steps = self.stream_tokens(input_ids, attention_mask, pixel_values, image_counts, params, use_cache)
+        for tokens in steps:
+            checker.add(tokens.tolist())
+            if checker.all_done:
+                break
+        steps.close()
+        checker.finish()
+        texts = [checker.text(i) for i in range(len(checker.tokens))] if decode else None
+        return GenerationOutput(checker.tokens, checker.finish_reasons, texts)
+
+    def _never_generated(self) -> tuple[int, ...]:
+        special = {self.config.image_token_id, self.config.pad_token_id} - {self.config.eos_token_id}
+        return tuple(sorted(special))
+
+    def stream_tokens(self, input_ids, attention_mask, pixel_values, image_counts, params: SamplingParams,
+                      use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield the next token of every sample, step by step (the caller decides when to stop).
+
+        Images are encoded once. With the cache, the prompt is run once (prefill) and each step feeds one token;
+        without it, each step recomputes the whole sequence (the slow reference the cache is tested against)."""
+        batch, prompt_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if prompt_len + params.max_new_tokens > self.config.text.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"text.max_position_embeddings={self.config.text.max_position_embeddings}"
+            )
+        image_features = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.encode_images(pixel_values)
+        generator = params.generator(self.device)
+        next_position = attention_mask.long().sum(-1, keepdim=True)
+        cache = KVCache(self.config.text, batch, prompt_len + params.max_new_tokens, self.dtype, self.device) \
+            if use_cache else None
+        sequence, mask = input_ids, attention_mask
+        logits = self(input_ids, attention_mask, image_counts=image_counts, image_features=image_features,
+                      cache=cache, logits_to_keep=1).logits[:, -1]
+        for _ in range(params.max_new_tokens):
+            tokens = next_tokens(logits, params, generator)
+            yield tokens
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            if use_cache:
+                logits = self(tokens[:, None], mask, position_ids=next_position, cache=cache).logits[:, -1]
+                next_position = next_position + 1
+            else:
+                sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
+                logits = self(sequence, mask, image_counts=image_counts, image_features=image_features,
+                              logits_to_keep=1).logits[:, -1]
+
+    # --- staged training: freezing components ------------------------------------------------------------------
+    def component(self, name: str) -> nn.Module:
+        if name not in COMPONENTS:
+            raise ConfigError(f"component {name!r}: expected one of {', '.join(map(repr, COMPONENTS))}")
+        return getattr(self, name)
+
+    def freeze(self, *names: str) -> None:
+        """Stop training these components (their weights keep requires_grad=False)."""
+        for name in names:
+            self.component(name).requires_grad_(False)
+
+    def unfreeze(self, *names: str) -> None:
+        for name in names:
+            self.component(name).requires_grad_(True)
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """{component: {"total": n, "trainable": n}}, each shared (tied) tensor counted once."""
+        counts = {}
+        for name in COMPONENTS:
+            unique = {id(p): p for p in self.component(name).parameters()}.values()
+            counts[name] = {"total": sum(p.numel() for p in unique),
+                            "trainable": sum(p.numel() for p in unique if p.requires_grad)}
+        return counts
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        save_weights(self, directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> MultimodalLM:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+        model = cls(ModelConfig.load(directory / CONFIG_NAME))
+        load_weights(model, directory)
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model.eval()

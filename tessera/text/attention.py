@@ -1,0 +1,49 @@
+"""Causal self-attention with grouped-query attention (GQA) and RoPE, through PyTorch's SDPA kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.config import TextConfig
+from tessera.text.cache import KVCache
+from tessera.text.rope import apply_rotary
+
+
+class SelfAttention(nn.Module):
+    """q/k/v from one fused projection; num_kv_heads ≤ num_heads key/value heads, each shared by a group of
+    query heads (SDPA's `enable_gqa` broadcasts them without copying)."""
+
+    def __init__(self, config: TextConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        qkv_size = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """mask: boolean (batch, 1, q, k), True where attention is allowed; None means plain causal."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is None:
+            # No padding: plain causal when queries and keys line up; a single decode token sees everything.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))

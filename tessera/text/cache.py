@@ -1,0 +1,47 @@
+"""The KV cache: keys and values of every past token, so each decode step only computes the new one.
+
+Storage is preallocated for the whole generation (prompt + max_new_tokens): a decode step writes one slot per
+layer instead of concatenating (which would copy the whole cache every step). Method B also keeps each
+cross-attention block's image keys/values here, computed once at prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tessera.config import TextConfig
+
+
+@dataclass
+class CrossAttentionState:
+    """What Method B's blocks reuse at every decode step."""
+
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer → (k, v)
+    image_mask: torch.Tensor | None = None  # (batch, max_images): which image slots hold a real image
+    visible: torch.Tensor | None = None  # (batch, max_images): images the latest token may attend to
+
+
+class KVCache:
+    def __init__(self, config: TextConfig, batch_size: int, max_length: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0  # tokens already stored (the same for every sample: padding is masked, not ragged)
+        self.cross = CrossAttentionState()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v for `layer` after the cached ones and return all of them."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} tokens for a cache built for {self.max_length}")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        """Called once per forward, after every layer has stored its new entries."""
+        self.length += num_tokens

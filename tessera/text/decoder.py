@@ -1,0 +1,125 @@
+"""The decoder LLM: a Llama-style transformer that works on its own as a text-only language model.
+
+Multimodal fusion plugs in from outside: Method A hands it `inputs_embeds` with image features already in place;
+Method B passes `inject`, blocks run on the hidden state just before the listed decoder layers. With neither,
+this is a plain text LM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tessera.config import TextConfig
+from tessera.text.attention import SelfAttention
+from tessera.text.cache import KVCache
+from tessera.text.mlp import SwiGLU
+from tessera.text.norm import RMSNorm
+from tessera.text.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """x + Attn(RMSNorm x), then x + SwiGLU(RMSNorm x)."""
+
+    def __init__(self, config: TextConfig, layer_index: int):
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = SelfAttention(config, layer_index)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.attn(self.input_norm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+def positions_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Each real token's position counts only the real tokens before it, so left padding does not shift RoPE."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -num_new:]
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, num_new: int, past: int) -> torch.Tensor | None:
+    """Boolean (batch, 1, new, past+new) mask: causal and not on padding keys; None when plain causal will do.
+
+    A padding query (left padding) would see no key at all and SDPA would return NaN for it, so every query may
+    always see itself; padding outputs are never read, real tokens are unaffected.
+    """
+    total = past + num_new
+    if attention_mask is not None and attention_mask.shape[-1] != total:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} tokens; expected past ({past}) + new ({num_new}) = {total}"
+        )
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and (past == 0 or num_new == 1):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    causal = key_pos <= query_pos
+    if attention_mask is None:
+        return causal[None, None]
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    mask |= (key_pos == query_pos)[None]
+    return mask[:, None]
+
+
+class DecoderLLM(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.apply(_init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        inject: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits for the new tokens (only the last `logits_to_keep` when > 0).
+
+        attention_mask (batch, past + new) follows Hugging Face: 1 for real tokens, 0 for padding, covering the
+        cached tokens too.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        num_new = x.shape[1]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask, num_new)
+            else:
+                position_ids = torch.arange(past, past + num_new, device=x.device).expand(x.shape[0], -1)
+        rope = self.rotary(position_ids, x.dtype)
+        mask = attention_mask_4d(attention_mask, num_new, past)
+        for i, layer in enumerate(self.layers):
+            if inject is not None and i in inject:
+                x = inject[i](x)
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(num_new)
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
