@@ -3,10 +3,13 @@
 from tessera.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from tessera.errors import CheckpointError, ConfigError, DataError, ImageTokenMismatchError, TesseraError
 from tessera.model import GenerationOutput, ModelOutput, MultimodalLM
+from tessera.processor import Processor, ProcessorConfig
+from tessera.text.tokenizer import train_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "FusionConfig", "GenerationOutput", "ImageTokenMismatchError",
-    "ModelConfig", "ModelOutput", "MultimodalLM", "TesseraError", "TextConfig", "VisionConfig",
+    "ModelConfig", "ModelOutput", "MultimodalLM", "Processor", "ProcessorConfig",
+    "TesseraError", "TextConfig", "VisionConfig", "train_tokenizer",
 ]

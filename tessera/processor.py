@@ -1,0 +1,222 @@
+"""The Processor: chat messages + images → the tensors MultimodalLM takes, and generated ids → text.
+
+    processor = Processor.for_model(config, tokenizer)
+    batch = processor([messages], padding_side="right")   # training: labels on the answers only
+    prompt = processor([messages], add_generation_prompt=True, padding_side="left")
+
+Chat template (one conversation):
+
+    <|begin|><|system|>…<|end|><|user|><image>\nWhat colour is the circle?<|end|><|assistant|>red<|end|>
+
+Method A expands each `<image>` into as many image tokens as the encoder + projector produce; Method B keeps one
+marker per image. Labels are -100 everywhere except the assistant answers and the `<|end|>` closing them (so the
+model learns when to stop).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from tessera.config import ModelConfig
+from tessera.errors import ConfigError, DataError
+from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, load_tokenizer
+from tessera.vision.preprocess import RESIZE_MODES, load_image, preprocess_image
+
+IGNORE_INDEX = -100
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+Message = dict[str, Any]  # {"role": "system"|"user"|"assistant", "content": str | [{"type": "text"|"image", …}]}
+
+
+@dataclass
+class ProcessorConfig:
+    image_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    image_seq_length: int  # tokens that stand for one image in the text
+    resize_mode: str = "squash"
+    max_length: int | None = None  # longer conversations are cut from the right
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"resize_mode={self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length={self.max_length!r}: expected a positive integer or null")
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, config: ProcessorConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.pad_token_id = self._special_id(PAD)
+        self.begin_token_id = self._special_id(BEGIN)
+        self.end_token_id = self._special_id(END)
+        self.image_token_id = self._special_id(IMAGE)
+        self.role_token_ids = {role: self._special_id(token) for role, token in ROLE_TOKENS.items()}
+
+    @classmethod
+    def for_model(cls, model_config: ModelConfig, tokenizer: Tokenizer, max_length: int | None = None,
+                  resize_mode: str = "squash") -> Processor:
+        """A processor whose image size, normalisation and image-token count follow the model's config; the
+        tokenizer's special ids must be the ones the model was built with."""
+        processor = cls(tokenizer, ProcessorConfig(
+            image_size=model_config.vision.image_size, image_mean=model_config.vision.image_mean,
+            image_std=model_config.vision.image_std, image_seq_length=model_config.image_seq_length,
+            resize_mode=resize_mode, max_length=max_length,
+        ))
+        for name, ours in (("image_token_id", processor.image_token_id), ("pad_token_id", processor.pad_token_id),
+                           ("eos_token_id", processor.end_token_id)):
+            if getattr(model_config, name) != ours:
+                raise ConfigError(f"{name}={getattr(model_config, name)} in the model config but the tokenizer gives "
+                                  f"{ours}; expected them to agree")
+        if tokenizer.get_vocab_size() > model_config.text.vocab_size:
+            raise ConfigError(f"text.vocab_size={model_config.text.vocab_size} is smaller than the tokenizer's "
+                              f"{tokenizer.get_vocab_size()} tokens")
+        return processor
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ConfigError(f"the tokenizer has no special token {token!r}")
+        return token_id
+
+    # --- images ------------------------------------------------------------------------------------------------
+    def preprocess_image(self, image: str | Path | Image.Image) -> torch.Tensor:
+        c = self.config
+        return preprocess_image(load_image(image), c.image_size, c.image_mean, c.image_std, c.resize_mode)
+
+    # --- text --------------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """The conversation as one string, `<image>` placeholders not yet expanded."""
+        parts = [BEGIN]
+        for message in messages:
+            role, text, _ = _read_message(message)
+            parts.append(f"{ROLE_TOKENS[role]}{text}{END}")
+        if add_generation_prompt:
+            parts.append(ROLE_TOKENS["assistant"])
+        return "".join(parts)
+
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False
+               ) -> tuple[list[int], list[int], list[Any]]:
+        """Token ids, labels and the images found in the message parts, for one conversation."""
+        ids, labels, images = [self.begin_token_id], [IGNORE_INDEX], []
+        for message in messages:
+            role, text, part_images = _read_message(message)
+            images.extend(part_images)
+            content = self._text_ids(text) + [self.end_token_id]
+            ids += [self.role_token_ids[role]] + content
+            labels += [IGNORE_INDEX] + (content if role == "assistant" else [IGNORE_INDEX] * len(content))
+        if add_generation_prompt:
+            ids.append(self.role_token_ids["assistant"])
+            labels.append(IGNORE_INDEX)
+        return ids, labels, images
+
+    def _text_ids(self, text: str) -> list[int]:
+        ids = []
+        for token_id in self.tokenizer.encode(text, add_special_tokens=False).ids:
+            ids += [token_id] * (self.config.image_seq_length if token_id == self.image_token_id else 1)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # --- batches -----------------------------------------------------------------------------------------------
+    def __call__(self, conversations: Sequence[Sequence[Message]], images: Sequence[Sequence[Any]] | None = None,
+                 *, add_generation_prompt: bool = False, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """A padded batch: input_ids, attention_mask, labels, pixel_values (all images, sample order),
+        image_counts. Images come from the message parts or from `images` (one list per conversation).
+        Training batches pad on the right; generation prompts on the left, so every prompt ends at the last
+        column and the next token is predicted from there."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+        if images is not None and len(images) != len(conversations):
+            raise DataError(f"{len(images)} image lists for {len(conversations)} conversations; expected one each")
+        rows, pixel_values, image_counts = [], [], []
+        for index, messages in enumerate(conversations):
+            ids, labels, part_images = self.encode(messages, add_generation_prompt)
+            sample_images = list(part_images) + list(images[index] if images is not None else [])
+            placeholders = ids.count(self.image_token_id) // self.config.image_seq_length
+            if placeholders != len(sample_images):
+                raise DataError(f"conversation {index}: {placeholders} <image> placeholder(s) but "
+                                f"{len(sample_images)} image(s); expected one image per placeholder")
+            ids, labels = self._truncate(ids, labels, index)
+            rows.append((ids, labels))
+            pixel_values += [self.preprocess_image(image) for image in sample_images]
+            image_counts.append(len(sample_images))
+        width = max(len(ids) for ids, _ in rows)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for ids, labels in rows:
+            pad = width - len(ids)
+            fill = lambda values, value: [value] * pad + values if padding_side == "left" else values + [value] * pad
+            batch["input_ids"].append(fill(ids, self.pad_token_id))
+            batch["attention_mask"].append(fill([1] * len(ids), 0))
+            batch["labels"].append(fill(labels, IGNORE_INDEX))
+        out = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+        size = self.config.image_size
+        out["pixel_values"] = torch.stack(pixel_values) if pixel_values else torch.zeros(0, 3, size, size)
+        out["image_counts"] = torch.tensor(image_counts, dtype=torch.long)
+        return out
+
+    def _truncate(self, ids: list[int], labels: list[int], index: int) -> tuple[list[int], list[int]]:
+        limit = self.config.max_length
+        if limit is None or len(ids) <= limit:
+            return ids, labels
+        if self.image_token_id in ids[limit:]:
+            raise DataError(f"conversation {index}: {len(ids)} tokens exceed max_length={limit} and cutting would "
+                            f"split an image's tokens; expected a longer max_length or fewer images")
+        return ids[:limit], labels[:limit]
+
+    # --- persistence -------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / TOKENIZER_NAME))
+        (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Processor:
+        directory = Path(directory)
+        path = directory / PROCESSOR_CONFIG_NAME
+        try:
+            settings = json.loads(path.read_text())
+            config = ProcessorConfig(**settings)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file; expected the processor settings") from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"{path}: invalid processor settings ({e})") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        return cls(load_tokenizer(directory / TOKENIZER_NAME), config)
+
+
+def _read_message(message: Message) -> tuple[str, str, list[Any]]:
+    """(role, text with <image> placeholders, images carried by the parts) of one chat message."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f"message {message!r}: expected an object with 'role' and 'content'")
+    role, content = message["role"], message["content"]
+    if role not in ROLE_TOKENS:
+        raise DataError(f"message role {role!r}: expected one of {', '.join(ROLE_TOKENS)}")
+    if isinstance(content, str):
+        return role, content, []
+    text, images = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text.append(part["text"])
+        elif kind == "image":
+            text.append(IMAGE)
+            if part.get("image") is not None:
+                images.append(part["image"])
+        else:
+            raise DataError(f"message part {part!r}: expected {{'type': 'text', 'text': …}} or {{'type': 'image'}}")
+    return role, "".join(text), images

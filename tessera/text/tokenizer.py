@@ -1,0 +1,47 @@
+"""Tokenizers: byte-level BPE trained with Hugging Face `tokenizers`, saved as a standard `tokenizer.json`.
+
+The special tokens come first, so their ids are fixed and match `ModelConfig`'s defaults
+(pad 0, begin 1, end/EOS 2, image 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tessera.errors import CheckpointError
+
+PAD, BEGIN, END, IMAGE = "<pad>", "<|begin|>", "<|end|>", "<image>"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = (PAD, BEGIN, END, IMAGE, SYSTEM, USER, ASSISTANT)
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style: any text round-trips, no unknown token) trained on `texts`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such tokenizer file; expected a Hugging Face tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
+    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise CheckpointError(f"{path}: the tokenizer lacks the special token {missing[0]!r}; "
+                              f"expected all of {', '.join(SPECIAL_TOKENS)}")
+    return tokenizer

@@ -1,0 +1,71 @@
+"""Image preprocessing: any PIL image → RGB → square → normalised tensor the encoder expects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from tessera.errors import DataError
+
+RESIZE_MODES = ("squash", "pad")
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise DataError(f"{source}: image file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{source}: not a readable image ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grayscale, palette, 16-bit and transparent images → 8-bit RGB.
+
+    Transparency is composited on white (what a viewer shows) rather than dropped, which would reveal whatever
+    colour the invisible pixels happen to hold. 16-bit and float images are scaled to 8 bits, not clipped.
+    """
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if values.max(initial=0) <= 1.0 else values.max()
+        else:
+            top = 255.0 if values.max(initial=0) <= 255 else 65535.0
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def preprocess_image(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                     resize_mode: str = "squash") -> torch.Tensor:
+    """(3, size, size) float tensor, normalised with the encoder's mean/std.
+
+    resize_mode "squash" stretches to a square; "pad" first pads to a square with the mean colour (LLaVA-1.5),
+    keeping the aspect ratio."""
+    image = to_rgb(image)
+    if resize_mode == "pad" and image.width != image.height:
+        side = max(image.size)
+        fill = tuple(int(round(m * 255)) for m in mean)
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    elif resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode={resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (pixels - mean_t) / std_t
