@@ -105,8 +105,9 @@ class MultimodalLM(nn.Module):
         if prefill:
             num_images = 0 if image_features is None else image_features.shape[0]
             per_image = self.config.image_seq_length
-            if image_counts is None:
-                image_counts = infer_image_counts(input_ids, self.config.image_token_id, per_image)
+            if image_counts is None:  # read them off the image tokens (none at all: every placeholder is unmatched)
+                image_counts = infer_image_counts(input_ids, self.config.image_token_id, per_image) \
+                    if num_images else [0] * input_ids.shape[0]
             image_counts = [int(c) for c in image_counts]
             check_image_token_counts(input_ids, self.config.image_token_id, per_image, image_counts, num_images)
             if num_images and self.config.fusion.method == "unified":

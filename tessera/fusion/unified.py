@@ -18,7 +18,7 @@ def check_image_token_counts(input_ids: torch.Tensor, image_token_id: int, token
         )
     if sum(counts) != num_images:
         raise ImageTokenMismatchError(
-            f"image_counts adds up to {sum(counts)} images but pixel_values holds {num_images}"
+            f"image_counts adds up to {sum(counts)} images but {num_images} were given (pixel_values)"
         )
     found = (input_ids == image_token_id).sum(-1).tolist()
     for sample, (n_tokens, n_images) in enumerate(zip(found, counts)):

@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may touch the network
+
+import pytest
+import torch
+
+from tessera import ModelConfig, TextConfig, VisionConfig
+
+
+def tiny_config(fusion: str = "unified", **fusion_options) -> ModelConfig:
+    """A model small enough to train in seconds: 16 px images in 4×4 patches → 16 image features."""
+    return ModelConfig(
+        vision=VisionConfig(image_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
+                            intermediate_size=64),
+        text=TextConfig(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64, max_position_embeddings=256),
+        fusion={"method": fusion, **fusion_options},
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

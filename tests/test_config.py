@@ -1,0 +1,83 @@
+import dataclasses
+import json
+
+import pytest
+
+from tessera import ConfigError, FusionConfig, ModelConfig, TextConfig, VisionConfig
+from tests.conftest import tiny_config
+
+
+def test_json_round_trip(tmp_path):
+    config = tiny_config("cross", cross_attention_layers=[1, 3], vision_feature_layer=[-2, -1])
+    config.save(tmp_path / "config.json")
+    loaded = ModelConfig.load(tmp_path / "config.json")
+    assert loaded == config
+    assert loaded.cross_attention_layers == [1, 3]
+
+
+def test_fusion_given_as_a_word():
+    assert ModelConfig(fusion="cross").fusion.method == "cross"
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda: TextConfig(hidden_size=30, num_heads=4), ["text.num_heads=4", "text.hidden_size=30"]),
+        (lambda: TextConfig(num_heads=8, num_kv_heads=3), ["text.num_kv_heads=3", "divisor of 8"]),
+        (lambda: VisionConfig(hidden_size=30, num_heads=4), ["vision.num_heads=4"]),
+        (lambda: VisionConfig(image_size=30, patch_size=16), ["vision.patch_size=16", "vision.image_size=30"]),
+        (lambda: FusionConfig(method="early"), ["fusion.method='early'", "'unified', 'cross'"]),
+        (lambda: FusionConfig(projector="qformer"), ["fusion.projector", "'linear', 'mlp'"]),
+        (lambda: FusionConfig(vision_feature_select_strategy="cls"), ["vision_feature_select_strategy"]),
+        (lambda: VisionConfig(hidden_act="relu"), ["vision.hidden_act", "'gelu'"]),
+        (lambda: TextConfig(vocab_size=0), ["text.vocab_size=0", "positive integer"]),
+    ],
+)
+def test_invalid_values_name_field_and_allowed(build, words):
+    with pytest.raises(ConfigError) as error:
+        build()
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_cross_attention_layer_out_of_range():
+    with pytest.raises(ConfigError, match=r"cross_attention_layers.*index 9.*0\.\.3"):
+        tiny_config("cross", cross_attention_layers=[1, 9])
+
+
+def test_default_cross_attention_layers_every_fourth():
+    config = tiny_config("cross")
+    assert config.cross_attention_layers == [3]
+    big = dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=16))
+    assert big.cross_attention_layers == [3, 7, 11, 15]
+    assert tiny_config("unified").cross_attention_layers == []
+
+
+def test_feature_layer_out_of_range():
+    with pytest.raises(ConfigError, match="vision_feature_layer"):
+        tiny_config("unified", vision_feature_layer=-4)  # a 2-layer encoder has 3 hidden states
+
+
+def test_default_strategy_needs_cls():
+    with pytest.raises(ConfigError, match="use_cls_token"):
+        ModelConfig(vision=VisionConfig(use_cls_token=False))
+
+
+def test_load_reports_file_and_unknown_field(tmp_path):
+    data = tiny_config().to_dict()
+    data["text"]["num_experts"] = 8
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as error:
+        ModelConfig.load(path)
+    assert str(path) in str(error.value) and "num_experts" in str(error.value)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.load(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        ModelConfig.load(tmp_path / "missing.json")
+
+
+def test_token_ids_inside_vocab():
+    with pytest.raises(ConfigError, match="image_token_id=500"):
+        ModelConfig(image_token_id=500, text=TextConfig(vocab_size=100))

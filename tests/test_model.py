@@ -1,0 +1,314 @@
+"""Properties of the model core: the LLM left untouched by zero gates, who sees which image, cache = no cache,
+batched = one by one, checkpoints, freezing."""
+
+import pytest
+import torch
+
+from tessera import CheckpointError, ImageTokenMismatchError, ModelConfig, MultimodalLM
+from tessera.text.decoder import DecoderLLM
+from tests.conftest import tiny_config
+
+IMG = 3  # the image token id of the tiny configs
+
+
+def _prompt(fusion: str, before: list[int], after: list[int], images: int = 1) -> list[int]:
+    per_image = tiny_config(fusion).image_seq_length
+    return before + [IMG] * (per_image * images) + after
+
+
+def _open_gates(model: MultimodalLM, value: float = 1.0) -> None:
+    with torch.no_grad():
+        for block in model.cross_attention.values():
+            block.attn_gate.fill_(value)
+            block.mlp_gate.fill_(value)
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+# --- Method B ----------------------------------------------------------------------------------------------------
+def test_cross_attention_with_zero_gates_leaves_the_llm_untouched():
+    model = MultimodalLM(tiny_config("cross", cross_attention_layers=[0, 2, 3])).eval()
+    bare = DecoderLLM(model.config.text).eval()
+    bare.load_state_dict(model.llm.state_dict())
+    ids = torch.tensor([_prompt("cross", [5, 6], [7, 8, 9]), _prompt("cross", [10, 4], [11, 12, 13])])
+    with torch.no_grad():
+        logits = model(ids, pixel_values=torch.randn(2, 3, 16, 16)).logits
+        reference = bare(ids)
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=0)
+
+
+def test_cross_attention_sees_only_images_whose_marker_came_before():
+    model = MultimodalLM(tiny_config("cross", cross_attention_layers=[0, 2])).eval()
+    _open_gates(model)
+    ids = torch.tensor([_prompt("cross", [5, 6, 7], [8, 9, 10])])
+    first = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        a = model(ids, pixel_values=first).logits
+        b = model(ids, pixel_values=first + torch.randn_like(first)).logits
+    marker = 3
+    torch.testing.assert_close(a[:, :marker], b[:, :marker], atol=0, rtol=0)  # tokens before the image: unmoved
+    assert (a[:, marker:] - b[:, marker:]).abs().amax(-1).min() > 1e-4  # every token from the marker on: moved
+
+
+def test_cross_attention_second_image_only_affects_tokens_after_its_marker():
+    model = MultimodalLM(tiny_config("cross", cross_attention_layers=[1])).eval()
+    _open_gates(model)
+    ids = torch.tensor([[5, IMG, 6, 7, IMG, 8, 9]])
+    images = torch.randn(2, 3, 16, 16)
+    changed = images.clone()
+    changed[1] += torch.randn_like(changed[1])
+    with torch.no_grad():
+        a = model(ids, pixel_values=images).logits
+        b = model(ids, pixel_values=changed).logits
+    torch.testing.assert_close(a[:, :4], b[:, :4], atol=0, rtol=0)
+    assert (a[:, 4:] - b[:, 4:]).abs().amax(-1).min() > 1e-4
+
+
+def test_latest_scope_forgets_earlier_images():
+    model = MultimodalLM(tiny_config("cross", cross_attention_layers=[1], cross_attention_scope="latest")).eval()
+    _open_gates(model)
+    ids = torch.tensor([[5, IMG, 6, 7, IMG, 8, 9]])
+    images = torch.randn(2, 3, 16, 16)
+    changed = images.clone()
+    changed[0] += torch.randn_like(changed[0])
+    with torch.no_grad():
+        a = model(ids, pixel_values=images).logits
+        b = model(ids, pixel_values=changed).logits
+    # self-attention carries image 0's influence on, so compare the cross-attention inputs directly: with the
+    # second marker, tokens only see image 1, so changing image 0 may move positions 1..3 only through the
+    # tokens in between — position 4 onwards attends to image 1 alone.
+    from tessera.fusion.cross_attention import image_visibility
+    visible = image_visibility(ids, IMG, 2, "latest")[0]
+    assert visible[:, 0].tolist() == [False, True, True, True, False, False, False]
+    assert visible[:, 1].tolist() == [False, False, False, False, True, True, True]
+    assert (a[:, 1:4] - b[:, 1:4]).abs().amax() > 1e-4
+
+
+def test_consecutive_markers_stay_visible_together_in_latest_scope():
+    from tessera.fusion.cross_attention import image_visibility
+    ids = torch.tensor([[IMG, IMG, 5, 6, IMG, 7]])
+    visible = image_visibility(ids, IMG, 3, "latest")[0]
+    assert visible[:, 0].tolist() == [True, True, True, True, False, False]
+    assert visible[:, 1].tolist() == [False, True, True, True, False, False]
+    assert visible[:, 2].tolist() == [False, False, False, False, True, True]
+
+
+# --- Method A ----------------------------------------------------------------------------------------------------
+def test_unified_image_change_moves_logits_after_its_tokens():
+    model = MultimodalLM(tiny_config("unified")).eval()
+    ids = torch.tensor([_prompt("unified", [5, 6], [7, 8])])
+    image = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        a = model(ids, pixel_values=image).logits
+        b = model(ids, pixel_values=image + torch.randn_like(image)).logits
+    torch.testing.assert_close(a[:, :2], b[:, :2], atol=0, rtol=0)  # causal: text before the image is unmoved
+    assert (a[:, -2:] - b[:, -2:]).abs().amax(-1).min() > 1e-4
+
+
+def test_unified_count_mismatch_names_sample_and_counts():
+    model = MultimodalLM(tiny_config("unified")).eval()
+    per_image = model.config.image_seq_length
+    good = _prompt("unified", [5], [6])
+    short = [5] + [IMG] * (per_image - 1) + [6, 6]
+    ids = torch.tensor([good, short])
+    with pytest.raises(ImageTokenMismatchError) as error:
+        model(ids, pixel_values=torch.randn(2, 3, 16, 16), image_counts=[1, 1])
+    message = str(error.value)
+    assert "sample 1" in message and f"{per_image - 1} image tokens" in message and f"{per_image} image features" in message
+    with pytest.raises(ImageTokenMismatchError, match="sample 0: the text has 16 image tokens but its 0 image"):
+        model(torch.tensor([good]))  # placeholders without any image
+
+
+def test_any_number_of_images_per_sample():
+    model = MultimodalLM(tiny_config("unified")).eval()
+    rows = [_prompt("unified", [5], [6], images=2), [5, 6, 7], _prompt("unified", [8], [9], images=1)]
+    ids, mask = _left_pad(rows)
+    out = model(ids, mask, pixel_values=torch.randn(3, 3, 16, 16), image_counts=[2, 0, 1])
+    assert out.logits.shape == (3, ids.shape[1], 96)
+    assert torch.isfinite(out.logits).all()
+
+
+# --- generation --------------------------------------------------------------------------------------------------
+def _generation_batch(fusion: str):
+    rows = [
+        _prompt(fusion, [1, 5, 6, 7, 8, 9], [10, 11]),
+        [1, 12, 13],  # text only, much shorter: heavy left padding
+        _prompt(fusion, [1, 14], [15], images=2),
+    ]
+    ids, mask = _left_pad(rows)
+    return rows, ids, mask, torch.randn(3, 3, 16, 16), [1, 0, 2]
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_kv_cache_equals_recomputing(fusion):
+    model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[0, 2])).eval()
+    _open_gates(model, 0.7)
+    _, ids, mask, pixels, counts = _generation_batch(fusion)
+    cached = model.generate(ids, mask, pixels, counts, max_new_tokens=12, eos_token_id=[])
+    recomputed = model.generate(ids, mask, pixels, counts, max_new_tokens=12, eos_token_id=[], use_cache=False)
+    assert cached.sequences == recomputed.sequences
+    assert all(len(s) == 12 for s in cached.sequences)
+    assert len({tuple(s) for s in cached.sequences}) > 1  # the samples really differ
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_batched_generation_equals_one_by_one(fusion):
+    model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[1, 3])).eval()
+    _open_gates(model, 0.7)
+    rows, ids, mask, pixels, counts = _generation_batch(fusion)
+    batched = model.generate(ids, mask, pixels, counts, max_new_tokens=10, eos_token_id=[])
+    start = 0
+    for i, row in enumerate(rows):
+        own = pixels[start:start + counts[i]]
+        start += counts[i]
+        single = model.generate(torch.tensor([row]), None, own, [counts[i]], max_new_tokens=10, eos_token_id=[])
+        assert single.sequences[0] == batched.sequences[i], f"sample {i}"
+
+
+def test_prefill_logits_batched_match_single():
+    model = MultimodalLM(tiny_config("unified")).eval()
+    rows, ids, mask, pixels, counts = _generation_batch("unified")
+    with torch.no_grad():
+        batched = model(ids, mask, pixels, counts).logits
+        single = model(torch.tensor([rows[0]]), pixel_values=pixels[:1]).logits
+    torch.testing.assert_close(batched[0, -len(rows[0]):], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_images_are_encoded_once_per_generate(monkeypatch):
+    model = MultimodalLM(tiny_config("cross")).eval()
+    calls = []
+    original = model.vision.forward
+    monkeypatch.setattr(model.vision, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    _, ids, mask, pixels, counts = _generation_batch("cross")
+    model.generate(ids, mask, pixels, counts, max_new_tokens=5)
+    assert len(calls) == 1
+
+
+def test_eos_stop_strings_and_seeded_sampling():
+    model = MultimodalLM(tiny_config("unified")).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    free = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    first = free.sequences[0][0]
+    stopped = model.generate(ids, max_new_tokens=8, eos_token_id=first)
+    assert stopped.sequences == [[]] and stopped.finish_reasons == ["stop"]
+    assert free.finish_reasons == ["length"]
+
+    class Digits:  # decodes token ids as space-separated numbers
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    stop = str(free.sequences[0][2])
+    result = model.generate(ids, max_new_tokens=8, eos_token_id=[], stop_strings=[f" {stop}"], tokenizer=Digits())
+    assert result.finish_reasons == ["stop"]
+    assert result.texts[0] == " ".join(map(str, free.sequences[0][:2]))
+    # sampling: same seed → same tokens; another seed → (almost surely) others; never <image> or <pad>
+    a = model.generate(ids, max_new_tokens=16, temperature=1.5, seed=1, eos_token_id=[])
+    b = model.generate(ids, max_new_tokens=16, temperature=1.5, seed=1, eos_token_id=[])
+    c = model.generate(ids, max_new_tokens=16, temperature=1.5, seed=2, eos_token_id=[])
+    assert a.sequences == b.sequences and a.sequences != c.sequences
+    assert not {0, IMG} & set(a.sequences[0] + c.sequences[0])
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
+    from tessera.generation import SamplingParams, next_tokens
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert next_tokens(logits, SamplingParams(temperature=1.0, top_k=1), g).item() == 1
+        assert next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.3), g).item() == 1
+    picks = {next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.9), g).item() for _ in range(200)}
+    assert picks == {1, 2}
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_save_then_load_gives_identical_logits(tmp_path, fusion):
+    model = MultimodalLM(tiny_config(fusion)).eval()
+    _open_gates(model, 0.3)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = MultimodalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([_prompt(fusion, [5, 6], [7, 8])])
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pixel_values=pixels).logits, loaded(ids, pixel_values=pixels).logits,
+                                   atol=0, rtol=0)
+
+
+def test_tied_embeddings_saved_once_and_stay_tied(tmp_path):
+    config = tiny_config()
+    config.text.tie_word_embeddings = True
+    model = MultimodalLM(ModelConfig.from_dict(config.to_dict()))
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "llm.lm_head.weight" not in f.keys()
+    loaded = MultimodalLM.from_pretrained(tmp_path)
+    assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
+    torch.testing.assert_close(loaded.llm.lm_head.weight, model.llm.embed_tokens.weight)
+
+
+def test_loading_a_missing_or_misshapen_tensor_names_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+    MultimodalLM(tiny_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "projector.linear_2.weight"
+    save_file({k: v for k, v in tensors.items() if k != name}, str(weights))
+    with pytest.raises(CheckpointError, match=f"'{name}' is missing"):
+        MultimodalLM.from_pretrained(tmp_path)
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(3, 3\).*\(32, 32\)"):
+        MultimodalLM.from_pretrained(tmp_path)
+    tensors[name] = torch.zeros(32, 32)
+    tensors["llm.extra.weight"] = torch.zeros(1)
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'llm.extra.weight'"):
+        MultimodalLM.from_pretrained(tmp_path)
+    weights.write_bytes(b"\x80\x04 pickle, not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        MultimodalLM.from_pretrained(tmp_path)
+
+
+# --- freezing ----------------------------------------------------------------------------------------------------
+def test_frozen_components_do_not_change_under_an_optimizer_step():
+    model = MultimodalLM(tiny_config("cross"))
+    model.freeze("vision", "llm")
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    assert all(p.requires_grad for p in model.projector.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    ids = torch.tensor([_prompt("cross", [1, 5], [6, 7, 8])])
+    model(ids, pixel_values=torch.randn(1, 3, 16, 16), labels=ids).loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    for name in before:
+        if name.startswith(("vision.", "llm.")):
+            assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+    assert not torch.equal(before["projector.linear_1.weight"], after["projector.linear_1.weight"])
+    assert not torch.equal(before["cross_attention.3.attn_gate"], after["cross_attention.3.attn_gate"])
+    counts = model.parameter_counts()
+    assert counts["vision"]["trainable"] == 0 and counts["llm"]["trainable"] == 0
+    assert counts["cross_attention"]["trainable"] == counts["cross_attention"]["total"] > 0
+    model.unfreeze("llm")
+    assert model.parameter_counts()["llm"]["trainable"] == counts["llm"]["total"]
+    with pytest.raises(ValueError, match="component 'decoder'"):
+        model.freeze("decoder")
+
+
+def test_all_labels_masked_is_an_error_not_a_zero_loss():
+    from tessera import DataError
+    model = MultimodalLM(tiny_config())
+    ids = torch.tensor([[1, 5, 6]])
+    with pytest.raises(DataError, match="every label is -100"):
+        model(ids, labels=torch.full_like(ids, -100))
