@@ -18,7 +18,7 @@ from torch import nn
 
 from tessera.checkpoint import CONFIG_NAME, load_weights, save_weights
 from tessera.config import ModelConfig
-from tessera.errors import ConfigError, DataError
+from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
 from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
@@ -283,7 +283,8 @@ class MultimodalLM(nn.Module):
                         device: torch.device | str | None = None) -> MultimodalLM:
         directory = Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+            raise CheckpointError(f"{directory}: no such checkpoint directory; expected one written by "
+                                  f"save_pretrained (config.json + model.safetensors)")
         model = cls(ModelConfig.load(directory / CONFIG_NAME))
         load_weights(model, directory)
         if dtype is not None or device is not None:

@@ -47,6 +47,7 @@ class ProcessorConfig:
     max_length: int | None = None  # longer conversations are cut from the right
 
     def __post_init__(self) -> None:
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)  # JSON gives lists
         if self.resize_mode not in RESIZE_MODES:
             raise ConfigError(f"resize_mode={self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
         if self.max_length is not None and self.max_length < 1:
@@ -140,7 +141,7 @@ class Processor:
             raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
         if images is not None and len(images) != len(conversations):
             raise DataError(f"{len(images)} image lists for {len(conversations)} conversations; expected one each")
-        rows, pixel_values, image_counts = [], [], []
+        rows, pixel_values = [], []
         for index, messages in enumerate(conversations):
             ids, labels, part_images = self.encode(messages, add_generation_prompt)
             sample_images = list(part_images) + list(images[index] if images is not None else [])
@@ -148,30 +149,41 @@ class Processor:
             if placeholders != len(sample_images):
                 raise DataError(f"conversation {index}: {placeholders} <image> placeholder(s) but "
                                 f"{len(sample_images)} image(s); expected one image per placeholder")
-            ids, labels = self._truncate(ids, labels, index)
-            rows.append((ids, labels))
-            pixel_values += [self.preprocess_image(image) for image in sample_images]
-            image_counts.append(len(sample_images))
+            rows.append(self.truncate(ids, labels, index))
+            pixel_values.append([self.preprocess_image(image) for image in sample_images])
+        return self.pad_batch(rows, pixel_values, padding_side)
+
+    def pad_batch(self, rows: Sequence[tuple[list[int], list[int]]], pixel_values: Sequence[Sequence[torch.Tensor]],
+                  padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Already encoded (ids, labels) rows and each row's preprocessed images → one padded batch."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
         width = max(len(ids) for ids, _ in rows)
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for ids, labels in rows:
             pad = width - len(ids)
-            fill = lambda values, value: [value] * pad + values if padding_side == "left" else values + [value] * pad
-            batch["input_ids"].append(fill(ids, self.pad_token_id))
+
+            def fill(values: list[int], value: int) -> list[int]:
+                return [value] * pad + values if padding_side == "left" else values + [value] * pad
+
+            batch["input_ids"].append(fill(list(ids), self.pad_token_id))
             batch["attention_mask"].append(fill([1] * len(ids), 0))
-            batch["labels"].append(fill(labels, IGNORE_INDEX))
+            batch["labels"].append(fill(list(labels), IGNORE_INDEX))
         out = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+        flat = [pixels for row in pixel_values for pixels in row]
         size = self.config.image_size
-        out["pixel_values"] = torch.stack(pixel_values) if pixel_values else torch.zeros(0, 3, size, size)
-        out["image_counts"] = torch.tensor(image_counts, dtype=torch.long)
+        out["pixel_values"] = torch.stack(flat) if flat else torch.zeros(0, 3, size, size)
+        out["image_counts"] = torch.tensor([len(row) for row in pixel_values], dtype=torch.long)
         return out
 
-    def _truncate(self, ids: list[int], labels: list[int], index: int) -> tuple[list[int], list[int]]:
+    def truncate(self, ids: list[int], labels: list[int], index: int | None = None) -> tuple[list[int], list[int]]:
+        """Cut to max_length from the right — never through an image's tokens."""
         limit = self.config.max_length
         if limit is None or len(ids) <= limit:
             return ids, labels
         if self.image_token_id in ids[limit:]:
-            raise DataError(f"conversation {index}: {len(ids)} tokens exceed max_length={limit} and cutting would "
+            where = f"conversation {index}: " if index is not None else ""
+            raise DataError(f"{where}{len(ids)} tokens exceed max_length={limit} and cutting would "
                             f"split an image's tokens; expected a longer max_length or fewer images")
         return ids[:limit], labels[:limit]
 
@@ -208,10 +220,12 @@ def _read_message(message: Message) -> tuple[str, str, list[Any]]:
         raise DataError(f"message role {role!r}: expected one of {', '.join(ROLE_TOKENS)}")
     if isinstance(content, str):
         return role, content, []
+    if not isinstance(content, list):
+        raise DataError(f"{role} message content {content!r}: expected a string or a list of parts")
     text, images = [], []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
+        if kind == "text" and isinstance(part.get("text"), str):
             text.append(part["text"])
         elif kind == "image":
             text.append(IMAGE)

@@ -36,7 +36,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         if image.mode == "F":
             top = 1.0 if values.max(initial=0) <= 1.0 else values.max()
-        else:
+        elif image.mode.startswith("I;16"):
+            top = 65535.0  # a 16-bit image's range is 0..65535 however dark it is
+        else:  # 32-bit "I" holds 8-bit data (PIL's palette/gray conversions) or 16-bit data (some PNG readers)
             top = 255.0 if values.max(initial=0) <= 255 else 65535.0
         image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:

@@ -1,0 +1,211 @@
+"""tessera.vision.preprocess: any PIL image → 8-bit RGB → square → normalised tensor."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tessera
+from tessera.config import CLIP_MEAN, CLIP_STD
+from tessera.vision.preprocess import RESIZE_MODES, load_image, preprocess_image, to_rgb
+
+WHITE = (255, 255, 255)
+
+
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB"
+    return np.asarray(rgb)
+
+
+# --- to_rgb -------------------------------------------------------------------------------------------------------
+def test_to_rgb_grayscale_l_replicates_the_channel():
+    image = Image.fromarray(np.array([[0, 100, 255]], dtype=np.uint8), mode="L")
+    pixels = rgb_pixels(image)
+    assert pixels.shape == (1, 3, 3)
+    assert pixels.tolist() == [[[0, 0, 0], [100, 100, 100], [255, 255, 255]]]
+
+
+def test_to_rgb_palette_looks_up_the_colours():
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 6))
+    image.putpixel((0, 0), 0)
+    image.putpixel((1, 0), 1)
+    assert rgb_pixels(image).tolist() == [[[255, 0, 0], [0, 0, 255]]]
+
+
+def test_to_rgb_palette_with_transparency_composites_on_white():
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))
+    image.putpixel((0, 0), 0)  # red, but palette index 0 is transparent
+    image.putpixel((1, 0), 1)  # opaque green
+    image.info["transparency"] = 0
+    assert rgb_pixels(image).tolist() == [[list(WHITE), [0, 255, 0]]]
+
+
+def test_to_rgb_rgba_composites_on_white():
+    image = Image.new("RGBA", (3, 1))
+    image.putpixel((0, 0), (255, 0, 0, 0))      # fully transparent red → white, not red
+    image.putpixel((1, 0), (255, 0, 0, 255))    # opaque red stays red
+    image.putpixel((2, 0), (0, 0, 0, 128))      # half-transparent black → mid grey
+    pixels = rgb_pixels(image)
+    assert pixels[0, 0].tolist() == list(WHITE)
+    assert pixels[0, 1].tolist() == [255, 0, 0]
+    assert all(abs(int(v) - 127) <= 2 for v in pixels[0, 2])
+
+
+def test_to_rgb_la_composites_on_white():
+    image = Image.new("LA", (2, 1))
+    image.putpixel((0, 0), (0, 0))      # transparent black → white
+    image.putpixel((1, 0), (60, 255))   # opaque dark grey
+    assert rgb_pixels(image).tolist() == [[list(WHITE), [60, 60, 60]]]
+
+
+def test_to_rgb_16_bit_grayscale_is_scaled_not_clipped():
+    image = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert image.mode.startswith("I;16")
+    channel = rgb_pixels(image)[0, :, 0].tolist()
+    assert channel[0] == 0
+    assert abs(channel[1] - 128) <= 1  # mid-grey, not clipped to 255
+    assert channel[2] == 255
+
+
+def test_to_rgb_dark_16_bit_image_stays_dark():
+    """In an I;16 image the range is always 0..65535: a 16-bit value of 255 is ~0.4 % brightness (→ 1), whatever
+    the brightest pixel happens to be. Guessing "8-bit data" from max <= 255 turns a dark 16-bit image white."""
+    image = Image.fromarray(np.array([[0, 255]], dtype=np.uint16))
+    assert image.mode.startswith("I;16")
+    channel = rgb_pixels(image)[0, :, 0].tolist()
+    assert channel == [0, 1]
+
+
+def test_to_rgb_16_bit_png_reopened_in_whatever_mode_pil_gives(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(path)
+    with Image.open(path) as reopened:
+        reopened.load()
+        assert reopened.mode in ("I", "I;16", "I;16B", "I;16L")
+        as_32_bit = reopened.convert("I")  # mode I: 32-bit integers holding the 16-bit values
+        for image in (reopened, as_32_bit):
+            channel = rgb_pixels(image)[0, :, 0].tolist()
+            assert channel[0] == 0
+            assert abs(channel[1] - 128) <= 1
+            assert channel[2] == 255
+    assert as_32_bit.mode == "I"
+    # load_image on the file goes through the same path
+    loaded = load_image(path)
+    assert np.asarray(to_rgb(loaded))[0, :, 0].tolist()[2] == 255
+
+
+def test_to_rgb_32_bit_image_with_8_bit_values_keeps_them():
+    image = Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32), mode="I")
+    assert image.mode == "I"
+    assert rgb_pixels(image)[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_to_rgb_float_image_in_unit_range_is_scaled():
+    image = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    assert image.mode == "F"
+    channel = rgb_pixels(image)[0, :, 0].tolist()
+    assert channel[0] == 0
+    assert abs(channel[1] - 128) <= 1
+    assert channel[2] == 255
+
+
+def test_to_rgb_keeps_rgb_unchanged():
+    image = Image.new("RGB", (2, 2), (10, 20, 30))
+    assert rgb_pixels(image)[1, 1].tolist() == [10, 20, 30]
+
+
+# --- preprocess_image ----------------------------------------------------------------------------------------------
+def mean_colour(mean=CLIP_MEAN) -> tuple[int, int, int]:
+    return tuple(int(round(m * 255)) for m in mean)
+
+
+def test_preprocess_shape_dtype_and_normalisation():
+    image = Image.new("RGB", (40, 24), mean_colour())
+    pixels = preprocess_image(image, 16, CLIP_MEAN, CLIP_STD)
+    assert pixels.shape == (3, 16, 16)
+    assert pixels.dtype == torch.float32
+    # the mean colour normalises to ~0 (only the 8-bit rounding of the mean remains: < 0.5/255/std)
+    assert pixels.abs().max().item() < 0.01
+
+
+def test_preprocess_normalises_with_mean_and_std_per_channel():
+    image = Image.new("RGB", (16, 16), (255, 0, 255))
+    pixels = preprocess_image(image, 16, CLIP_MEAN, CLIP_STD)
+    for channel, value in enumerate((1.0, 0.0, 1.0)):
+        expected = (value - CLIP_MEAN[channel]) / CLIP_STD[channel]
+        torch.testing.assert_close(pixels[channel], torch.full((16, 16), expected), atol=1e-5, rtol=0)
+
+
+def test_preprocess_converts_non_rgb_inputs():
+    grey = Image.new("L", (20, 20), 128)
+    pixels = preprocess_image(grey, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert pixels.shape == (3, 8, 8)
+    assert pixels.abs().max().item() < 0.01  # 128/255 ≈ 0.5 → ~0
+
+
+def test_pad_keeps_aspect_ratio_and_pads_with_the_mean_colour():
+    red = Image.new("RGB", (16, 8), (255, 0, 0))  # wide: padded above and below, no resize needed at 16 px
+    padded = preprocess_image(red, 16, CLIP_MEAN, CLIP_STD, resize_mode="pad")
+    squashed = preprocess_image(red, 16, CLIP_MEAN, CLIP_STD, resize_mode="squash")
+    red_normalised = torch.tensor([(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], (0.0 - CLIP_MEAN[1]) / CLIP_STD[1],
+                                   (0.0 - CLIP_MEAN[2]) / CLIP_STD[2]])[:, None, None]
+    assert padded.shape == squashed.shape == (3, 16, 16)
+    # pad: rows 0..3 and 12..15 are the mean colour (~0), rows 4..11 hold the image
+    assert padded[:, :4].abs().max().item() < 0.01
+    assert padded[:, 12:].abs().max().item() < 0.01
+    torch.testing.assert_close(padded[:, 4:12], red_normalised.expand(3, 8, 16), atol=1e-4, rtol=0)
+    # squash: the image fills the whole square
+    torch.testing.assert_close(squashed, red_normalised.expand(3, 16, 16), atol=1e-4, rtol=0)
+
+
+def test_pad_on_a_tall_image_pads_left_and_right():
+    blue = Image.new("RGB", (8, 16), (0, 0, 255))
+    padded = preprocess_image(blue, 16, CLIP_MEAN, CLIP_STD, resize_mode="pad")
+    assert padded[:, :, :4].abs().max().item() < 0.01
+    assert padded[:, :, 12:].abs().max().item() < 0.01
+    assert padded[2, :, 4:12].min().item() > 1.0  # blue channel of the image: (1 - 0.41) / 0.28 ≈ 2.1
+
+
+def test_pad_on_a_square_image_is_the_same_as_squash():
+    image = Image.new("RGB", (32, 32), (0, 200, 50))
+    torch.testing.assert_close(preprocess_image(image, 16, CLIP_MEAN, CLIP_STD, "pad"),
+                               preprocess_image(image, 16, CLIP_MEAN, CLIP_STD, "squash"))
+
+
+@pytest.mark.parametrize("image_size", [(16, 16), (16, 8)])
+def test_unknown_resize_mode_raises_naming_the_allowed_values(image_size):
+    with pytest.raises(ValueError) as excinfo:
+        preprocess_image(Image.new("RGB", image_size), 16, CLIP_MEAN, CLIP_STD, resize_mode="crop")
+    message = str(excinfo.value)
+    assert "crop" in message
+    for mode in RESIZE_MODES:
+        assert mode in message
+
+
+# --- load_image ----------------------------------------------------------------------------------------------------
+def test_load_image_missing_path_raises_data_error_with_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "missing.png"
+    with pytest.raises(tessera.DataError) as excinfo:
+        load_image(path)
+    assert str(path) in str(excinfo.value)
+
+
+def test_load_image_non_image_file_raises_data_error_with_the_path(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is not an image\n")
+    with pytest.raises(tessera.DataError) as excinfo:
+        load_image(str(path))
+    assert str(path) in str(excinfo.value)
+
+
+def test_load_image_reads_a_file_and_passes_images_through(tmp_path):
+    path = tmp_path / "square.png"
+    Image.new("RGB", (5, 3), (1, 2, 3)).save(path)
+    loaded = load_image(path)
+    assert loaded.size == (5, 3)
+    assert np.asarray(to_rgb(loaded))[2, 4].tolist() == [1, 2, 3]  # pixels still readable after the file closed
+    image = Image.new("RGB", (2, 2))
+    assert load_image(image) is image

@@ -1,0 +1,455 @@
+"""tessera.Processor: chat template, image-token expansion, label masking, padding, truncation, persistence."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import tessera
+from tessera import CheckpointError, ConfigError, DataError, Processor
+from tessera.processor import IGNORE_INDEX, PROCESSOR_CONFIG_NAME, TOKENIZER_NAME
+from tests.conftest import tiny_config
+
+SENTENCES = [
+    "What colour is the circle?",
+    "The circle is red.",
+    "What shape is on the left?",
+    "A blue square is on the left.",
+    "How many shapes are there?",
+    "There are two shapes.",
+    "You are a helpful assistant that describes pictures.",
+    "hello world, hello shapes",
+] * 3
+VOCAB = 512  # a byte-level BPE has at least 256 + 7 tokens: tiny_config's 96 cannot hold it
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tessera.train_tokenizer(SENTENCES, vocab_size=300)
+
+
+def model_config(fusion: str = "unified", vocab_size: int = VOCAB, **overrides) -> tessera.ModelConfig:
+    config = tiny_config(fusion)
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=vocab_size), **overrides)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return Processor.for_model(model_config("unified"), tokenizer)
+
+
+def image(colour=(255, 0, 0), size=(16, 16)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def runs(mask: list[bool]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True values."""
+    spans, start = [], None
+    for i, value in enumerate(mask + [False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+QA = [
+    {"role": "system", "content": "You are a helpful assistant that describes pictures."},
+    {"role": "user", "content": "What colour is the circle?"},
+    {"role": "assistant", "content": "The circle is red."},
+]
+
+
+# --- tokenizer and template ----------------------------------------------------------------------------------------
+def test_special_token_ids_match_the_model_config_defaults(tokenizer, processor):
+    ids = {t: tokenizer.token_to_id(t) for t in ("<pad>", "<|begin|>", "<|end|>", "<image>")}
+    assert ids == {"<pad>": 0, "<|begin|>": 1, "<|end|>": 2, "<image>": 3}
+    defaults = tessera.ModelConfig()
+    assert (defaults.pad_token_id, defaults.eos_token_id, defaults.image_token_id) == (0, 2, 3)
+    assert (processor.pad_token_id, processor.begin_token_id, processor.end_token_id,
+            processor.image_token_id) == (0, 1, 2, 3)
+    roles = processor.role_token_ids
+    assert roles == {"system": tokenizer.token_to_id("<|system|>"), "user": tokenizer.token_to_id("<|user|>"),
+                     "assistant": tokenizer.token_to_id("<|assistant|>")}
+    assert len(set(roles.values()) | {0, 1, 2, 3}) == 7
+
+
+def test_special_tokens_are_never_split(tokenizer):
+    ids = text_ids(tokenizer, "<image>\nWhat<|end|>")
+    assert ids[0] == 3 and ids[-1] == 2
+    assert 3 not in ids[1:-1] and 2 not in ids[1:-1]
+
+
+def test_chat_template_string(processor):
+    assert processor.apply_chat_template(QA) == (
+        "<|begin|><|system|>You are a helpful assistant that describes pictures.<|end|>"
+        "<|user|>What colour is the circle?<|end|><|assistant|>The circle is red.<|end|>"
+    )
+    assert processor.apply_chat_template(QA[:2], add_generation_prompt=True) == (
+        "<|begin|><|system|>You are a helpful assistant that describes pictures.<|end|>"
+        "<|user|>What colour is the circle?<|end|><|assistant|>"
+    )
+
+
+def test_chat_template_turns_image_parts_into_placeholders(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}]}]
+    assert processor.apply_chat_template(messages) == "<|begin|><|user|><image>\nWhat colour?<|end|>"
+
+
+# --- image tokens --------------------------------------------------------------------------------------------------
+def test_method_a_expands_each_image_into_image_seq_length_tokens(tokenizer, processor):
+    config = model_config("unified")
+    assert config.image_seq_length == 16
+    messages = [{"role": "user", "content": "<image>\nWhat colour is the circle?<image>"},
+                {"role": "assistant", "content": "The circle is red."}]
+    ids, labels, found = processor.encode(messages)
+    assert found == []
+    assert [stop - start for start, stop in runs([i == 3 for i in ids])] == [16, 16]
+    assert ids[:2] == [processor.begin_token_id, processor.role_token_ids["user"]]
+    # between the two images: exactly the question's text tokens
+    question = text_ids(tokenizer, "\nWhat colour is the circle?")
+    assert ids[2 + 16:2 + 16 + len(question)] == question
+    assert ids[2 + 16 + len(question):2 + 32 + len(question)] == [3] * 16
+
+    batch = processor([messages], images=[[image(), image((0, 0, 255))]])
+    assert (batch["input_ids"] == 3).sum().item() == 2 * config.image_seq_length
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    assert (batch["labels"][batch["input_ids"] == 3] == IGNORE_INDEX).all()
+
+
+def test_method_b_keeps_one_marker_per_image(tokenizer):
+    config = model_config("cross")
+    assert config.image_seq_length == 1
+    processor = Processor.for_model(config, tokenizer)
+    messages = [{"role": "user", "content": "<image>What colour is the circle?<image>"}]
+    batch = processor([messages], images=[[image(), image()]])
+    row = batch["input_ids"][0].tolist()
+    assert row.count(3) == 2
+    assert row[2] == 3 and row[-2] == 3 and row[-1] == processor.end_token_id
+    assert batch["image_counts"].tolist() == [2]
+
+
+# --- labels --------------------------------------------------------------------------------------------------------
+def test_labels_supervise_only_the_answer_and_its_end(tokenizer, processor):
+    ids, labels, _ = processor.encode(QA)
+    answer = text_ids(tokenizer, "The circle is red.")
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert [labels[i] for i in supervised] == answer + [processor.end_token_id]
+    assert all(labels[i] == ids[i] for i in supervised)
+    # the answer sits right after the <|assistant|> token, and ends the sequence
+    start = ids.index(processor.role_token_ids["assistant"]) + 1
+    assert supervised == list(range(start, len(ids)))
+    assert labels[start - 1] == IGNORE_INDEX  # the role token itself is not supervised
+    assert len(labels) == len(ids)
+
+
+def test_multi_turn_supervises_every_assistant_turn(tokenizer, processor):
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant that describes pictures."},
+        {"role": "user", "content": "<image>\nWhat colour is the circle?"},
+        {"role": "assistant", "content": "The circle is red."},
+        {"role": "user", "content": "How many shapes are there?"},
+        {"role": "assistant", "content": "There are two shapes."},
+    ]
+    batch = processor([messages], images=[[image()]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    spans = runs([label != IGNORE_INDEX for label in labels])
+    assert len(spans) == 2
+    assistant = processor.role_token_ids["assistant"]
+    answers = []
+    for start, stop in spans:
+        assert ids[start - 1] == assistant
+        assert labels[stop - 1] == processor.end_token_id
+        assert labels[start:stop] == ids[start:stop]
+        answers.append(processor.decode(labels[start:stop]))
+    assert answers == ["The circle is red.", "There are two shapes."]
+    # nothing of the user turns, the system prompt or the image is supervised
+    assert sum(label != IGNORE_INDEX for label in labels) == (
+        len(text_ids(tokenizer, "The circle is red.")) + len(text_ids(tokenizer, "There are two shapes.")) + 2)
+    assert processor.decode([label for label in labels if label != IGNORE_INDEX]) == (
+        "The circle is red.There are two shapes.")
+
+
+# --- padding -------------------------------------------------------------------------------------------------------
+def test_right_padding_for_training(processor):
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "red"}]
+    batch = processor([QA, short], padding_side="right")
+    long_ids, long_labels, _ = processor.encode(QA)
+    short_ids, short_labels, _ = processor.encode(short)
+    width, n = len(long_ids), len(short_ids)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["labels"].shape == (2, width)
+    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
+    assert batch["input_ids"][0].tolist() == long_ids and batch["labels"][0].tolist() == long_labels
+    assert batch["attention_mask"][0].tolist() == [1] * width
+    assert batch["input_ids"][1].tolist() == short_ids + [processor.pad_token_id] * (width - n)
+    assert batch["attention_mask"][1].tolist() == [1] * n + [0] * (width - n)
+    assert batch["labels"][1].tolist() == short_labels + [IGNORE_INDEX] * (width - n)
+    assert batch["pixel_values"].shape == (0, 3, 16, 16)
+    assert batch["image_counts"].tolist() == [0, 0]
+
+
+def test_left_padding_for_generation_prompts(processor):
+    prompts = [QA[:2], [{"role": "user", "content": "Hi"}]]
+    batch = processor(prompts, add_generation_prompt=True, padding_side="left")
+    assistant = processor.role_token_ids["assistant"]
+    assert batch["input_ids"][:, -1].tolist() == [assistant, assistant]
+    long_ids, _, _ = processor.encode(prompts[0], add_generation_prompt=True)
+    short_ids, _, _ = processor.encode(prompts[1], add_generation_prompt=True)
+    width, n = len(long_ids), len(short_ids)
+    assert short_ids == [1, processor.role_token_ids["user"]] + short_ids[2:-2] + [2, assistant]
+    assert batch["input_ids"][0].tolist() == long_ids
+    assert batch["input_ids"][1].tolist() == [processor.pad_token_id] * (width - n) + short_ids
+    assert batch["attention_mask"][1].tolist() == [0] * (width - n) + [1] * n
+    assert batch["attention_mask"][0].tolist() == [1] * width
+    # a prompt has no answer: nothing is supervised, pads included
+    assert (batch["labels"] == IGNORE_INDEX).all()
+
+
+def test_padding_side_is_validated(processor):
+    with pytest.raises(ValueError, match="padding_side"):
+        processor([QA], padding_side="middle")
+
+
+# --- images in batches ---------------------------------------------------------------------------------------------
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def test_batch_with_2_0_1_images(processor):
+    conversations = [
+        [{"role": "user", "content": "<image><image>\nWhat shape is on the left?"},
+         {"role": "assistant", "content": "A blue square is on the left."}],
+        [{"role": "user", "content": "How many shapes are there?"},
+         {"role": "assistant", "content": "There are two shapes."}],
+        [{"role": "user", "content": [{"type": "image", "image": image(COLOURS[2], (20, 12))},
+                                      {"type": "text", "text": "What colour is the circle?"}]},
+         {"role": "assistant", "content": "The circle is red."}],
+    ]
+    batch = processor(conversations, images=[[image(COLOURS[0]), image(COLOURS[1], (8, 24))], [], []])
+    assert batch["pixel_values"].shape == (3, 3, 16, 16)
+    assert batch["pixel_values"].dtype == torch.float32
+    assert batch["image_counts"].tolist() == [2, 0, 1]
+    assert (batch["input_ids"] == 3).sum(dim=1).tolist() == [32, 0, 16]
+    # images in sample order, each preprocessed like a lone image
+    expected = [image(COLOURS[0]), image(COLOURS[1], (8, 24)), image(COLOURS[2], (20, 12))]
+    for got, source in zip(batch["pixel_values"], expected):
+        torch.testing.assert_close(got, processor.preprocess_image(source))
+    assert not torch.allclose(batch["pixel_values"][0], batch["pixel_values"][1])
+
+
+def test_images_as_paths_and_parts_without_payload(processor, tmp_path):
+    path = tmp_path / "green.png"
+    image(COLOURS[1]).save(path)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    batch = processor([conversation], images=[[str(path)]])
+    assert batch["image_counts"].tolist() == [1]
+    torch.testing.assert_close(batch["pixel_values"][0], processor.preprocess_image(image(COLOURS[1])))
+
+
+def test_placeholder_image_count_mismatch_names_the_conversation(processor):
+    fine = [{"role": "user", "content": "<image>What colour?"}]
+    missing = [{"role": "user", "content": "<image> and <image>"}]
+    with pytest.raises(DataError, match="conversation 1") as excinfo:
+        processor([fine, missing], images=[[image()], [image()]])
+    assert "2 <image> placeholder" in str(excinfo.value) and "1 image" in str(excinfo.value)
+    with pytest.raises(DataError, match="conversation 0"):
+        processor([[{"role": "user", "content": "no placeholder"}]], images=[[image()]])
+    with pytest.raises(DataError, match="conversation 0"):
+        processor([[{"role": "user", "content": [{"type": "image"}]}]])
+    with pytest.raises(DataError, match="image lists"):
+        processor([fine, fine], images=[[image()]])
+
+
+# --- message validation --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("message", [
+    {"role": "robot", "content": "beep"},
+    {"role": "user"},
+    {"content": "hello"},
+    "just a string",
+    {"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]},
+    {"role": "user", "content": ["a bare string part"]},
+], ids=["unknown-role", "missing-content", "missing-role", "not-a-dict", "unknown-part", "bare-part"])
+def test_invalid_messages_raise_data_error(processor, message):
+    with pytest.raises(DataError):
+        processor([[message]])
+    with pytest.raises(DataError):
+        processor.apply_chat_template([message])
+
+
+def test_unknown_role_error_names_the_role_and_the_allowed_ones(processor):
+    with pytest.raises(DataError) as excinfo:
+        processor.encode([{"role": "robot", "content": "beep"}])
+    message = str(excinfo.value)
+    assert "robot" in message and all(role in message for role in ("system", "user", "assistant"))
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": None},
+    {"role": "user", "content": 42},
+    {"role": "user", "content": [{"type": "text"}]},
+], ids=["content-none", "content-int", "text-part-without-text"])
+def test_malformed_content_raises_data_error_not_a_crash(processor, message):
+    with pytest.raises(DataError):
+        processor([[message]])
+
+
+# --- truncation ----------------------------------------------------------------------------------------------------
+def test_max_length_truncates_from_the_right(tokenizer):
+    full = Processor.for_model(model_config(), tokenizer)
+    ids, labels, _ = full.encode(QA)
+    limit = len(ids) - 3
+    cut = Processor.for_model(model_config(), tokenizer, max_length=limit)
+    batch = cut([QA, QA[:1]])
+    assert batch["input_ids"].shape == (2, limit)
+    assert batch["input_ids"][0].tolist() == ids[:limit]
+    assert batch["labels"][0].tolist() == labels[:limit]
+    assert batch["attention_mask"][0].tolist() == [1] * limit
+    # a shorter conversation is left alone (and padded)
+    short_ids, _, _ = full.encode(QA[:1])
+    assert len(short_ids) < limit
+    assert batch["input_ids"][1, :len(short_ids)].tolist() == short_ids
+    # a conversation exactly at the limit is not cut
+    exact = Processor.for_model(model_config(), tokenizer, max_length=len(ids))
+    assert exact([QA])["input_ids"][0].tolist() == ids
+
+
+def test_truncation_through_image_tokens_raises(tokenizer):
+    messages = [{"role": "user", "content": "<image>What colour is the circle?"},
+                {"role": "assistant", "content": "The circle is red."}]
+    processor = Processor.for_model(model_config(), tokenizer, max_length=10)  # image tokens are at 2..17
+    with pytest.raises(DataError) as excinfo:
+        processor([[{"role": "user", "content": "Hi"}], messages], images=[[], [image()]])
+    assert "conversation 1" in str(excinfo.value) and "max_length=10" in str(excinfo.value)
+    # cutting after the image's last token is fine
+    after_image = Processor.for_model(model_config(), tokenizer, max_length=18)
+    batch = after_image([messages], images=[[image()]])
+    assert batch["input_ids"].shape == (1, 18)
+    assert batch["input_ids"][0, 2:].tolist() == [3] * 16
+
+
+def test_max_length_must_be_positive(tokenizer):
+    with pytest.raises(ConfigError, match="max_length"):
+        Processor.for_model(model_config(), tokenizer, max_length=0)
+
+
+# --- for_model -----------------------------------------------------------------------------------------------------
+def test_for_model_follows_the_model_config(tokenizer):
+    config = model_config()
+    processor = Processor.for_model(config, tokenizer, resize_mode="pad")
+    assert processor.config.image_size == config.vision.image_size == 16
+    assert tuple(processor.config.image_mean) == config.vision.image_mean
+    assert tuple(processor.config.image_std) == config.vision.image_std
+    assert processor.config.image_seq_length == 16
+    assert processor.config.resize_mode == "pad"
+    assert processor.preprocess_image(image(size=(40, 10))).shape == (3, 16, 16)
+
+
+def test_for_model_rejects_a_tokenizer_larger_than_the_vocab(tokenizer):
+    size = tokenizer.get_vocab_size()
+    assert size > 263
+    with pytest.raises(ConfigError) as excinfo:
+        Processor.for_model(model_config(vocab_size=size - 1), tokenizer)
+    assert "vocab_size" in str(excinfo.value) and str(size) in str(excinfo.value)
+    with pytest.raises(ConfigError):
+        Processor.for_model(tiny_config("unified"), tokenizer)  # 96 < 263 + merges
+    assert Processor.for_model(model_config(vocab_size=size), tokenizer).tokenizer is tokenizer
+
+
+def test_for_model_rejects_disagreeing_special_ids(tokenizer):
+    with pytest.raises(ConfigError, match="image_token_id"):
+        Processor.for_model(model_config(image_token_id=5), tokenizer)
+
+
+def test_invalid_resize_mode_is_a_config_error(tokenizer):
+    with pytest.raises(ConfigError, match="resize_mode"):
+        Processor.for_model(model_config(), tokenizer, resize_mode="crop")
+
+
+# --- persistence ---------------------------------------------------------------------------------------------------
+def round_trip_batch(processor):
+    conversations = [
+        [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
+         {"role": "assistant", "content": "The circle is red."}],
+        [{"role": "user", "content": "How many shapes are there?"}],
+    ]
+    return processor(conversations, images=[[image((200, 30, 90), (24, 12))], []], padding_side="right")
+
+
+def test_save_and_load_give_identical_batches(tokenizer, tmp_path):
+    processor = Processor.for_model(model_config(), tokenizer, max_length=60, resize_mode="pad")
+    directory = processor.save_pretrained(tmp_path / "proc")
+    assert (directory / PROCESSOR_CONFIG_NAME).is_file() and (directory / TOKENIZER_NAME).is_file()
+    loaded = Processor.from_pretrained(directory)
+    assert loaded.config.max_length == 60 and loaded.config.resize_mode == "pad"
+    assert loaded.config.image_seq_length == 16
+    assert loaded.tokenizer.get_vocab_size() == tokenizer.get_vocab_size()
+    expected, got = round_trip_batch(processor), round_trip_batch(loaded)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert loaded.decode(got["input_ids"][1].tolist()) == processor.decode(expected["input_ids"][1].tolist())
+
+
+def test_save_and_load_give_an_equal_config(tokenizer, tmp_path):
+    processor = Processor.for_model(model_config(), tokenizer, max_length=60, resize_mode="pad")
+    loaded = Processor.from_pretrained(processor.save_pretrained(tmp_path / "proc"))
+    assert loaded.config == processor.config
+
+
+def test_from_pretrained_without_processor_config(processor, tmp_path):
+    directory = processor.save_pretrained(tmp_path / "proc")
+    (directory / PROCESSOR_CONFIG_NAME).unlink()
+    with pytest.raises(ConfigError) as excinfo:
+        Processor.from_pretrained(directory)
+    assert PROCESSOR_CONFIG_NAME in str(excinfo.value)
+
+
+def test_from_pretrained_with_invalid_processor_config(processor, tmp_path):
+    directory = processor.save_pretrained(tmp_path / "proc")
+    settings = json.loads((directory / PROCESSOR_CONFIG_NAME).read_text())
+    (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps({**settings, "resize_mode": "crop"}))
+    with pytest.raises(ConfigError, match="resize_mode") as excinfo:
+        Processor.from_pretrained(directory)
+    assert PROCESSOR_CONFIG_NAME in str(excinfo.value)
+    (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps({**settings, "colour": "blue"}))
+    with pytest.raises(ConfigError, match=PROCESSOR_CONFIG_NAME):
+        Processor.from_pretrained(directory)
+
+
+def test_from_pretrained_with_a_tokenizer_lacking_a_special_token(processor, tmp_path):
+    directory = processor.save_pretrained(tmp_path / "proc")
+    incomplete = Tokenizer(models.BPE())
+    incomplete.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    incomplete.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]  # no <image>
+    incomplete.train_from_iterator(SENTENCES, trainer=trainers.BpeTrainer(
+        vocab_size=280, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    incomplete.save(str(directory / TOKENIZER_NAME))
+    with pytest.raises(CheckpointError) as excinfo:
+        Processor.from_pretrained(directory)
+    assert "<image>" in str(excinfo.value) and TOKENIZER_NAME in str(excinfo.value)
+
+
+def test_from_pretrained_without_tokenizer(processor, tmp_path):
+    directory = processor.save_pretrained(tmp_path / "proc")
+    (directory / TOKENIZER_NAME).unlink()
+    with pytest.raises(CheckpointError, match=TOKENIZER_NAME):
+        Processor.from_pretrained(directory)
+
+
+# --- decode --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sentence", ["The circle is red.", "  Zebras ünïcödé 🦓\nsecond line\t tab"])
+def test_decode_round_trips_text(processor, tokenizer, sentence):
+    assert processor.decode(text_ids(tokenizer, sentence)) == sentence
+    ids, _, _ = processor.encode([{"role": "user", "content": sentence}])
+    assert ids[0] == processor.begin_token_id and ids[-1] == processor.end_token_id
+    assert processor.decode(ids) == sentence  # special tokens skipped
+    assert processor.decode(ids, skip_special_tokens=False) == f"<|begin|><|user|>{sentence}<|end|>"
