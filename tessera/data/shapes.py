@@ -4,9 +4,13 @@ learn on a CPU in minutes.
 
     tessera data shapes --out data/shapes --train 3000 --test 300 --seed 0
 
-Writes DIR/images/*.png, DIR/train.json and DIR/test.json (LLaVA conversation format, one task per record, with
-a `type` field: caption or the question kind), and DIR/text_train.jsonl / DIR/text_test.jsonl: the same kinds of
-question asked about scenes described in words, in Hugging Face `messages` format, for text-only LM pretraining.
+Writes DIR/images/*.png, DIR/train.json and DIR/test.json (LLaVA conversation format with a `type` field), and
+DIR/text_train.jsonl / DIR/text_test.jsonl: the same tasks about scenes described in words, in Hugging Face
+`messages` format, for text-only LM pretraining.
+
+Training records are what LLaVA-Instruct looks like: per image, one caption record and one multi-turn record with
+every question about that image (type "questions", in shuffled order), so the image is read once for several
+answers. Test records hold one task each, typed by question kind, so exact match can be reported per kind.
 """
 
 from __future__ import annotations
@@ -119,74 +123,85 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     found.append(("shape", f"What shape is at the {s.position}?", s.shape))
     found.append(("count", "How many shapes are there?", NUMBERS[len(scene.shapes)]))
     present = {(s.colour, s.shape) for s in scene.shapes}
+    absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
     if rng.random() < 0.5:
-        colour, shape = rng.choice(sorted(present))
-        answer = "yes"
+        asked = [(rng.choice(sorted(present)), "yes")]
     else:
-        absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
-        colour, shape = rng.choice(absent)
-        answer = "no"
-    found.append(("exists", f"Is there a {colour} {shape}?", answer))
-    pairs = {}
-    for s in scene.shapes:
-        pairs.setdefault((s.colour, s.shape), []).append(s)
-    unique_pairs = [group[0] for group in pairs.values() if len(group) == 1]
-    if unique_pairs:
-        s = rng.choice(unique_pairs)
-        found.append(("position", f"Where is the {s.colour} {s.shape}?", s.position))
+        asked = [(rng.choice(absent), "no")]
+    found += [("exists", f"Is there a {colour} {shape}?", answer) for (colour, shape), answer in asked]
+    if unique_shapes:
+        s = rng.choice(unique_shapes)
+        found.append(("position", f"Where is the {s.shape}?", s.position))
     return found
 
 
 CAPTION_PROMPT = "Describe the image."
 
 
-def _record(record_id: str, image: str, kind: str, question: str, answer: str) -> dict:
-    return {
-        "id": record_id, "image": image, "type": kind,
-        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
-    }
+def _record(record_id: str, image: str, kind: str, turns: list[tuple[str, str]]) -> dict:
+    """A LLaVA record: the image placeholder opens the first human turn."""
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        conversations += [{"from": "human", "value": f"<image>\n{question}" if i == 0 else question},
+                          {"from": "gpt", "value": answer}]
+    return {"id": record_id, "image": image, "type": kind, "conversations": conversations}
 
 
-def _text_record(scene: Scene, kind: str, question: str, answer: str) -> dict:
-    """The same task with the scene given in words: what the LLM learns before it ever sees an image."""
-    prompt = "Describe the scene." if kind == "caption" else question
-    return {"type": kind, "messages": [
-        {"role": "user", "content": f"Scene: {caption(scene)}.\n{prompt}"},
-        {"role": "assistant", "content": answer},
-    ]}
+def _text_record(scene: Scene, turns: list[tuple[str, str]]) -> dict:
+    """The same tasks with the scene given in words: what the LLM learns before it ever sees an image."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        prompt = f"Scene: {caption(scene)}.\n{question}" if i == 0 else question
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return {"type": "text", "messages": messages}
+
+
+def _new_scene(rng: random.Random, *exclude: set[tuple]) -> Scene:
+    while True:
+        scene = random_scene(rng)
+        if not any(scene.key in keys for keys in exclude):
+            return scene
 
 
 def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, seed: int = 0,
-                        image_size: int = 64, text_train: int | None = None, text_test: int = 500) -> dict:
-    """Write the dataset; returns a summary. Same arguments → same bytes. Test scenes never equal a train scene."""
+                        image_size: int = 48, text_train: int | None = None, text_test: int = 500) -> dict:
+    """Write the dataset; returns a summary. Same arguments → same bytes.
+
+    Each split draws from its own seeded stream, so the test set does not change with the size of the training
+    set. No held-out scene (test images, held-out text) equals a scene trained on (train images, training text):
+    a test score must measure reading, not memory; and no held-out scene comes twice."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    seen: set[tuple] = set()
+    trained: set[tuple] = set()
+    held_out: set[tuple] = set()
     for split, count in (("train", train), ("test", test)):
-        made = 0
-        while made < count:
-            scene = random_scene(rng)
-            if split == "test" and scene.key in seen:
-                continue  # a test scene identical to a train scene would measure memory, not reading
-            if split == "train":
-                seen.add(scene.key)
-            name = f"{split}_{made:05d}"
+        rng = random.Random(f"{seed}:{split}")
+        for index in range(count):
+            scene = _new_scene(rng, trained, held_out) if split == "test" else _new_scene(rng)
+            (trained if split == "train" else held_out).add(scene.key)
+            name = f"{split}_{index:05d}"
             draw(scene, image_size, seed=rng.randrange(2**31)).save(out / "images" / f"{name}.png", optimize=False)
             image = f"images/{name}.png"
-            splits[split].append(_record(f"{name}-caption", image, "caption", CAPTION_PROMPT, caption(scene)))
-            for kind, question, answer in questions(scene, rng):
-                splits[split].append(_record(f"{name}-{kind}", image, kind, question, answer))
-            made += 1
+            splits[split].append(_record(f"{name}-caption", image, "caption", [(CAPTION_PROMPT, caption(scene))]))
+            asked = questions(scene, rng)
+            if split == "train":
+                rng.shuffle(asked)
+                splits[split].append(_record(f"{name}-questions", image, "questions",
+                                             [(q, a) for _, q, a in asked]))
+            else:
+                splits[split] += [_record(f"{name}-{kind}", image, kind, [(q, a)]) for kind, q, a in asked]
     for split, records in splits.items():
         (out / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
     text_counts = {"text_train": train if text_train is None else text_train, "text_test": text_test}
     for split, count in text_counts.items():
+        rng = random.Random(f"{seed}:{split}")
         lines = []
         for _ in range(count):
-            scene = random_scene(rng)
-            lines.append(_text_record(scene, "caption", CAPTION_PROMPT, caption(scene)))
-            lines += [_text_record(scene, *task) for task in questions(scene, rng)]
+            scene = _new_scene(rng, held_out) if split == "text_train" else _new_scene(rng, trained, held_out)
+            (trained if split == "text_train" else held_out).add(scene.key)
+            turns = [(q, a) for _, q, a in questions(scene, rng)]
+            rng.shuffle(turns)
+            lines.append(_text_record(scene, [(CAPTION_PROMPT, caption(scene))] + turns))
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return {split: len(records) for split, records in splits.items()} | text_counts

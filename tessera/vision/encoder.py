@@ -23,6 +23,23 @@ class _QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def sincos_2d(side: int, width: int) -> torch.Tensor:
+    """(side², width) 2D sine-cosine positions (MAE): half the channels encode the row, half the column.
+
+    Learned positions start from this table rather than from noise, so every patch knows its place from the
+    first step; a small model on a short budget would otherwise spend its first thousand steps finding out."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                                indexing="ij")
+    parts = []
+    for axis in (rows.flatten(), cols.flatten()):
+        angles = axis[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(table, (0, width - table.shape[1]))  # widths not divisible by 4: zero tail
+
+
 class VisionAttention(nn.Module):
     """Bidirectional multi-head self-attention over patches (fused q/k/v)."""
 
@@ -72,7 +89,9 @@ class VisionEncoder(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
         self.pre_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.num_layers))
-        nn.init.normal_(self.position_embedding, std=0.02)
+        with torch.no_grad():
+            self.position_embedding.normal_(std=0.02)
+            self.position_embedding[0, int(config.use_cls_token):] = sincos_2d(config.grid_size, config.hidden_size)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 

@@ -1,0 +1,224 @@
+"""Reading training/evaluation data: LLaVA conversation JSON and Hugging Face `messages` JSONL.
+
+Every record is checked before it can reach the model. By default a bad record is skipped and counted by reason
+(a summary is printed at the end); with strict=True the first one stops the run with file, record id and reason.
+The check that matters most is the one LLaVA users meet as a mysteriously low loss: an answer that tokenises to
+nothing or is cut off by the length limit leaves every label at -100 and would train on nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.errors import DataError
+from tessera.processor import IGNORE_INDEX, Processor
+from tessera.text.tokenizer import IMAGE
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Example:
+    id: str
+    messages: list[dict[str, Any]]  # {"role", "content": str with <image> placeholders}
+    images: list[Path]
+    type: str | None = None  # task kind, when the file says (caption, colour, …)
+
+
+@dataclass
+class EncodedExample:
+    example: Example
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: list[torch.Tensor]
+
+
+@dataclass
+class SkipReport:
+    """Records skipped, by reason, with the first few ids of each for the summary."""
+
+    source: str
+    kept: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, record_id: str, reason: str) -> None:
+        self.reasons[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(record_id)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        lines = [f"{self.source}: {self.kept} records kept, {self.skipped} skipped"]
+        for reason, count in self.reasons.most_common():
+            lines.append(f"  {count:6d}  {reason}  (e.g. {', '.join(self.examples[reason])})")
+        return "\n".join(lines)
+
+
+class RecordError(DataError):
+    """One record cannot be used; `reason` is the short label it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+def read_raw_records(path: str | Path) -> list[tuple[str, Any]]:
+    """(record id, raw record) pairs from a LLaVA .json list or a messages .jsonl file (bad JSON lines come back as
+    RecordErrors to be skipped like any other bad record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        pairs = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                pairs.append((f"line {number}", RecordError("invalid JSON", str(e))))
+                continue
+            record_id = record.get("id") if isinstance(record, dict) else None
+            pairs.append((str(record_id) if record_id is not None else f"line {number}", record))
+        return pairs
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); expected a list of LLaVA conversation records") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return [(str(r.get("id", f"#{i}")) if isinstance(r, dict) else f"#{i}", r) for i, r in enumerate(records)]
+
+
+def parse_record(record: Any, record_id: str, image_root: Path) -> Example:
+    """A raw LLaVA or messages record → Example, with the structural checks (roles, order, placeholders)."""
+    if isinstance(record, RecordError):
+        raise record
+    if not isinstance(record, dict):
+        raise RecordError("not an object", f"got {type(record).__name__}")
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise RecordError("malformed turns", "'conversations' must be a list")
+        messages = []
+        for turn in turns:
+            if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
+                raise RecordError("malformed turns", f"expected {{'from': human|gpt|system, 'value': str}}, got {turn!r}")
+            messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
+        images = record.get("image", [])
+    elif "messages" in record:
+        messages = []
+        for message in record["messages"] if isinstance(record["messages"], list) else [None]:
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+                raise RecordError("malformed turns", f"expected {{'role': system|user|assistant, …}}, got {message!r}")
+            messages.append({"role": message["role"], "content": _content_text(message.get("content"))})
+        images = record.get("images", [])
+    else:
+        raise RecordError("no conversation", "expected 'conversations' (LLaVA) or 'messages'")
+    images = [images] if isinstance(images, str) else list(images or [])
+    _check_turns(messages)
+    placeholders = sum(m["content"].count(IMAGE) for m in messages)
+    if placeholders != len(images):
+        raise RecordError("placeholder count ≠ image count",
+                          f"{placeholders} <image> placeholder(s) for {len(images)} image(s)")
+    return Example(record_id, messages, [image_root / p for p in images], record.get("type"))
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") == "image":
+                parts.append(IMAGE)
+            else:
+                raise RecordError("malformed turns", f"unknown content part {part!r}")
+        return "".join(parts)
+    raise RecordError("malformed turns", f"content must be a string or a list of parts, got {content!r}")
+
+
+def _check_turns(messages: list[dict]) -> None:
+    if not messages:
+        raise RecordError("empty conversation")
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RecordError("mis-ordered turns", f"turn {i} is {message['role']!r}; expected {expected!r} "
+                                                   f"(user and assistant alternate, user first)")
+        if not message["content"].strip() or message["content"].strip() == IMAGE and expected == "assistant":
+            raise RecordError("empty turn", f"turn {i} ({message['role']}) has no text")
+    if not body or body[-1]["role"] != "assistant":
+        raise RecordError("no answer", "the conversation must end with an assistant turn")
+
+
+def load_examples(path: str | Path, processor: Processor, image_root: str | Path | None = None,
+                  strict: bool = False, image_cache: dict | None = None) -> tuple[list[EncodedExample], SkipReport]:
+    """Read, check, tokenise and preprocess every record of a data file.
+
+    Images are loaded once per path (several records often share one); image_cache may be shared between files.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    report = SkipReport(str(path))
+    cache = {} if image_cache is None else image_cache
+    kept = []
+    for record_id, raw in read_raw_records(path):
+        try:
+            example = parse_record(raw, record_id, root)
+            pixels = [_image(cache, image, processor) for image in example.images]
+            ids, labels = _encode(processor, example)
+        except RecordError as e:
+            if strict:
+                raise DataError(f"{path}: record {record_id}: {e}") from None
+            report.skip(record_id, e.reason)
+            continue
+        kept.append(EncodedExample(example, ids, labels, pixels))
+    report.kept = len(kept)
+    return kept, report
+
+
+def _image(cache: dict, path: Path, processor: Processor) -> torch.Tensor:
+    if path not in cache:
+        if not path.is_file():
+            cache[path] = RecordError("missing image", str(path))
+        else:
+            try:
+                cache[path] = processor.preprocess_image(path)
+            except DataError as e:
+                cache[path] = RecordError("unreadable image", str(e))
+    value = cache[path]
+    if isinstance(value, RecordError):
+        raise value
+    return value
+
+
+def _encode(processor: Processor, example: Example) -> tuple[list[int], list[int]]:
+    ids, labels, _ = processor.encode(example.messages)
+    answers = [m for m in example.messages if m["role"] == "assistant"]
+    for answer in answers:
+        if not processor.tokenizer.encode(answer["content"], add_special_tokens=False).ids:
+            raise RecordError("answer tokenises to nothing", repr(answer["content"]))
+    try:
+        ids, labels = processor.truncate(ids, labels)
+    except DataError as e:
+        raise RecordError("image cut by the length limit", str(e)) from None
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise RecordError("answer cut off by the length limit",
+                          f"{len(ids)} tokens kept of a longer conversation; no answer token left to learn from")
+    return ids, labels
