@@ -141,6 +141,11 @@ class Processor:
             raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
         if images is not None and len(images) != len(conversations):
             raise DataError(f"{len(images)} image lists for {len(conversations)} conversations; expected one each")
+        if images is not None:
+            for index, sample in enumerate(images):
+                if isinstance(sample, (str, Path, Image.Image)):
+                    raise DataError(f"images[{index}] is a single image ({type(sample).__name__}); expected a list "
+                                    f"of images for each conversation, e.g. [[image]]")
         rows, pixel_values = [], []
         for index, messages in enumerate(conversations):
             ids, labels, part_images = self.encode(messages, add_generation_prompt)

@@ -1,0 +1,161 @@
+"""The `tessera` command: quickstart, data, train, eval, generate.
+
+Every verb reports a bad input (a missing file, a checkpoint directory that isn't one, a corrupt image, an invalid
+config value) as one line on stderr and exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tessera.errors import TesseraError
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from tessera.quickstart import quickstart
+
+    quickstart(args.out, args.fusion, progress=not args.no_progress)
+
+
+def _data(args: argparse.Namespace) -> None:
+    from tessera.data.shapes import make_shapes_dataset
+
+    summary = make_shapes_dataset(args.out, train=args.train, test=args.test, seed=args.seed,
+                                  image_size=args.image_size, text_train=args.text_train, text_test=args.text_test)
+    print(f"wrote {args.out}: " + ", ".join(f"{count} {name} records" for name, count in summary.items()))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from tessera.train.run import RunConfig, run_training
+
+    overrides = list(args.overrides) + (["strict=true"] if args.strict else [])
+    run = RunConfig.load(args.config, overrides)
+    result = run_training(run, progress=not args.no_progress)
+    print(f"trained {result['steps']} steps in {result['train_seconds']:.0f} s; checkpoint: {Path(run.out) / 'checkpoint'}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from tessera.eval.evaluate import evaluate
+    from tessera.eval.report import metrics_table
+
+    model, processor = _load(args.checkpoint)
+    data = Path(args.data)
+    text_data = args.text_data
+    if text_data is None and (data.parent / "text_test.jsonl").is_file():
+        text_data = data.parent / "text_test.jsonl"  # the held-out text beside the data, when there is one
+    metrics, predictions = evaluate(model, processor, data, text_data, batch_size=args.batch_size,
+                                    limit=args.limit, strict=args.strict)
+    print(metrics_table(metrics, title=f"{args.checkpoint} on {data}"))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**metrics, "checkpoint": str(args.checkpoint), "data": str(data)}, indent=2) + "\n")
+        out.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        print(f"wrote {out}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tessera.text.tokenizer import IMAGE
+
+    model, processor = _load(args.checkpoint)
+    prompt = args.prompt if IMAGE in args.prompt or not args.image else f"{IMAGE}\n{args.prompt}"
+    messages = [{"role": "user", "content": prompt}]
+    batch = processor([messages], [[args.image] if args.image else []], add_generation_prompt=True,
+                      padding_side="left")
+    batch.pop("labels")
+    result = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed, tokenizer=processor)
+    print(result.texts[0])
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    from tessera.train.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        print(f"{recipe.name:<14s} fusion={recipe.fusion:<8s} {recipe.summary}")
+        for stage in recipe.stages:
+            print(f"    {stage.name:<10s} trains {', '.join(stage.train):<36s} on {stage.data}")
+
+
+def _load(checkpoint: str):
+    from tessera.model import MultimodalLM
+    from tessera.processor import Processor
+
+    return MultimodalLM.from_pretrained(checkpoint), Processor.from_pretrained(checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Build, train, evaluate and serve multimodal LLMs.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("quickstart", help="make data, train a tiny model, evaluate it (about 5 minutes on a CPU)")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--fusion", choices=("unified", "cross"), default="unified",
+                   help="unified: Method A with the llava recipe; cross: Method B with the llama3.2 recipe")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.set_defaults(run=_quickstart)
+
+    p = verbs.add_parser("data", help="make a built-in dataset")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    shapes = kinds.add_parser("shapes", help="coloured shapes on a 3x3 grid, with captions and questions")
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--train", type=int, default=3000, help="training scenes")
+    shapes.add_argument("--test", type=int, default=300, help="test scenes")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--image-size", type=int, default=48)
+    shapes.add_argument("--text-train", type=int, default=None, help="text-only scenes (default: --train)")
+    shapes.add_argument("--text-test", type=int, default=500, help="held-out text-only scenes")
+    shapes.set_defaults(run=_data)
+
+    p = verbs.add_parser("train", help="train a run described by a YAML file")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. steps.instruct=400 lr.align=1e-3")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_train)
+
+    p = verbs.add_parser("eval", help="answer every record of a data file and score the answers")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="LLaVA .json or messages .jsonl")
+    p.add_argument("--text-data", default=None, help="held-out text for the LM loss (default: text_test.jsonl "
+                                                     "beside --data)")
+    p.add_argument("--out", default=None, help="metrics JSON (predictions go beside it)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--strict", action="store_true")
+    p.set_defaults(run=_eval)
+
+    p = verbs.add_parser("generate", help="answer one prompt about one image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", default=None)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=_generate)
+
+    p = verbs.add_parser("recipes", help="list the training recipes")
+    p.set_defaults(run=_recipes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (TesseraError, ValueError, OSError) as e:
+        print(f"tessera {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tessera {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Answer metrics: exact match after normalisation (VQA-style) and caption scores (CIDEr, BLEU-4) from the
+pycocoevalcap scorers — their pure-Python parts only (no Java tokenizer, no downloads)."""
+
+from __future__ import annotations
+
+import re
+import string
+
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation and articles removed, whitespace collapsed: "The Red circle." → "red circle"."""
+    text = text.lower().translate(PUNCTUATION)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def caption_scores(references: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
+    """CIDEr (the "CIDEr-D" variant coco-caption reports) and BLEU-4 over a corpus of captions."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if not predictions:
+        return {"cider": 0.0, "bleu4": 0.0}
+    refs = {k: [_tokens(r) for r in references[k]] for k in predictions}
+    preds = {k: [_tokens(v)] for k, v in predictions.items()}
+    cider, _ = Cider().compute_score(refs, preds)
+    bleu, _ = Bleu(4).compute_score(refs, preds, verbose=0)
+    return {"cider": float(cider), "bleu4": float(bleu[3])}
+
+
+def _tokens(text: str) -> str:
+    """coco-caption's PTB tokenisation, approximated: lowercase words without punctuation."""
+    return " ".join(text.lower().translate(PUNCTUATION).split())

@@ -1,0 +1,27 @@
+"""Plain terminal tables of evaluation metrics (JSON is for machines; this is for people)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def metrics_table(metrics: dict[str, Any], title: str = "evaluation") -> str:
+    rows = [title, f"  {'exact match (questions)':<28s} {_number(metrics.get('exact_match')):>8s}"
+                   f"   ({metrics.get('questions', 0)} questions)"]
+    for kind, value in metrics.get("exact_match_by_type", {}).items():
+        rows.append(f"    {kind:<26s} {_number(value):>8s}")
+    if metrics.get("captions"):
+        rows.append(f"  {'CIDEr (captions)':<28s} {_number(metrics.get('cider')):>8s}   ({metrics['captions']} captions)")
+        rows.append(f"  {'BLEU-4 (captions)':<28s} {_number(metrics.get('bleu4')):>8s}")
+    if metrics.get("text_loss") is not None:
+        rows.append(f"  {'held-out text loss':<28s} {_number(metrics['text_loss'], 4):>8s}")
+    if metrics.get("text_loss_before") is not None:
+        rows.append(f"  {'held-out text loss':<28s} {_number(metrics['text_loss_before'], 4):>8s} before → "
+                    f"{_number(metrics.get('text_loss_after'), 4)} after the multimodal stages")
+    if metrics.get("wall_seconds") is not None:
+        rows.append(f"  {'wall time':<28s} {metrics['wall_seconds']:>7.0f}s")
+    return "\n".join(rows)

@@ -1,0 +1,164 @@
+"""The training loop for one stage: freeze what the stage freezes, build per-component learning rates, and step
+with warmup + cosine decay, gradient accumulation and clipping.
+
+With accumulation the loss is the sum over every answer token of the accumulated micro-batches divided by their
+total count — the mean over tokens of the whole step, not a mean of per-micro-batch means (which would weigh a
+token of a short answer more than a token of a long one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tessera.data.records import EncodedExample
+from tessera.model import COMPONENTS, MultimodalLM
+from tessera.processor import Processor
+from tessera.train.recipes import Stage
+
+
+@dataclass
+class TrainSettings:
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup: float = 0.05  # fraction of the stage's steps
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    checkpoint_every: int = 0  # steps; 0 = only at the end of each stage
+    # Method B's tanh gates start at 0, so the blocks behind them get no signal until the gates open; a larger
+    # learning rate lets a short run open them (at the base rate they stay near 0 for thousands of steps).
+    gate_lr_scale: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+
+def batches(examples: list[EncodedExample], processor: Processor, batch_size: int, seed: int
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches (a new permutation each epoch, from a seeded generator)."""
+    if not examples:
+        raise ValueError("no examples to train on")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            chosen = [examples[i] for i in order[start:start + batch_size]]
+            yield processor.pad_batch([(e.input_ids, e.labels) for e in chosen], [e.pixel_values for e in chosen])
+
+
+def lr_lambda(steps: int, warmup_fraction: float, min_ratio: float):
+    warmup = max(1, int(round(steps * warmup_fraction)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def parameter_table(model: MultimodalLM) -> str:
+    rows = [f"  {'component':16s} {'trainable':>12s} {'frozen':>12s}"]
+    for name, count in model.parameter_counts().items():
+        rows.append(f"  {name:16s} {count['trainable']:12,d} {count['total'] - count['trainable']:12,d}")
+    return "\n".join(rows)
+
+
+def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, examples: list[EncodedExample],
+                settings: TrainSettings, out_dir: Path, metrics_path: Path, first_step: int = 0,
+                log=print) -> list[float]:
+    """Run one stage; returns its per-step losses. Appends one JSON line per step to metrics_path."""
+    model.freeze(*COMPONENTS)
+    model.unfreeze(*stage.train)
+    log(f"stage {stage.name!r}: {stage.steps} steps on {stage.data} ({len(examples)} examples), "
+        f"training {', '.join(stage.train)}\n{parameter_table(model)}")
+    if stage.steps == 0:
+        return []
+    restore = None
+    if stage.keep is not None:  # snapshot what must come out of the stage unchanged
+        restore = {name: {k: v.clone() for k, v in model.component(name).state_dict().items()}
+                   for name in stage.train if name not in stage.keep}
+    groups = []
+    for name in stage.train:
+        lr = stage.lr * stage.lr_scale.get(name, 1.0)
+        named = [(n, p) for n, p in model.component(name).named_parameters() if p.requires_grad]
+        gates = [p for n, p in named if n.endswith("_gate")]
+        params = [p for n, p in named if not n.endswith("_gate")]
+        if params:
+            groups.append({"params": params, "lr": lr, "name": name})
+        if gates:
+            groups.append({"params": gates, "lr": lr * settings.gate_lr_scale, "name": f"{name}.gates"})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, settings.warmup,
+                                                                      settings.min_lr_ratio))
+    trainable = [p for group in groups for p in group["params"]]
+    data = batches(examples, processor, settings.batch_size, settings.seed + first_step)
+    model.train()
+    losses = []
+    bar = tqdm(range(stage.steps), desc=stage.name, disable=not settings.progress, dynamic_ncols=True)
+    with metrics_path.open("a") as metrics:
+        for step in bar:
+            started = time.perf_counter()
+            micro = [next(data) for _ in range(settings.grad_accum)]
+            num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            total = 0.0
+            for batch in micro:
+                loss = model(**batch, num_items_in_batch=num_tokens).loss
+                loss.backward()
+                total += loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip) if settings.clip else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            schedule.step()
+            samples_per_s = settings.batch_size * settings.grad_accum / (time.perf_counter() - started)
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
+            record = {"stage": stage.name, "step": first_step + step + 1, "stage_step": step + 1, "loss": total,
+                      "lr": lr, "samples_per_s": round(samples_per_s, 1), "tokens": num_tokens,
+                      "grad_norm": None if norm is None else float(norm)}
+            metrics.write(json.dumps(record) + "\n")
+            if settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0:
+                save_checkpoint(model, processor, out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}")
+    if restore:
+        for name, state in restore.items():
+            model.component(name).load_state_dict(state)
+        log(f"stage {stage.name!r}: kept the trained {', '.join(stage.keep)}; restored {', '.join(restore)}")
+    model.eval()
+    return losses
+
+
+def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        points = [(r["step"], r["loss"]) for r in records if r["stage"] == stage]
+        ax.plot(*zip(*points), label=stage, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per answer token)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,243 @@
+"""A training run: YAML config → dataset, tokenizer, model → text pretraining → the recipe's stages →
+checkpoints, metrics JSONL and a loss-curve PNG.
+
+    recipe: llava            # see tessera.train.recipes
+    data: data/shapes        # train.json, test.json, text_train.jsonl, text_test.jsonl
+    out: runs/llava
+    model: tiny              # a preset name or ModelConfig fields
+    steps: {text: 300, align: 150, instruct: 600}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tessera.config import ModelConfig
+from tessera.data.records import EncodedExample, load_examples
+from tessera.errors import ConfigError, DataError
+from tessera.eval.evaluate import text_lm_loss
+from tessera.model import MultimodalLM
+from tessera.presets.tiny import PRESETS
+from tessera.processor import Processor
+from tessera.text.tokenizer import load_tokenizer, train_tokenizer
+from tessera.train.loop import TrainSettings, plot_losses, save_checkpoint, train_stage
+from tessera.train.recipes import TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
+
+
+@dataclass
+class RunConfig:
+    recipe: str
+    data: str
+    out: str = "runs/default"
+    model: str | dict = "tiny"
+    fusion: str | None = None  # default: the recipe's
+    llm_checkpoint: str | None = None  # start from a trained LLM (skips text pretraining)
+    # caption-pretrain the encoder first, standing in for CLIP/SigLIP pretraining; "auto": only when the recipe's
+    # first stage keeps the encoder frozen (a recipe that trains the encoder from its first step needs none)
+    pretrain_encoder: bool | str = "auto"
+    tokenizer: str | None = None  # tokenizer.json; default: train one on the dataset's text
+    vocab_size: int = 512
+    max_length: int = 256
+    steps: dict[str, int] = field(default_factory=dict)  # per stage name
+    lr: dict[str, float] = field(default_factory=dict)  # per stage name
+    lr_scale: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → component → multiplier
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup: float = 0.05
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    gate_lr_scale: float = 1.0
+    checkpoint_every: int = 0
+    seed: int = 0
+    strict: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads "1e-3" (no dot) as a string: accept it as the number everybody means.
+        for name in ("warmup", "clip", "weight_decay", "gate_lr_scale"):
+            setattr(self, name, _number(name, getattr(self, name)))
+        self.lr = {stage: _number(f"lr.{stage}", value) for stage, value in self.lr.items()}
+        self.lr_scale = {stage: {c: _number(f"lr_scale.{stage}.{c}", v) for c, v in table.items()}
+                         for stage, table in self.lr_scale.items()}
+        for name in ("batch_size", "grad_accum", "vocab_size", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r}: expected a positive integer")
+        for stage, value in self.steps.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"steps.{stage}={value!r}: expected an integer >= 0")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such run config") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "run config") -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+        missing = [k for k in ("recipe", "data") if k not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing field {missing[0]!r}")
+        return cls(**data)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: expected a number") from None
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`steps.text=200` or `seed=3`: a dotted key and a YAML value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. steps.instruct=400")
+    key, value = item.split("=", 1)
+    *parents, last = key.split(".")
+    node = data
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[:depth + 1])
+            raise ConfigError(f"override {item!r}: {where} is {node!r}, not a mapping; set {where} as a whole")
+    node[last] = yaml.safe_load(value)
+
+
+def build_stages(run: RunConfig) -> list[Stage]:
+    recipe = get_recipe(run.recipe)
+    stages = [] if run.llm_checkpoint else [TEXT_PRETRAINING]
+    if run.pretrain_encoder not in (True, False, "auto"):
+        raise ConfigError(f"pretrain_encoder={run.pretrain_encoder!r}: expected true, false or auto")
+    if run.pretrain_encoder is True or (run.pretrain_encoder == "auto" and "vision" not in recipe.stages[0].train):
+        stages.append(encoder_pretraining(run.fusion or recipe.fusion))
+    stages += recipe.stages
+    names = {s.name for s in stages}
+    if len(names) != len(stages):
+        raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
+    for table in ("steps", "lr", "lr_scale"):
+        unknown = sorted(set(getattr(run, table)) - names)
+        if unknown:
+            raise ConfigError(f"{table}.{unknown[0]}: recipe {run.recipe!r} has no stage {unknown[0]!r}; "
+                              f"its stages are {', '.join(s.name for s in stages)}")
+    return [dataclasses.replace(s, steps=run.steps.get(s.name, s.steps), lr=run.lr.get(s.name, s.lr),
+                                lr_scale=run.lr_scale.get(s.name, s.lr_scale)) for s in stages]
+
+
+def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
+    fusion = run.fusion or get_recipe(run.recipe).fusion
+    if isinstance(run.model, str):
+        if run.model not in PRESETS:
+            raise ConfigError(f"model={run.model!r}: expected a preset ({', '.join(PRESETS)}) or a config mapping")
+        return PRESETS[run.model](fusion, vocab_size)
+    return ModelConfig.from_dict({**run.model, "fusion": {**run.model.get("fusion", {}), "method": fusion}})
+
+
+def dataset_texts(data_dir: Path) -> list[str]:
+    """Every question and answer of the training files: what the tokenizer is trained on."""
+    texts = []
+    for record in json.loads((data_dir / "train.json").read_text()):
+        texts += [turn["value"].replace("<image>", "") for turn in record["conversations"]]
+    text_file = data_dir / "text_train.jsonl"
+    if text_file.is_file():
+        for line in text_file.read_text().splitlines():
+            texts += [m["content"] for m in json.loads(line)["messages"]]
+    return texts
+
+
+def select(examples: list[EncodedExample], kind: str, text: list[EncodedExample]) -> list[EncodedExample]:
+    if kind == "text":
+        return text
+    if kind == "captions":
+        return [e for e in examples if e.example.type == "caption"]
+    if kind == "questions":
+        return [e for e in examples if e.example.type != "caption"]
+    return examples
+
+
+def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, Any]:
+    """Train every stage of the run; returns the model, processor, per-stage final losses and the held-out text
+    loss before and after the multimodal stages (None without DATA/text_test.jsonl)."""
+    started = time.perf_counter()
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    torch.manual_seed(run.seed)
+    data_dir, out = Path(run.data), Path(run.out)
+    if not (data_dir / "train.json").is_file():
+        raise DataError(f"{data_dir / 'train.json'}: no such file; expected a data directory with train.json "
+                        f"(make one with: tessera data shapes --out {data_dir})")
+    stages = build_stages(run)
+    if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
+        raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
+                        f"(or set llm_checkpoint to start from a trained LLM)")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint else None)
+    if tokenizer_file:  # a pretrained LLM comes with the tokenizer it was trained with
+        tokenizer = load_tokenizer(tokenizer_file)
+    else:
+        tokenizer = train_tokenizer(dataset_texts(data_dir), run.vocab_size)
+    vocab = -(-tokenizer.get_vocab_size() // 64) * 64  # a multiple of 64 keeps the LM head's matmul aligned
+    model = MultimodalLM(model_config(run, vocab))
+    if run.llm_checkpoint:
+        model.llm.load_state_dict(MultimodalLM.from_pretrained(run.llm_checkpoint).llm.state_dict())
+    processor = Processor.for_model(model.config, tokenizer, max_length=run.max_length)
+    cache: dict = {}
+    train_examples, report = load_examples(data_dir / "train.json", processor, strict=run.strict, image_cache=cache)
+    log(report.summary())
+    text_examples: list[EncodedExample] = []
+    if (data_dir / "text_train.jsonl").is_file():
+        text_examples, text_report = load_examples(data_dir / "text_train.jsonl", processor, strict=run.strict)
+        log(text_report.summary())
+        for e in text_examples:  # language-model pretraining learns every token, not just the answers
+            e.labels = list(e.input_ids)
+    settings = TrainSettings(batch_size=run.batch_size, grad_accum=run.grad_accum, warmup=run.warmup,
+                             clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
+                             checkpoint_every=run.checkpoint_every,
+                             seed=run.seed, progress=progress)
+    held_out = []
+    if (data_dir / "text_test.jsonl").is_file():
+        held_out, _ = load_examples(data_dir / "text_test.jsonl", processor)
+    text_loss = {}
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    step = 0
+    stage_losses = {}
+    for index, stage in enumerate(stages):
+        if stage.data != "text" and "before" not in text_loss and held_out:
+            # the article's question about Method B: does the LLM keep its text skills through multimodal training?
+            text_loss["before"] = text_lm_loss(model, processor, held_out)
+            log(f"held-out text loss before the multimodal stages: {text_loss['before']:.4f}")
+        examples = select(train_examples, stage.data, text_examples)
+        losses = train_stage(model, processor, stage, examples, settings, out, metrics_path, step, log)
+        step += len(losses)
+        stage_losses[stage.name] = losses[-1] if losses else None
+        save_checkpoint(model, processor, out / "checkpoints" / f"stage-{index}-{stage.name}")
+    if held_out:
+        text_loss["after"] = text_lm_loss(model, processor, held_out)
+        log(f"held-out text loss after training: {text_loss['after']:.4f}")
+    save_checkpoint(model, processor, out / "checkpoint")
+    if step:
+        plot_losses(metrics_path, out / "loss.png")
+    return {"model": model, "processor": processor, "steps": step, "final_losses": stage_losses,
+            "text_loss_before": text_loss.get("before"), "text_loss_after": text_loss.get("after"),
+            "train_seconds": time.perf_counter() - started}

@@ -1,0 +1,139 @@
+"""Every `tessera` verb on a tiny run, through the installed console script, and the one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.test_train import TINY_MODEL
+
+TESSERA = shutil.which("tessera", path=os.path.dirname(sys.executable)) or "tessera"
+
+
+def tessera(*args, cwd=None, check=True):
+    result = subprocess.run([TESSERA, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tessera {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """data → train → a checkpoint, through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    out = tessera("data", "shapes", "--out", root / "data", "--train", 30, "--test", 4, "--seed", 1,
+                  "--text-train", 20, "--text-test", 5)
+    assert "wrote" in out.stdout
+    config = {"recipe": "llava", "data": str(root / "data"), "out": str(root / "run"), "model": TINY_MODEL,
+              "vocab_size": 400, "batch_size": 4,
+              "steps": {"text": 3, "encoder_pretrain": 2, "align": 2, "instruct": 2}}
+    (root / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
+    result = tessera("train", root / "run.yaml", "steps.instruct=3", "--no-progress")
+    assert "trained 10 steps" in result.stdout
+    assert "trainable" in result.stdout and "frozen" in result.stdout  # the per-stage parameter table
+    assert "records kept" in result.stdout
+    return root
+
+
+def test_train_writes_checkpoints_metrics_and_curve(trained):
+    run = trained / "run"
+    assert {p.name for p in (run / "checkpoint").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                               "processor_config.json"}
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 10
+    assert (run / "loss.png").is_file()
+
+
+def test_eval_writes_metrics_and_prints_a_table(trained):
+    out = trained / "metrics.json"
+    result = tessera("eval", "--checkpoint", trained / "run/checkpoint", "--data", trained / "data/test.json",
+                     "--out", out)
+    metrics = json.loads(out.read_text())
+    assert 0 <= metrics["exact_match"] <= 1 and metrics["questions"] > 0 and metrics["captions"] == 4
+    assert set(metrics["exact_match_by_type"]) <= {"colour", "shape", "count", "exists", "position"}
+    assert "cider" in metrics and "bleu4" in metrics and metrics["text_loss"] > 0
+    assert "exact match" in result.stdout and "CIDEr" in result.stdout
+    assert len(out.with_suffix(".predictions.jsonl").read_text().splitlines()) == metrics["questions"] + 4
+
+
+def test_generate_answers_and_reports_bad_inputs_in_one_line(trained, tmp_path):
+    checkpoint = trained / "run/checkpoint"
+    image = trained / "data/images/test_00000.png"
+    result = tessera("generate", "--checkpoint", checkpoint, "--image", image, "--prompt", "What colour is it?",
+                     "--max-new-tokens", 5)
+    assert result.returncode == 0 and result.stderr == ""
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG broken")
+    for args, words in [
+        (["--image", tmp_path / "missing.png"], "image file not found"),
+        (["--image", tmp_path / "corrupt.png"], "not a readable image"),
+    ]:
+        result = tessera("generate", "--checkpoint", checkpoint, "--prompt", "hi", *args, check=False)
+        assert result.returncode == 2 and words in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = tessera("generate", "--checkpoint", tmp_path, "--prompt", "hi", check=False)  # not a checkpoint
+    assert result.returncode == 2 and "config.json" in result.stderr and "Traceback" not in result.stderr
+    result = tessera("generate", "--checkpoint", tmp_path / "nowhere", "--prompt", "hi", check=False)
+    assert result.returncode == 2 and "no such checkpoint directory" in result.stderr
+
+
+def test_train_strict_stops_on_a_bad_record_and_default_skips_it(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data", data)
+    records = json.loads((data / "train.json").read_text())
+    records[3]["image"] = "images/none.png"
+    (data / "train.json").write_text(json.dumps(records))
+    config = {"recipe": "molmo", "data": str(data), "out": str(tmp_path / "run"), "model": TINY_MODEL,
+              "vocab_size": 400, "batch_size": 4, "steps": {"text": 1, "train": 1}}
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
+    skipped = tessera("train", tmp_path / "run.yaml", "--no-progress")
+    assert "1 skipped" in skipped.stdout and "missing image" in skipped.stdout
+    strict = tessera("train", tmp_path / "run.yaml", "--strict", "--no-progress", check=False)
+    assert strict.returncode == 2 and f"record {records[3]['id']}: missing image" in strict.stderr
+
+
+def test_bad_run_configs_are_one_line_errors(tmp_path):
+    (tmp_path / "run.yaml").write_text("recipe: llava\ndata: nowhere\n")
+    result = tessera("train", tmp_path / "run.yaml", check=False)
+    assert result.returncode == 2 and "train.json: no such file" in result.stderr
+    result = tessera("train", tmp_path / "run.yaml", "steps.align=many", check=False)
+    assert result.returncode == 2 and "steps.align='many'" in result.stderr
+
+
+def test_recipes_lists_every_recipe():
+    out = tessera("recipes").stdout
+    for name in ("llava", "llama3.2", "molmo", "qwen2-vl", "baichuan-omni", "nvlm-d", "nvlm-x"):
+        assert name in out
+
+
+def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
+    """The real quickstart code path with every stage shortened to a few steps (the full run is measured by
+    `tessera quickstart` itself, not in the suite)."""
+    from tessera import quickstart as qs
+
+    monkeypatch.setattr(qs, "DATASET", {"train": 24, "test": 4, "seed": 0})
+    for fusion, steps in (("unified", {"text": 2, "encoder_pretrain": 2, "align": 1, "instruct": 2}),
+                          ("cross", {"text": 2, "pretrain": 2, "finetune": 2})):
+        monkeypatch.setitem(qs.QUICKSTART_RUNS, fusion, {**qs.QUICKSTART_RUNS[fusion], "steps": steps,
+                                                         "model": TINY_MODEL, "vocab_size": 400, "batch_size": 4})
+        lines = []
+        metrics = qs.quickstart(tmp_path / fusion, fusion, log=lines.append, progress=False)
+        saved = json.loads((tmp_path / fusion / "metrics.json").read_text())
+        assert saved == metrics
+        for key in ("exact_match", "cider", "text_loss_before", "text_loss_after", "wall_seconds", "fusion", "recipe"):
+            assert key in saved, key
+        assert saved["fusion"] == fusion and saved["recipe"] == qs.DEFAULT_RECIPE[fusion]
+        assert (tmp_path / fusion / "checkpoint/model.safetensors").is_file()
+        printed = "\n".join(lines)
+        assert "exact match" in printed and printed.count("(reference") == 3
+    assert json.loads((tmp_path / "cross/metrics.json").read_text())["text_loss_before"] == \
+        json.loads((tmp_path / "cross/metrics.json").read_text())["text_loss_after"]
+
+
+def test_the_help_names_every_verb():
+    out = tessera("--help").stdout
+    for verb in ("quickstart", "data", "train", "eval", "generate"):
+        assert verb in out
