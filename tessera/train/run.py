@@ -21,13 +21,13 @@ import torch
 import yaml
 
 from tessera.config import ModelConfig
-from tessera.data.records import EncodedExample, load_examples
+from tessera.data.records import EncodedExample, load_examples, read_raw_records
 from tessera.errors import ConfigError, DataError
 from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
 from tessera.presets.tiny import PRESETS
 from tessera.processor import Processor
-from tessera.text.tokenizer import load_tokenizer, train_tokenizer
+from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
 from tessera.train.loop import TrainSettings, plot_losses, save_checkpoint, train_stage
 from tessera.train.recipes import TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
 
@@ -153,15 +153,29 @@ def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_dict({**run.model, "fusion": {**run.model.get("fusion", {}), "method": fusion}})
 
 
+def split_file(data_dir: Path, split: str) -> Path:
+    """DATA/<split>.json (LLaVA) or DATA/<split>.jsonl (messages)."""
+    for suffix in (".json", ".jsonl"):
+        if (data_dir / f"{split}{suffix}").is_file():
+            return data_dir / f"{split}{suffix}"
+    raise DataError(f"{data_dir / split}.json: no such file (nor {split}.jsonl); expected a data directory with "
+                    f"{split}.json or {split}.jsonl (make one with: tessera data shapes --out {data_dir})")
+
+
 def dataset_texts(data_dir: Path) -> list[str]:
-    """Every question and answer of the training files: what the tokenizer is trained on."""
+    """Every turn of the training files: what the tokenizer is trained on."""
     texts = []
-    for record in json.loads((data_dir / "train.json").read_text()):
-        texts += [turn["value"].replace("<image>", "") for turn in record["conversations"]]
-    text_file = data_dir / "text_train.jsonl"
-    if text_file.is_file():
-        for line in text_file.read_text().splitlines():
-            texts += [m["content"] for m in json.loads(line)["messages"]]
+    files = [split_file(data_dir, "train")] + [p for p in [data_dir / "text_train.jsonl"] if p.is_file()]
+    for path in files:
+        for _, record in read_raw_records(path):
+            if not isinstance(record, dict):
+                continue
+            for turn in record.get("conversations") or record.get("messages") or []:
+                content = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+                if isinstance(content, list):
+                    content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+                if isinstance(content, str):
+                    texts.append(content.replace(IMAGE, ""))
     return texts
 
 
@@ -183,9 +197,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
     data_dir, out = Path(run.data), Path(run.out)
-    if not (data_dir / "train.json").is_file():
-        raise DataError(f"{data_dir / 'train.json'}: no such file; expected a data directory with train.json "
-                        f"(make one with: tessera data shapes --out {data_dir})")
+    train_file = split_file(data_dir, "train")
     stages = build_stages(run)
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
@@ -202,7 +214,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         model.llm.load_state_dict(MultimodalLM.from_pretrained(run.llm_checkpoint).llm.state_dict())
     processor = Processor.for_model(model.config, tokenizer, max_length=run.max_length)
     cache: dict = {}
-    train_examples, report = load_examples(data_dir / "train.json", processor, strict=run.strict, image_cache=cache)
+    train_examples, report = load_examples(train_file, processor, strict=run.strict, image_cache=cache)
     log(report.summary())
     text_examples: list[EncodedExample] = []
     if (data_dir / "text_train.jsonl").is_file():
@@ -228,6 +240,10 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
             text_loss["before"] = text_lm_loss(model, processor, held_out)
             log(f"held-out text loss before the multimodal stages: {text_loss['before']:.4f}")
         examples = select(train_examples, stage.data, text_examples)
+        if stage.steps and not examples:
+            source = data_dir / "text_train.jsonl" if stage.data == "text" else train_file
+            raise DataError(f"stage {stage.name!r} trains on {stage.data} but {source} has no usable record of that "
+                            f"kind (captions are records with \"type\": \"caption\"; questions are the others)")
         losses = train_stage(model, processor, stage, examples, settings, out, metrics_path, step, log)
         step += len(losses)
         stage_losses[stage.name] = losses[-1] if losses else None
