@@ -20,6 +20,11 @@ PROJECTORS = ("linear", "mlp")
 SELECT_STRATEGIES = ("default", "full")
 VISION_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 CROSS_ATTENTION_SCOPES = ("previous", "latest")
+CROSS_ATTENTION_PLACEMENTS = ("before", "replace")
+CROSS_ATTENTION_BLIND_ROWS = ("skip", "attend_all")
+VISION_ENCODERS = ("vit", "tiled")
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 # CLIP's normalisation constants, the usual default for ViT image encoders.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,7 +52,13 @@ def _divides(owner: str, heads_field: str, heads: int, width_field: str, width: 
 
 @dataclass
 class VisionConfig:
-    """A ViT image encoder: Conv2d patch embedding, learned positions, optional CLS, pre-LN blocks."""
+    """A ViT image encoder: Conv2d patch embedding, learned positions, optional CLS, pre-LN blocks.
+
+    encoder="tiled" is Llama 3.2 Vision's encoder (vision/tiled.py): the image arrives as up to `max_num_tiles`
+    tiles of image_size², each tile gets aspect-ratio embeddings, `num_layers` local blocks run over all tiles of one
+    image, then `num_global_layers` gated blocks, and the outputs of the local blocks listed in
+    `intermediate_layers` are appended on channels.
+    """
 
     image_size: int = 224
     patch_size: int = 16
@@ -63,10 +74,20 @@ class VisionConfig:
     attention_bias: bool = True
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    patch_bias: bool = True  # CLIP's patch convolution has no bias, SigLIP's has one
+    encoder: str = "vit"
+    # encoder="tiled" only:
+    max_num_tiles: int = 4
+    supported_aspect_ratios: list[list[int]] | None = None  # tile grids; None: every grid of <= max_num_tiles tiles
+    num_global_layers: int = 0
+    intermediate_layers: list[int] = field(default_factory=list)  # local blocks (0-based) whose outputs are kept
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+        _choice("vision", "encoder", self.encoder, VISION_ENCODERS)
+        if self.encoder == "tiled":
+            self._check_tiling()
         _positive("vision", image_size=self.image_size, patch_size=self.patch_size,
                   num_channels=self.num_channels, hidden_size=self.hidden_size,
                   num_heads=self.num_heads, intermediate_size=self.intermediate_size)
@@ -85,6 +106,37 @@ class VisionConfig:
                 raise ConfigError(f"vision.{name}={value!r}: expected {self.num_channels} values, one per channel")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError(f"vision.image_std={self.image_std!r}: expected positive values")
+
+    def _check_tiling(self) -> None:
+        _positive("vision", max_num_tiles=self.max_num_tiles)
+        if not isinstance(self.num_global_layers, int) or self.num_global_layers < 0:
+            raise ConfigError(f"vision.num_global_layers={self.num_global_layers!r}: expected an integer >= 0")
+        if not self.use_cls_token:
+            raise ConfigError("vision.use_cls_token=False: the tiled encoder puts a CLS token on every tile; "
+                              "expected True")
+        self.intermediate_layers = list(self.intermediate_layers)
+        bad = [i for i in self.intermediate_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"vision.intermediate_layers={self.intermediate_layers!r}: index {bad[0]!r} is out of "
+                              f"range; expected local block indices in 0..{self.num_layers - 1}")
+        ratios = self.aspect_ratios
+        if any(len(r) != 2 or not all(isinstance(n, int) and n > 0 for n in r) or r[0] * r[1] > self.max_num_tiles
+               for r in ratios):
+            raise ConfigError(f"vision.supported_aspect_ratios={self.supported_aspect_ratios!r}: expected "
+                              f"[rows, columns] pairs of at most max_num_tiles={self.max_num_tiles} tiles")
+
+    @property
+    def aspect_ratios(self) -> list[list[int]]:
+        """Tile grids the tiled encoder has embeddings for; aspect-ratio id i + 1 is grid i (0 is padding)."""
+        if self.supported_aspect_ratios is not None:
+            return [list(r) for r in self.supported_aspect_ratios]
+        n = self.max_num_tiles
+        return [[a, b] for a in range(1, n + 1) for b in range(1, n + 1) if a * b <= n]
+
+    @property
+    def feature_width(self) -> int:
+        """Channels of one tiled-encoder feature: the global output and every kept local output."""
+        return self.hidden_size * (1 + len(self.intermediate_layers))
 
     @property
     def grid_size(self) -> int:
@@ -110,6 +162,12 @@ class TextConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 puts biases on q/k/v
+    sliding_window: int | None = None  # Mistral: a token attends to itself and the sliding_window - 1 before it
+    # None or {"rope_type": "default"}; Llama 3.1's {"rope_type": "llama3", factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings} stretches the low frequencies for long contexts.
+    rope_scaling: dict[str, Any] | None = None
+    # Input-embedding rows past vocab_size: ids the model reads but never predicts (Llama 3.2 Vision's <|image|>).
+    num_extra_embeddings: int = 0
 
     def __post_init__(self) -> None:
         _positive("text", vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
@@ -124,6 +182,30 @@ class TextConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"text.hidden_size / text.num_heads = {self.head_dim}: RoPE needs an even head size")
+        if self.sliding_window is not None:
+            _positive("text", sliding_window=self.sliding_window)
+        if not isinstance(self.num_extra_embeddings, int) or self.num_extra_embeddings < 0:
+            raise ConfigError(f"text.num_extra_embeddings={self.num_extra_embeddings!r}: expected an integer >= 0")
+        if self.tie_word_embeddings and self.num_extra_embeddings:
+            raise ConfigError("text.tie_word_embeddings=True with text.num_extra_embeddings > 0: a tied LM head must "
+                              "have as many rows as the embedding table; expected one of them off")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"text.rope_scaling={scaling!r}: expected null or an object with 'rope_type'")
+        _choice("text", "rope_scaling.rope_type", scaling.get("rope_type"), ROPE_TYPES)
+        if scaling["rope_type"] == "llama3":
+            missing = [key for key in LLAMA3_ROPE_KEYS if not isinstance(scaling.get(key), (int, float))]
+            if missing:
+                raise ConfigError(f"text.rope_scaling: rope_type 'llama3' needs a number for {missing[0]!r}; "
+                                  f"expected all of {', '.join(LLAMA3_ROPE_KEYS)}")
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.vocab_size + self.num_extra_embeddings
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +219,8 @@ class FusionConfig:
     method="unified" (Method A): projected image tokens replace `<image>` slots in the token sequence.
     method="cross" (Method B): projected image features are keys/values of gated cross-attention blocks that run
     before the decoder layers listed in `cross_attention_layers` (None: every 4th layer, as in Llama 3.2).
+    With cross_attention_placement="replace" a block takes the place of its decoder layer instead (Llama 3.2
+    Vision's layout: the layer at that index is a cross-attention layer, not a self-attention one).
     """
 
     method: str = "unified"
@@ -148,12 +232,19 @@ class FusionConfig:
     # "previous": a token sees every image whose marker precedes it; "latest": only the latest run of markers
     # (Flamingo's and Llama 3.2's interleaving rule).
     cross_attention_scope: str = "previous"
+    cross_attention_placement: str = "before"
+    # A token that may see no image (text before the first one): "skip" adds nothing; "attend_all" is Llama 3.2
+    # Vision's rule — its attention mask is lifted (it attends to every image key, padding included) and only its
+    # MLP branch is zeroed.
+    cross_attention_blind_rows: str = "skip"
 
     def __post_init__(self) -> None:
         _choice("fusion", "method", self.method, FUSION_METHODS)
         _choice("fusion", "projector", self.projector, PROJECTORS)
         _choice("fusion", "vision_feature_select_strategy", self.vision_feature_select_strategy, SELECT_STRATEGIES)
         _choice("fusion", "cross_attention_scope", self.cross_attention_scope, CROSS_ATTENTION_SCOPES)
+        _choice("fusion", "cross_attention_placement", self.cross_attention_placement, CROSS_ATTENTION_PLACEMENTS)
+        _choice("fusion", "cross_attention_blind_rows", self.cross_attention_blind_rows, CROSS_ATTENTION_BLIND_ROWS)
         layers = self.vision_feature_layer
         if isinstance(layers, (list, tuple)):
             if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
@@ -184,6 +275,7 @@ class ModelConfig:
     image_token_id: int = 3
     pad_token_id: int = 0
     eos_token_id: int = 2
+    stop_token_ids: list[int] = field(default_factory=list)  # more ids that end generation (Llama 3's <|eot_id|>)
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -196,8 +288,18 @@ class ModelConfig:
             self.fusion = _build(FusionConfig, self.fusion, "fusion")
         for name in ("image_token_id", "pad_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value < self.text.vocab_size:
-                raise ConfigError(f"{name}={value!r}: expected a token id in 0..{self.text.vocab_size - 1}")
+            # eos must be predictable; the image and pad tokens only need an embedding row
+            rows = self.text.vocab_size if name == "eos_token_id" else self.text.embedding_rows
+            if not isinstance(value, int) or not 0 <= value < rows:
+                raise ConfigError(f"{name}={value!r}: expected a token id in 0..{rows - 1}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        bad = [i for i in self.stop_token_ids if not isinstance(i, int) or not 0 <= i < self.text.vocab_size]
+        if bad:
+            raise ConfigError(f"stop_token_ids={self.stop_token_ids!r}: {bad[0]!r} is not a token id in "
+                              f"0..{self.text.vocab_size - 1}")
+        if self.vision.encoder == "tiled" and self.fusion.method != "cross":
+            raise ConfigError(f"vision.encoder='tiled' with fusion.method={self.fusion.method!r}: the tiled encoder "
+                              f"feeds cross-attention; expected fusion.method='cross'")
         num_states = self.vision.num_layers + 1  # the embedding output, then one per block
         for index in self.fusion.feature_layers:
             if not -num_states <= index < num_states:
@@ -235,9 +337,18 @@ class ModelConfig:
 
     @property
     def num_feature_tokens(self) -> int:
-        """Image feature vectors per image after CLS selection."""
+        """Image feature vectors per image after CLS selection (tiled: every tile's CLS + patches)."""
+        if self.vision.encoder == "tiled":
+            return self.vision.max_num_tiles * (self.vision.num_patches + 1)
         keep_cls = self.vision.use_cls_token and self.fusion.vision_feature_select_strategy == "full"
         return self.vision.num_patches + int(keep_cls)
+
+    @property
+    def image_feature_width(self) -> int:
+        """Channels of the encoder output the projector reads."""
+        if self.vision.encoder == "tiled":
+            return self.vision.feature_width
+        return self.vision.hidden_size * len(self.fusion.feature_layers)
 
     @property
     def image_seq_length(self) -> int:

@@ -127,6 +127,12 @@ class Processor:
             ids += [token_id] * (self.config.image_seq_length if token_id == self.image_token_id else 1)
         return ids
 
+    def user_message(self, text: str, num_images: int) -> Message:
+        """A user turn asking `text` about `num_images` images (placed first unless the text has placeholders)."""
+        if IMAGE in text or not num_images:
+            return {"role": "user", "content": text}
+        return {"role": "user", "content": f"{IMAGE}\n" * num_images + text}
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -202,7 +208,14 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Processor:
+        """tessera's processor, or — for a Hugging Face checkpoint or one converted from it — a HubProcessor
+        (interop/processor.py) with the checkpoint's own tokenizer, chat template and image processing."""
         directory = Path(directory)
+        from tessera.interop.processor import hub_processor
+
+        hub = hub_processor(directory)
+        if hub is not None:
+            return hub
         path = directory / PROCESSOR_CONFIG_NAME
         try:
             settings = json.loads(path.read_text())

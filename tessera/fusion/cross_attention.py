@@ -40,12 +40,14 @@ def image_visibility(input_ids: torch.Tensor, image_token_id: int, max_images: i
     return visible
 
 
-def pack_images(image_features: torch.Tensor, image_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, D) features of every image in batch order → (batch, max_images, S, D) and a (batch, max_images) mask
-    of real image slots."""
+def pack_images(image_features: torch.Tensor, image_counts: list[int], fill: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S, ...) features of every image in batch order → (batch, max_images, S, ...) and a (batch, max_images)
+    mask of real image slots. Empty slots hold zeros, or `fill` (S, ...) when given."""
     batch, most = len(image_counts), max(image_counts, default=0)
-    n, s, d = image_features.shape
-    packed = image_features.new_zeros(batch, max(most, 1), s, d)
+    packed = image_features.new_zeros(batch, max(most, 1), *image_features.shape[1:])
+    if fill is not None:
+        packed[:] = fill
     real = torch.zeros(batch, max(most, 1), dtype=torch.bool, device=image_features.device)
     start = 0
     for b, count in enumerate(image_counts):
@@ -56,8 +58,12 @@ def pack_images(image_features: torch.Tensor, image_counts: list[int]) -> tuple[
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    def __init__(self, config: TextConfig):
+    """attend_all_when_blind: what a token that may see no image gets. False: nothing. True (Llama 3.2 Vision):
+    its mask is lifted, so it attends to every image key, and only its MLP branch is zeroed."""
+
+    def __init__(self, config: TextConfig, attend_all_when_blind: bool = False):
         super().__init__()
+        self.attend_all_when_blind = attend_all_when_blind
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
@@ -84,16 +90,18 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 visible: torch.Tensor) -> torch.Tensor:
-        """visible: (batch, seq, max_images) bool. Rows that see no image get no contribution at all."""
+        """visible: (batch, seq, groups) bool, where the keys split evenly into `groups` runs — one per image, or one
+        per image tile for a tiled encoder."""
         b, t, _ = x.shape
-        tokens_per_image = keys.shape[2] // visible.shape[-1]
+        tokens_per_group = keys.shape[2] // visible.shape[-1]
         sees_any = visible.any(-1)  # (b, t)
-        key_mask = visible.repeat_interleave(tokens_per_image, dim=-1)
-        key_mask = key_mask | ~sees_any[..., None]  # keep blind rows finite; their output is zeroed below
+        key_mask = visible.repeat_interleave(tokens_per_group, dim=-1)
+        key_mask = key_mask | ~sees_any[..., None]  # blind rows attend to every key (finite, never NaN)
         q = self.q_proj(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim)
         q = self.q_norm(q).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[:, None],
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         row = sees_any[..., None].to(x.dtype)
-        x = x + torch.tanh(self.attn_gate) * row * self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        attended = self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        x = x + torch.tanh(self.attn_gate) * (attended if self.attend_all_when_blind else row * attended)
         return x + torch.tanh(self.mlp_gate) * row * self.mlp(self.mlp_norm(x))

@@ -7,7 +7,7 @@ this is a plain text LM.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -35,13 +35,25 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_norm(x))
 
 
+class ReplacedLayer(nn.Module):
+    """Holds the index of a decoder layer that a cross-attention block replaces (Llama 3.2 Vision), so the other
+    layers keep their numbers. It has no weights and passes the hidden state through: with an image the block runs
+    in its place, without one the index is skipped, as transformers does."""
+
+    def forward(self, x, rope, mask, cache=None):
+        return x
+
+
 def positions_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
     """Each real token's position counts only the real tokens before it, so left padding does not shift RoPE."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -num_new:]
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, num_new: int, past: int) -> torch.Tensor | None:
+def attention_mask_4d(attention_mask: torch.Tensor | None, num_new: int, past: int,
+                      sliding_window: int | None = None) -> torch.Tensor | None:
     """Boolean (batch, 1, new, past+new) mask: causal and not on padding keys; None when plain causal will do.
+    With a sliding window, a query also sees only the keys less than `sliding_window` positions back (counted in
+    sequence slots, padding included, as transformers counts them).
 
     A padding query (left padding) would see no key at all and SDPA would return NaN for it, so every query may
     always see itself; padding outputs are never read, real tokens are unaffected.
@@ -52,12 +64,15 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, num_new: int, past: i
             f"attention_mask covers {attention_mask.shape[-1]} tokens; expected past ({past}) + new ({num_new}) = {total}"
         )
     no_padding = attention_mask is None or bool(attention_mask.all())
-    if no_padding and (past == 0 or num_new == 1):
+    window_cuts = sliding_window is not None and total > sliding_window
+    if no_padding and (past == 0 or num_new == 1) and not window_cuts:
         return None
     device = attention_mask.device if attention_mask is not None else None
     query_pos = torch.arange(past, total, device=device)[:, None]
     key_pos = torch.arange(total, device=device)[None, :]
     causal = key_pos <= query_pos
+    if window_cuts:
+        causal &= key_pos > query_pos - sliding_window
     if attention_mask is None:
         return causal[None, None]
     mask = causal[None] & attention_mask.bool()[:, None, :]
@@ -66,14 +81,16 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, num_new: int, past: i
 
 
 class DecoderLLM(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, replaced_layers: Collection[int] = ()):
+        """replaced_layers: indices whose layer a cross-attention block replaces (see `ReplacedLayer`)."""
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = nn.Embedding(config.embedding_rows, config.hidden_size)
+        self.layers = nn.ModuleList(ReplacedLayer() if i in replaced_layers else DecoderLayer(config, i)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.apply(_init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -105,7 +122,7 @@ class DecoderLLM(nn.Module):
             else:
                 position_ids = torch.arange(past, past + num_new, device=x.device).expand(x.shape[0], -1)
         rope = self.rotary(position_ids, x.dtype)
-        mask = attention_mask_4d(attention_mask, num_new, past)
+        mask = attention_mask_4d(attention_mask, num_new, past, self.config.sliding_window)
         for i, layer in enumerate(self.layers):
             if inject is not None and i in inject:
                 x = inject[i](x)

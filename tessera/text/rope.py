@@ -6,14 +6,18 @@ cached decode step continues where its own prompt ended.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if scaling is not None and scaling.get("rope_type") == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,6 +25,19 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's long-context RoPE: wavelengths longer than the original context / low_freq_factor are stretched
+    by `factor`, shorter than original / high_freq_factor are kept, and the band between is blended smoothly."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    in_band = ~(wavelength < context / high) & ~(wavelength > context / low)
+    return torch.where(in_band, blended, stretched)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ The special tokens come first, so their ids are fixed and match `ModelConfig`'s 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -32,7 +32,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, required_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+    """A tokenizer.json holding `required_tokens` (tessera's special tokens; an imported checkpoint's tokenizer
+    brings its own)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such tokenizer file; expected a Hugging Face tokenizer.json")
@@ -40,8 +42,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
         raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    missing = [t for t in required_tokens if tokenizer.token_to_id(t) is None]
     if missing:
         raise CheckpointError(f"{path}: the tokenizer lacks the special token {missing[0]!r}; "
-                              f"expected all of {', '.join(SPECIAL_TOKENS)}")
+                              f"expected all of {', '.join(required_tokens)}")
     return tokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,17 +51,21 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: optional additive (batch, 1, n, n) attention bias."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
 class VisionBlock(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN x), then x + MLP(LN x)."""
+    """Pre-LN transformer block: x + Attn(LN x), then x + MLP(LN x).
 
-    def __init__(self, config: VisionConfig):
+    gated=True scales both branches by tanh of a learned gate (Llama 3.2 Vision's global blocks, gates
+    initialised to π/4)."""
+
+    def __init__(self, config: VisionConfig, gated: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = VisionAttention(config)
@@ -67,10 +73,16 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACTIVATIONS[config.hidden_act]()
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        if gated:
+            self.attn_gate = nn.Parameter(torch.full((1,), math.pi / 4))
+            self.mlp_gate = nn.Parameter(torch.full((1,), math.pi / 4))
+        self.gated = gated
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.attn(self.norm1(x), mask)
+        x = x + (torch.tanh(self.attn_gate) * attn if self.gated else attn)
+        mlp = self.fc2(self.act(self.fc1(self.norm2(x))))
+        return x + (torch.tanh(self.mlp_gate) * mlp if self.gated else mlp)
 
 
 class VisionEncoder(nn.Module):
@@ -83,7 +95,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
-        self.patch_embedding = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size)
+        self.patch_embedding = PatchEmbedding(config.num_channels, config.hidden_size, config.patch_size,
+                                              bias=config.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
         num_positions = config.num_patches + int(config.use_cls_token)
         self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))

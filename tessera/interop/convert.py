@@ -1,0 +1,100 @@
+"""Import: a Hugging Face checkpoint directory → tessera's MultimodalLM (and its processor).
+
+    model = MultimodalLM.from_pretrained("llava-1.5-7b-hf")     # converts on the fly
+    tessera convert llava-1.5-7b-hf ckpt                        # or once, to a tessera checkpoint
+
+The architecture comes from config.json's "architectures"; never from the directory's name.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from tessera.errors import CheckpointError, ConfigError
+from tessera.interop import llava, mllama
+from tessera.interop.hub_files import CONFIG_NAME, read_json, read_weights
+from tessera.interop.name_map import import_weights
+from tessera.model import MultimodalLM
+
+FAMILIES: dict[str, ModuleType] = {llava.ARCHITECTURE: llava, mllama.ARCHITECTURE: mllama}
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def family_of(hf_config: dict[str, Any], path: Path) -> ModuleType:
+    architectures = hf_config.get("architectures") or []
+    known = [a for a in architectures if a in FAMILIES]
+    if not known:
+        raise ConfigError(f"{path}: architectures={architectures!r} (model_type={hf_config.get('model_type')!r}); "
+                          f"tessera imports {', '.join(FAMILIES)}")
+    return FAMILIES[known[0]]
+
+
+def hf_model_config(directory: Path):
+    """(family module, tessera ModelConfig) of a Hugging Face checkpoint directory."""
+    path = directory / CONFIG_NAME
+    hf = read_json(path)
+    family = family_of(hf, path)
+    generation = read_json(directory / GENERATION_CONFIG_NAME, required=False) or {}
+    try:
+        return family, family.config_from_hf(hf, str(path), generation)
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def load_hf_model(directory: str | Path, dtype: torch.dtype | None = None) -> MultimodalLM:
+    """Build tessera's modules for a LLaVA or Llama 3.2 Vision checkpoint and fill them with its weights, kept in
+    `dtype` (default float32). The model is built without weights and each checkpoint tensor is dropped once
+    used, so memory peaks near the model's own size, not twice it (what a 7B checkpoint on a laptop needs)."""
+    directory = Path(directory)
+    family, config = hf_model_config(directory)
+    tensors, source = read_weights(directory)
+    renamed = family.current_names(list(tensors))  # checkpoints saved in older layouts
+    tensors = {renamed[name]: tensor for name, tensor in tensors.items()}
+    with parameters_on_meta():  # no random init of billions of weights only to overwrite them
+        model = MultimodalLM(config)
+    import_weights(model, family.weight_rules(config), tensors, source, ignored=family.unread(list(tensors), config),
+                   dtype=dtype or torch.float32, assign=True,
+                   stored_names={new: old for old, new in renamed.items()})
+    if config.text.tie_word_embeddings:
+        model.llm.lm_head.weight = model.llm.embed_tokens.weight
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise CheckpointError(f"{source}: tensor for {meta[0]!r} never loaded")
+    return model.eval()
+
+
+@contextmanager
+def parameters_on_meta():
+    """Parameters created inside are moved to the meta device as they are registered (their initialisers then
+    run on meta: free); buffers such as RoPE frequencies stay real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a tessera checkpoint (config.json, model.safetensors, tokenizer, processor settings) for a Hugging
+    Face checkpoint."""
+    from tessera.interop.processor import HubProcessor
+
+    model = load_hf_model(hf_dir, dtype)
+    processor = HubProcessor.from_hf_dir(hf_dir, model.config)
+    out = model.save_pretrained(out_dir)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,106 @@
+"""The files of a Hugging Face checkpoint directory: config.json, safetensors weights (one file, or shards listed
+in model.safetensors.index.json) and the JSON settings beside them.
+
+safetensors only: a `pytorch_model.bin` is a pickle, and tessera never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tessera.errors import CheckpointError, ConfigError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
+
+
+def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path}: no such file")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def is_hf_checkpoint(directory: str | Path) -> bool:
+    """A transformers config names its class ("architectures") or family ("model_type"); tessera's does not."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
+
+
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Every tensor of the checkpoint, and a description of where they came from (for error messages)."""
+    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if single.is_file():
+        return _load(single), str(single)
+    if index.is_file():
+        weight_map = (read_json(index) or {}).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no 'weight_map'; expected tensor name → shard file")
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = directory / shard
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing shard; {index.name} lists it")
+            tensors.update(_load(path))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{index}: tensor {missing[0]!r} is listed but in no shard")
+        return tensors, str(index)
+    if (directory / "pytorch_model.bin").is_file() or list(directory.glob("pytorch_model-*.bin")):
+        raise CheckpointError(f"{directory}: only pickle weights (pytorch_model*.bin); tessera reads safetensors "
+                              f"only — convert them with transformers' save_pretrained(safe_serialization=True)")
+    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}; expected safetensors weights")
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """One model.safetensors, or model-0000k-of-0000n.safetensors shards plus the index when it is too large."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})

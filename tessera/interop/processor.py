@@ -1,0 +1,300 @@
+"""HubProcessor: the processor of an imported checkpoint — its tokenizer.json, its Jinja chat template and its
+image processor — behind the same interface as tessera's `Processor` (`processor(conversations, images)` → the
+batch `MultimodalLM` takes, `decode`, `save_pretrained`).
+
+It reproduces what transformers' LlavaProcessor / MllamaProcessor do with `apply_chat_template`: render the
+template with the tokenizer's special tokens; add the tokenizer's own special tokens only when the prompt does not
+already start with BOS; for LLaVA repeat each image token once per image feature; for Llama 3.2 Vision put BOS
+after any leading `<|image|>` tokens when the prompt has none, and cut every image into tiles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from tessera.config import ModelConfig
+from tessera.errors import ConfigError, DataError
+from tessera.interop.chat_template import render
+from tessera.interop.hub_files import read_json, write_json
+from tessera.interop.image_processing import ImageProcessing, tile_arrangements
+from tessera.processor import IGNORE_INDEX, PROCESSOR_CONFIG_NAME, TOKENIZER_NAME, Processor
+from tessera.text.tokenizer import load_tokenizer
+from tessera.vision.preprocess import load_image
+
+FAMILIES = ("llava", "mllama")
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+KIND = "hf"  # processor_config.json "kind" of a HubProcessor (tessera's own processor has none)
+
+
+class TiledImage(NamedTuple):
+    pixels: torch.Tensor  # (max_tiles, C, tile, tile), padding tiles zero
+    aspect_ratio_id: int  # index of its (rows, columns) grid + 1
+
+
+@dataclass
+class HubProcessorConfig:
+    family: str
+    image_token: str
+    image_seq_length: int  # tokens per image in the text: the feature count (LLaVA) or 1 (Llama 3.2 Vision)
+    image_processing: ImageProcessing
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, … as strings
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)  # written back on export
+    processor_config: dict[str, Any] = field(default_factory=dict)  # likewise (without the image processor)
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family={self.family!r}: expected one of {', '.join(FAMILIES)}")
+        if isinstance(self.image_processing, dict):
+            self.image_processing = ImageProcessing(**self.image_processing)
+
+    @property
+    def image_size(self) -> int:
+        return self.image_processing.output_size[0]
+
+
+class HubProcessor(Processor):
+    def __init__(self, tokenizer: Tokenizer, config: HubProcessorConfig, pad_token_id: int | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_token_id = self._token_id(config.image_token, "the image token")
+        self.bos_token = config.special_tokens.get("bos_token")
+        pad = config.special_tokens.get("pad_token")
+        self.pad_token_id = self._token_id(pad, "pad_token") if pad else pad_token_id
+        if self.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad_token and the model config none either; expected one to pad "
+                              "batches with")
+        eos = config.special_tokens.get("eos_token")
+        self.end_token_id = self._token_id(eos, "eos_token") if eos else None
+
+    def _token_id(self, token: str, what: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ConfigError(f"{what} {token!r} is not in tokenizer.json's vocabulary")
+        return token_id
+
+    # --- from a Hugging Face directory -------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dir(cls, directory: str | Path, model_config: ModelConfig) -> HubProcessor:
+        directory = Path(directory)
+        tokenizer = load_hf_tokenizer(directory / TOKENIZER_NAME)
+        tokenizer_config = read_json(directory / "tokenizer_config.json", required=False) or {}
+        processor_config = read_json(directory / PROCESSOR_CONFIG_NAME, required=False) or {}
+        image_settings = processor_config.pop("image_processor", None)
+        where = directory / PROCESSOR_CONFIG_NAME
+        if image_settings is None:
+            where = directory / "preprocessor_config.json"
+            image_settings = read_json(where, required=False)
+            if image_settings is None:
+                raise ConfigError(f"{directory}: no image processor settings; expected preprocessor_config.json "
+                                  f"or processor_config.json with 'image_processor'")
+        family = "mllama" if model_config.vision.encoder == "tiled" else "llava"
+        image_processing = ImageProcessing.from_hf(image_settings, str(where))
+        expected_kind = "tiles" if family == "mllama" else "resize"
+        if image_processing.kind != expected_kind:
+            raise ConfigError(f"{where}: image_processor_type={image_settings.get('image_processor_type')!r} does not "
+                              f"fit a {family} model")
+        special = {key: _token_text(tokenizer_config.get(key)) for key in SPECIAL_TOKEN_KEYS
+                   if tokenizer_config.get(key) is not None}
+        image_token = processor_config.get("image_token") or tokenizer_config.get("image_token") or (
+            "<|image|>" if family == "mllama" else None)
+        if image_token is None:
+            image_token = tokenizer.id_to_token(model_config.image_token_id)
+        config = HubProcessorConfig(
+            family=family, image_token=_token_text(image_token), image_seq_length=model_config.image_seq_length,
+            image_processing=image_processing, chat_template=find_chat_template(directory, processor_config,
+                                                                                tokenizer_config),
+            special_tokens=special, tokenizer_config=tokenizer_config, processor_config=processor_config,
+        )
+        processor = cls(tokenizer, config, pad_token_id=model_config.pad_token_id)
+        if processor.image_token_id != model_config.image_token_id:
+            raise ConfigError(f"{directory}: the image token {config.image_token!r} is id "
+                              f"{processor.image_token_id} in tokenizer.json but {model_config.image_token_id} in "
+                              f"config.json; expected them to agree")
+        return processor
+
+    # --- text ----------------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        return self._render(messages, add_generation_prompt)[0]
+
+    def _render(self, messages, add_generation_prompt) -> tuple[str, list[tuple[int, int]], list[Any]]:
+        if self.config.chat_template is None:
+            raise ConfigError("this checkpoint has no chat template (chat_template.jinja, chat_template.json, "
+                              "processor_config.json or tokenizer_config.json); expected one to build prompts")
+        template_messages, images = [], []
+        for message in messages:
+            content, part_images = _template_content(message)
+            images += part_images
+            template_messages.append({**message, "content": content})
+        text, spans = render(self.config.chat_template, template_messages, add_generation_prompt,
+                             **self.config.special_tokens)
+        if not spans:
+            spans = _answer_spans(text, template_messages)
+        return text, spans, images
+
+    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
+               ) -> tuple[list[int], list[int], list[Any]]:
+        """Token ids, labels (the assistant answers; the template's {% generation %} blocks when it has them) and
+        the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
+        text, spans, images = self._render(messages, add_generation_prompt)
+        add_special_tokens = not (self.bos_token and text.startswith(self.bos_token))
+        if self.config.family == "mllama" and self.bos_token and self.bos_token not in text:
+            # MllamaProcessor: BOS goes after any leading <|image|> tokens
+            image, lead = self.config.image_token, 0
+            while text.startswith(image, lead):
+                lead += len(image)
+            text = text[:lead] + self.bos_token + text[lead:]
+            spans = [(a + len(self.bos_token), b + len(self.bos_token)) for a, b in spans]
+        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids, labels, in_answer = [], [], False
+        for token_id, (start, end), special in zip(encoding.ids, encoding.offsets, encoding.special_tokens_mask):
+            # an answer token lies inside an answer span; the EOS right after an answer is learned too
+            closes_answer = in_answer and token_id == self.end_token_id
+            in_answer = not special and any(start < b and end > a for a, b in spans)  # overlaps, as transformers
+            # each image token stands for image_seq_length features (LLaVA), as transformers repeats it
+            repeat = self.config.image_seq_length if token_id == self.image_token_id else 1
+            ids += [token_id] * repeat
+            labels += [token_id if in_answer or closes_answer else IGNORE_INDEX] * repeat
+        return ids, labels, images
+
+    def user_message(self, text: str, num_images: int) -> dict[str, Any]:
+        return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
+
+    # --- images --------------------------------------------------------------------------------------------------
+    def preprocess_image(self, image: str | Path | Image.Image) -> torch.Tensor | TiledImage:
+        pixels, grid = self.config.image_processing(load_image(image))
+        if self.config.family == "llava":
+            return pixels
+        tiles = self.config.image_processing.max_image_tiles
+        padded = pixels.new_zeros(tiles, *pixels.shape[1:])
+        padded[:pixels.shape[0]] = pixels
+        return TiledImage(padded, tile_arrangements(tiles).index(grid) + 1)
+
+    def pad_batch(self, rows, pixel_values, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        flat = [image for row in pixel_values for image in row]
+        batch = super().pad_batch(rows, [[] for _ in rows], padding_side)
+        batch["image_counts"] = torch.tensor([len(row) for row in pixel_values], dtype=torch.long)
+        h, w = self.config.image_processing.output_size
+        if self.config.family == "llava":
+            batch["pixel_values"] = torch.stack(flat) if flat else torch.zeros(0, 3, h, w)
+            return batch
+        tiles = self.config.image_processing.max_image_tiles
+        batch["pixel_values"] = torch.stack([t.pixels for t in flat]) if flat else torch.zeros(0, tiles, 3, h, w)
+        batch["aspect_ratio_ids"] = torch.tensor([t.aspect_ratio_id for t in flat], dtype=torch.long)
+        return batch
+
+    # --- persistence ---------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / TOKENIZER_NAME))
+        settings = {"kind": KIND, "pad_token_id": self.pad_token_id, **asdict(self.config)}
+        write_json(directory / PROCESSOR_CONFIG_NAME, settings)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> HubProcessor:
+        directory = Path(directory)
+        path = directory / PROCESSOR_CONFIG_NAME
+        settings = read_json(path)
+        settings.pop("kind", None)
+        pad_token_id = settings.pop("pad_token_id", None)
+        try:
+            config = HubProcessorConfig(**settings)
+        except TypeError as e:
+            raise ConfigError(f"{path}: invalid processor settings ({e})") from None
+        return cls(load_hf_tokenizer(directory / TOKENIZER_NAME), config, pad_token_id)
+
+
+def hub_processor(directory: Path) -> HubProcessor | None:
+    """The HubProcessor of a Hugging Face checkpoint directory or of one `tessera convert` wrote; None for a
+    directory of tessera's own."""
+    from tessera.interop.hub_files import is_hf_checkpoint
+
+    if is_hf_checkpoint(directory):
+        from tessera.interop.convert import hf_model_config
+
+        return HubProcessor.from_hf_dir(directory, hf_model_config(directory)[1])
+    try:
+        settings = json.loads((directory / PROCESSOR_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return HubProcessor.from_pretrained(directory) if isinstance(settings, dict) and settings.get("kind") == KIND \
+        else None
+
+
+def load_hf_tokenizer(path: Path) -> Tokenizer:
+    return load_tokenizer(path, required_tokens=())
+
+
+def find_chat_template(directory: Path, processor_config: dict[str, Any], tokenizer_config: dict[str, Any]
+                       ) -> str | None:
+    """transformers' order for a processor: processor_config.json's "chat_template", chat_template.json,
+    chat_template.jinja; then the tokenizer's (tokenizer_config.json). Named templates: the "default" one."""
+    candidates = [processor_config.get("chat_template")]
+    legacy = read_json(directory / "chat_template.json", required=False)
+    candidates.append(legacy.get("chat_template") if legacy else None)
+    jinja = directory / "chat_template.jinja"
+    candidates.append(jinja.read_text(encoding="utf-8") if jinja.is_file() else None)
+    candidates.append(tokenizer_config.get("chat_template"))
+    for template in candidates:
+        if isinstance(template, list):  # [{"name": …, "template": …}, …]
+            template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if isinstance(template, dict):
+            template = template.get("default")
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def _token_text(token: Any) -> str:
+    """tokenizer_config.json writes a special token as a string or as {"content": …, …}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _template_content(message: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The message content a template sees (image parts as {"type": "image"}) and the images it carries."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f"message {message!r}: expected an object with 'role' and 'content'")
+    content = message["content"]
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise DataError(f"{message['role']} message content {content!r}: expected a string or a list of parts")
+    parts, images = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            source = next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
+            if source is not None:
+                images.append(source)
+            parts.append({"type": "image"})
+        elif kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            raise DataError(f"message part {part!r}: expected {{'type': 'text', 'text': …}} or {{'type': 'image'}}")
+    return parts, images
+
+
+def _answer_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Without {% generation %} tags: each assistant message's text where it appears in the rendered prompt."""
+    spans, cursor = [], 0
+    for message in messages:
+        content = message["content"]
+        body = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+        at = text.find(body, cursor) if body else -1
+        if at < 0:
+            continue
+        if message["role"] == "assistant":
+            spans.append((at, at + len(body)))
+        cursor = at + len(body)
+    return spans
