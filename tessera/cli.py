@@ -1,4 +1,4 @@
-"""The `tessera` command: quickstart, data, train, eval, generate.
+"""The `tessera` command: quickstart, data, train, eval, generate, serve, convert, export.
 
 Every verb reports a bad input (a missing file, a checkpoint directory that isn't one, a corrupt image, an invalid
 config value) as one line on stderr and exit status 2 — never a traceback.
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tessera.errors import TesseraError
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -59,17 +61,28 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from tessera.text.tokenizer import IMAGE
+    import torch
 
-    model, processor = _load(args.checkpoint)
-    prompt = args.prompt if IMAGE in args.prompt or not args.image else f"{IMAGE}\n{args.prompt}"
-    messages = [{"role": "user", "content": prompt}]
+    model, processor = _load(args.checkpoint, getattr(torch, args.dtype))
+    messages = [processor.user_message(args.prompt, 1 if args.image else 0)]
     batch = processor([messages], [[args.image] if args.image else []], add_generation_prompt=True,
                       padding_side="left")
     batch.pop("labels")
     result = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, tokenizer=processor)
     print(result.texts[0])
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from tessera.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        checkpoint=args.checkpoint, served_model_name=args.served_model_name, api_key=args.api_key,
+        max_images_per_prompt=args.max_images_per_prompt, max_batch=args.max_batch,
+        allowed_local_dir=args.allowed_local_dir, allow_remote_images=args.allow_remote_images,
+        threads=args.threads,
+    )
+    serve(settings, host=args.host, port=args.port)
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -81,11 +94,27 @@ def _recipes(args: argparse.Namespace) -> None:
             print(f"    {stage.name:<10s} trains {', '.join(stage.train):<36s} on {stage.data}")
 
 
-def _load(checkpoint: str):
+def _convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from tessera.interop.convert import convert
+
+    out = convert(args.hf_dir, args.out_dir, getattr(torch, args.dtype))
+    print(f"wrote {out}: a tessera checkpoint of {args.hf_dir}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from tessera.interop.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out_dir)
+    print(f"wrote {out}: {args.checkpoint} in transformers' layout")
+
+
+def _load(checkpoint: str, dtype=None):
     from tessera.model import MultimodalLM
     from tessera.processor import Processor
 
-    return MultimodalLM.from_pretrained(checkpoint), Processor.from_pretrained(checkpoint)
+    return MultimodalLM.from_pretrained(checkpoint, dtype=dtype), Processor.from_pretrained(checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +166,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights in memory (bfloat16 halves them)")
     p.set_defaults(run=_generate)
+
+    p = verbs.add_parser("convert", help="turn a Hugging Face LLaVA / Llama 3.2 Vision directory into a tessera "
+                                         "checkpoint")
+    p.add_argument("hf_dir", help="a local directory (e.g. from huggingface-cli download); nothing is downloaded")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.set_defaults(run=_convert)
+
+    p = verbs.add_parser("export", help="write a checkpoint in transformers' layout (LLaVA or Llama 3.2 Vision)")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--format", choices=("hf",), default="hf", help="hf: loadable with transformers' from_pretrained")
+    p.set_defaults(run=_export)
+
+    p = verbs.add_parser("serve", help="serve a checkpoint: OpenAI-compatible chat API with images + web playground")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --checkpoint)")
+    p.add_argument("--max-images-per-prompt", type=int, default=4)
+    p.add_argument("--max-batch", type=int, default=8, help="rows (requests x n) decoded together")
+    p.add_argument("--allowed-local-dir", default=None, help="allow file:// image URLs inside this directory")
+    p.add_argument("--allow-remote-images", action="store_true", help="allow http(s):// image URLs (off: the "
+                                                                       "server fetches nothing from elsewhere)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's; "
+                                                             "1 is often fastest for small models on a busy CPU)")
+    p.set_defaults(run=_serve)
 
     p = verbs.add_parser("recipes", help="list the training recipes")
     p.set_defaults(run=_recipes)

@@ -63,6 +63,29 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class TokenChooser:
+    """Picks the next token of every row: with one SamplingParams for the whole batch (one random stream), or with
+    one per row — each row then has its own settings and its own seeded stream, so a request samples the same
+    tokens whatever it is batched with, and a greedy row stays exactly greedy."""
+
+    def __init__(self, params: SamplingParams | Sequence[SamplingParams], batch_size: int, device: torch.device):
+        if isinstance(params, SamplingParams):
+            self.shared: tuple[SamplingParams, torch.Generator | None] | None = (params, params.generator(device))
+            self.rows = []
+            self.max_new_tokens = params.max_new_tokens
+        else:
+            if len(params) != batch_size:
+                raise ValueError(f"{len(params)} SamplingParams for a batch of {batch_size}; expected one per row")
+            self.shared = None
+            self.rows = [(p, p.generator(device)) for p in params]
+            self.max_new_tokens = max(p.max_new_tokens for p in params)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return next_tokens(logits, *self.shared)
+        return torch.cat([next_tokens(logits[i:i + 1], p, g) for i, (p, g) in enumerate(self.rows)])
+
+
 class StopChecker:
     """Tracks, per sample, whether generation has finished and why ("stop" or "length")."""
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,10 +22,11 @@ from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
 from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
-from tessera.generation import SamplingParams, StopChecker, next_tokens
+from tessera.generation import SamplingParams, StopChecker, TokenChooser
 from tessera.text.cache import KVCache
 from tessera.text.decoder import DecoderLLM, positions_from_mask
 from tessera.vision.encoder import VisionEncoder, deepest_layer, select_image_features
+from tessera.vision.tiled import TiledVisionEncoder
 
 IGNORE_INDEX = -100
 COMPONENTS = ("vision", "projector", "llm", "cross_attention")
@@ -49,14 +50,17 @@ class MultimodalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config.vision)
-        feature_width = config.vision.hidden_size * len(config.fusion.feature_layers)
-        self.projector = Projector(feature_width, config.text.hidden_size, config.fusion.projector,
-                                   config.fusion.projector_bias)
-        self.llm = DecoderLLM(config.text)
-        # Method B's gated blocks, keyed by the decoder layer they run before; empty for Method A.
+        fusion = config.fusion
+        self.vision = TiledVisionEncoder(config.vision) if config.vision.encoder == "tiled" \
+            else VisionEncoder(config.vision)
+        self.projector = Projector(config.image_feature_width, config.text.hidden_size, fusion.projector,
+                                   fusion.projector_bias)
+        replaced = config.cross_attention_layers if fusion.cross_attention_placement == "replace" else ()
+        self.llm = DecoderLLM(config.text, replaced_layers=replaced)
+        # Method B's gated blocks, keyed by the decoder layer they run before (or replace); empty for Method A.
+        attend_all = fusion.cross_attention_blind_rows == "attend_all"
         self.cross_attention = nn.ModuleDict(
-            {str(i): GatedCrossAttentionBlock(config.text) for i in config.cross_attention_layers}
+            {str(i): GatedCrossAttentionBlock(config.text, attend_all) for i in config.cross_attention_layers}
         )
 
     @property
@@ -68,8 +72,16 @@ class MultimodalLM(nn.Module):
         return self.llm.embed_tokens.weight.device
 
     # --- images ------------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) pixels → (N, S, text width) projected image features."""
+    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """(N, C, H, W) pixels → (N, S, text width) projected image features. A tiled encoder takes
+        (N, max_num_tiles, C, H, W) tiles and each image's aspect-ratio id, and gives S = tiles × tokens per tile."""
+        if self.config.vision.encoder == "tiled":
+            if aspect_ratio_ids is None:
+                raise DataError("aspect_ratio_ids: the tiled encoder needs each image's aspect-ratio id; expected "
+                                "the processor's aspect_ratio_ids beside pixel_values")
+            features = self.vision(pixel_values.to(self.dtype), aspect_ratio_ids.reshape(-1))
+            return self.projector(features).flatten(1, 2)
         fusion, layers = self.config.fusion, self.config.fusion.feature_layers
         num_layers = self.config.vision.num_layers
         hidden = self.vision(pixel_values.to(self.dtype), up_to_layer=deepest_layer(layers, num_layers))
@@ -89,17 +101,20 @@ class MultimodalLM(nn.Module):
         image_features: torch.Tensor | None = None,
         num_items_in_batch: int | None = None,
         logits_to_keep: int = 0,
+        aspect_ratio_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """pixel_values holds every image of the batch in order (sample 0's images first); image_counts says how
         many belong to each sample (read off the `<image>` tokens when omitted). image_features may replace
         pixel_values when the images are already encoded. With a cache, only the first call (prefill) takes images.
+        A tiled encoder also needs aspect_ratio_ids, one per image (with image_features too: they say which tiles
+        are real).
 
         The loss is summed over supervised tokens and divided by their count — or by num_items_in_batch, the count
         over all micro-batches of an accumulated step, so every token weighs the same.
         """
         prefill = cache is None or cache.length == 0
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0 and prefill:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, aspect_ratio_ids)
         inputs_embeds = self.llm.embed_tokens(input_ids)
         inject = None
         if prefill:
@@ -114,16 +129,17 @@ class MultimodalLM(nn.Module):
                 inputs_embeds = merge_image_features(inputs_embeds, input_ids, image_features,
                                                      self.config.image_token_id)
         if self.config.fusion.method == "cross":
-            inject = self._cross_attention_inject(input_ids, image_features, image_counts, cache, prefill)
+            inject = self._cross_attention_inject(input_ids, image_features, image_counts, cache, prefill,
+                                                  aspect_ratio_ids)
         logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, inject=inject, logits_to_keep=logits_to_keep)
         if labels is None:
             return ModelOutput(logits)
         return self._loss(logits, labels, input_ids, num_items_in_batch)
 
-    def _cross_attention_inject(self, input_ids, image_features, image_counts, cache, prefill
+    def _cross_attention_inject(self, input_ids, image_features, image_counts, cache, prefill, aspect_ratio_ids
                                 ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
-        """Bind each gated block to its image keys/values and to which images each token may see.
+        """Bind each gated block to its image keys/values and to which images (or image tiles) each token may see.
 
         At prefill the keys/values are computed once and stored in the cache; decode steps reuse them, and a new
         token sees the images the last prompt token saw."""
@@ -131,9 +147,12 @@ class MultimodalLM(nn.Module):
         if prefill:
             if image_features is None or image_features.shape[0] == 0:
                 return None  # no image in the batch: every block would add exactly zero
-            images, real = pack_images(image_features, image_counts)
+            images, real = pack_images(image_features, image_counts, self._empty_image_slot(image_counts))
             visible = image_visibility(input_ids, self.config.image_token_id, images.shape[1],
                                        self.config.fusion.cross_attention_scope) & real[:, None, :]
+            if self.config.vision.encoder == "tiled":  # a token sees the real tiles of the images it sees
+                tiles, _ = pack_images(self.vision.tile_mask(aspect_ratio_ids.reshape(-1)), image_counts)
+                visible = (visible[..., None] & tiles[:, None]).flatten(2)
             keys_values = {int(i): block.image_keys_values(images) for i, block in self.cross_attention.items()}
             if state is not None:
                 state.keys_values, state.visible = keys_values, visible[:, -1]
@@ -146,6 +165,18 @@ class MultimodalLM(nn.Module):
             int(i): partial(block, keys=keys_values[int(i)][0], values=keys_values[int(i)][1], visible=visible)
             for i, block in self.cross_attention.items()
         }
+
+    def _empty_image_slot(self, image_counts: list[int]) -> torch.Tensor | None:
+        """What fills the image slots of a sample with fewer images than the batch's most: zeros, except for a
+        tiled encoder whose blind tokens attend to every key (Llama 3.2 Vision). There transformers encodes an
+        all-zero padding image (aspect-ratio id 0) into each empty slot, and those tokens see its keys."""
+        vision = self.config.vision
+        if (len(set(image_counts)) < 2 or vision.encoder != "tiled"
+                or self.config.fusion.cross_attention_blind_rows != "attend_all"):
+            return None
+        blank = torch.zeros(1, vision.max_num_tiles, vision.num_channels, vision.image_size, vision.image_size,
+                            device=self.device)
+        return self.encode_images(blank, torch.zeros(1, dtype=torch.long, device=self.device))[0]
 
     def _loss(self, logits, labels, input_ids, num_items_in_batch) -> ModelOutput:
         if labels.shape != input_ids.shape:
@@ -181,22 +212,24 @@ class MultimodalLM(nn.Module):
         eos_token_id: int | list[int] | None = None,
         tokenizer=None,
         use_cache: bool = True,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        suppress_token_ids: Sequence[int] | None = None,
         **ignored,
     ) -> GenerationOutput:
         """Continue each (left-padded) prompt. temperature 0 is greedy; seed makes sampling reproducible.
-        tokenizer (anything with .decode(ids)) is needed for stop_strings and to return texts."""
+        tokenizer (anything with .decode(ids)) is needed for stop_strings and to return texts.
+        suppress_token_ids: tokens never generated; None means the image and pad tokens, () none at all (as
+        transformers' generate)."""
         ignored.pop("labels", None)  # a training batch may be passed as **batch
         if ignored:
             raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(ignored))}")
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop_strings=tuple(stop_strings), eos_token_ids=tuple([eos] if isinstance(eos, int) else eos),
-            suppress_token_ids=self._never_generated(),
-        )
+        params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, seed=seed, stop_strings=tuple(stop_strings),
+                                      eos_token_id=eos_token_id, suppress_token_ids=suppress_token_ids)
         decode = tokenizer.decode if tokenizer is not None else None
         checker = StopChecker(input_ids.shape[0], params, decode)
-        steps = self.stream_tokens(input_ids, attention_mask, pixel_values, image_counts, params, use_cache)
+        steps = self.stream_tokens(input_ids, attention_mask, pixel_values, image_counts, params, use_cache,
+                                   aspect_ratio_ids=aspect_ratio_ids)
         for tokens in steps:
             checker.add(tokens.tolist())
             if checker.all_done:
@@ -206,36 +239,49 @@ class MultimodalLM(nn.Module):
         texts = [checker.text(i) for i in range(len(checker.tokens))] if decode else None
         return GenerationOutput(checker.tokens, checker.finish_reasons, texts)
 
+    def sampling_params(self, eos_token_id: int | Sequence[int] | None = None,
+                        suppress_token_ids: Sequence[int] | None = None, **settings) -> SamplingParams:
+        """SamplingParams (max_new_tokens, temperature, top_k, top_p, seed, stop_strings) with this model's EOS
+        and stop tokens (eos_token_id=[] never stops on EOS) and the tokens it must never generate filled in."""
+        eos = [self.config.eos_token_id, *self.config.stop_token_ids] if eos_token_id is None else eos_token_id
+        suppress = self._never_generated() if suppress_token_ids is None else tuple(suppress_token_ids)
+        return SamplingParams(**settings, eos_token_ids=tuple([eos] if isinstance(eos, int) else eos),
+                              suppress_token_ids=suppress)
+
     def _never_generated(self) -> tuple[int, ...]:
         special = {self.config.image_token_id, self.config.pad_token_id} - {self.config.eos_token_id}
-        return tuple(sorted(special))
+        return tuple(sorted(i for i in special if i < self.config.text.vocab_size))  # extra rows: never predicted
 
-    def stream_tokens(self, input_ids, attention_mask, pixel_values, image_counts, params: SamplingParams,
-                      use_cache: bool = True) -> Iterator[torch.Tensor]:
+    def stream_tokens(self, input_ids, attention_mask, pixel_values, image_counts,
+                      params: SamplingParams | Sequence[SamplingParams], use_cache: bool = True,
+                      aspect_ratio_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every sample, step by step (the caller decides when to stop).
 
-        Images are encoded once. With the cache, the prompt is run once (prefill) and each step feeds one token;
-        without it, each step recomputes the whole sequence (the slow reference the cache is tested against)."""
+        params is one SamplingParams for the batch or one per row (a server batching unrelated requests); with
+        one per row, the longest max_new_tokens sets the number of steps. Images are encoded once. With the cache,
+        the prompt is run once (prefill) and each step feeds one token; without it, each step recomputes the whole
+        sequence (the slow reference the cache is tested against)."""
         batch, prompt_len = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if prompt_len + params.max_new_tokens > self.config.text.max_position_embeddings:
+        choose = TokenChooser(params, batch, self.device)
+        max_new_tokens = choose.max_new_tokens
+        if prompt_len + max_new_tokens > self.config.text.max_position_embeddings:
             raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"text.max_position_embeddings={self.config.text.max_position_embeddings}"
             )
         image_features = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.encode_images(pixel_values)
-        generator = params.generator(self.device)
+            image_features = self.encode_images(pixel_values, aspect_ratio_ids)
         next_position = attention_mask.long().sum(-1, keepdim=True)
-        cache = KVCache(self.config.text, batch, prompt_len + params.max_new_tokens, self.dtype, self.device) \
+        cache = KVCache(self.config.text, batch, prompt_len + max_new_tokens, self.dtype, self.device) \
             if use_cache else None
         sequence, mask = input_ids, attention_mask
         logits = self(input_ids, attention_mask, image_counts=image_counts, image_features=image_features,
-                      cache=cache, logits_to_keep=1).logits[:, -1]
-        for _ in range(params.max_new_tokens):
-            tokens = next_tokens(logits, params, generator)
+                      cache=cache, logits_to_keep=1, aspect_ratio_ids=aspect_ratio_ids).logits[:, -1]
+        for _ in range(max_new_tokens):
+            tokens = choose(logits)
             yield tokens
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
             if use_cache:
@@ -244,7 +290,7 @@ class MultimodalLM(nn.Module):
             else:
                 sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
                 logits = self(sequence, mask, image_counts=image_counts, image_features=image_features,
-                              logits_to_keep=1).logits[:, -1]
+                              logits_to_keep=1, aspect_ratio_ids=aspect_ratio_ids).logits[:, -1]
 
     # --- staged training: freezing components ------------------------------------------------------------------
     def component(self, name: str) -> nn.Module:
@@ -285,8 +331,15 @@ class MultimodalLM(nn.Module):
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: no such checkpoint directory; expected one written by "
                                   f"save_pretrained (config.json + model.safetensors)")
-        model = cls(ModelConfig.load(directory / CONFIG_NAME))
-        load_weights(model, directory)
+        from tessera.interop.hub_files import is_hf_checkpoint
+
+        if is_hf_checkpoint(directory):  # a Hugging Face LLaVA / Llama 3.2 Vision directory: convert on the fly
+            from tessera.interop.convert import load_hf_model
+
+            model = load_hf_model(directory, dtype)  # loaded straight into dtype: a 7B model is held once
+        else:
+            model = cls(ModelConfig.load(directory / CONFIG_NAME))
+            load_weights(model, directory)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
