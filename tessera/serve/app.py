@@ -1,0 +1,282 @@
+"""The HTTP server: FastAPI routes for the playground page, /health, /v1/models and /v1/chat/completions.
+
+A thin layer: `protocol` validates requests and shapes responses, `images` loads image URLs, `engine` runs the
+model on its own thread. The model loads in the background, so /health answers 503 until it is ready.
+
+    tessera serve --checkpoint runs/quickstart/checkpoint --port 8000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tessera.checkpoint import CONFIG_NAME
+from tessera.errors import CheckpointError, ConfigError
+from tessera.serve.engine import Engine, Failed, Job
+from tessera.serve.images import ImagePolicy, load_image
+from tessera.serve.protocol import (APIError, ChatRequest, Completion, choice_delta, encode_prompt,
+                                    parse_chat_request, usage)
+
+log = logging.getLogger("uvicorn.error")  # uvicorn configures this one, so our lines print beside its own
+
+
+@dataclass
+class ServeSettings:
+    checkpoint: str
+    served_model_name: str | None = None  # the model id clients send; default: the checkpoint path as given
+    api_key: str | None = None
+    max_images_per_prompt: int = 4
+    max_batch: int = 8
+    allowed_local_dir: str | None = None
+    allow_remote_images: bool = False
+    max_body_bytes: int = 32 * 2 ** 20
+    max_image_pixels: int = 4096 * 4096
+    threads: int | None = None  # torch's intra-op threads (process-wide, so only `serve` applies it)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.checkpoint
+
+    def check(self) -> None:
+        """Fail before the server starts, with one line naming the setting."""
+        directory = Path(self.checkpoint)
+        if not (directory / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{directory}: not a checkpoint directory; expected one written by save_pretrained "
+                                  f"({CONFIG_NAME} + model.safetensors + tokenizer.json)")
+        if self.allowed_local_dir is not None and not Path(self.allowed_local_dir).is_dir():
+            raise ConfigError(f"--allowed-local-dir {self.allowed_local_dir}: no such directory")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch {self.max_batch}: expected an integer >= 1")
+        if self.max_images_per_prompt < 0:
+            raise ConfigError(f"--max-images-per-prompt {self.max_images_per_prompt}: expected an integer >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads}: expected an integer >= 1")
+
+    def image_policy(self) -> ImagePolicy:
+        local = Path(self.allowed_local_dir) if self.allowed_local_dir else None
+        return ImagePolicy(allowed_local_dir=local, allow_remote=self.allow_remote_images,
+                           max_pixels=self.max_image_pixels)
+
+
+def load_checkpoint(directory: str | Path):
+    from tessera.model import MultimodalLM
+    from tessera.processor import Processor
+
+    return MultimodalLM.from_pretrained(directory), Processor.from_pretrained(directory)
+
+
+def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = None) -> FastAPI:
+    """The ASGI app. loader() returns (model, processor); by default it reads settings.checkpoint."""
+    loader = loader or (lambda: load_checkpoint(settings.checkpoint))
+    name = settings.model_name
+    policy = settings.image_policy()
+    playground = (resources.files("tessera.serve") / "static" / "index.html").read_text(encoding="utf-8")
+    started = int(time.time())
+    state: dict[str, Engine | str | None] = {"engine": None, "error": None}
+
+    def load() -> None:
+        try:
+            log.info("loading %s", settings.checkpoint)
+            model, processor = loader()
+            state["engine"] = Engine(model, processor, settings.max_batch).start()
+            log.info("model %r ready (max batch %d)", name, settings.max_batch)
+        except Exception as e:  # the server stays up and /health reports why it cannot serve
+            log.exception("loading %s failed", settings.checkpoint)
+            state["error"] = f"loading the model failed: {type(e).__name__}: {e}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=load, name="tessera-load", daemon=True).start()
+        yield
+        if state["engine"] is not None:
+            state["engine"].stop()
+
+    app = FastAPI(title="tessera", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.tessera = state  # tests read the engine and its statistics here
+
+    def ready() -> Engine:
+        if state["engine"] is None:
+            raise APIError(503, state["error"] or "the model is still loading; retry when GET /health returns 200")
+        return state["engine"]
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key; expected the header Authorization: Bearer <key>")
+
+    # --- errors: every one is the OpenAI error object ------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code,
+                            headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(error)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(APIError(500, f"internal server error: {type(error).__name__}").body(), status_code=500)
+
+    # --- routes --------------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(playground)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        engine = ready()
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": started,
+                                                         "owned_by": "tessera",
+                                                         "max_model_len": engine.context_length}]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        engine = ready()
+        body = await read_json(request, settings.max_body_bytes)
+        chat = parse_chat_request(body, name, settings.max_images_per_prompt, engine.max_batch)
+        # tokenizing and decoding images is CPU work: off the event loop
+        prompt_ids, pixel_values, max_new = await asyncio.to_thread(prepare, chat, engine, policy)
+        completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", name)
+        params = [engine.model.sampling_params(**chat.sampling(i, max_new)) for i in range(chat.n)]
+        job = Job(completion.id, prompt_ids, pixel_values, params)
+        engine.submit(job)
+        if chat.stream:
+            return StreamingResponse(stream_events(job, chat, completion, len(prompt_ids)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await complete(job, chat, completion, len(prompt_ids), request)
+
+    return app
+
+
+def prepare(chat: ChatRequest, engine: Engine, policy: ImagePolicy):
+    """Prompt ids and max_new_tokens (checked against the context first), then the images, decoded and
+    preprocessed once per request."""
+    prompt_ids, max_new = encode_prompt(chat, engine.processor, engine.context_length)
+    pixel_values = [engine.processor.preprocess_image(load_image(url, policy, param))
+                    for param, url in chat.image_urls]
+    return prompt_ids, pixel_values, max_new
+
+
+async def read_json(request: Request, limit: int):
+    """The body as JSON, refusing more than `limit` bytes without reading them all."""
+    too_large = APIError(413, f"the request body is larger than the server's limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+
+
+async def collect(job: Job, choices: int) -> tuple[list[str], list[str], int]:
+    texts, reasons, tokens = [""] * choices, [None] * choices, 0
+    while None in reasons:
+        event = await job.events.get()
+        if isinstance(event, Failed):
+            raise event.error
+        texts[event.choice] += event.text
+        if event.finish_reason:
+            reasons[event.choice] = event.finish_reason
+            tokens += event.completion_tokens
+    return texts, reasons, tokens
+
+
+async def complete(job: Job, chat: ChatRequest, completion: Completion, prompt_tokens: int,
+                   request: Request) -> Response:
+    """The whole answer as one JSON response; if the client leaves first, its rows are freed."""
+    answer = asyncio.ensure_future(collect(job, chat.n))
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if answer not in done:
+            return Response(status_code=499)  # nobody is listening
+        texts, reasons, tokens = answer.result()
+    finally:
+        job.cancel()  # a no-op for a finished job
+        answer.cancel()
+        gone.cancel()
+    return JSONResponse(completion.response(texts, reasons, usage(prompt_tokens, tokens)))
+
+
+async def disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def stream_events(job: Job, chat: ChatRequest, completion: Completion, prompt_tokens: int
+                        ) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Starlette cancels this generator
+    when the client disconnects; the finally clause then frees the job's rows."""
+
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        first = [choice_delta(i, {"role": "assistant", "content": ""}) for i in range(chat.n)]
+        yield event(completion.chunk(first, None, chat.include_usage))
+        open_choices, tokens = chat.n, 0
+        while open_choices:
+            item = await job.events.get()
+            if isinstance(item, Failed):
+                yield event(item.error.body())
+                break
+            delta = choice_delta(item.choice, {"content": item.text}, item.finish_reason)
+            yield event(completion.chunk([delta], None, chat.include_usage))
+            if item.finish_reason:
+                open_choices -= 1
+                tokens += item.completion_tokens
+        else:
+            if chat.include_usage:
+                yield event(completion.chunk([], usage(prompt_tokens, tokens), True))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import torch
+    import uvicorn
+
+    settings.check()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")

@@ -1,0 +1,120 @@
+"""Image URLs of a chat request → decoded RGB images, under the server's policy.
+
+`data:image/…;base64,…` always works; `file://` only inside --allowed-local-dir; `http(s)://` only with
+--allow-remote-images (off by default, so the server cannot be used to make requests elsewhere), without redirects,
+with a timeout and a size cap. Every image's pixel count is checked from its header before it is decoded, so a
+decompression bomb is refused without being expanded. Every failure is an APIError 400 naming the request field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from tessera.serve.protocol import APIError
+from tessera.vision.preprocess import to_rgb
+
+
+@dataclass
+class ImagePolicy:
+    allowed_local_dir: Path | None = None
+    allow_remote: bool = False
+    max_bytes: int = 20 * 2 ** 20  # per image file or download
+    max_pixels: int = 4096 * 4096
+    remote_timeout: float = 5.0
+
+
+def load_image(url: str, policy: ImagePolicy, param: str) -> Image.Image:
+    """The image at `url` (a request's image_url.url, found at `param`) as an RGB PIL image."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        data = _data_url_bytes(url, param)
+    elif scheme == "file":
+        data = _local_file_bytes(url, policy, param)
+    elif scheme in ("http", "https"):
+        data = _remote_bytes(url, policy, param)
+    else:
+        raise APIError(400, f"{param}: unsupported image URL scheme {scheme + ':' if scheme else repr(url[:40])}; "
+                            f"expected a data:image/…;base64 URL (file:// and http(s):// only when the server "
+                            f"allows them)", param)
+    return decode_image(data, policy.max_pixels, param)
+
+
+def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = image.size
+        if width * height > max_pixels:
+            raise APIError(400, f"{param}: the image is {width}x{height} = {width * height} pixels; at most "
+                                f"{max_pixels} are allowed", param)
+        image.load()
+        return to_rgb(image)
+    except APIError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own guard, past twice its MAX_IMAGE_PIXELS
+        raise APIError(400, f"{param}: refused as a decompression bomb ({e})", param) from None
+    except Exception as e:  # corrupt files raise anything from OSError to SyntaxError inside PIL: all mean 400
+        raise APIError(400, f"{param}: the bytes are not a decodable image ({type(e).__name__}: {e})", param) from None
+
+
+def _data_url_bytes(url: str, param: str) -> bytes:
+    header, comma, payload = url[len("data:"):].partition(",")
+    media_type, *options = header.split(";")
+    if not comma or "base64" not in [option.strip().lower() for option in options]:
+        raise APIError(400, f"{param}: Only base64 data URLs are supported for now; expected "
+                            f"data:image/<format>;base64,<data>", param)
+    if not media_type.lower().startswith("image/"):
+        raise APIError(400, f"{param}: the data URL's media type is {media_type or 'missing'!r}; expected image/…",
+                       param)
+    try:
+        return base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"{param}: invalid base64 in the data URL ({e})", param) from None
+
+
+def _local_file_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
+    if policy.allowed_local_dir is None:
+        raise APIError(400, f"{param}: Cannot load local files without `--allowed-local-dir`.", param)
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise APIError(400, f"{param}: file URL host {parsed.netloc!r}; expected file:///absolute/path", param)
+    root = policy.allowed_local_dir.resolve()
+    path = Path(unquote(parsed.path)).resolve()  # resolves .. and symlinks before the containment check
+    if not path.is_relative_to(root):
+        raise APIError(400, f"{param}: {path} is outside the allowed local directory {root}", param)
+    if not path.is_file():
+        raise APIError(400, f"{param}: no such file {path}", param)
+    if path.stat().st_size > policy.max_bytes:
+        raise APIError(400, f"{param}: {path} is larger than {policy.max_bytes} bytes", param)
+    return path.read_bytes()
+
+
+def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
+    if not policy.allow_remote:
+        raise APIError(400, f"{param}: remote image URLs are disabled on this server; send the image as a "
+                            f"data:image/…;base64 URL (or start the server with --allow-remote-images)", param)
+    import httpx
+
+    deadline = time.monotonic() + policy.remote_timeout  # httpx's timeout is per read; this one is for it all
+    try:
+        with httpx.stream("GET", url, timeout=policy.remote_timeout, follow_redirects=False) as response:
+            if response.status_code != 200:
+                raise APIError(400, f"{param}: fetching {url} gave HTTP {response.status_code}; expected 200 "
+                                    f"(redirects are not followed)", param)
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > policy.max_bytes:
+                    raise APIError(400, f"{param}: {url} is larger than {policy.max_bytes} bytes", param)
+                if time.monotonic() > deadline:
+                    raise APIError(400, f"{param}: fetching {url} took longer than {policy.remote_timeout} s", param)
+            return bytes(data)
+    except httpx.HTTPError as e:
+        raise APIError(400, f"{param}: could not fetch {url} ({type(e).__name__}: {e})", param) from None

@@ -1,0 +1,293 @@
+"""The OpenAI chat-completions wire format: the error object, the request schema and its validation into a tessera
+prompt, and the response and stream-chunk bodies.
+
+Everything here is pure: no I/O, no model. A request that cannot be served raises `APIError`, whose body is the
+OpenAI error object `{"error": {"message", "type", "param", "code"}}` (`code` is the HTTP status, as vLLM sends it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tessera.text.tokenizer import SPECIAL_TOKENS
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+               503: "unavailable_error"}
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+# --- the request schema --------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # strict: "5" is not an integer and true is not a number; a misspelt key inside a part is an error, not ignored
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    # extra keys ignored: clients echo back assistant messages with refusal/tool_calls/annotations set to null
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_or_parts(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            raise ValueError("expected a string or a list of content parts ({'type': 'text'|'image_url', …})")
+        return value
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # extra top-level keys (user, metadata, min_p, repetition_penalty, …) are tolerated, as vLLM does; the ones
+    # that would change the answer in a way we cannot honour are refused by _refuse_unsupported
+    model_config = ConfigDict(strict=True, extra="allow")
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 and 0 switch it off
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens tokens
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _string_or_strings(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, (str, list)):
+            raise ValueError("expected a string or a list of strings")
+        return value
+
+
+# OpenAI fields that change the answer; each is accepted only at its neutral value (never silently ignored).
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1), "echo": (None, False),
+}
+
+
+@dataclass
+class ChatRequest:
+    """A validated request: tessera chat messages with `{"type": "image"}` where each image goes, and the image
+    URLs (with the request field that holds each) in the same order."""
+
+    messages: list[dict[str, Any]]
+    image_urls: list[tuple[str, str]]  # (param, url)
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    n: int
+    stream: bool
+    include_usage: bool
+
+    def sampling(self, choice: int, max_new_tokens: int) -> dict[str, Any]:
+        """The generation settings of one choice (choice i of a seeded request samples with seed + i)."""
+        seed = None if self.seed is None else (self.seed + choice) % 2 ** 64
+        return {"max_new_tokens": max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": seed, "stop_strings": self.stop,
+                "eos_token_id": [] if self.ignore_eos else None}
+
+
+def parse_chat_request(body: Any, served_model: str, max_images: int, max_choices: int) -> ChatRequest:
+    """The JSON body of POST /v1/chat/completions → ChatRequest, or APIError (400, or 404 for another model).
+
+    The image count is checked here, before any image is fetched or decoded."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body is a JSON {type(body).__name__}; expected a JSON object")
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise _schema_error(e) from None
+    _refuse_unsupported(request.model_extra or {})
+    if request.model is not None and request.model != served_model:
+        raise APIError(404, f"The model `{request.model}` does not exist.", "model")
+    if request.n > max_choices:
+        raise APIError(400, f"n={request.n}: at most {max_choices} choices per request (the server's --max-batch)",
+                       "n")
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise APIError(400, f"stop={list(stop)!r}: expected at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+    messages, image_urls = _tessera_messages(request.messages)
+    if len(image_urls) > max_images:
+        raise APIError(400, f"At most {max_images} image(s) may be provided in one prompt. "
+                            f"Set `--max-images-per-prompt` to increase this limit.", "messages")
+    return ChatRequest(
+        messages=messages, image_urls=image_urls,
+        max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p, top_k=max(request.top_k or 0, 0),
+        seed=request.seed, stop=stop, ignore_eos=request.ignore_eos, n=request.n, stream=request.stream,
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+    )
+
+
+def _refuse_unsupported(extra: dict[str, Any]) -> None:
+    for name, value in extra.items():
+        if name in _NEUTRAL and value not in _NEUTRAL[name]:
+            raise APIError(400, f"{name}={value!r} is not supported by this server; leave it out or set it to "
+                                f"{_NEUTRAL[name][-1]!r}", name)
+
+
+def _tessera_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """OpenAI messages → tessera messages whose `{"type": "image"}` parts mark where each image goes."""
+    out, image_urls = [], []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if isinstance(message.content, str):
+            _check_text(message.content, f"messages[{i}].content")
+            out.append({"role": role, "content": message.content})
+            continue
+        parts = []
+        for j, part in enumerate(message.content):
+            param = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                _check_text(part.text, f"{param}.text")
+                parts.append({"type": "text", "text": part.text})
+            elif message.role != "user":
+                raise APIError(400, f"{param}: image_url parts are only allowed in user messages, not "
+                                    f"{message.role} messages", param)
+            else:
+                parts.append({"type": "image"})
+                image_urls.append((f"{param}.image_url.url", part.image_url.url))
+        out.append({"role": role, "content": parts})
+    return out, image_urls
+
+
+def _check_text(text: str, param: str) -> None:
+    for token in SPECIAL_TOKENS:
+        if token in text:
+            raise APIError(400, f"{param} contains the special token {token!r}; images go in image_url parts and "
+                                f"the chat template adds the role tokens itself", param)
+
+
+def _schema_error(error: ValidationError) -> APIError:
+    """The most specific schema error (the deepest field), with its field named as `messages[0].content[1].text`."""
+    detail = max(error.errors(), key=lambda e: len(e["loc"]))
+    param = _param(detail["loc"])
+    message = detail["msg"].removeprefix("Value error, ")
+    value = detail.get("input")
+    if detail["type"] != "missing" and isinstance(value, (str, int, float, bool)):
+        message += f" (got {value!r:.60})"
+    return APIError(400, f"{param}: {message}" if param else message, param or None)
+
+
+_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc: Sequence[str | int]) -> str:
+    """Pydantic's error location without its union-branch labels: ('messages', 0, 'content',
+    'list[tagged-union[…]]', 1, 'image_url', 'image_url', 'url') → 'messages[0].content[1].image_url.url'."""
+    out, tag_follows_index, skip_tag = "", False, False
+    for segment in loc:
+        if isinstance(segment, int):
+            out += f"[{segment}]"
+            skip_tag, tag_follows_index = tag_follows_index, False
+        elif "[" in segment or segment in _UNION_BRANCHES:
+            tag_follows_index = tag_follows_index or "tagged-union" in segment
+        elif skip_tag:  # a discriminated union puts the tag ('text', 'image_url') after the list index
+            skip_tag = False
+        else:
+            out += f".{segment}" if out else segment
+    return out
+
+
+# --- the prompt ----------------------------------------------------------------------------------------------------
+def encode_prompt(request: ChatRequest, processor, context_length: int) -> tuple[list[int], int]:
+    """The prompt's token ids (image placeholders expanded) and max_new_tokens, checked against the context —
+    before any image is decoded. max_tokens defaults to the rest of the context."""
+    ids, _, _ = processor.encode(request.messages, add_generation_prompt=True)
+    prompt = len(ids)
+    if prompt >= context_length:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, your "
+                            f"messages resulted in {prompt} tokens (including {len(request.image_urls)} image(s)). "
+                            f"Please reduce the length of the messages.", "messages")
+    max_new = request.max_tokens if request.max_tokens is not None else context_length - prompt
+    if prompt + max_new > context_length:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, you requested "
+                            f"{prompt + max_new} tokens ({prompt} in the messages, {max_new} in the completion). "
+                            f"Please reduce the length of the messages or completion.", "max_tokens")
+    return ids, max_new
+
+
+# --- responses -----------------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Completion:
+    """What identifies one response and its chunks."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def response(self, texts: Sequence[str], reasons: Sequence[str], usage_counts: dict[str, int]) -> dict:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons))]
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage_counts}
+
+    def chunk(self, choices: list[dict], usage_counts: dict[str, int] | None = None,
+              with_usage_field: bool = False) -> dict:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices}
+        if with_usage_field:  # with include_usage every chunk carries "usage": null except the last
+            body["usage"] = usage_counts
+        return body
+
+
+def choice_delta(index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}

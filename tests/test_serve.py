@@ -1,0 +1,626 @@
+"""`tessera serve`: the official openai client against a real uvicorn server on a loopback port, every bad request
+and its error object, batching (concurrent = one at a time), disconnects, loading, file/remote image policies."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+from tessera import ModelConfig, MultimodalLM, Processor, TextConfig, VisionConfig, train_tokenizer
+from tessera.generation import SamplingParams, TokenChooser
+from tessera.serve import ServeSettings, create_app
+from tessera.serve.app import load_checkpoint
+from tessera.serve.protocol import parse_chat_request
+
+API_KEY = "sk-test-key"
+MAX_IMAGES = 2
+MAX_BATCH = 8
+CORPUS = ["What colour is the square? The square is red.", "Describe the image. A blue circle on the left.",
+          "How many shapes are there? There are three shapes.", "Is there a green triangle? Yes, at the top."]
+
+
+# --- a tiny checkpoint and a real server ---------------------------------------------------------------------------
+def make_checkpoint(directory: Path, fusion: str = "unified") -> Path:
+    """Random weights (diverse answers per prompt) behind a real trained tokenizer; 1024 positions, so a long
+    generation outlives a client that disconnects."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(CORPUS * 20, vocab_size=300)
+    config = ModelConfig(
+        vision=VisionConfig(image_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
+                            intermediate_size=64),
+        text=TextConfig(vocab_size=320, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=64, max_position_embeddings=1024),
+        fusion={"method": fusion, **({"cross_attention_layers": [1]} if fusion == "cross" else {})},
+    )
+    model = MultimodalLM(config)
+    with torch.no_grad():  # louder image features (and open gates), so that the images steer the answers
+        model.projector.linear_2.weight.mul_(8)
+        for block in model.cross_attention.values():
+            block.attn_gate.fill_(0.8)
+            block.mlp_gate.fill_(0.8)
+    model.save_pretrained(directory)
+    Processor.for_model(config, tokenizer).save_pretrained(directory)
+    return directory
+
+
+@dataclass
+class Server:
+    url: str
+    app: FastAPI
+
+    @property
+    def engine(self):
+        return self.app.state.tessera["engine"]
+
+    def client(self, **options) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=options.pop("api_key", API_KEY), max_retries=0,
+                             timeout=60, **options)
+
+
+@contextmanager
+def running_server(settings: ServeSettings, loader=None, wait: bool = True):
+    """uvicorn in a thread, on a socket bound to a free loopback port before the server starts (no port race)."""
+    app = create_app(settings, loader)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        _until(lambda: server.started, "uvicorn to start")
+        if wait:
+            wait_until_healthy(url)
+        yield Server(url, app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_until_healthy(url: str, timeout: float = 60.0) -> None:
+    def healthy():
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    _until(healthy, f"{url}/health to answer 200", timeout)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "ck")
+
+
+@pytest.fixture(scope="module")
+def allowed_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("files")
+    (root / "allowed").mkdir()
+    Image.fromarray(_noise(20, 12, seed=3)).save(root / "allowed" / "a.png")
+    Image.fromarray(_noise(20, 12, seed=4)).save(root / "secret.png")
+    return root / "allowed"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, allowed_dir):
+    settings = ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny", api_key=API_KEY,
+                             max_images_per_prompt=MAX_IMAGES, max_batch=MAX_BATCH,
+                             allowed_local_dir=str(allowed_dir), max_body_bytes=2 ** 20)
+    with running_server(settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """What the model answers in-process (MultimodalLM.generate, no server) — the ground truth."""
+    model, processor = load_checkpoint(checkpoint)
+
+    def answer(messages, images=(), max_new_tokens=12, **options):
+        batch = processor([messages], [list(images)], add_generation_prompt=True, padding_side="left")
+        batch.pop("labels")
+        return model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=processor, **options).texts[0]
+
+    answer.processor = processor
+    return answer
+
+
+# --- images --------------------------------------------------------------------------------------------------------
+def _noise(width: int, height: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+
+
+def png_bytes(seed: int, size=(24, 18)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_noise(*size, seed=seed)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A real decompression bomb: a grayscale PNG of width x height zero pixels, a few kB compressed."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(b"\x00" * ((width + 1) * height), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def user(*parts) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def text(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+# --- the happy paths, through the official client ------------------------------------------------------------------
+def test_health_models_and_page(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].model_extra["max_model_len"] == 1024
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "tessera playground" in page.text
+
+
+def test_text_completion_matches_the_model_and_counts_usage(server, reference):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What colour?"}]
+    result = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-") and result.model == "tiny"
+    choice = result.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == reference(messages)
+    prompt_ids, _, _ = reference.processor.encode(messages, add_generation_prompt=True)
+    assert result.usage.prompt_tokens == len(prompt_ids)
+    assert 1 <= result.usage.completion_tokens <= 12
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_streaming_gives_the_same_text_in_openai_chunks(server):
+    client = server.client()
+    messages = user(text("Describe the image."), image_part(data_url(png_bytes(1))))
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    # the raw wire format: only `data:` events, ending with [DONE]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0, "stream": True}
+    raw = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=_auth())
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_images_are_placed_where_their_parts_are(server, reference):
+    client = server.client()
+    a, b = png_bytes(1), png_bytes(2, size=(40, 30))
+    one = user(image_part(data_url(a)), text("What colour is the square?"))
+    result = client.chat.completions.create(model="tiny", messages=one, max_tokens=12, temperature=0)
+    expected = reference(user({"type": "image"}, text("What colour is the square?")), [pil(a)])
+    assert result.choices[0].message.content == expected
+    per_image = reference.processor.config.image_seq_length
+    text_only, _, _ = reference.processor.encode(user(text("What colour is the square?")), True)
+    assert result.usage.prompt_tokens == len(text_only) + per_image
+
+    two = user(text("Compare"), image_part(data_url(a)), text("with"), image_part(data_url(b)))
+    swapped = user(text("Compare"), image_part(data_url(b)), text("with"), image_part(data_url(a)))
+    answers = [client.chat.completions.create(model="tiny", messages=m, max_tokens=12, temperature=0)
+               .choices[0].message.content for m in (two, swapped)]
+    tessera_two = user(text("Compare"), {"type": "image"}, text("with"), {"type": "image"})
+    assert answers == [reference(tessera_two, [pil(a), pil(b)]), reference(tessera_two, [pil(b), pil(a)])]
+    other = client.chat.completions.create(model="tiny", messages=user(image_part(data_url(b)), one[0]["content"][1]),
+                                           max_tokens=12, temperature=0)
+    assert other.choices[0].message.content != result.choices[0].message.content  # the image is seen
+
+
+def test_part_order_binds_the_images():
+    body = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [text("Compare"), image_part("data:image/png;base64,QQ=="),
+                                                      text("with"), image_part("data:image/gif;base64,Qg==")]}]}
+    request = parse_chat_request(body, "tiny", max_images=2, max_choices=1)
+    assert request.messages == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": [text("Compare"), {"type": "image"}, text("with"),
+                                                             {"type": "image"}]}]
+    assert request.image_urls == [("messages[1].content[1].image_url.url", "data:image/png;base64,QQ=="),
+                                  ("messages[1].content[3].image_url.url", "data:image/gif;base64,Qg==")]
+
+
+def test_local_file_urls_inside_the_allowed_dir(server, allowed_dir):
+    client = server.client()
+    as_file = user(image_part((allowed_dir / "a.png").as_uri()), text("What colour?"))
+    as_data = user(image_part(data_url((allowed_dir / "a.png").read_bytes())), text("What colour?"))
+    answers = [client.chat.completions.create(model="tiny", messages=m, max_tokens=8, temperature=0)
+               .choices[0].message.content for m in (as_file, as_data)]
+    assert answers[0] == answers[1]
+
+
+def test_stop_strings_end_the_answer_and_are_excluded(server, reference):
+    client = server.client()
+    messages = [{"role": "user", "content": "How many shapes are there?"}]
+    free = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    start = next(i for i in range(3, len(free) - 2) if "\ufffd" not in free[i:i + 2])
+    stop = free[start:start + 2]
+    expected = free[:free.index(stop)]
+    for stream in (False, True):
+        response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                                  stop=[stop, "never-generated"], stream=stream,
+                                                  extra_body={"ignore_eos": True})
+        if stream:
+            chunks = [c for c in response if c.choices]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            content, reason = response.choices[0].message.content, response.choices[0].finish_reason
+        assert (content, reason) == (expected, "stop"), f"stream={stream}"
+
+
+def test_max_completion_tokens_wins_and_ignore_eos_fills_it(server):
+    result = server.client().chat.completions.create(model="tiny", messages=user(text("Hi")), max_tokens=3,
+                                                     max_completion_tokens=7, temperature=0,
+                                                     extra_body={"ignore_eos": True})
+    assert result.usage.completion_tokens == 7 and result.choices[0].finish_reason == "length"
+
+
+def test_seed_makes_sampling_reproducible_and_n_gives_choices(server):
+    client = server.client()
+
+    def sample(seed, n=1):
+        result = client.chat.completions.create(model="tiny", messages=user(text("Describe the image.")),
+                                                max_tokens=16, temperature=1.0, top_p=0.95, seed=seed, n=n,
+                                                extra_body={"ignore_eos": True})
+        return [c.message.content for c in result.choices]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    three = sample(7, n=3)
+    assert len(three) == 3 and three[0] == sample(7)[0] and len(set(three)) == 3  # choice i samples with seed + i
+    assert three == sample(7, n=3)
+
+
+# --- bad requests --------------------------------------------------------------------------------------------------
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _chat(**fields) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
+
+
+def _one_image(url: str) -> dict:
+    return _chat(messages=user(text("What is it?"), image_part(url)))
+
+
+PNG = png_bytes(5)
+URL = "messages[0].content[1].image_url.url"
+BAD_REQUESTS = [
+    # (id, body: dict | bytes, status, param, words in the message)
+    ("malformed JSON", b'{"messages": [', 400, None, "not valid JSON"),
+    ("not an object", b"[1, 2]", 400, None, "expected a JSON object"),
+    ("messages missing", {"model": "tiny"}, 400, "messages", "Field required"),
+    ("messages empty", _chat(messages=[]), 400, "messages", "at least 1"),
+    ("max_tokens a string", _chat(max_tokens="5"), 400, "max_tokens", "valid integer"),
+    ("max_tokens a bool", _chat(max_tokens=True), 400, "max_tokens", "valid integer"),
+    ("max_tokens zero", _chat(max_tokens=0), 400, "max_tokens", "greater than or equal to 1"),
+    ("max_tokens negative", _chat(max_tokens=-3), 400, "max_tokens", "greater than or equal to 1"),
+    ("max_completion_tokens zero", _chat(max_completion_tokens=0), 400, "max_completion_tokens",
+     "greater than or equal to 1"),
+    ("temperature too high", _chat(temperature=3), 400, "temperature", "less than or equal to 2"),
+    ("top_p zero", _chat(top_p=0), 400, "top_p", "greater than 0"),
+    ("content a number", _chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content",
+     "a string or a list of content parts"),
+    ("unknown role", _chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role", "'user'"),
+    ("unknown part type", _chat(messages=user({"type": "input_audio", "input_audio": {}})), 400,
+     "messages[0].content[0]", "'text', 'image_url'"),
+    ("unknown key in a part", _chat(messages=user({"type": "text", "text": "a", "txt": "b"})), 400,
+     "messages[0].content[0].txt", "Extra inputs"),
+    ("image_url without url", _chat(messages=user(text("a"), {"type": "image_url", "image_url": {"uri": "x"}})),
+     400, "messages[0].content[1].image_url.url", "Field required"),
+    ("text part not a string", _chat(messages=user({"type": "text", "text": 3})), 400,
+     "messages[0].content[0].text", "valid string"),
+    ("stop not strings", _chat(stop=[1]), 400, "stop[0]", "valid string"),
+    ("too many stop strings", _chat(stop=list("abcde")), 400, "stop", "at most 4"),
+    ("empty stop string", _chat(stop=""), 400, "stop", "non-empty"),
+    ("unsupported logprobs", _chat(logprobs=True), 400, "logprobs", "not supported"),
+    ("unsupported tools", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools",
+     "not supported"),
+    ("stream_options without stream", _chat(stream_options={"include_usage": True}), 400, "stream_options",
+     "only allowed when stream is true"),
+    ("n above max batch", _chat(n=MAX_BATCH + 1), 400, "n", f"at most {MAX_BATCH}"),
+    ("special token in text", _chat(messages=user(text("<image> what?"))), 400, "messages[0].content[0].text",
+     "special token '<image>'"),
+    ("image in an assistant message", _chat(messages=[{"role": "assistant", "content": [image_part(data_url(PNG))]}]),
+     400, "messages[0].content[0]", "only allowed in user messages"),
+    ("invalid base64", _one_image("data:image/png;base64,!!not*base64!!"), 400, URL, "invalid base64"),
+    ("truncated base64", _one_image(data_url(PNG)[:-3]), 400, URL, "invalid base64"),
+    ("truncated image", _one_image(data_url(PNG[:len(PNG) // 2])), 400, URL, "not a decodable image"),
+    ("bytes that are not an image", _one_image(data_url(b"hello, world! " * 10)), 400, URL, "not a decodable image"),
+    ("data URL of text", _one_image(data_url(b"hello", "text/plain")), 400, URL, "expected image/"),
+    ("data URL not base64", _one_image("data:image/png,rawbytes"), 400, URL, "Only base64 data URLs"),
+    ("too many pixels", _one_image(data_url(bomb_png(5000, 5000))), 400, URL, "at most 16777216 are allowed"),
+    ("decompression bomb past PIL's guard", _one_image(data_url(bomb_png(20000, 20000))), 400, URL,
+     "decompression bomb"),
+    ("too many images", _chat(messages=user(*[image_part(data_url(PNG))] * 3)), 400, "messages",
+     "At most 2 image(s) may be provided in one prompt."),
+    ("too many images, checked before decoding", _chat(messages=user(*[image_part("data:image/png;base64,!!")] * 3)),
+     400, "messages", "At most 2 image(s) may be provided in one prompt."),
+    ("prompt longer than the context", _chat(messages=[{"role": "user", "content": "zq " * 1500}], max_tokens=None),
+     400, "messages", "maximum context length is 1024 tokens"),
+    ("prompt + max_tokens longer than the context", _chat(max_tokens=1020), 400, "max_tokens",
+     "maximum context length is 1024 tokens"),
+    ("ftp URL", _one_image("ftp://example.com/a.png"), 400, URL, "unsupported image URL scheme ftp:"),
+    ("remote URL while remote images are off", _one_image("http://127.0.0.1:9/a.png"), 400, URL,
+     "remote image URLs are disabled"),
+    ("local file outside the allowed dir", "secret", 400, URL, "outside the allowed local directory"),
+    ("local file escaping with ..", "escape", 400, URL, "outside the allowed local directory"),
+    ("local file URL with a host", _one_image("file://example.com/a.png"), 400, URL, "expected file:///"),
+    ("unknown model", _chat(model="gpt-4o"), 404, "model", "The model `gpt-4o` does not exist."),
+]
+
+
+def _post(server, body, headers=None) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server.url}/v1/chat/completions", content=content, timeout=60,
+                      headers={"Content-Type": "application/json", **(_auth() if headers is None else headers)})
+
+
+def assert_error(response: httpx.Response, status: int, param=None, words: str = "") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    assert error["type"] == {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                             405: "invalid_request_error", 413: "invalid_request_error",
+                             503: "unavailable_error"}[status]
+    assert error["param"] == param and words in error["message"], error
+    return error
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_its_status_and_error_object(server, allowed_dir, case):
+    _, body, status, param, words = case
+    if body == "secret":
+        body = _one_image((allowed_dir.parent / "secret.png").as_uri())
+    elif body == "escape":
+        body = _one_image(f"file://{allowed_dir}/../secret.png")
+    assert_error(_post(server, body), status, param, words)
+
+
+def test_auth_size_and_routing_errors(server):
+    assert_error(_post(server, _chat(), headers={}), 401)
+    assert_error(_post(server, _chat(), headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(httpx.get(f"{server.url}/v1/models"), 401)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").chat.completions.create(model="tiny", messages=user(text("hi")))
+    assert_error(_post(server, b'{"messages": "' + b"x" * 2 ** 20 + b'"}'), 413, None, "larger than")
+    assert_error(httpx.get(f"{server.url}/v1/nothing", headers=_auth()), 404)
+    assert_error(httpx.get(f"{server.url}/v1/chat/completions", headers=_auth()), 405)
+    with pytest.raises(openai.BadRequestError, match=r"\(s\) may be provided in one prompt"):
+        server.client().chat.completions.create(model="tiny", messages=user(*[image_part(data_url(PNG))] * 3))
+
+
+def test_server_survives_every_bad_request(server):
+    """After the whole list above (run here again, concurrently), the server still answers."""
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda case: _post(server, case[1]).status_code,
+                                 [c for c in BAD_REQUESTS if not isinstance(c[1], str)]))
+    assert all(s in (400, 404) for s in statuses)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert server.client().chat.completions.create(model="tiny", messages=user(text("hi")), max_tokens=2).choices
+
+
+# --- batching ------------------------------------------------------------------------------------------------------
+def test_per_row_sampling_equals_each_row_alone():
+    """The generation change behind batching: each row keeps its own settings and seeded stream."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=5),
+            SamplingParams(temperature=0.7, top_p=0.8, top_k=10, seed=9)]
+    together = TokenChooser(rows, 3, torch.device("cpu"))
+    alone = [TokenChooser(p, 1, torch.device("cpu")) for p in rows]
+    picks = [together(logits.clone()).tolist() for _ in range(20)]
+    assert picks == [[alone[i](logits[i:i + 1].clone()).item() for i in range(3)] for _ in range(20)]
+    assert {p[0] for p in picks} == {int(logits[0].argmax())} and len({p[1] for p in picks}) > 1
+    with pytest.raises(ValueError, match="one per row"):
+        TokenChooser(rows, 2, torch.device("cpu"))
+
+
+def _mixed_requests() -> list[dict]:
+    """16 requests of different lengths, images, limits and sampling settings."""
+    requests = []
+    for i in range(16):
+        parts = [text(CORPUS[i % 4][: 10 + 3 * i])]
+        for k in range(i % 3):
+            parts.insert(k, image_part(data_url(png_bytes(100 + i * 3 + k))))
+        options = {"temperature": 0} if i % 4 else {"temperature": 0.9, "top_p": 0.9, "seed": i}
+        requests.append({"messages": user(*parts), "max_tokens": 4 + i % 9, **options})
+    return requests
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_concurrent_requests_equal_one_at_a_time(fusion, checkpoint, tmp_path):
+    directory = checkpoint if fusion == "unified" else make_checkpoint(tmp_path / "cross", "cross")
+    settings = ServeSettings(checkpoint=str(directory), max_batch=MAX_BATCH, max_images_per_prompt=MAX_IMAGES)
+    with running_server(settings) as s:
+        client = s.client()
+
+        def ask(request):
+            result = client.chat.completions.create(model=str(directory), **request)
+            return result.choices[0].message.content, result.choices[0].finish_reason, result.usage.completion_tokens
+
+        requests = _mixed_requests()
+        one_at_a_time = [ask(r) for r in requests]
+        assert s.engine.stats["largest_batch"] == 1
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(ask, requests))
+        assert together == one_at_a_time
+        assert s.engine.stats["largest_batch"] > 1  # they really shared forward passes
+        assert len({answer for answer, _, _ in one_at_a_time}) > 8
+
+
+# --- disconnects, loading, the command ----------------------------------------------------------------------------
+def test_a_client_that_disconnects_frees_its_rows_and_the_loop_stays_free(server):
+    body = _chat(max_tokens=900, temperature=0, stream=True, ignore_eos=True)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=_auth(), timeout=60) as r:
+        for line in r.iter_lines():
+            chunk = json.loads(line.removeprefix("data: ")) if line.startswith("data: {") else None
+            if chunk and chunk["choices"][0]["delta"].get("content"):
+                job_id = chunk["id"]
+                break
+    # the stream is closed: the worker stops decoding that row long before its 900 tokens
+    _until(lambda: any(f[0] == job_id for f in server.engine.finished), "the cancelled row to be released")
+    [(_, _, reason, tokens)] = [f for f in server.engine.finished if f[0] == job_id]
+    assert reason == "cancelled" and tokens < 900
+
+    # a non-streaming client that hangs up is released too
+    cancelled = server.engine.stats["cancelled_rows"]
+    rows = server.engine.stats["rows"]
+    payload = json.dumps(_chat(max_tokens=900, temperature=0, ignore_eos=True)).encode()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        _until(lambda: server.engine.stats["rows"] > rows, "the request to be scheduled")
+        # while the model works on it, the event loop still answers others
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)  # no response yet: it is still being generated
+    _until(lambda: server.engine.stats["cancelled_rows"] > cancelled, "the hung-up request to be released")
+    assert server.client().chat.completions.create(model="tiny", messages=user(text("hi")), max_tokens=2).choices
+
+
+def test_health_is_503_while_loading_then_200(checkpoint):
+    gate = threading.Event()
+
+    def slow_loader():
+        gate.wait(30)
+        return load_checkpoint(checkpoint)
+
+    with running_server(ServeSettings(checkpoint=str(checkpoint)), slow_loader, wait=False) as s:
+        assert_error(httpx.get(f"{s.url}/health"), 503, None, "loading")
+        assert_error(_post(s, _chat(model=None)), 503)
+        gate.set()
+        wait_until_healthy(s.url)
+        assert s.client().chat.completions.create(model=str(checkpoint), messages=user(text("hi")),
+                                                  max_tokens=2).choices
+
+    def broken_loader():
+        raise OSError("disk on fire")
+
+    with running_server(ServeSettings(checkpoint=str(checkpoint)), broken_loader, wait=False) as s:
+        _until(lambda: "disk on fire" in httpx.get(f"{s.url}/health").text, "the load failure to be reported")
+        assert_error(httpx.get(f"{s.url}/health"), 503, None, "loading the model failed: OSError: disk on fire")
+
+
+class _ImageHost(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/a.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(PNG)
+        elif self.path == "/moved.png":
+            self.send_response(302)
+            self.send_header("Location", "/a.png")
+            self.end_headers()
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_remote_images_only_when_allowed(checkpoint):
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    remote = f"http://127.0.0.1:{host.server_address[1]}"
+    try:
+        with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                          allow_remote_images=True)) as s:
+            client = s.client()
+            by_url, by_data = [client.chat.completions.create(model="tiny", messages=_one_image(url)["messages"],
+                                                              max_tokens=8, temperature=0).choices[0].message.content
+                               for url in (f"{remote}/a.png", data_url(PNG))]
+            assert by_url == by_data
+            assert_error(_post(s, _one_image(f"{remote}/moved.png")), 400, URL, "redirects are not followed")
+            assert_error(_post(s, _one_image(f"{remote}/missing.png")), 400, URL, "HTTP 404")
+            assert_error(_post(s, _one_image("file:///etc/hostname")), 400, URL,
+                         "Cannot load local files without `--allowed-local-dir`.")
+    finally:
+        host.shutdown()
+
+
+TESSERA = shutil.which("tessera", path=os.path.dirname(sys.executable)) or "tessera"
+
+
+def test_tessera_serve_command(checkpoint, tmp_path):
+    bad = subprocess.run([TESSERA, "serve", "--checkpoint", str(tmp_path / "nowhere")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "not a checkpoint directory" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([TESSERA, "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+                                "--api-key", API_KEY, "--max-batch", "2"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout=120)
+        client = Server(f"http://127.0.0.1:{port}", None).client()
+        assert client.models.list().data[0].id == str(checkpoint)
+        result = client.chat.completions.create(model=str(checkpoint), max_tokens=4, temperature=0,
+                                                messages=_one_image(data_url(PNG))["messages"])
+        assert result.choices[0].finish_reason in ("stop", "length")
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "model" in output and "ready" in output
