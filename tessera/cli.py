@@ -110,6 +110,18 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {args.checkpoint} in transformers' layout")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from tessera.bench import report, suite
+
+    results = suite.run(quick=args.quick)
+    print(report.markdown(results))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {out}")
+
+
 def _load(checkpoint: str, dtype=None):
     from tessera.model import MultimodalLM
     from tessera.processor import Processor
@@ -196,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's; "
                                                              "1 is often fastest for small models on a busy CPU)")
     p.set_defaults(run=_serve)
+
+    p = verbs.add_parser("bench", help="benchmark tessera against transformers and this CPU's matmul peak")
+    p.add_argument("--json", default=None, help="write every measurement to this JSON file")
+    p.add_argument("--quick", action="store_true", help="a reduced run (under a minute) that reports every figure")
+    p.set_defaults(run=_bench)
 
     p = verbs.add_parser("recipes", help="list the training recipes")
     p.set_defaults(run=_recipes)

@@ -37,6 +37,17 @@ def _positive(owner: str, **values: Any) -> None:
             raise ConfigError(f"{owner}.{name}={value!r}: expected a positive integer")
 
 
+def _float(owner: str, name: str, value: Any, positive: bool = True) -> float:
+    """A number field; YAML 1.1 reads "1e-5" (no dot) as a string, so numeric strings are accepted."""
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number != number or (positive and number <= 0):
+        raise ConfigError(f"{owner}.{name}={value!r}: expected a {'positive ' if positive else ''}number")
+    return number
+
+
 def _choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{owner}.{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
@@ -83,8 +94,9 @@ class VisionConfig:
     intermediate_layers: list[int] = field(default_factory=list)  # local blocks (0-based) whose outputs are kept
 
     def __post_init__(self) -> None:
-        self.image_mean = tuple(self.image_mean)
-        self.image_std = tuple(self.image_std)
+        self.layer_norm_eps = _float("vision", "layer_norm_eps", self.layer_norm_eps)
+        self.image_mean = tuple(_float("vision", "image_mean", m, positive=False) for m in self.image_mean)
+        self.image_std = tuple(_float("vision", "image_std", s) for s in self.image_std)
         _choice("vision", "encoder", self.encoder, VISION_ENCODERS)
         if self.encoder == "tiled":
             self._check_tiling()
@@ -170,6 +182,8 @@ class TextConfig:
     num_extra_embeddings: int = 0
 
     def __post_init__(self) -> None:
+        self.rms_norm_eps = _float("text", "rms_norm_eps", self.rms_norm_eps)
+        self.rope_theta = _float("text", "rope_theta", self.rope_theta)
         _positive("text", vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
                   num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                   intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings)

@@ -34,7 +34,7 @@ COMPONENTS = ("vision", "projector", "llm", "cross_attention")
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # (batch, seq, vocab); None for a loss computed without them (see forward)
     loss: torch.Tensor | None = None
     num_tokens: int = 0  # supervised (label != -100) tokens behind the loss
 
@@ -102,6 +102,7 @@ class MultimodalLM(nn.Module):
         num_items_in_batch: int | None = None,
         logits_to_keep: int = 0,
         aspect_ratio_ids: torch.Tensor | None = None,
+        return_logits: bool = False,
     ) -> ModelOutput:
         """pixel_values holds every image of the batch in order (sample 0's images first); image_counts says how
         many belong to each sample (read off the `<image>` tokens when omitted). image_features may replace
@@ -110,8 +111,13 @@ class MultimodalLM(nn.Module):
         are real).
 
         The loss is summed over supervised tokens and divided by their count — or by num_items_in_batch, the count
-        over all micro-batches of an accumulated step, so every token weighs the same.
+        over all micro-batches of an accumulated step, so every token weighs the same. With labels, the LM head
+        runs only where a label needs it (image, prompt and padding positions make up most of a multimodal
+        training sequence, and a large vocabulary makes the head a big share of the step); the output's logits are
+        then None unless return_logits=True asks for all of them.
         """
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(input_ids.shape)} like input_ids")
         prefill = cache is None or cache.length == 0
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0 and prefill:
             image_features = self.encode_images(pixel_values, aspect_ratio_ids)
@@ -131,11 +137,15 @@ class MultimodalLM(nn.Module):
         if self.config.fusion.method == "cross":
             inject = self._cross_attention_inject(input_ids, image_features, image_counts, cache, prefill,
                                                   aspect_ratio_ids)
+        supervised = None
+        if labels is not None and not return_logits:  # token t predicts label t+1
+            supervised = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
         logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, inject=inject, logits_to_keep=logits_to_keep)
+                          cache=cache, inject=inject,
+                          logits_to_keep=supervised if supervised is not None else logits_to_keep)
         if labels is None:
             return ModelOutput(logits)
-        return self._loss(logits, labels, input_ids, num_items_in_batch)
+        return self._loss(logits, labels, num_items_in_batch, supervised)
 
     def _cross_attention_inject(self, input_ids, image_features, image_counts, cache, prefill, aspect_ratio_ids
                                 ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
@@ -178,9 +188,8 @@ class MultimodalLM(nn.Module):
                             device=self.device)
         return self.encode_images(blank, torch.zeros(1, dtype=torch.long, device=self.device))[0]
 
-    def _loss(self, logits, labels, input_ids, num_items_in_batch) -> ModelOutput:
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(input_ids.shape)} like input_ids")
+    def _loss(self, logits, labels, num_items_in_batch, supervised) -> ModelOutput:
+        """logits: (batch, seq, vocab), or (supervised positions, vocab) in order when `supervised` marks them."""
         targets = labels[:, 1:]  # token t predicts token t+1
         num_tokens = int((targets != IGNORE_INDEX).sum())
         if num_items_in_batch is None:
@@ -190,6 +199,9 @@ class MultimodalLM(nn.Module):
                     "silent 0; expected at least one supervised token (was the answer cut off by the length limit?)"
                 )
             num_items_in_batch = num_tokens
+        if supervised is not None:
+            loss = F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+            return ModelOutput(None, loss / num_items_in_batch, num_tokens)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch
         return ModelOutput(logits, loss, num_tokens)

@@ -81,3 +81,14 @@ def test_load_reports_file_and_unknown_field(tmp_path):
 def test_token_ids_inside_vocab():
     with pytest.raises(ConfigError, match="image_token_id=500"):
         ModelConfig(image_token_id=500, text=TextConfig(vocab_size=100))
+
+
+def test_numbers_written_without_a_dot_are_numbers_and_others_are_errors():
+    """YAML 1.1 reads 1e-5 as the string "1e-5"; a config written by hand must still mean the number."""
+    text = TextConfig(rms_norm_eps="1e-5", rope_theta="5e5")
+    assert text.rms_norm_eps == 1e-5 and text.rope_theta == 5e5
+    assert VisionConfig(layer_norm_eps="1e-6").layer_norm_eps == 1e-6
+    with pytest.raises(ConfigError, match="text.rms_norm_eps='tiny': expected a positive number"):
+        TextConfig(rms_norm_eps="tiny")
+    with pytest.raises(ConfigError, match="vision.image_std"):
+        VisionConfig(image_std=(0.5, 0.0, 0.5))

@@ -312,3 +312,26 @@ def test_all_labels_masked_is_an_error_not_a_zero_loss():
     ids = torch.tensor([[1, 5, 6]])
     with pytest.raises(DataError, match="every label is -100"):
         model(ids, labels=torch.full_like(ids, -100))
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_loss_from_supervised_logits_only_equals_the_loss_from_all_logits(fusion):
+    """Training computes the LM head only where a label needs it; the loss and gradients must not notice."""
+    model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[1]))
+    _open_gates(model, 0.5)
+    ids, mask = _left_pad([_prompt(fusion, [1, 5, 6], [7, 8, 9, 10]), [1, 11, 12, 13]])
+    labels = ids.masked_fill(ids == IMG, -100).masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    pixels = torch.randn(1, 3, 16, 16)
+    sparse = model(ids, mask, pixels, [1, 0], labels=labels)
+    assert sparse.logits is None
+    sparse.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    dense = model(ids, mask, pixels, [1, 0], labels=labels, return_logits=True)
+    assert dense.logits.shape == (2, ids.shape[1], 96)
+    dense.loss.backward()
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-6, atol=1e-7)
+    assert sparse.num_tokens == dense.num_tokens == int((labels[:, 1:] != -100).sum())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-7, msg=name)

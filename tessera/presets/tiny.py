@@ -8,7 +8,7 @@ from tessera.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 
 def tiny_config(fusion: str = "unified", vocab_size: int = 512) -> ModelConfig:
     return ModelConfig(
-        vision=VisionConfig(image_size=48, patch_size=16, hidden_size=128, num_layers=2, num_heads=4,
+        vision=VisionConfig(image_size=48, patch_size=16, hidden_size=128, num_layers=2, num_heads=4, pre_layernorm=True,
                             intermediate_size=256, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25)),
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                         intermediate_size=352, max_position_embeddings=512),

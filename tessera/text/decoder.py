@@ -104,9 +104,10 @@ class DecoderLLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         inject: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """Logits for the new tokens (only the last `logits_to_keep` when > 0).
+        """Logits for the new tokens: all of them, the last `logits_to_keep` when it is an int > 0, or, when it is a
+        boolean (batch, new) mask, only the marked positions as one (marked, vocab) matrix.
 
         attention_mask (batch, past + new) follows Hugging Face: 1 for real tokens, 0 for padding, covering the
         cached tokens too.
@@ -129,10 +130,11 @@ class DecoderLLM(nn.Module):
             x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.advance(num_new)
-        x = self.norm(x)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[logits_to_keep]  # the final norm is per token: norming only the kept rows is the same
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(x)
+        return self.lm_head(self.norm(x))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: tessera against transformers and against this CPU's matmul limit (`tessera bench`)."""

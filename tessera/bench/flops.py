@@ -1,0 +1,68 @@
+"""Analytic FLOPs of a training step, read off a ModelConfig.
+
+Conventions (those of MFU in the PaLM paper): a matmul of (m × k) by (k × n) costs 2·m·k·n; attention scores and
+the weighted sum cost 4·q·k·d per layer (counted in full, causal or not); a training step is 3× the forward
+(backward = twice the forward) for every part that runs. The LM head is counted only where a label needs its
+logits: the FLOPs a step must spend, whatever an implementation spends on top.
+"""
+
+from __future__ import annotations
+
+from tessera.config import ModelConfig
+
+TRAIN = 3  # forward + backward
+
+
+def vision_flops(config: ModelConfig, images: int, tokens_per_image: int) -> float:
+    """Forward FLOPs of the ViT over `images` images of `tokens_per_image` positions (CLS included)."""
+    v = config.vision
+    patch = 2 * (v.num_channels * v.patch_size**2) * v.hidden_size * (tokens_per_image - int(v.use_cls_token))
+    per_token = 2 * (3 * v.hidden_size**2 + v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    attention = 4 * tokens_per_image**2 * v.hidden_size
+    return images * (patch + v.num_layers * (tokens_per_image * per_token + attention))
+
+
+def projector_flops(config: ModelConfig, image_tokens: int) -> float:
+    width = config.image_feature_width
+    d = config.text.hidden_size
+    per_token = 2 * width * d + (2 * d * d if config.fusion.projector == "mlp" else 0)
+    return image_tokens * per_token
+
+
+def decoder_layer_flops(config: ModelConfig, tokens: int, context: int) -> float:
+    """One self-attention decoder layer over `tokens` queries attending to `context` keys (forward)."""
+    t = config.text
+    qkv = 2 * t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+    out = 2 * t.num_heads * t.head_dim * t.hidden_size
+    mlp = 2 * 3 * t.hidden_size * t.intermediate_size
+    return tokens * (qkv + out + mlp) + 4 * tokens * context * t.num_heads * t.head_dim
+
+
+def cross_block_flops(config: ModelConfig, text_tokens: int, image_tokens: int) -> float:
+    """One gated cross-attention block: queries and MLP on the text, keys/values on the image features."""
+    t = config.text
+    q_and_out = 2 * 2 * t.hidden_size * t.num_heads * t.head_dim
+    kv = 2 * t.hidden_size * 2 * t.num_kv_heads * t.head_dim
+    mlp = 2 * 3 * t.hidden_size * t.intermediate_size
+    attention = 4 * text_tokens * image_tokens * t.num_heads * t.head_dim
+    return text_tokens * (q_and_out + mlp) + image_tokens * kv + attention
+
+
+def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text_tokens: int,
+                        labelled_tokens: int) -> float:
+    """FLOPs of one training step (everything trains) on `batch` samples of one image each.
+
+    image_tokens: tokens per image as the LLM sees them; text_tokens: text tokens per sample; labelled_tokens:
+    tokens per sample whose next token is a label (the LM head's work)."""
+    keep_cls = config.vision.use_cls_token
+    vit_tokens = config.vision.num_patches + int(keep_cls) if config.vision.encoder == "vit" else image_tokens
+    forward = vision_flops(config, batch, vit_tokens) + projector_flops(config, batch * image_tokens)
+    t = config.text
+    if config.fusion.method == "unified":
+        sequence = image_tokens + text_tokens
+        forward += t.num_layers * batch * decoder_layer_flops(config, sequence, sequence)
+    else:
+        forward += t.num_layers * batch * decoder_layer_flops(config, text_tokens, text_tokens)
+        forward += len(config.cross_attention_layers) * batch * cross_block_flops(config, text_tokens, image_tokens)
+    forward += batch * labelled_tokens * 2 * t.hidden_size * t.vocab_size
+    return TRAIN * forward

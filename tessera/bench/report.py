@@ -1,0 +1,88 @@
+"""The benchmark's tables (Markdown, for the terminal and BENCHMARKS.md) and its targets, as measured ratios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TARGETS = (  # (what, measured ratio, required)
+    ("training step vs transformers (samples/s)", lambda r: _ratio(r["llava"]["train"], "samples_per_s"), 1.5),
+    ("prefill vs transformers (latency)", lambda r: _inverse(r["llava"]["prefill"], "seconds"), 1.3),
+    ("decode batch 1 vs transformers (tokens/s)", lambda r: _decode(r, 0), 2.0),
+    ("decode batch 8 vs transformers (tokens/s)", lambda r: _decode(r, 1), 1.5),
+    ("training-step MFU (of the matmul peak)", lambda r: r["llava"]["train"]["tessera"]["mfu"], 0.5),
+    ("Method B vs Method A training step at 1024 image tokens", lambda r: _b_speedup(r), 2.0),
+)
+
+
+def _ratio(entry: dict, key: str) -> float:
+    return entry["tessera"][key] / entry["transformers"][key]
+
+
+def _inverse(entry: dict, key: str) -> float:
+    return entry["transformers"][key] / entry["tessera"][key]
+
+
+def _decode(results: dict, index: int) -> float | None:
+    batches = list(results["llava"]["decode"])
+    return _ratio(results["llava"]["decode"][batches[index]], "tokens_per_s") if index < len(batches) else None
+
+
+def _b_speedup(results: dict) -> float | None:
+    rows = results["fusion_scaling"]
+    row = rows.get(1024) or rows.get("1024")
+    return row["b_speedup"] if row else None
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, float | None, float]]:
+    return [(what, measure(results), required) for what, measure, required in TARGETS]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, s, llava = results["machine"], results["sizes"], results["llava"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} threads, flags {' '.join(m['cpu_flags']) or '—'}; torch {m['torch']}, "
+        f"transformers {m['transformers']}, Python {m['python']}. Measured fp32 matmul peak "
+        f"({s['matmul_size']}²): **{results['matmul_gflops']:.1f} GFLOP/s**.",
+        "",
+        f"Model: vision {s['vision_width']} wide × {s['vision_layers']} layers (patch {s['patch']}, "
+        f"{s['image_tokens']} image tokens), text {s['text_width']} wide × {s['text_layers']} layers, "
+        f"{s['heads']} heads / {s['kv_heads']} KV heads, vocab {s['vocab']}; fp32. Medians of {s['repeats']} "
+        f"interleaved runs after a warm-up.",
+        "",
+        "| measurement | tessera | transformers | ratio |",
+        "|---|---|---|---|",
+    ]
+    train = llava["train"]
+    lines.append(f"| training step, batch {s['train_batch']} ({s['image_tokens']} image + {s['text_tokens']} text "
+                 f"tokens), samples/s | {train['tessera']['samples_per_s']:.2f} | "
+                 f"{train['transformers']['samples_per_s']:.2f} | {_ratio(train, 'samples_per_s'):.2f}× |")
+    lines.append(f"| training-step MFU ({train['flops'] / 1e9:.0f} GFLOP per step) | {train['tessera']['mfu']:.1%} | "
+                 f"{train['transformers']['mfu']:.1%} | |")
+    prefill = llava["prefill"]
+    lines.append(f"| prefill, 1 image + {s['prompt_tokens']}-token prompt → first token, ms | "
+                 f"{prefill['tessera']['seconds'] * 1e3:.1f} | {prefill['transformers']['seconds'] * 1e3:.1f} | "
+                 f"{_inverse(prefill, 'seconds'):.2f}× |")
+    for batch, entry in llava["decode"].items():
+        lines.append(f"| greedy decode, batch {batch}, {s['new_tokens']} new tokens, tokens/s | "
+                     f"{entry['tessera']['tokens_per_s']:.1f} | {entry['transformers']['tokens_per_s']:.1f} | "
+                     f"{_ratio(entry, 'tokens_per_s'):.2f}× |")
+    lines += ["", f"Method A (unified) vs Method B (cross) training step in tessera, batch {s['scaling_batch']}, "
+                  f"{s['text_tokens']} text tokens, everything trains:", "",
+              "| image tokens | A: ms | A: GFLOP | A: MFU | B: ms | B: GFLOP | B: MFU | B faster by |",
+              "|---|---|---|---|---|---|---|---|"]
+    for n, row in results["fusion_scaling"].items():
+        a, b = row["unified"], row["cross"]
+        lines.append(f"| {n} | {a['seconds'] * 1e3:.0f} | {a['flops'] / 1e9:.1f} | {a['mfu']:.1%} | "
+                     f"{b['seconds'] * 1e3:.0f} | {b['flops'] / 1e9:.1f} | {b['mfu']:.1%} | {row['b_speedup']:.2f}× |")
+    ref = results["mllama_reference"]
+    lines += ["", f"transformers `MllamaForConditionalGeneration` (cross-attention layers "
+                  f"{ref['cross_attention_layers']}), same sizes, {ref['image_tokens']} image tokens: "
+                  f"{ref['seconds'] * 1e3:.0f} ms per training step.", "", "Targets:", "",
+              "| target | measured | required | |", "|---|---|---|---|"]
+    for what, value, required in targets(results):
+        shown = "—" if value is None else (f"{value:.1%}" if required < 1 else f"{value:.2f}×")
+        needed = f"{required:.0%}" if required < 1 else f"{required}×"
+        verdict = "" if value is None else ("met" if value >= required else "**missed**")
+        lines.append(f"| {what} | {shown} | ≥ {needed} | {verdict} |")
+    lines.append(f"\nWall time of the run: {results['wall_seconds']:.0f} s.")
+    return "\n".join(lines)

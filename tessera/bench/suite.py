@@ -1,0 +1,283 @@
+"""`tessera bench`: tessera against transformers (same weights, same process) and against this CPU's matmul limit.
+
+The LLaVA-style benchmark model is built by transformers with random weights, saved, and imported by tessera
+through the interop, so both hold exactly the same numbers. Every comparison runs interleaved after a warm-up and
+reports medians (see timing.py).
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.bench.flops import training_step_flops
+from tessera.bench.timing import interleaved
+
+IMAGE_TOKEN = 3
+BOS = 1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The benchmark model and workload."""
+
+    vision_width: int = 384
+    vision_layers: int = 6
+    vision_heads: int = 6
+    patch: int = 16
+    text_width: int = 512
+    text_layers: int = 8
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int = 8192
+    image_tokens: int = 256  # per image, after dropping CLS ("default" strategy)
+    text_tokens: int = 64  # training: text per sample
+    prompt_tokens: int = 32  # prefill: prompt text beside the image
+    new_tokens: int = 128  # decode length
+    train_batch: int = 8
+    decode_batches: tuple[int, ...] = (1, 8)
+    scaling_image_tokens: tuple[int, ...] = (64, 256, 1024, 4096)
+    scaling_batch: int = 1
+    mllama_image_tokens: int = 1024
+    matmul_size: int = 2048
+    repeats: int = 5
+
+    @property
+    def image_size(self) -> int:
+        return int(round(self.image_tokens**0.5)) * self.patch
+
+
+FULL = Sizes()
+QUICK = Sizes(vision_width=64, vision_layers=2, vision_heads=2, text_width=64, text_layers=2, heads=4, kv_heads=2,
+              vocab=512, image_tokens=16, text_tokens=16, prompt_tokens=8, new_tokens=8, train_batch=2,
+              decode_batches=(1, 2), scaling_image_tokens=(16, 64), mllama_image_tokens=16, matmul_size=1024,
+              repeats=2)
+
+
+# --- the models -------------------------------------------------------------------------------------------------
+def hf_llava_config(s: Sizes, image_tokens: int | None = None):
+    from transformers import LlavaConfig
+
+    side = int(round((image_tokens or s.image_tokens) ** 0.5)) * s.patch
+    return LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "image_size": side, "patch_size": s.patch,
+                       "hidden_size": s.vision_width, "num_hidden_layers": s.vision_layers,
+                       "num_attention_heads": s.vision_heads, "intermediate_size": 4 * s.vision_width},
+        text_config={"model_type": "llama", "vocab_size": s.vocab, "hidden_size": s.text_width,
+                     "num_hidden_layers": s.text_layers, "num_attention_heads": s.heads,
+                     "num_key_value_heads": s.kv_heads, "intermediate_size": int(2.6875 * s.text_width),
+                     "max_position_embeddings": 8192, "pad_token_id": 0, "bos_token_id": BOS, "eos_token_id": 2},
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def llava_pair(s: Sizes, directory: Path):
+    """(tessera model, transformers model) with identical weights, both in eval mode, fp32."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tessera.model import MultimodalLM
+
+    torch.manual_seed(0)
+    theirs = LlavaForConditionalGeneration(hf_llava_config(s)).eval()
+    theirs.save_pretrained(directory)
+    theirs.generation_config.eos_token_id = None  # every generation runs its full length, in both
+    ours = MultimodalLM.from_pretrained(directory).eval()
+    return ours, theirs
+
+
+def llava_batch(s: Sizes, batch: int, text_tokens: int, labelled: bool, image_tokens: int | None = None,
+                fusion: str = "unified") -> dict[str, torch.Tensor]:
+    """BOS, the image's tokens (one marker for Method B), then text; labels on the text only."""
+    n = image_tokens or s.image_tokens
+    side = int(round(n**0.5)) * s.patch
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randint(10, s.vocab, (batch, text_tokens), generator=generator)
+    image = torch.full((batch, n if fusion == "unified" else 1), IMAGE_TOKEN)
+    input_ids = torch.cat([torch.full((batch, 1), BOS), image, text], dim=1)
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+           "pixel_values": torch.randn(batch, 3, side, side, generator=generator)}
+    if labelled:
+        labels = input_ids.clone()
+        labels[:, : 1 + image.shape[1]] = -100
+        out["labels"] = labels
+    return out
+
+
+# --- the measurements -------------------------------------------------------------------------------------------
+def matmul_peak(s: Sizes) -> float:
+    """fp32 GFLOP/s of a large square matmul on this CPU (median)."""
+    n = s.matmul_size
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = interleaved({"mm": lambda: torch.mm(a, b)}, repeats=max(5, s.repeats), warmup=2)["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def _train_step(model, batch, optimizer, hf: bool):
+    inputs = dict(batch)
+    if not hf:
+        inputs["image_counts"] = [1] * batch["input_ids"].shape[0]
+    loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def compare_with_transformers(s: Sizes, peak: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = llava_pair(s, Path(tmp))
+    results: dict[str, Any] = {}
+
+    # training step: forward + backward + AdamW, everything trains
+    batch = llava_batch(s, s.train_batch, s.text_tokens, labelled=True)
+    ours.train(), theirs.train()
+    opt_ours, opt_theirs = torch.optim.AdamW(ours.parameters(), 1e-5), torch.optim.AdamW(theirs.parameters(), 1e-5)
+    times = interleaved({"tessera": lambda: _train_step(ours, batch, opt_ours, hf=False),
+                         "transformers": lambda: _train_step(theirs, batch, opt_theirs, hf=True)}, s.repeats)
+    ours.eval(), theirs.eval()
+    flops = training_step_flops(ours.config, s.train_batch, s.image_tokens, s.text_tokens + 1, s.text_tokens)
+    results["train"] = {name: {"seconds": t, "samples_per_s": s.train_batch / t,
+                               "mfu": flops / t / (peak * 1e9)} for name, t in times.items()}
+    results["train"]["flops"] = flops
+
+    # prefill: one image + a prompt → the first generated token
+    prompt = llava_batch(s, 1, s.prompt_tokens, labelled=False)
+    times = interleaved(_generators(ours, theirs, prompt, 1), s.repeats)
+    results["prefill"] = {name: {"seconds": t} for name, t in times.items()}
+
+    # greedy decode: tokens/s over new_tokens, the prefill's time taken out
+    results["decode"] = {}
+    for b in s.decode_batches:
+        prompts = llava_batch(s, b, s.prompt_tokens, labelled=False)
+        first = interleaved(_generators(ours, theirs, prompts, 1), s.repeats)
+        full = interleaved(_generators(ours, theirs, prompts, s.new_tokens), s.repeats)
+        results["decode"][b] = {name: {"tokens_per_s": b * (s.new_tokens - 1) / (full[name] - first[name]),
+                                       "seconds": full[name]} for name in full}
+    return results
+
+
+def _generators(ours, theirs, prompt: dict[str, torch.Tensor], new_tokens: int) -> dict[str, Any]:
+    counts = [1] * prompt["input_ids"].shape[0]
+
+    def tessera():
+        out = ours.generate(**prompt, image_counts=counts, max_new_tokens=new_tokens, eos_token_id=[])
+        assert all(len(seq) == new_tokens for seq in out.sequences)
+
+    @torch.no_grad()
+    def transformers():
+        out = theirs.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+        assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
+
+    return {"tessera": tessera, "transformers": transformers}
+
+
+def fusion_scaling(s: Sizes, peak: float) -> dict[str, Any]:
+    """Method A vs Method B training step as the image grows, at a fixed text length (tessera only)."""
+    from tessera.config import ModelConfig
+    from tessera.model import MultimodalLM
+
+    rows = {}
+    for n in s.scaling_image_tokens:
+        side = int(round(n**0.5)) * s.patch
+        models, steps = {}, {}
+        for fusion in ("unified", "cross"):
+            config = ModelConfig.from_dict({
+                "vision": {"image_size": side, "patch_size": s.patch, "hidden_size": s.vision_width,
+                           "num_layers": s.vision_layers, "num_heads": s.vision_heads,
+                           "intermediate_size": 4 * s.vision_width, "pre_layernorm": True},
+                "text": {"vocab_size": s.vocab, "hidden_size": s.text_width, "num_layers": s.text_layers,
+                         "num_heads": s.heads, "num_kv_heads": s.kv_heads,
+                         "intermediate_size": int(2.6875 * s.text_width), "max_position_embeddings": 8192},
+                "fusion": {"method": fusion, "vision_feature_layer": -2,  # every 4th layer, as Llama 3.2
+                           "cross_attention_layers": list(range(3, s.text_layers, 4)) or [s.text_layers - 1]},
+            })
+            torch.manual_seed(0)
+            model = MultimodalLM(config).train()
+            optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
+            batch = llava_batch(s, s.scaling_batch, s.text_tokens, labelled=True, image_tokens=n, fusion=fusion)
+            models[fusion] = (model, config)
+            steps[fusion] = (lambda m=model, b=batch, o=optimizer: _train_step(m, b, o, hf=False))
+        times = interleaved(steps, s.repeats)
+        row = {}
+        for fusion, (model, config) in models.items():
+            text = s.text_tokens + (1 if fusion == "unified" else 2)
+            flops = training_step_flops(config, s.scaling_batch, n, text, s.text_tokens)
+            row[fusion] = {"seconds": times[fusion], "flops": flops, "mfu": flops / times[fusion] / (peak * 1e9)}
+        row["b_speedup"] = times["unified"] / times["cross"]
+        rows[n] = row
+        del models, steps
+    return rows
+
+
+def mllama_reference(s: Sizes) -> dict[str, Any]:
+    """transformers' Llama 3.2 Vision (Method B) training step at one image size, for reference."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    n = s.mllama_image_tokens
+    side = int(round(n**0.5)) * s.patch
+    extra = max(1, s.text_layers // 4)  # Mllama's cross-attention layers sit in the stack: every 5th from 3
+    cross = [min(3 + 5 * i, s.text_layers + extra - 1) for i in range(extra)]
+    config = MllamaConfig(
+        vision_config={"image_size": side, "patch_size": s.patch, "hidden_size": s.vision_width,
+                       "num_hidden_layers": s.vision_layers, "num_global_layers": 1,
+                       "attention_heads": s.vision_heads, "intermediate_size": 4 * s.vision_width,
+                       "vision_output_dim": 2 * s.vision_width, "intermediate_layers_indices": [s.vision_layers - 2],
+                       "max_num_tiles": 1, "supported_aspect_ratios": [[1, 1]]},
+        text_config={"vocab_size": s.vocab, "hidden_size": s.text_width,
+                     "num_hidden_layers": s.text_layers + len(cross), "num_attention_heads": s.heads,
+                     "num_key_value_heads": s.kv_heads, "intermediate_size": int(2.6875 * s.text_width),
+                     "cross_attention_layers": cross, "pad_token_id": 0, "bos_token_id": BOS, "eos_token_id": 2},
+        image_token_index=IMAGE_TOKEN)
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
+    batch = llava_batch(s, s.scaling_batch, s.text_tokens, labelled=True, image_tokens=n, fusion="cross")
+    b = s.scaling_batch
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"],
+              "pixel_values": batch["pixel_values"].reshape(b, 1, 1, 3, side, side),
+              "aspect_ratio_ids": torch.ones(b, 1, dtype=torch.long),
+              "aspect_ratio_mask": torch.ones(b, 1, 1, dtype=torch.long),
+              "cross_attention_mask": torch.ones(b, batch["input_ids"].shape[1], 1, 1, dtype=torch.long)}
+    seconds = interleaved({"mllama": lambda: _train_step(model, inputs, optimizer, hf=True)}, s.repeats)["mllama"]
+    return {"image_tokens": n, "seconds": seconds, "cross_attention_layers": cross}
+
+
+# --- the whole run ------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma", "neon", "sve")
+    return {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+            "cpu_flags": [f for f in wanted if f in flags.split()], "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def run(quick: bool = False, log=print) -> dict[str, Any]:
+    import transformers
+
+    s = QUICK if quick else FULL
+    started = time.perf_counter()
+    log(f"tessera bench ({'quick' if quick else 'full'}): torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {torch.get_num_threads()} threads")
+    peak = matmul_peak(s)
+    log(f"  matmul peak {peak:.1f} GFLOP/s")
+    results: dict[str, Any] = {"machine": machine() | {"transformers": transformers.__version__},
+                               "sizes": asdict(s), "matmul_gflops": peak}
+    log("  tessera vs transformers (training step, prefill, decode) …")
+    results["llava"] = compare_with_transformers(s, peak)
+    log("  Method A vs Method B as the image grows …")
+    results["fusion_scaling"] = fusion_scaling(s, peak)
+    log("  transformers Mllama reference …")
+    results["mllama_reference"] = mllama_reference(s)
+    results["wall_seconds"] = time.perf_counter() - started
+    return results
