@@ -23,8 +23,8 @@ DEFAULT_RECIPE = {"unified": "llava", "cross": "llama3.2"}
 # Stage lengths that fit a 300 s budget on a 2-core CPU (the README reports what they reach). Method B's gates
 # learn faster so a short run can open them (see TrainSettings.gate_lr_scale).
 QUICKSTART_RUNS: dict[str, dict[str, Any]] = {
-    "unified": {"steps": {"text": 250, "encoder_pretrain": 300, "align": 50, "instruct": 1300}},
-    "cross": {"steps": {"text": 250, "pretrain": 600, "finetune": 1000}, "gate_lr_scale": 100.0},
+    "unified": {"steps": {"text": 250, "encoder_pretrain": 300, "align": 50, "instruct": 1500}},
+    "cross": {"steps": {"text": 250, "pretrain": 700, "finetune": 1100}, "gate_lr_scale": 100.0},
 }
 DATASET = {"train": 3000, "test": 300, "seed": 0}
 
