@@ -113,7 +113,7 @@ def _export(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from tessera.bench import report, suite
 
-    results = suite.run(quick=args.quick)
+    results = suite.run(quick=args.quick, compile=args.compile)
     print(report.markdown(results))
     if args.json:
         out = Path(args.json)
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("bench", help="benchmark tessera against transformers and this CPU's matmul peak")
     p.add_argument("--json", default=None, help="write every measurement to this JSON file")
     p.add_argument("--quick", action="store_true", help="a reduced run (under a minute) that reports every figure")
+    p.add_argument("--compile", action="store_true", help="measure tessera with torch.compile (MultimodalLM.compile)")
     p.set_defaults(run=_bench)
 
     p = verbs.add_parser("recipes", help="list the training recipes")

@@ -62,6 +62,7 @@ class MultimodalLM(nn.Module):
         self.cross_attention = nn.ModuleDict(
             {str(i): GatedCrossAttentionBlock(config.text, attend_all) for i in config.cross_attention_layers}
         )
+        self._decode_step: Callable[..., ModelOutput] | None = None  # the compiled decode step, see compile()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -297,12 +298,32 @@ class MultimodalLM(nn.Module):
             yield tokens
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
             if use_cache:
-                logits = self(tokens[:, None], mask, position_ids=next_position, cache=cache).logits[:, -1]
+                step = self._decode_step or self
+                logits = step(tokens[:, None], mask, position_ids=next_position, cache=cache).logits[:, -1]
                 next_position = next_position + 1
             else:
                 sequence = torch.cat([sequence, tokens[:, None]], dim=-1)
                 logits = self(sequence, mask, image_counts=image_counts, image_features=image_features,
                               logits_to_keep=1, aspect_ratio_ids=aspect_ratio_ids).logits[:, -1]
+
+    # --- torch.compile (opt-in) ------------------------------------------------------------------------------------
+    def compile(self, **options) -> MultimodalLM:
+        """Opt in to torch.compile (off by default); `options` go to torch.compile (e.g. backend, mode). Returns
+        self. What it buys: inductor fuses the small elementwise ops around the matmuls (norms, RoPE, SwiGLU,
+        residuals, gates) and cuts per-op Python dispatch, which is most of a small model's decode step.
+
+        Compiled, each as one graph (fullgraph=True: a graph break is an error here, not a silent slowdown):
+        - the generation decode step: the whole forward of the new tokens through the KV cache;
+        - the vision encoder (ViT or tiled);
+        - the decoder's layer stack with Method B's blocks (`DecoderLLM.run_layers`).
+        The rest of a prefill or training forward stays eager around them: it checks the image-token counts, works
+        out which image each token sees and which positions carry a label — data-dependent Python that would break
+        any graph. The first calls compile (seconds); a changed shape (cache length, batch) recompiles once with
+        dynamic sizes."""
+        self.vision.compile(fullgraph=True, **options)
+        self.llm.run_layers = torch.compile(self.llm.run_layers, fullgraph=True, **options)
+        self._decode_step = torch.compile(self.forward, fullgraph=True, **options)
+        return self
 
     # --- staged training: freezing components ------------------------------------------------------------------
     def component(self, name: str) -> nn.Module:

@@ -47,7 +47,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Model: vision {s['vision_width']} wide × {s['vision_layers']} layers (patch {s['patch']}, "
         f"{s['image_tokens']} image tokens), text {s['text_width']} wide × {s['text_layers']} layers, "
         f"{s['heads']} heads / {s['kv_heads']} KV heads, vocab {s['vocab']}; fp32. Medians of {s['repeats']} "
-        f"interleaved runs after a warm-up.",
+        f"interleaved runs after a warm-up." + (" tessera compiled with `MultimodalLM.compile()` (torch.compile, "
+                                               "inductor); the warm-up compiles." if results.get("compile") else ""),
         "",
         "| measurement | tessera | transformers | ratio |",
         "|---|---|---|---|",

@@ -127,9 +127,11 @@ def _train_step(model, batch, optimizer, hf: bool):
     optimizer.zero_grad(set_to_none=True)
 
 
-def compare_with_transformers(s: Sizes, peak: float) -> dict[str, Any]:
+def compare_with_transformers(s: Sizes, peak: float, compile: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = llava_pair(s, Path(tmp))
+    if compile:  # the warm-up call of each measurement compiles
+        ours.compile()
     results: dict[str, Any] = {}
 
     # training step: forward + backward + AdamW, everything trains
@@ -175,7 +177,7 @@ def _generators(ours, theirs, prompt: dict[str, torch.Tensor], new_tokens: int) 
     return {"tessera": tessera, "transformers": transformers}
 
 
-def fusion_scaling(s: Sizes, peak: float) -> dict[str, Any]:
+def fusion_scaling(s: Sizes, peak: float, compile: bool = False) -> dict[str, Any]:
     """Method A vs Method B training step as the image grows, at a fixed text length (tessera only)."""
     from tessera.config import ModelConfig
     from tessera.model import MultimodalLM
@@ -197,6 +199,8 @@ def fusion_scaling(s: Sizes, peak: float) -> dict[str, Any]:
             })
             torch.manual_seed(0)
             model = MultimodalLM(config).train()
+            if compile:
+                model.compile()
             optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
             batch = llava_batch(s, s.scaling_batch, s.text_tokens, labelled=True, image_tokens=n, fusion=fusion)
             models[fusion] = (model, config)
@@ -262,21 +266,22 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def run(quick: bool = False, log=print) -> dict[str, Any]:
+def run(quick: bool = False, log=print, compile: bool = False) -> dict[str, Any]:
+    """compile=True measures tessera with `MultimodalLM.compile()` (torch.compile, inductor); transformers as is."""
     import transformers
 
     s = QUICK if quick else FULL
     started = time.perf_counter()
     log(f"tessera bench ({'quick' if quick else 'full'}): torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {torch.get_num_threads()} threads")
+        f"{transformers.__version__}, {torch.get_num_threads()} threads" + (", tessera compiled" if compile else ""))
     peak = matmul_peak(s)
     log(f"  matmul peak {peak:.1f} GFLOP/s")
     results: dict[str, Any] = {"machine": machine() | {"transformers": transformers.__version__},
-                               "sizes": asdict(s), "matmul_gflops": peak}
+                               "sizes": asdict(s), "matmul_gflops": peak, "compile": compile}
     log("  tessera vs transformers (training step, prefill, decode) …")
-    results["llava"] = compare_with_transformers(s, peak)
+    results["llava"] = compare_with_transformers(s, peak, compile)
     log("  Method A vs Method B as the image grows …")
-    results["fusion_scaling"] = fusion_scaling(s, peak)
+    results["fusion_scaling"] = fusion_scaling(s, peak, compile)
     log("  transformers Mllama reference …")
     results["mllama_reference"] = mllama_reference(s)
     results["wall_seconds"] = time.perf_counter() - started

@@ -41,9 +41,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         gqa = self.num_kv_heads != self.num_heads
-        if mask is None:
-            # No padding: plain causal when queries and keys line up; a single decode token sees everything.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
-        else:
+        if mask is None and t > 1:  # no padding, queries and keys line up: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # the mask, or none for a single decode token without padding, which sees every key
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))

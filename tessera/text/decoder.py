@@ -63,7 +63,9 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, num_new: int, past: i
         raise ValueError(
             f"attention_mask covers {attention_mask.shape[-1]} tokens; expected past ({past}) + new ({num_new}) = {total}"
         )
-    no_padding = attention_mask is None or bool(attention_mask.all())
+    # Compiled, the mask is always built: skipping it needs a data-dependent branch (a graph break), and SDPA
+    # computes the same attention with a mask that allows everything.
+    no_padding = attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all()))
     window_cuts = sliding_window is not None and total > sliding_window
     if no_padding and (past == 0 or num_new == 1) and not window_cuts:
         return None
@@ -124,10 +126,7 @@ class DecoderLLM(nn.Module):
                 position_ids = torch.arange(past, past + num_new, device=x.device).expand(x.shape[0], -1)
         rope = self.rotary(position_ids, x.dtype)
         mask = attention_mask_4d(attention_mask, num_new, past, self.config.sliding_window)
-        for i, layer in enumerate(self.layers):
-            if inject is not None and i in inject:
-                x = inject[i](x)
-            x = layer(x, rope, mask, cache)
+        x = self.run_layers(x, rope, mask, cache, inject)
         if cache is not None:
             cache.advance(num_new)
         if isinstance(logits_to_keep, torch.Tensor):
@@ -135,6 +134,17 @@ class DecoderLLM(nn.Module):
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
+
+    def run_layers(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                   cache: KVCache | None = None,
+                   inject: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> torch.Tensor:
+        """The layer stack, with Method B's blocks before their layers: the bulk of the work, and one graph for
+        `torch.compile` whatever the caller does around it (see `MultimodalLM.compile`)."""
+        for i, layer in enumerate(self.layers):
+            if inject is not None and i in inject:
+                x = inject[i](x)
+            x = layer(x, rope, mask, cache)
+        return x
 
 
 def _init_weights(module: nn.Module) -> None:
