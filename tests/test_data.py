@@ -82,6 +82,12 @@ def test_caption_and_answers_are_read_off_the_scene():
     assert answers["position"][1] == {"Where is the circle?": "top left", "Where is the square?": "center"}[answers["position"][0]]
     assert answers["shape"][1] == {"What shape is at the top left?": "circle",
                                    "What shape is at the center?": "square"}[answers["shape"][0]]
+    every = questions(scene, random.Random(0), every=True)
+    assert sorted((k, q, a) for k, q, a in every if k in ("colour", "shape", "position")) == [
+        ("colour", "What colour is the circle?", "red"), ("colour", "What colour is the square?", "blue"),
+        ("position", "Where is the circle?", "top left"), ("position", "Where is the square?", "center"),
+        ("shape", "What shape is at the center?", "square"), ("shape", "What shape is at the top left?", "circle")]
+    assert sorted(a for k, _, a in every if k == "exists") == ["no", "yes"]
     question, answer = answers["exists"]
     colour, shape = question.removeprefix("Is there a ").rstrip("?").split()
     assert answer == ("yes" if (colour, shape) in {("red", "circle"), ("blue", "square")} else "no")

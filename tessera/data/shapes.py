@@ -9,8 +9,9 @@ DIR/text_train.jsonl / DIR/text_test.jsonl: the same tasks about scenes describe
 `messages` format, for text-only LM pretraining.
 
 Training records are what LLaVA-Instruct looks like: per image, one caption record and one multi-turn record with
-every question about that image (type "questions", in shuffled order), so the image is read once for several
-answers. Test records hold one task each, typed by question kind, so exact match can be reported per kind.
+every question the image answers (type "questions", in shuffled order: each unique shape's colour and position,
+the shape in each occupied cell, the count, and one yes and one no existence question), so the image is read once
+for every fact in it. Test records hold one task each, typed by question kind, so exact match can be reported per kind.
 """
 
 from __future__ import annotations
@@ -109,29 +110,33 @@ def draw(scene: Scene, size: int, seed: int) -> Image.Image:
     return image
 
 
-def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """(type, question, answer) of every kind the scene answers unambiguously, one per kind."""
+def questions(scene: Scene, rng: random.Random, every: bool = False) -> list[tuple[str, str, str]]:
+    """(type, question, answer) of every kind the scene answers unambiguously: one per kind, or with `every` all
+    of them — each unique shape's colour and position, the shape in each occupied cell, and one yes and one no
+    existence question (a training image read once teaches every fact in it)."""
+    def some(items: list) -> list:
+        return list(items) if every else [rng.choice(items)]
+
     found = []
     by_shape = {}
     for s in scene.shapes:
         by_shape.setdefault(s.shape, []).append(s)
     unique_shapes = [group[0] for group in by_shape.values() if len(group) == 1]
     if unique_shapes:
-        s = rng.choice(unique_shapes)
-        found.append(("colour", f"What colour is the {s.shape}?", s.colour))
-    s = rng.choice(scene.shapes)
-    found.append(("shape", f"What shape is at the {s.position}?", s.shape))
+        found += [("colour", f"What colour is the {s.shape}?", s.colour) for s in some(unique_shapes)]
+    found += [("shape", f"What shape is at the {s.position}?", s.shape) for s in some(scene.shapes)]
     found.append(("count", "How many shapes are there?", NUMBERS[len(scene.shapes)]))
     present = {(s.colour, s.shape) for s in scene.shapes}
     absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
-    if rng.random() < 0.5:
+    if every:
+        asked = [(rng.choice(sorted(present)), "yes"), (rng.choice(absent), "no")]
+    elif rng.random() < 0.5:
         asked = [(rng.choice(sorted(present)), "yes")]
     else:
         asked = [(rng.choice(absent), "no")]
     found += [("exists", f"Is there a {colour} {shape}?", answer) for (colour, shape), answer in asked]
     if unique_shapes:
-        s = rng.choice(unique_shapes)
-        found.append(("position", f"Where is the {s.shape}?", s.position))
+        found += [("position", f"Where is the {s.shape}?", s.position) for s in some(unique_shapes)]
     return found
 
 
@@ -184,7 +189,7 @@ def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, see
             draw(scene, image_size, seed=rng.randrange(2**31)).save(out / "images" / f"{name}.png", optimize=False)
             image = f"images/{name}.png"
             splits[split].append(_record(f"{name}-caption", image, "caption", [(CAPTION_PROMPT, caption(scene))]))
-            asked = questions(scene, rng)
+            asked = questions(scene, rng, every=split == "train")
             if split == "train":
                 rng.shuffle(asked)
                 splits[split].append(_record(f"{name}-questions", image, "questions",
