@@ -27,7 +27,8 @@ def _data(args: argparse.Namespace) -> None:
     from tessera.data.shapes import make_shapes_dataset
 
     summary = make_shapes_dataset(args.out, train=args.train, test=args.test, seed=args.seed,
-                                  image_size=args.image_size, text_train=args.text_train, text_test=args.text_test)
+                                  image_size=args.image_size, text_train=args.text_train, text_test=args.text_test,
+                                  all_questions=args.all_questions)
     print(f"wrote {args.out}: " + ", ".join(f"{count} {name} records" for name, count in summary.items()))
 
 
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--image-size", type=int, default=48)
     shapes.add_argument("--text-train", type=int, default=None, help="text-only scenes (default: --train)")
     shapes.add_argument("--text-test", type=int, default=500, help="held-out text-only scenes")
+    shapes.add_argument("--all-questions", action="store_true",
+                        help="a training image asks everything it answers, not one question of each kind")
     shapes.set_defaults(run=_data)
 
     p = verbs.add_parser("train", help="train a run described by a YAML file")

@@ -110,6 +110,24 @@ def test_batches_are_seeded_and_cover_every_example(shapes):
     assert seen == len(examples) // 8 * 8
 
 
+def test_grouping_by_length_pads_less_and_still_covers_every_example(shapes):
+    _, processor, examples, _ = _model_and_data(shapes, "unified")
+    per_epoch = len(examples) // 4
+    examples = examples[:per_epoch * 4]  # whole batches only, so an epoch holds every example
+
+    def epoch(group):
+        stream = batches(examples, processor, 4, seed=3, group_by_length=group)
+        return [next(stream) for _ in range(per_epoch)]
+
+    plain, grouped = epoch(False), epoch(True)
+    padded = lambda run: sum(b["input_ids"].numel() for b in run)  # noqa: E731
+    real = lambda run: sum(int(b["attention_mask"].sum()) for b in run)  # noqa: E731
+    assert real(grouped) == real(plain)
+    assert padded(grouped) - real(grouped) < 0.5 * (padded(plain) - real(plain))  # padding at least halved
+    rows = lambda run: sorted(tuple(r[m.bool()].tolist()) for b in run for r, m in zip(b["input_ids"], b["attention_mask"]))  # noqa: E731
+    assert rows(grouped) == rows(plain)
+
+
 def test_a_seconds_long_run_lowers_the_loss_and_writes_its_outputs(shapes, tmp_path):
     run = RunConfig.from_dict({
         "recipe": "molmo", "data": str(shapes), "out": str(tmp_path / "run"), "model": TINY_MODEL,

@@ -9,9 +9,10 @@ DIR/text_train.jsonl / DIR/text_test.jsonl: the same tasks about scenes describe
 `messages` format, for text-only LM pretraining.
 
 Training records are what LLaVA-Instruct looks like: per image, one caption record and one multi-turn record with
-every question the image answers (type "questions", in shuffled order: each unique shape's colour and position,
-the shape in each occupied cell, the count, and one yes and one no existence question), so the image is read once
-for every fact in it. Test records hold one task each, typed by question kind, so exact match can be reported per kind.
+one question of each kind about that image (type "questions", in shuffled order), so the image is read once for
+several answers; `all_questions` asks everything the image answers instead (each unique shape's colour and
+position, the shape in each occupied cell, and a yes and a no existence question) — more supervision per image,
+longer steps. Test records hold one task each, typed by question kind, so exact match can be reported per kind.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def _new_scene(rng: random.Random, *exclude: set[tuple]) -> Scene:
 
 
 def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, seed: int = 0,
-                        image_size: int = 48, text_train: int | None = None, text_test: int = 500) -> dict:
+                        image_size: int = 48, text_train: int | None = None, text_test: int = 500,
+                        all_questions: bool = False) -> dict:
     """Write the dataset; returns a summary. Same arguments → same bytes.
 
     Each split draws from its own seeded stream, so the test set does not change with the size of the training
@@ -189,7 +191,7 @@ def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, see
             draw(scene, image_size, seed=rng.randrange(2**31)).save(out / "images" / f"{name}.png", optimize=False)
             image = f"images/{name}.png"
             splits[split].append(_record(f"{name}-caption", image, "caption", [(CAPTION_PROMPT, caption(scene))]))
-            asked = questions(scene, rng, every=split == "train")
+            asked = questions(scene, rng, every=all_questions and split == "train")
             if split == "train":
                 rng.shuffle(asked)
                 splits[split].append(_record(f"{name}-questions", image, "questions",

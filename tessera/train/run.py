@@ -56,6 +56,7 @@ class RunConfig:
     weight_decay: float = 0.0
     gate_lr_scale: float = 1.0
     checkpoint_every: int = 0
+    group_by_length: bool = False  # batch records of similar length together (less padding; see TrainSettings)
     seed: int = 0
     strict: bool = False
     threads: int | None = None
@@ -224,7 +225,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
             e.labels = list(e.input_ids)
     settings = TrainSettings(batch_size=run.batch_size, grad_accum=run.grad_accum, warmup=run.warmup,
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
-                             checkpoint_every=run.checkpoint_every,
+                             checkpoint_every=run.checkpoint_every, group_by_length=run.group_by_length,
                              seed=run.seed, progress=progress)
     held_out = []
     if (data_dir / "text_test.jsonl").is_file():
