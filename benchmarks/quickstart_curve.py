@@ -13,6 +13,7 @@ shorter run would anneal sooner).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     make_shapes_dataset(data, **DATASET)
     recipe = DEFAULT_RECIPE[args.fusion]
     last = get_recipe(recipe).stages[-1].name
-    settings = json.loads(json.dumps(QUICKSTART_RUNS[args.fusion]))
+    settings = copy.deepcopy(QUICKSTART_RUNS[args.fusion])
     settings["steps"][last] = args.last_stage_steps
     run = RunConfig.from_dict({"recipe": recipe, "data": str(data), "out": str(out / "run"), "fusion": args.fusion,
                                "checkpoint_every": args.every, "seed": args.seed, "threads": args.threads,
