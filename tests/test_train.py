@@ -101,6 +101,15 @@ def test_warmup_then_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_warmup_stable_decay_holds_the_peak_then_decays_linearly():
+    factor = lr_lambda(100, warmup_fraction=0.1, min_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert all(factor(s) == 1.0 for s in range(10, 80))
+    assert factor(90) == pytest.approx(0.5) and factor(99) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="schedule='step'"):
+        lr_lambda(100, 0.1, 0.1, schedule="step")
+
+
 def test_batches_are_seeded_and_cover_every_example(shapes):
     model, processor, examples, _ = _model_and_data(shapes, "unified")
     first = [next(batches(examples, processor, 8, seed=1))["input_ids"] for _ in range(2)]
@@ -184,6 +193,17 @@ def test_run_config_overrides_and_validation(tmp_path):
         RunConfig.load(path, ["steps"])
     with pytest.raises(ConfigError, match="no such run config"):
         RunConfig.load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="schedule='linear': expected one of cosine, wsd"):
+        RunConfig.load(path, ["schedule=linear"])
+    with pytest.raises(ConfigError, match="schedule.text='step': expected one of"):
+        RunConfig.load(path, ["schedule.text=step"])
+    with pytest.raises(ConfigError, match="schedule.finetune: recipe 'llava' has no stage 'finetune'"):
+        build_stages(RunConfig.load(path, ["schedule.finetune=wsd"]))
+    schedules = {s.name: s.schedule for s in build_stages(RunConfig.load(path, ["schedule.text=wsd"]))}
+    assert schedules == {"text": "wsd", "encoder_pretrain": "cosine", "align": "cosine", "instruct": "cosine"}
+    assert {s.schedule for s in build_stages(RunConfig.load(path, ["schedule=wsd"]))} == {"wsd"}
+    with pytest.raises(ConfigError, match="min_lr_ratio=1.5: expected a fraction"):
+        RunConfig.load(path, ["min_lr_ratio=1.5"])
     # a recipe whose first stage trains the encoder needs no separate encoder pretraining
     plain = RunConfig.from_dict({"recipe": "llama3.2", "data": "somewhere"})
     assert [s.name for s in build_stages(plain)] == ["text", "pretrain", "finetune"]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tessera.data.records import EncodedExample
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
-from tessera.train.recipes import Stage
+from tessera.train.recipes import SCHEDULES, Stage
 
 
 @dataclass
@@ -29,7 +29,8 @@ class TrainSettings:
     batch_size: int = 32
     grad_accum: int = 1
     warmup: float = 0.05  # fraction of the stage's steps
-    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    min_lr_ratio: float = 0.1  # the schedule decays to this fraction of the peak
+    decay: float = 0.2  # the fraction of a "wsd" stage (see Stage.schedule) spent decaying
     clip: float = 1.0
     weight_decay: float = 0.0
     checkpoint_every: int = 0  # steps; 0 = only at the end of each stage
@@ -67,13 +68,22 @@ def batches(examples: list[EncodedExample], processor: Processor, batch_size: in
             yield processor.pad_batch([(e.input_ids, e.labels) for e in chosen], [e.pixel_values for e in chosen])
 
 
-def lr_lambda(steps: int, warmup_fraction: float, min_ratio: float):
+def lr_lambda(steps: int, warmup_fraction: float, min_ratio: float, schedule: str = "cosine",
+              decay_fraction: float = 0.2):
+    """The learning-rate multiplier at each step: linear warmup, then cosine decay or warmup-stable-decay."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
     warmup = max(1, int(round(steps * warmup_fraction)))
+    decay_start = warmup if schedule == "cosine" else max(warmup, steps - int(round(steps * decay_fraction)))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, steps - decay_start))
+        if schedule == "wsd":
+            return 1 - (1 - min_ratio) * progress
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -111,8 +121,8 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
         if gates:
             groups.append({"params": gates, "lr": lr * settings.gate_lr_scale, "name": f"{name}.gates"})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, settings.warmup,
-                                                                      settings.min_lr_ratio))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        stage.steps, settings.warmup, settings.min_lr_ratio, stage.schedule, settings.decay))
     trainable = [p for group in groups for p in group["params"]]
     data = batches(examples, processor, settings.batch_size, settings.seed + first_step, settings.group_by_length)
     model.train()

@@ -12,6 +12,7 @@ from tessera.errors import ConfigError
 from tessera.model import COMPONENTS
 
 DATA_KINDS = ("text", "captions", "questions", "mix")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
@@ -22,6 +23,9 @@ class Stage:
     steps: int = 200
     lr: float = 1e-3
     lr_scale: dict[str, float] = field(default_factory=dict)  # per-component multiplier of lr
+    # after warmup, "cosine" decays over the whole stage; "wsd" (warmup-stable-decay, as in MiniCPM) holds the peak
+    # and decays linearly over the stage's last steps — more steps at a high rate
+    schedule: str = "cosine"
     # components whose learned weights outlive the stage (None: all that trained); the others are put back as
     # they were before it — how an encoder is pretrained with a decoder that is then thrown away
     keep: tuple[str, ...] | None = None
@@ -34,6 +38,9 @@ class Stage:
                                   f"{', '.join(COMPONENTS)}")
         if self.data not in DATA_KINDS:
             raise ConfigError(f"stage {self.name!r}: data={self.data!r}; expected one of {', '.join(DATA_KINDS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"stage {self.name!r}: schedule={self.schedule!r}; expected one of "
+                              f"{', '.join(SCHEDULES)}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise ConfigError(f"stage {self.name!r}: steps={self.steps!r}; expected an integer >= 0")
         if self.keep is not None:

@@ -29,7 +29,7 @@ from tessera.presets.tiny import PRESETS
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
 from tessera.train.loop import TrainSettings, plot_losses, save_checkpoint, train_stage
-from tessera.train.recipes import TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
+from tessera.train.recipes import SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
 
 
 @dataclass
@@ -52,6 +52,11 @@ class RunConfig:
     batch_size: int = 32
     grad_accum: int = 1
     warmup: float = 0.05
+    # "cosine" or "wsd" (warmup, hold the peak, decay over the last `decay` fraction): one for every stage, or a
+    # mapping from stage name (stages not named keep the cosine)
+    schedule: str | dict[str, str] = "cosine"
+    decay: float = 0.2
+    min_lr_ratio: float = 0.1
     clip: float = 1.0
     weight_decay: float = 0.0
     gate_lr_scale: float = 1.0
@@ -63,11 +68,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads "1e-3" (no dot) as a string: accept it as the number everybody means.
-        for name in ("warmup", "clip", "weight_decay", "gate_lr_scale"):
+        for name in ("warmup", "decay", "min_lr_ratio", "clip", "weight_decay", "gate_lr_scale"):
             setattr(self, name, _number(name, getattr(self, name)))
         self.lr = {stage: _number(f"lr.{stage}", value) for stage, value in self.lr.items()}
         self.lr_scale = {stage: {c: _number(f"lr_scale.{stage}.{c}", v) for c, v in table.items()}
                          for stage, table in self.lr_scale.items()}
+        for stage, value in (self.schedule.items() if isinstance(self.schedule, dict) else [("", self.schedule)]):
+            if value not in SCHEDULES:
+                where = f"schedule.{stage}" if stage else "schedule"
+                raise ConfigError(f"{where}={value!r}: expected one of {', '.join(SCHEDULES)}")
+        for name in ("decay", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected a fraction between 0 and 1")
         for name in ("batch_size", "grad_accum", "vocab_size", "max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -136,13 +148,15 @@ def build_stages(run: RunConfig) -> list[Stage]:
     names = {s.name for s in stages}
     if len(names) != len(stages):
         raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
-    for table in ("steps", "lr", "lr_scale"):
-        unknown = sorted(set(getattr(run, table)) - names)
+    schedules = run.schedule if isinstance(run.schedule, dict) else {s.name: run.schedule for s in stages}
+    for table in ("steps", "lr", "lr_scale", "schedule"):
+        unknown = sorted(set(schedules if table == "schedule" else getattr(run, table)) - names)
         if unknown:
             raise ConfigError(f"{table}.{unknown[0]}: recipe {run.recipe!r} has no stage {unknown[0]!r}; "
                               f"its stages are {', '.join(s.name for s in stages)}")
     return [dataclasses.replace(s, steps=run.steps.get(s.name, s.steps), lr=run.lr.get(s.name, s.lr),
-                                lr_scale=run.lr_scale.get(s.name, s.lr_scale)) for s in stages]
+                                lr_scale=run.lr_scale.get(s.name, s.lr_scale),
+                                schedule=schedules.get(s.name, s.schedule)) for s in stages]
 
 
 def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
@@ -224,6 +238,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         for e in text_examples:  # language-model pretraining learns every token, not just the answers
             e.labels = list(e.input_ids)
     settings = TrainSettings(batch_size=run.batch_size, grad_accum=run.grad_accum, warmup=run.warmup,
+                             decay=run.decay, min_lr_ratio=run.min_lr_ratio,
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
                              checkpoint_every=run.checkpoint_every, group_by_length=run.group_by_length,
                              seed=run.seed, progress=progress)
