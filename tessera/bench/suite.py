@@ -54,10 +54,12 @@ class Sizes:
 
 
 FULL = Sizes()
+# --quick decodes 32 tokens, not fewer: decode speed is (full generation − prefill), and with a handful of tokens a
+# noisy prefill on a busy machine outweighed the decode steps (a negative tokens/s was reported)
 QUICK = Sizes(vision_width=64, vision_layers=2, vision_heads=2, text_width=64, text_layers=2, heads=4, kv_heads=2,
-              vocab=512, image_tokens=16, text_tokens=16, prompt_tokens=8, new_tokens=8, train_batch=2,
+              vocab=512, image_tokens=16, text_tokens=16, prompt_tokens=8, new_tokens=32, train_batch=2,
               decode_batches=(1, 2), scaling_image_tokens=(16, 64), mllama_image_tokens=16, matmul_size=1024,
-              repeats=2)
+              repeats=3)
 
 
 # --- the models -------------------------------------------------------------------------------------------------
