@@ -6,8 +6,8 @@ multimodal stages is evaluated on the held-out test split.
     python benchmarks/quickstart_curve.py --fusion cross --last-stage-steps 4000 --every 500 --json curve.json
 
 Training seconds are the stages' own clocks (evaluation and checkpoint writing excluded). The learning rate follows
-the long run's cosine schedule, so a point on the curve is a lower bound for a run that stops there by design (a
-shorter run would anneal sooner).
+the long run's schedule (the quickstart's: cosine or wsd per stage), so a point on the curve is a lower bound for a
+run that stops there by design (a shorter run would anneal sooner).
 """
 
 from __future__ import annotations
