@@ -149,8 +149,9 @@ def build_stages(run: RunConfig) -> list[Stage]:
     if len(names) != len(stages):
         raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
     schedules = run.schedule if isinstance(run.schedule, dict) else {s.name: run.schedule for s in stages}
-    for table in ("steps", "lr", "lr_scale", "schedule"):
-        unknown = sorted(set(schedules if table == "schedule" else getattr(run, table)) - names)
+    tables = {"steps": run.steps, "lr": run.lr, "lr_scale": run.lr_scale, "schedule": schedules}
+    for table, per_stage in tables.items():
+        unknown = sorted(set(per_stage) - names)
         if unknown:
             raise ConfigError(f"{table}.{unknown[0]}: recipe {run.recipe!r} has no stage {unknown[0]!r}; "
                               f"its stages are {', '.join(s.name for s in stages)}")
