@@ -12,7 +12,7 @@ from tessera.data.records import load_examples
 from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.metrics import exact_match, normalize_answer
 from tessera.model import COMPONENTS
-from tessera.train.loop import TrainSettings, batches, lr_lambda, train_stage
+from tessera.train.loop import TrainSettings, batches, lr_lambda, train_stage, training_precision
 from tessera.train.recipes import RECIPES, Stage, encoder_pretraining
 from tessera.train.run import RunConfig, build_stages, dataset_texts, run_training, select
 
@@ -172,6 +172,53 @@ def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):
     assert any(b.attn_gate.item() != 0 for b in result["model"].cross_attention.values())
 
 
+def test_bf16_mixed_precision_learns_and_keeps_float32_weights(shapes, tmp_path, monkeypatch):
+    """bf16-mixed runs the matmuls in bf16 but keeps the weights, their gradients and the loss in float32; its loss
+    tracks the float32 loss to bf16's precision, and a short run learns as well as float32 does."""
+    model, processor, examples, _ = _model_and_data(shapes, "unified")
+    batch = processor.pad_batch([(e.input_ids, e.labels) for e in examples[:8]], [e.pixel_values for e in examples[:8]])
+    exact = model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(**batch).loss
+    assert mixed.dtype == torch.float32 and mixed.item() != exact.item()
+    assert abs(mixed.item() - exact.item()) < 0.02 * exact.item()
+
+    calls = []
+    monkeypatch.setattr(torch, "autocast", _recording(torch.autocast, calls))
+    losses = {}
+    for precision in ("fp32", "bf16-mixed"):
+        torch.manual_seed(0)
+        model, processor, examples, _ = _model_and_data(shapes, "unified")
+        settings = TrainSettings(batch_size=8, progress=False, precision=precision)
+        stage = Stage("instruct", ("projector", "llm"), "questions", steps=30, lr=3e-3)
+        losses[precision] = train_stage(model, processor, stage, examples, settings, tmp_path, tmp_path / "m.jsonl",
+                                        log=lambda *_: None)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert [c.get("enabled") for c in calls] == [False] * 30 + [True] * 30
+    first, last = losses["bf16-mixed"][:5], losses["bf16-mixed"][-5:]
+    assert sum(last) < 0.8 * sum(first)
+    assert abs(sum(last) - sum(losses["fp32"][-5:])) < 0.1 * sum(losses["fp32"][-5:])
+
+
+def _recording(autocast, calls):
+    def wrapper(*args, **kwargs):
+        if "dtype" in kwargs:  # the training loop's; the model's own (attention's opt-out) are not counted
+            calls.append(kwargs)
+        return autocast(*args, **kwargs)
+    return wrapper
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    for avx512_bf16, amx, expected in [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),
+                                       (False, False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert training_precision("auto") == expected
+    assert training_precision("fp32") == "fp32" and training_precision("bf16-mixed") == "bf16-mixed"
+    with pytest.raises(ValueError, match="precision='half'"):
+        training_precision("half")
+
+
 def test_run_config_overrides_and_validation(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("recipe: llava\ndata: somewhere\nsteps: {align: 10}\nlr: {align: 1e-3}\n")
@@ -202,6 +249,8 @@ def test_run_config_overrides_and_validation(tmp_path):
     schedules = {s.name: s.schedule for s in build_stages(RunConfig.load(path, ["schedule.text=wsd"]))}
     assert schedules == {"text": "wsd", "encoder_pretrain": "cosine", "align": "cosine", "instruct": "cosine"}
     assert {s.schedule for s in build_stages(RunConfig.load(path, ["schedule=wsd"]))} == {"wsd"}
+    with pytest.raises(ConfigError, match="precision='fp16': expected one of fp32, bf16-mixed, auto"):
+        RunConfig.load(path, ["precision=fp16"])
     with pytest.raises(ConfigError, match="min_lr_ratio=1.5: expected a fraction"):
         RunConfig.load(path, ["min_lr_ratio=1.5"])
     # a recipe whose first stage trains the encoder needs no separate encoder pretraining

@@ -8,10 +8,10 @@ block is the identity and the LLM behaves exactly as it did before training.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import TextConfig
+from tessera.text.attention import attend
 from tessera.text.mlp import SwiGLU
 from tessera.text.norm import RMSNorm
 
@@ -99,8 +99,7 @@ class GatedCrossAttentionBlock(nn.Module):
         key_mask = key_mask | ~sees_any[..., None]  # blind rows attend to every key (finite, never NaN)
         q = self.q_proj(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim)
         q = self.q_norm(q).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask[:, None],
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = attend(q, keys, values, attn_mask=key_mask[:, None], enable_gqa=self.num_kv_heads != self.num_heads)
         row = sees_any[..., None].to(x.dtype)
         attended = self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         x = x + torch.tanh(self.attn_gate) * (attended if self.attend_all_when_blind else row * attended)

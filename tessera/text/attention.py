@@ -11,6 +11,16 @@ from tessera.text.cache import KVCache
 from tessera.text.rope import apply_rotary
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention, kept in float32 under CPU bf16 autocast (mixed-precision training): the
+    projections around it run in bf16, but CPU's bf16 attention backward is about 4× slower than float32's
+    (measured on the quickstart's shapes), and the softmax keeps its full precision."""
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class SelfAttention(nn.Module):
     """q/k/v from one fused projection; num_kv_heads ≤ num_heads key/value heads, each shared by a group of
     query heads (SDPA's `enable_gqa` broadcasts them without copying)."""
@@ -42,7 +52,7 @@ class SelfAttention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)
         gqa = self.num_kv_heads != self.num_heads
         if mask is None and t > 1:  # no padding, queries and keys line up: plain causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = attend(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # the mask, or none for a single decode token without padding, which sees every key
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = attend(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))

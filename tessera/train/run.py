@@ -28,7 +28,8 @@ from tessera.model import MultimodalLM
 from tessera.presets.tiny import PRESETS
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
-from tessera.train.loop import TrainSettings, plot_losses, save_checkpoint, train_stage
+from tessera.train.loop import (PRECISIONS, TrainSettings, plot_losses, save_checkpoint, train_stage,
+                                 training_precision)
 from tessera.train.recipes import SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
 
 
@@ -62,6 +63,7 @@ class RunConfig:
     gate_lr_scale: float = 1.0
     checkpoint_every: int = 0
     group_by_length: bool = False  # batch records of similar length together (less padding; see TrainSettings)
+    precision: str = "fp32"  # fp32 | bf16-mixed | auto (bf16-mixed where the CPU has native bf16 matmuls)
     seed: int = 0
     strict: bool = False
     threads: int | None = None
@@ -77,6 +79,8 @@ class RunConfig:
             if value not in SCHEDULES:
                 where = f"schedule.{stage}" if stage else "schedule"
                 raise ConfigError(f"{where}={value!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         for name in ("decay", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a fraction between 0 and 1")
@@ -242,7 +246,8 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
                              decay=run.decay, min_lr_ratio=run.min_lr_ratio,
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
                              checkpoint_every=run.checkpoint_every, group_by_length=run.group_by_length,
-                             seed=run.seed, progress=progress)
+                             seed=run.seed, progress=progress, precision=training_precision(run.precision))
+    log(f"precision: {settings.precision}" + (f" (asked for {run.precision})" if run.precision == "auto" else ""))
     held_out = []
     if (data_dir / "text_test.jsonl").is_file():
         held_out, _ = load_examples(data_dir / "text_test.jsonl", processor)

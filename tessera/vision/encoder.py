@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import VisionConfig
+from tessera.text.attention import attend
 from tessera.vision.patch_embedding import PatchEmbedding
 
 ACTIVATIONS = {
@@ -55,7 +56,7 @@ class VisionAttention(nn.Module):
         """mask: optional additive (batch, 1, n, n) attention bias."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
