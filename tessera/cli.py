@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tessera.errors import TesseraError
+from tessera.train.loop import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -20,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _quickstart(args: argparse.Namespace) -> None:
     from tessera.quickstart import quickstart
 
-    quickstart(args.out, args.fusion, progress=not args.no_progress)
+    quickstart(args.out, args.fusion, progress=not args.no_progress, precision=args.precision)
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--fusion", choices=("unified", "cross"), default="unified",
                    help="unified: Method A with the llava recipe; cross: Method B with the llama3.2 recipe")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training precision; auto: bf16-mixed where the CPU has native bf16 matmuls, else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(run=_quickstart)
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
+from tessera.train.loop import training_precision
 from tests.test_train import TINY_MODEL
 
 TESSERA = shutil.which("tessera", path=os.path.dirname(sys.executable)) or "tessera"
@@ -126,11 +127,25 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         for key in ("exact_match", "cider", "text_loss_before", "text_loss_after", "wall_seconds", "fusion", "recipe"):
             assert key in saved, key
         assert saved["fusion"] == fusion and saved["recipe"] == qs.DEFAULT_RECIPE[fusion]
+        assert saved["precision"] == training_precision("auto")
         assert (tmp_path / fusion / "checkpoint/model.safetensors").is_file()
         printed = "\n".join(lines)
         assert "exact match" in printed and printed.count("(reference") == 3
     assert json.loads((tmp_path / "cross/metrics.json").read_text())["text_loss_before"] == \
         json.loads((tmp_path / "cross/metrics.json").read_text())["text_loss_after"]
+
+
+def test_quickstart_precision_flag(tmp_path, monkeypatch):
+    """--precision reaches the run; a precision the trainer doesn't know is refused by the parser."""
+    from tessera import quickstart as qs
+
+    seen = []
+    monkeypatch.setattr(qs, "quickstart", lambda out, fusion, progress, precision: seen.append(precision))
+    from tessera.cli import main
+    main(["quickstart", "--out", str(tmp_path), "--precision", "fp32"])
+    assert seen == ["fp32"]
+    result = tessera("quickstart", "--precision", "fp16", check=False)
+    assert result.returncode == 2 and "invalid choice: 'fp16'" in result.stderr
 
 
 def test_the_help_names_every_verb():

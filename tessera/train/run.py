@@ -278,4 +278,4 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         plot_losses(metrics_path, out / "loss.png")
     return {"model": model, "processor": processor, "steps": step, "final_losses": stage_losses,
             "text_loss_before": text_loss.get("before"), "text_loss_after": text_loss.get("after"),
-            "train_seconds": time.perf_counter() - started}
+            "precision": settings.precision, "train_seconds": time.perf_counter() - started}
