@@ -33,7 +33,9 @@ def training_precision(requested: str) -> str:
         raise ValueError(f"precision={requested!r}: expected one of {', '.join(PRECISIONS)}")
     if requested != "auto":
         return requested
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # private probes of PyTorch's CPU dispatch; a build without them counts as no native bf16
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return "bf16-mixed" if native else "fp32"
 
 
