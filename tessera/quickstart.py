@@ -46,7 +46,7 @@ def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log
     make_shapes_dataset(data, **DATASET)
     recipe = DEFAULT_RECIPE[fusion]
     run = RunConfig.from_dict({"recipe": recipe, "data": str(data), "out": str(out / "run"), "fusion": fusion,
-                               "precision": precision, **QUICKSTART_RUNS[fusion]})
+                               **QUICKSTART_RUNS[fusion], "precision": precision})  # the caller's precision wins
     trained = run_training(run, log=log, progress=progress)
     model, processor = trained["model"], trained["processor"]
     checkpoint = out / "checkpoint"
