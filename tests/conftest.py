@@ -22,3 +22,17 @@ def tiny_config(fusion: str = "unified", **fusion_options) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["default", "onednn"])
+def linear_route(request, monkeypatch):
+    """Runs a test twice: with tessera.linear's size thresholds as shipped (the tiny test models stay with PyTorch's
+    kernels) and with every float32 product sent through oneDNN, so properties and parity hold on both routes."""
+    import tessera.linear
+
+    if request.param == "onednn":
+        if tessera.linear.backend() != "onednn":
+            pytest.skip("this torch build has no oneDNN linear")
+        monkeypatch.setattr(tessera.linear, "MIN_WEIGHT_ELEMENTS", 0)
+        monkeypatch.setattr(tessera.linear, "MIN_MULTIPLY_ADDS", 0)
+    return request.param

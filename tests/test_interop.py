@@ -229,7 +229,7 @@ def test_processor_matches_transformers(name, families, imported):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_logits_match_transformers(name, families, imported):
+def test_logits_match_transformers(name, families, imported, linear_route):
     family, model, ours, theirs = _both_batches(name, families, imported, "right")
     with torch.no_grad():
         expected = family.model(**theirs).logits
@@ -239,7 +239,7 @@ def test_logits_match_transformers(name, families, imported):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_greedy_generation_matches_transformers(name, families, imported):
+def test_greedy_generation_matches_transformers(name, families, imported, linear_route):
     family, model, ours, theirs = _both_batches(name, families, imported, "left")
     family.model.generation_config.eos_token_id = None  # 20 tokens on both sides, whatever a random model writes
     family.model.generation_config.pad_token_id = 0

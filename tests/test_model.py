@@ -145,7 +145,7 @@ def _generation_batch(fusion: str):
 
 
 @pytest.mark.parametrize("fusion", ["unified", "cross"])
-def test_kv_cache_equals_recomputing(fusion):
+def test_kv_cache_equals_recomputing(fusion, linear_route):
     model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[0, 2])).eval()
     _open_gates(model, 0.7)
     _, ids, mask, pixels, counts = _generation_batch(fusion)
@@ -157,7 +157,7 @@ def test_kv_cache_equals_recomputing(fusion):
 
 
 @pytest.mark.parametrize("fusion", ["unified", "cross"])
-def test_batched_generation_equals_one_by_one(fusion):
+def test_batched_generation_equals_one_by_one(fusion, linear_route):
     model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[1, 3])).eval()
     _open_gates(model, 0.7)
     rows, ids, mask, pixels, counts = _generation_batch(fusion)
@@ -170,7 +170,7 @@ def test_batched_generation_equals_one_by_one(fusion):
         assert single.sequences[0] == batched.sequences[i], f"sample {i}"
 
 
-def test_prefill_logits_batched_match_single():
+def test_prefill_logits_batched_match_single(linear_route):
     model = MultimodalLM(tiny_config("unified")).eval()
     rows, ids, mask, pixels, counts = _generation_batch("unified")
     with torch.no_grad():

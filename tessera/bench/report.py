@@ -33,6 +33,13 @@ def _b_speedup(results: dict) -> float | None:
     return row["b_speedup"] if row else None
 
 
+def _by_kernel(speeds: dict[str, float]) -> str:
+    """", the faster of torch.mm 168.2 and oneDNN 211.0 GFLOP/s" when more than one kernel was measured."""
+    if len(speeds) < 2:
+        return ""
+    return ", the faster of " + " and ".join(f"{name} {gflops:.1f}" for name, gflops in speeds.items()) + " GFLOP/s"
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, float | None, float]]:
     return [(what, measure(results), required) for what, measure, required in TARGETS]
 
@@ -42,7 +49,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} threads, flags {' '.join(m['cpu_flags']) or '—'}; torch {m['torch']}, "
         f"transformers {m['transformers']}, Python {m['python']}. Measured fp32 matmul peak "
-        f"({s['matmul_size']}²): **{results['matmul_gflops']:.1f} GFLOP/s**.",
+        f"({s['matmul_size']}²): **{results['matmul_gflops']:.1f} GFLOP/s**"
+        + _by_kernel(results.get("matmul_gflops_by_kernel", {})) + ". tessera's float32 linear layers: "
+        f"{results.get('linear_backend', 'aten')}.",
         "",
         f"Model: vision {s['vision_width']} wide × {s['vision_layers']} layers (patch {s['patch']}, "
         f"{s['image_tokens']} image tokens), text {s['text_width']} wide × {s['text_layers']} layers, "

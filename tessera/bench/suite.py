@@ -18,6 +18,8 @@ import torch
 
 from tessera.bench.flops import training_step_flops
 from tessera.bench.timing import interleaved
+from tessera.linear import backend as linear_backend
+from tessera.linear import linear
 
 IMAGE_TOKEN = 3
 BOS = 1
@@ -111,12 +113,16 @@ def llava_batch(s: Sizes, batch: int, text_tokens: int, labelled: bool, image_to
 
 
 # --- the measurements -------------------------------------------------------------------------------------------
-def matmul_peak(s: Sizes) -> float:
-    """fp32 GFLOP/s of a large square matmul on this CPU (median)."""
+def matmul_speeds(s: Sizes) -> dict[str, float]:
+    """fp32 GFLOP/s of a large square matmul on this CPU (median), by each kernel tessera can use: PyTorch's
+    default (`torch.mm`, MKL) and, where tessera.linear uses it, oneDNN. The peak is the faster of them."""
     n = s.matmul_size
     a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = interleaved({"mm": lambda: torch.mm(a, b)}, repeats=max(5, s.repeats), warmup=2)["mm"]
-    return 2 * n**3 / seconds / 1e9
+    kernels = {"torch.mm": lambda: torch.mm(a, b)}
+    if linear_backend() == "onednn":
+        kernels["oneDNN"] = lambda: linear(a, b)  # a · bᵀ: the same 2n³ FLOPs
+    seconds = interleaved(kernels, repeats=max(5, s.repeats), warmup=2)
+    return {name: 2 * n**3 / t / 1e9 for name, t in seconds.items()}
 
 
 def _train_step(model, batch, optimizer, hf: bool):
@@ -276,10 +282,12 @@ def run(quick: bool = False, log=print, compile: bool = False) -> dict[str, Any]
     started = time.perf_counter()
     log(f"tessera bench ({'quick' if quick else 'full'}): torch {torch.__version__}, transformers "
         f"{transformers.__version__}, {torch.get_num_threads()} threads" + (", tessera compiled" if compile else ""))
-    peak = matmul_peak(s)
-    log(f"  matmul peak {peak:.1f} GFLOP/s")
+    speeds = matmul_speeds(s)
+    peak = max(speeds.values())
+    log(f"  matmul peak {peak:.1f} GFLOP/s (" + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()) + ")")
     results: dict[str, Any] = {"machine": machine() | {"transformers": transformers.__version__},
-                               "sizes": asdict(s), "matmul_gflops": peak, "compile": compile}
+                               "sizes": asdict(s), "matmul_gflops": peak, "matmul_gflops_by_kernel": speeds,
+                               "linear_backend": linear_backend(), "compile": compile}
     log("  tessera vs transformers (training step, prefill, decode) …")
     results["llava"] = compare_with_transformers(s, peak, compile)
     log("  Method A vs Method B as the image grows …")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tessera.config import TextConfig
+from tessera.linear import Linear
 from tessera.text.attention import attend
 from tessera.text.mlp import SwiGLU
 from tessera.text.norm import RMSNorm
@@ -67,11 +68,11 @@ class GatedCrossAttentionBlock(nn.Module):
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
-        self.kv_proj = nn.Linear(d, 2 * config.num_kv_heads * hd, bias=False)
+        self.q_proj = Linear(d, config.num_heads * hd, bias=False)
+        self.kv_proj = Linear(d, 2 * config.num_kv_heads * hd, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per-head norms keep the logits of a new block tame
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
-        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        self.o_proj = Linear(config.num_heads * hd, d, bias=False)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_norm = RMSNorm(d, config.rms_norm_eps)
         self.mlp = SwiGLU(d, config.intermediate_size)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tessera.linear import Linear
+
 
 class Projector(nn.Module):
     """`linear` (LLaVA 1.0) or `mlp`: Linear → GELU → Linear (LLaVA 1.5 onwards)."""
@@ -12,10 +14,10 @@ class Projector(nn.Module):
     def __init__(self, in_features: int, out_features: int, kind: str = "mlp", bias: bool = True):
         super().__init__()
         self.kind = kind
-        self.linear_1 = nn.Linear(in_features, out_features, bias=bias)
+        self.linear_1 = Linear(in_features, out_features, bias=bias)
         if kind == "mlp":
             self.act = nn.GELU()
-            self.linear_2 = nn.Linear(out_features, out_features, bias=bias)
+            self.linear_2 = Linear(out_features, out_features, bias=bias)
         elif kind != "linear":
             raise ValueError(f"projector kind {kind!r}: expected 'linear' or 'mlp'")
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import TextConfig
+from tessera.linear import Linear
 from tessera.text.cache import KVCache
 from tessera.text.rope import apply_rotary
 
@@ -32,8 +33,8 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         qkv_size = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
+        self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:

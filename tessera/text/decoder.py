@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tessera.config import TextConfig
+from tessera.linear import Linear
 from tessera.text.attention import SelfAttention
 from tessera.text.cache import KVCache
 from tessera.text.mlp import SwiGLU
@@ -91,7 +92,7 @@ class DecoderLLM(nn.Module):
         self.layers = nn.ModuleList(ReplacedLayer() if i in replaced_layers else DecoderLayer(config, i)
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.apply(_init_weights)
         if config.tie_word_embeddings:

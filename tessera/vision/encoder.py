@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import VisionConfig
+from tessera.linear import Linear
 from tessera.text.attention import attend
 from tessera.vision.patch_embedding import PatchEmbedding
 
@@ -49,8 +50,8 @@ class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads = config.num_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.out = Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask: optional additive (batch, 1, n, n) attention bias."""
@@ -71,9 +72,9 @@ class VisionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = VisionAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.act = ACTIVATIONS[config.hidden_act]()
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         if gated:
             self.attn_gate = nn.Parameter(torch.full((1,), math.pi / 4))
             self.mlp_gate = nn.Parameter(torch.full((1,), math.pi / 4))

@@ -1,0 +1,122 @@
+"""tessera.linear: the oneDNN route for float32 Linear layers gives nn.Linear's numbers, forward and backward, and
+is taken exactly where it is meant to be."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tessera.linear as linear_module
+from tessera.linear import Linear, linear
+
+needs_onednn = pytest.mark.skipif(linear_module.backend() != "onednn", reason="this torch build has no oneDNN linear")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the products that go through oneDNN."""
+    calls = []
+    op = linear_module._OP
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return op(*args)
+
+    monkeypatch.setattr(linear_module, "_OP", counted)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 512), (7, 512), (1, 1, 512)])
+def test_forward_and_gradients_match_nn_linear(bias, shape, onednn_calls):
+    reference = nn.Linear(512, 640, bias=bias)
+    ours = Linear(512, 640, bias=bias)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(shape)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(*shape[:-1], 640)
+    reference(x_ref).backward(grad)
+    y = ours(x_ours)
+    y.backward(grad)
+    assert onednn_calls, "a 640×512 product should go through oneDNN"
+    torch.testing.assert_close(y, F.linear(x, reference.weight, reference.bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, atol=1e-4, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(ours.bias.grad, reference.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_a_frozen_layer_passes_gradients_to_its_input_only(onednn_calls):
+    layer = Linear(512, 512).requires_grad_(False)
+    x = torch.randn(4, 512, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(4, -1), atol=1e-5, rtol=1e-5)
+    assert onednn_calls
+
+
+@needs_onednn
+def test_non_contiguous_inputs(onednn_calls):
+    weight = torch.randn(600, 512)
+    x = torch.randn(512, 9).t()  # (9, 512), transposed in memory
+    torch.testing.assert_close(linear(x, weight), x @ weight.t(), atol=1e-4, rtol=1e-5)
+    assert onednn_calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["small product", "bfloat16", "autocast", "empty batch", "float64"])
+def test_what_stays_with_pytorch(case, onednn_calls):
+    weight, x = torch.randn(600, 512), torch.randn(4, 512)
+    if case == "small product":  # below the sizes where oneDNN's per-call cost pays off
+        weight, x = torch.randn(128, 128), torch.randn(2, 128)
+        expected = F.linear(x, weight)
+        assert torch.equal(linear(x, weight), expected)
+    elif case == "bfloat16":
+        weight, x = weight.bfloat16(), x.bfloat16()
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = linear(x, weight)
+        assert y.dtype == torch.bfloat16
+    elif case == "empty batch":
+        assert linear(torch.randn(0, 512), weight).shape == (0, 600)
+    else:
+        weight, x = weight.double(), x.double()
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
+    assert onednn_calls == []
+
+
+@needs_onednn
+def test_large_products_take_the_onednn_route(onednn_calls):
+    linear(torch.randn(1, 512), torch.randn(512, 512))  # a decode step: a 1 MB weight
+    linear(torch.randn(4096, 128), torch.randn(128, 128))  # a small weight over many rows: 64M multiply-adds
+    assert onednn_calls == [(1, 512), (4096, 128)]
+
+
+def test_linear_is_a_drop_in_nn_linear():
+    layer = Linear(8, 4)
+    assert isinstance(layer, nn.Linear)
+    assert list(layer.state_dict()) == list(nn.Linear(8, 4).state_dict())
+
+
+def _backend_in_a_fresh_process(value: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TESSERA_LINEAR_BACKEND=value)
+    return subprocess.run([sys.executable, "-c", "import tessera.linear as l; print(l.backend())"],
+                          capture_output=True, text=True, env=env)
+
+
+def test_the_environment_switches_onednn_off():
+    result = _backend_in_a_fresh_process("aten")
+    assert result.returncode == 0 and result.stdout.strip() == "aten"
+
+
+def test_an_unknown_backend_is_named():
+    result = _backend_in_a_fresh_process("cublas")
+    assert result.returncode != 0
+    assert "TESSERA_LINEAR_BACKEND='cublas'" in result.stderr and "onednn, aten" in result.stderr
