@@ -120,3 +120,51 @@ def test_an_unknown_backend_is_named():
     result = _backend_in_a_fresh_process("cublas")
     assert result.returncode != 0
     assert "TESSERA_LINEAR_BACKEND='cublas'" in result.stderr and "onednn, aten" in result.stderr
+
+
+# --- batched decoding: the weight reordered once into oneDNN's blocked layout --------------------------------------
+@needs_onednn
+def test_a_few_rows_without_gradients_use_the_packed_weight_and_keep_it():
+    layer = Linear(512, 640)
+    x = torch.randn(8, 1, 512)
+    with torch.no_grad():
+        y = layer(x)
+        packed = layer.packed_weight()
+        layer(x)
+    assert layer.packed_weight() is packed  # made once, reused
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_the_packed_weight_follows_a_changed_weight():
+    layer = Linear(512, 640)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(-2)  # as an optimizer step or load_state_dict would: in place, the version moves on
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("switch", ["train", "eval"])
+def test_train_and_eval_drop_the_packed_copy(switch):
+    layer = Linear(512, 640)
+    with torch.no_grad():
+        layer(torch.randn(4, 512))
+    assert layer._packed is not None
+    getattr(layer, switch)()
+    assert layer._packed is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["one row", "gradients", "many rows"])
+def test_no_packed_copy_outside_batched_decoding(case):
+    layer = Linear(512, 640)
+    if case == "gradients":
+        x = torch.randn(8, 512, requires_grad=True)
+        layer(x).sum().backward()
+        assert x.grad is not None and layer.weight.grad is not None
+    else:
+        with torch.no_grad():
+            layer(torch.randn(1 if case == "one row" else 300, 512))
+    assert layer._packed is None
