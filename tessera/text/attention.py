@@ -40,15 +40,12 @@ class SelfAttention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """mask: boolean (batch, 1, q, k), True where attention is allowed; None means plain causal."""
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
-            dim=-1,
-        )
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        query_and_key_heads = self.num_heads + self.num_kv_heads
+        # q and k sit side by side in the fused projection: RoPE rotates both in one pass (half the small ops)
+        qk = apply_rotary(qkv[:, :, :query_and_key_heads], *rope).transpose(1, 2)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, :, query_and_key_heads:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         gqa = self.num_kv_heads != self.num_heads

@@ -21,9 +21,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (batch, 1, seq, head_dim) for position_ids of shape (batch, seq)."""
+        """cos and sin of shape (batch, seq, 1, head_dim) for position_ids of shape (batch, seq): they broadcast
+        over the heads of a (batch, seq, heads, head_dim) projection."""
         freqs = position_ids[..., None].float() * self.inv_freq
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
