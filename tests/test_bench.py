@@ -21,6 +21,10 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert _finite(results["matmul_gflops"])
+    speeds = results["matmul_gflops_by_kernel"]  # the peak is the fastest kernel tessera can use
+    assert "torch.mm" in speeds and all(map(_finite, speeds.values()))
+    assert results["matmul_gflops"] == max(speeds.values())
+    assert ("oneDNN" in speeds) == (results["linear_backend"] == "onednn")
     llava = results["llava"]
     for name in ("tessera", "transformers"):
         assert _finite(llava["train"][name]["samples_per_s"]) and _finite(llava["train"][name]["mfu"])
