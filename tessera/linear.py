@@ -134,6 +134,10 @@ class Linear(nn.Linear):
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKING_HINT))
         return self._packed[1]
 
+    def __getstate__(self) -> dict:
+        # the packed copy is an opaque oneDNN tensor that can be neither copied nor pickled; it is rebuilt on use
+        return {**super().__getstate__(), "_packed": None}
+
     def train(self, mode: bool = True) -> Linear:
         # training changes the weight every step, so the copy would only take memory; and eval() is where to
         # start afresh after writing weights through `.data`, which bypasses the version counter

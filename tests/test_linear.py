@@ -1,6 +1,7 @@
 """tessera.linear: the oneDNN route for float32 Linear layers gives nn.Linear's numbers, forward and backward, and
 is taken exactly where it is meant to be."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -168,3 +169,19 @@ def test_no_packed_copy_outside_batched_decoding(case):
         with torch.no_grad():
             layer(torch.randn(1 if case == "one row" else 300, 512))
     assert layer._packed is None
+
+
+@needs_onednn
+def test_a_layer_with_a_packed_copy_can_be_deep_copied_and_pickled(tmp_path):
+    layer = Linear(512, 640)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        expected = layer(x)
+    assert layer._packed is not None
+    copied = copy.deepcopy(layer)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    with torch.no_grad():
+        for other in (copied, loaded):
+            torch.testing.assert_close(other(x), expected, atol=1e-5, rtol=1e-5)
+    assert layer._packed is not None  # the original keeps its copy
