@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from tessera.data.records import load_examples
 from tessera.data.shapes import make_shapes_dataset
 from tessera.quickstart import DATASET, DEFAULT_RECIPE, QUICKSTART_RUNS
 from tessera.train.loop import TrainSettings, train_stage
@@ -46,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                                "steps": dict.fromkeys(QUICKSTART_RUNS[args.fusion]["steps"], 0)})
     built = run_training(run, log=lambda *_: None, progress=False)  # the model, processor and data; no steps
     model, processor = built["model"], built["processor"]
-    examples, _ = load_examples(data / "train.json", processor)
-    text, _ = load_examples(data / "text_train.jsonl", processor)
-    for e in text:
-        e.labels = list(e.input_ids)
+    examples, text = built["train_examples"], built["text_examples"]
     print(f"fusion={args.fusion}, {torch.get_num_threads()} threads, {args.steps} steps × {args.repeats} repeats, "
           f"ms per step (median)")
     print(f"{'stage':18s} {'trains':34s} {'fp32':>8s} {'bf16-mixed':>11s} {'speed-up':>9s}")

@@ -89,10 +89,15 @@ MIN_WEIGHT_ELEMENTS = 1 << 18
 MIN_MULTIPLY_ADDS = 1 << 26
 
 
+def _rows(x: torch.Tensor) -> int:
+    """How many vectors x holds: the product's M."""
+    return x.numel() // x.shape[-1] if x.numel() else 0
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if _OP is None or not x.is_cpu or x.dtype is not torch.float32 or weight.dtype is not torch.float32:
         return False
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    rows = _rows(x)
     if rows == 0 or (weight.numel() < MIN_WEIGHT_ELEMENTS and rows * weight.numel() < MIN_MULTIPLY_ADDS):
         return False
     return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
@@ -120,8 +125,7 @@ class Linear(nn.Linear):
     _packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.shape[0] if x.dim() == 2 else x.numel() // x.shape[-1]) in PACKED_ROWS \
-                and not torch.is_grad_enabled() and _onednn_applies(x, self.weight):
+        if _rows(x) in PACKED_ROWS and not torch.is_grad_enabled() and _onednn_applies(x, self.weight):
             return _matmul(x, self.packed_weight(), self.bias)
         return linear(x, self.weight, self.bias)
 

@@ -276,6 +276,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
     save_checkpoint(model, processor, out / "checkpoint")
     if step:
         plot_losses(metrics_path, out / "loss.png")
-    return {"model": model, "processor": processor, "steps": step, "final_losses": stage_losses,
+    return {"model": model, "processor": processor, "train_examples": train_examples, "text_examples": text_examples,
+            "steps": step, "final_losses": stage_losses,
             "text_loss_before": text_loss.get("before"), "text_loss_after": text_loss.get("after"),
             "precision": settings.precision, "train_seconds": time.perf_counter() - started}
