@@ -123,6 +123,43 @@ def test_an_unknown_backend_is_named():
     assert "TESSERA_LINEAR_BACKEND='cublas'" in result.stderr and "onednn, aten" in result.stderr
 
 
+# --- batch-1 decoding: the matrix-vector product as a batch of row blocks ------------------------------------------
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("out_features", [640, 520])  # blocks of 64 rows; 520 is divisible by 8 only
+@pytest.mark.parametrize("shape", [(1, 512), (1, 1, 512), (512,)])
+def test_one_row_without_gradients_matches_nn_linear(bias, out_features, shape, onednn_calls):
+    layer = Linear(512, out_features, bias=bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x)
+    assert not onednn_calls, "one row should be multiplied block by block, not by oneDNN"
+    assert y.shape == (*shape[:-1], out_features)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_one_row_taken_from_a_wider_tensor():
+    layer = Linear(512, 640)
+    x = torch.randn(3, 1024)[1:2, ::2]  # not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["odd output size", "transposed weight"])
+def test_one_row_falls_back_to_onednn_when_the_weight_cannot_be_cut_into_blocks(case, onednn_calls):
+    weight = torch.randn(515, 512) if case == "odd output size" else torch.randn(512, 640).t()
+    weight /= 512**0.5  # the scale of nn.Linear's initialisation
+    x = torch.randn(1, 512)
+    assert linear_module.matrix_vector(x, weight, None) is None
+    layer = Linear(512, weight.shape[0], bias=False)
+    layer.weight = nn.Parameter(weight)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    assert onednn_calls == [(1, 512)]
+
+
 # --- batched decoding: the weight reordered once into oneDNN's blocked layout --------------------------------------
 @needs_onednn
 def test_a_few_rows_without_gradients_use_the_packed_weight_and_keep_it():
