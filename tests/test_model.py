@@ -314,27 +314,50 @@ def test_all_labels_masked_is_an_error_not_a_zero_loss():
         model(ids, labels=torch.full_like(ids, -100))
 
 
-@pytest.mark.parametrize("fusion", ["unified", "cross"])
-def test_loss_from_supervised_logits_only_equals_the_loss_from_all_logits(fusion):
-    """Training computes the LM head only where a label needs it; the loss and gradients must not notice."""
-    model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[1]))
+@pytest.mark.parametrize("fusion, options, padded", [
+    ("unified", {}, True),
+    ("unified", {}, False),  # no padding: the last layer's rows need a causal mask of their own
+    ("cross", {"cross_attention_layers": [1]}, True),
+    ("cross", {"cross_attention_layers": [3], "cross_attention_placement": "replace"}, False),  # last layer replaced
+])
+def test_loss_from_supervised_logits_only_equals_the_loss_from_all_logits(fusion, options, padded):
+    """Training computes the LM head only where a label needs it, and the last decoder layer only from the first
+    labelled row on; the loss and gradients must not notice."""
+    model = MultimodalLM(tiny_config(fusion, **options))
     _open_gates(model, 0.5)
-    ids, mask = _left_pad([_prompt(fusion, [1, 5, 6], [7, 8, 9, 10]), [1, 11, 12, 13]])
+    second = [1, 11, 12, 13] if padded else _prompt(fusion, [1, 11, 16], [12, 13, 14, 15])
+    ids, mask = _left_pad([_prompt(fusion, [1, 5, 6], [7, 8, 9, 10]), second])
+    assert bool(mask.all()) != padded
     labels = ids.masked_fill(ids == IMG, -100).masked_fill(mask == 0, -100)
-    labels[:, :3] = -100
+    labels[:, :-3] = -100  # the answer: the last three tokens
+    labels[1, -1] = -100  # a row whose labels end earlier
     pixels = torch.randn(1, 3, 16, 16)
-    sparse = model(ids, mask, pixels, [1, 0], labels=labels)
+    counts = [1, 0] if padded else [1, 1]
+    pixels = pixels.repeat(sum(counts), 1, 1, 1)
+    sparse = model(ids, mask, pixels, counts, labels=labels)
     assert sparse.logits is None
     sparse.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    dense = model(ids, mask, pixels, [1, 0], labels=labels, return_logits=True)
+    dense = model(ids, mask, pixels, counts, labels=labels, return_logits=True)
     assert dense.logits.shape == (2, ids.shape[1], 96)
     dense.loss.backward()
     torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-6, atol=1e-7)
     assert sparse.num_tokens == dense.num_tokens == int((labels[:, 1:] != -100).sum())
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_of_the_last_rows_equal_those_rows_of_all_logits(keep, padded):
+    """With logits_to_keep the last decoder layer works on those rows only (see DecoderLLM.run_layers)."""
+    llm = DecoderLLM(tiny_config().text)
+    ids, mask = _left_pad([[1, 5, 6, 7, 8, 9], [1, 10, 11, 12] if padded else [1, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        every = llm(ids, attention_mask=mask)
+        last = llm(ids, attention_mask=mask, logits_to_keep=keep)
+    torch.testing.assert_close(last, every[:, -keep:], rtol=1e-5, atol=1e-6)
 
 
 def test_attention_stays_float32_under_bf16_autocast():

@@ -3,7 +3,9 @@
 Conventions (those of MFU in the PaLM paper): a matmul of (m × k) by (k × n) costs 2·m·k·n; attention scores and
 the weighted sum cost 4·q·k·d per layer (counted in full, causal or not); a training step is 3× the forward
 (backward = twice the forward) for every part that runs. The LM head is counted only where a label needs its
-logits: the FLOPs a step must spend, whatever an implementation spends on top.
+logits, and so is the last decoder layer's work past its keys and values (its queries, attention, output
+projection and MLP), which no later layer reads: the FLOPs a step must spend, whatever an implementation spends
+on top.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ def projector_flops(config: ModelConfig, image_tokens: int) -> float:
     return image_tokens * per_token
 
 
-def decoder_layer_flops(config: ModelConfig, tokens: int, context: int) -> float:
-    """One self-attention decoder layer over `tokens` queries attending to `context` keys (forward)."""
+def decoder_layer_flops(config: ModelConfig, tokens: int, context: int, outputs: int | None = None) -> float:
+    """One self-attention decoder layer over `tokens` new tokens attending to `context` keys (forward), of which
+    `outputs` (default: all) need the layer's output; the others only give their keys and values."""
     t = config.text
-    qkv = 2 * t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
-    out = 2 * t.num_heads * t.head_dim * t.hidden_size
+    outputs = tokens if outputs is None else outputs
+    kv = 2 * t.hidden_size * 2 * t.num_kv_heads * t.head_dim
+    q_and_out = 2 * 2 * t.hidden_size * t.num_heads * t.head_dim
     mlp = 2 * 3 * t.hidden_size * t.intermediate_size
-    return tokens * (qkv + out + mlp) + 4 * tokens * context * t.num_heads * t.head_dim
+    return tokens * kv + outputs * (q_and_out + mlp) + 4 * outputs * context * t.num_heads * t.head_dim
 
 
 def cross_block_flops(config: ModelConfig, text_tokens: int, image_tokens: int) -> float:
@@ -58,11 +62,10 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
     vit_tokens = config.vision.num_patches + int(keep_cls) if config.vision.encoder == "vit" else image_tokens
     forward = vision_flops(config, batch, vit_tokens) + projector_flops(config, batch * image_tokens)
     t = config.text
-    if config.fusion.method == "unified":
-        sequence = image_tokens + text_tokens
-        forward += t.num_layers * batch * decoder_layer_flops(config, sequence, sequence)
-    else:
-        forward += t.num_layers * batch * decoder_layer_flops(config, text_tokens, text_tokens)
+    sequence = image_tokens + text_tokens if config.fusion.method == "unified" else text_tokens
+    forward += (t.num_layers - 1) * batch * decoder_layer_flops(config, sequence, sequence)
+    forward += batch * decoder_layer_flops(config, sequence, sequence, outputs=labelled_tokens)
+    if config.fusion.method != "unified":
         forward += len(config.cross_attention_layers) * batch * cross_block_flops(config, text_tokens, image_tokens)
     forward += batch * labelled_tokens * 2 * t.hidden_size * t.vocab_size
     return TRAIN * forward

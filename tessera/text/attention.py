@@ -37,8 +37,9 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """mask: boolean (batch, 1, q, k), True where attention is allowed; None means plain causal."""
+                cache: KVCache | None = None, keep: int | None = None) -> torch.Tensor:
+        """mask: boolean (batch, 1, q, k), True where attention is allowed; None means plain causal. keep: the
+        output of only the last `keep` query rows; keys and values come from every row."""
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         query_and_key_heads = self.num_heads + self.num_kv_heads
@@ -48,9 +49,16 @@ class SelfAttention(nn.Module):
         v = qkv[:, :, query_and_key_heads:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
+        if keep is not None:
+            q = q[:, :, -keep:]
+            if mask is not None:
+                mask = mask[:, :, -keep:]
+            elif keep > 1:  # plain causal from the first token (no mask and several rows: nothing cached)
+                mask = torch.ones(keep, t, dtype=torch.bool, device=x.device).tril(t - keep)
+        rows = q.shape[2]
         gqa = self.num_kv_heads != self.num_heads
-        if mask is None and t > 1:  # no padding, queries and keys line up: plain causal
+        if mask is None and rows > 1:  # no padding, queries and keys line up: plain causal
             y = attend(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # the mask, or none for a single decode token without padding, which sees every key
+        else:  # the mask, or none for a single query row without padding, which sees every key
             y = attend(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(b, rows, -1))

@@ -31,8 +31,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, mask, cache=None):
-        x = x + self.attn(self.input_norm(x), rope, mask, cache)
+    def forward(self, x, rope, mask, cache=None, keep=None):
+        """keep: return only the last `keep` rows (see `DecoderLLM.run_layers`); every row still adds its keys and
+        values to the attention."""
+        attended = self.attn(self.input_norm(x), rope, mask, cache, keep)
+        x = (x if keep is None else x[:, -keep:]) + attended
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -41,8 +44,8 @@ class ReplacedLayer(nn.Module):
     layers keep their numbers. It has no weights and passes the hidden state through: with an image the block runs
     in its place, without one the index is skipped, as transformers does."""
 
-    def forward(self, x, rope, mask, cache=None):
-        return x
+    def forward(self, x, rope, mask, cache=None, keep=None):
+        return x if keep is None else x[:, -keep:]
 
 
 def positions_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -127,25 +130,44 @@ class DecoderLLM(nn.Module):
                 position_ids = torch.arange(past, past + num_new, device=x.device).expand(x.shape[0], -1)
         rope = self.rotary(position_ids, x.dtype)
         mask = attention_mask_4d(attention_mask, num_new, past, self.config.sliding_window)
-        x = self.run_layers(x, rope, mask, cache, inject)
+        x = self.run_layers(x, rope, mask, cache, inject, rows_read(logits_to_keep, num_new))
         if cache is not None:
             cache.advance(num_new)
         if isinstance(logits_to_keep, torch.Tensor):
-            x = x[logits_to_keep]  # the final norm is per token: norming only the kept rows is the same
+            # the final norm is per token: norming only the kept rows is the same
+            x = x[logits_to_keep[:, -x.shape[1]:]]
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
 
     def run_layers(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                    cache: KVCache | None = None,
-                   inject: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> torch.Tensor:
+                   inject: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                   keep: int | None = None) -> torch.Tensor:
         """The layer stack, with Method B's blocks before their layers: the bulk of the work, and one graph for
-        `torch.compile` whatever the caller does around it (see `MultimodalLM.compile`)."""
+        `torch.compile` whatever the caller does around it (see `MultimodalLM.compile`).
+
+        keep: only the last `keep` rows of the output are read. Then the last layer computes its queries,
+        attention output and MLP for those rows alone: its keys and values still come from every row, and no other
+        layer reads its output. A prefill reads one row, a training step the labelled span (the image tokens
+        before it carry no label), so that layer's work on the other rows would be thrown away."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if inject is not None and i in inject:
                 x = inject[i](x)
-            x = layer(x, rope, mask, cache)
+            x = layer(x, rope, mask, cache, keep if i == last else None)
         return x
+
+
+def rows_read(logits_to_keep: int | torch.Tensor, num_new: int) -> int | None:
+    """How many trailing rows of the layer stack's output the logits need (None: all of them). A boolean
+    (batch, new) mask needs the rows from its first marked column on, in any sample."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        marked = logits_to_keep.any(0).nonzero()
+        rows = num_new - int(marked[0]) if len(marked) else num_new
+    else:
+        rows = logits_to_keep or num_new
+    return rows if rows < num_new else None
 
 
 def _init_weights(module: nn.Module) -> None:
