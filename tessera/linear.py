@@ -18,7 +18,8 @@ interop, optimizers and `state_dict` see nothing new. What changes is only which
 - anything else — bf16 (or autocast, whose bf16 matmuls PyTorch already sends to oneDNN), other devices,
   `torch.compile` (inductor picks its own CPU kernels), an empty batch, small products — plain `F.linear`.
 
-`TESSERA_LINEAR_BACKEND=aten` switches the oneDNN path off (for a CPU where MKL turns out faster, or to compare).
+`TESSERA_LINEAR_BACKEND=aten` sends every product back to `F.linear` (for a CPU where MKL turns out faster, or to
+compare).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.numel() else 0
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _rerouted(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this product leaves `F.linear` for tessera's kernels (see the module docstring): float32, CPU, eager,
+    big enough."""
     if _OP is None or not x.is_cpu or x.dtype is not torch.float32 or weight.dtype is not torch.float32:
         return False
     rows = _rows(x)
@@ -106,20 +109,11 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through oneDNN where that is faster (see the module docstring)."""
-    if not _onednn_applies(x, weight):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _OneDNNLinear.apply(x, weight, bias)
-    return _matmul(x, weight, bias)
-
-
 # Batch-1 decoding multiplies one vector by every weight: the time is the time to read the weights from memory.
 # Measured on the benchmark LLM's shapes (weights 1–16 MB, 2 threads), oneDNN read them at 15–20 GB/s and MKL's
 # matrix-vector product at 9, where the memory delivers about 30 (a plain `sum` over 108 MB). Cutting the weight
-# into blocks of 64 rows and handing them to `torch.bmm` as a batch of small products (MKL's strided batch gemm,
-# which shares the blocks between the threads) read them at 24–33 GB/s.
+# into blocks of 64 rows and handing them to `torch.bmm` as a batch of small products, which it shares out between
+# the threads, read them at 24–33 GB/s.
 MATRIX_VECTOR_BLOCKS = (64, 32, 16, 8)  # rows per block, the first that divides the output size
 
 
@@ -131,11 +125,22 @@ def matrix_vector(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if block is None or not weight.is_contiguous():
         return None
     blocks = weight.view(out_features // block, block, in_features)
-    # every block multiplies the same column; laid out as an (in, 1) column-major matrix, bmm takes MKL's batch
-    # gemm without a copy (as an (in, 1) row-major one it took a path 4× slower)
+    # every block multiplies the same column. Laid out as an (in, 1) column-major matrix (strides 1, in) it takes
+    # bmm's batched BLAS path without a copy; the same column with row-major strides took another path, 4× slower
     column = x.reshape(1, in_features).t().expand(len(blocks), -1, -1)
     y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(-1, block, 1), blocks, column)
     return y.view(*x.shape[:-1], out_features)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through oneDNN or row blocks where they are faster (see the module docstring)."""
+    if not _rerouted(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    if _rows(x) == 1 and (y := matrix_vector(x, weight, bias)) is not None:
+        return y
+    return _matmul(x, weight, bias)
 
 
 # Batched decoding: a handful of rows through every weight. Measured on the benchmark LLM's weights (108 MB), the
@@ -151,12 +156,8 @@ class Linear(nn.Linear):
     _packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and _onednn_applies(x, self.weight):  # decoding
-            rows = _rows(x)
-            if rows == 1 and (y := matrix_vector(x, self.weight, self.bias)) is not None:
-                return y
-            if rows in PACKED_ROWS:
-                return _matmul(x, self.packed_weight(), self.bias)
+        if _rows(x) in PACKED_ROWS and not torch.is_grad_enabled() and _rerouted(x, self.weight):
+            return _matmul(x, self.packed_weight(), self.bias)
         return linear(x, self.weight, self.bias)
 
     def packed_weight(self) -> torch.Tensor:

@@ -95,9 +95,9 @@ def test_what_stays_with_pytorch(case, onednn_calls):
 
 @needs_onednn
 def test_large_products_take_the_onednn_route(onednn_calls):
-    linear(torch.randn(1, 512), torch.randn(512, 512))  # a decode step: a 1 MB weight
+    linear(torch.randn(2, 512), torch.randn(512, 512))  # two rows through a 1 MB weight
     linear(torch.randn(4096, 128), torch.randn(128, 128))  # a small weight over many rows: 64M multiply-adds
-    assert onednn_calls == [(1, 512), (4096, 128)]
+    assert onednn_calls == [(2, 512), (4096, 128)]
 
 
 def test_linear_is_a_drop_in_nn_linear():
