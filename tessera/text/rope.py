@@ -21,11 +21,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (batch, seq, 1, head_dim) for position_ids of shape (batch, seq): they broadcast
-        over the heads of a (batch, seq, heads, head_dim) projection."""
+        """cos and signed sin (see `apply_rotary`) of shape (batch, seq, 1, head_dim) for position_ids of shape
+        (batch, seq): they broadcast over the heads of a (batch, seq, heads, head_dim) projection."""
         freqs = position_ids[..., None].float() * self.inv_freq
-        angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat([cos, cos], dim=-1)[:, :, None].to(dtype), torch.cat([-sin, sin], dim=-1)[:, :, None].to(dtype)
 
 
 def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -41,10 +41,8 @@ def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(in_band, blended, stretched)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x · cos + rotate_half(x) · sin, where rotate_half(x) = [−second half, first half]. Written as the halves
+    swapped (a roll) times a sin whose first half is negated, it takes three kernels instead of five (one fewer
+    copy, no negation pass) — the decode step runs this once per layer."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
