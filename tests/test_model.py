@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tessera import CheckpointError, ImageTokenMismatchError, ModelConfig, MultimodalLM
+from tessera.text.cache import KVCache
 from tessera.text.decoder import DecoderLLM
 from tests.conftest import tiny_config
 
@@ -358,6 +359,18 @@ def test_logits_of_the_last_rows_equal_those_rows_of_all_logits(keep, padded):
         every = llm(ids, attention_mask=mask)
         last = llm(ids, attention_mask=mask, logits_to_keep=keep)
     torch.testing.assert_close(last, every[:, -keep:], rtol=1e-5, atol=1e-6)
+
+
+def test_logits_of_the_last_rows_after_a_cached_prefix():
+    """A prompt continued through the KV cache (several new tokens at once) trims the last layer the same way."""
+    llm = DecoderLLM(tiny_config().text)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        every = llm(ids)
+        cache = KVCache(llm.config, 1, 16, torch.float32)
+        llm(ids[:, :4], cache=cache)
+        last = llm(ids[:, 4:], cache=cache, logits_to_keep=2)
+    torch.testing.assert_close(last, every[:, -2:], rtol=1e-5, atol=1e-6)
 
 
 def test_attention_stays_float32_under_bf16_autocast():

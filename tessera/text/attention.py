@@ -53,8 +53,9 @@ class SelfAttention(nn.Module):
             q = q[:, :, -keep:]
             if mask is not None:
                 mask = mask[:, :, -keep:]
-            elif keep > 1:  # plain causal from the first token (no mask and several rows: nothing cached)
-                mask = torch.ones(keep, t, dtype=torch.bool, device=x.device).tril(t - keep)
+            elif keep > 1:  # plain causal: the kept rows are the last queries, against every key
+                keys = k.shape[2]
+                mask = torch.ones(keep, keys, dtype=torch.bool, device=x.device).tril(keys - keep)
         rows = q.shape[2]
         gqa = self.num_kv_heads != self.num_heads
         if mask is None and rows > 1:  # no padding, queries and keys line up: plain causal
