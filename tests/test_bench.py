@@ -55,3 +55,39 @@ def test_method_b_needs_fewer_flops_than_method_a_as_the_image_grows():
     a, b = config("unified"), config("cross")
     ratios = [training_step_flops(a, 1, n, 65, 64) / training_step_flops(b, 1, n, 66, 64) for n in (64, 1024, 4096)]
     assert 1 < ratios[0] < ratios[1] < ratios[2]
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch):
+    """The MFU's numerator, against PyTorch's FLOP counter over a real step (products through `F.linear` and the
+    math attention, which the counter sees). The only surplus allowed is the last layer's trailing row: it computes
+    the rows from the first labelled one to the end, and the very last row predicts nothing."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import tessera.linear
+    from tessera.bench.flops import TRAIN, decoder_layer_flops, training_step_flops
+    from tessera.config import ModelConfig
+    from tessera.model import MultimodalLM
+
+    monkeypatch.setattr(tessera.linear, "_OP", None)
+    config = ModelConfig.from_dict({
+        "vision": {"image_size": 128, "patch_size": 16, "hidden_size": 64, "num_layers": 3, "num_heads": 2,
+                   "intermediate_size": 256, "pre_layernorm": True},
+        "text": {"vocab_size": 512, "hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                 "intermediate_size": 172},
+        "fusion": {"method": fusion, "vision_feature_layer": -2, "cross_attention_layers": [1]}})
+    torch.manual_seed(0)
+    model = MultimodalLM(config).train()
+    batch, image_tokens, labelled = 2, 64, 16
+    inputs = suite.llava_batch(suite.QUICK, batch, labelled, labelled=True, image_tokens=image_tokens, fusion=fusion)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(**inputs, image_counts=[1] * batch).loss.backward()
+
+    sequence = inputs["input_ids"].shape[1]
+    text_tokens = sequence - (image_tokens if fusion == "unified" else 0)  # BOS (and Method B's marker) included
+    trailing_row = TRAIN * batch * (decoder_layer_flops(config, sequence, sequence, outputs=labelled + 1)
+                                    - decoder_layer_flops(config, sequence, sequence, outputs=labelled))
+    analytic = training_step_flops(config, batch, image_tokens, text_tokens, labelled)
+    assert counter.get_total_flops() == analytic + trailing_row

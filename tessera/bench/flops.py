@@ -2,26 +2,35 @@
 
 Conventions (those of MFU in the PaLM paper): a matmul of (m × k) by (k × n) costs 2·m·k·n; attention scores and
 the weighted sum cost 4·q·k·d per layer (counted in full, causal or not); a training step is 3× the forward
-(backward = twice the forward) for every part that runs. The LM head is counted only where a label needs its
+(backward = twice the forward) for every part that runs, except the patch embedding: the pixels take no gradient,
+so its backward is the weight gradient alone (2× its forward). The LM head is counted only where a label needs its
 logits, and so is the last decoder layer's work past its keys and values (its queries, attention, output
-projection and MLP), which no later layer reads: the FLOPs a step must spend, whatever an implementation spends
-on top.
+projection and MLP), which no later layer reads; the ViT's blocks only up to the deepest selected feature. These
+are the FLOPs a step must spend, whatever an implementation spends on top.
 """
 
 from __future__ import annotations
 
 from tessera.config import ModelConfig
+from tessera.vision.encoder import deepest_layer
 
 TRAIN = 3  # forward + backward
 
 
-def vision_flops(config: ModelConfig, images: int, tokens_per_image: int) -> float:
-    """Forward FLOPs of the ViT over `images` images of `tokens_per_image` positions (CLS included)."""
+def patch_flops(config: ModelConfig, images: int, patches_per_image: int) -> float:
+    """Forward FLOPs of the patch embedding: one (channels·patch²) → width product per patch."""
     v = config.vision
-    patch = 2 * (v.num_channels * v.patch_size**2) * v.hidden_size * (tokens_per_image - int(v.use_cls_token))
+    return images * patches_per_image * 2 * (v.num_channels * v.patch_size**2) * v.hidden_size
+
+
+def vision_block_flops(config: ModelConfig, images: int, tokens_per_image: int) -> float:
+    """Forward FLOPs of the ViT's blocks over `images` images of `tokens_per_image` positions (CLS included),
+    through the deepest block a selected feature needs (LLaVA's default, the penultimate, leaves the last unread)."""
+    v = config.vision
+    layers = deepest_layer(config.fusion.feature_layers, v.num_layers)
     per_token = 2 * (3 * v.hidden_size**2 + v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     attention = 4 * tokens_per_image**2 * v.hidden_size
-    return images * (patch + v.num_layers * (tokens_per_image * per_token + attention))
+    return images * layers * (tokens_per_image * per_token + attention)
 
 
 def projector_flops(config: ModelConfig, image_tokens: int) -> float:
@@ -60,7 +69,7 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
     tokens per sample whose next token is a label (the LM head's work)."""
     keep_cls = config.vision.use_cls_token
     vit_tokens = config.vision.num_patches + int(keep_cls) if config.vision.encoder == "vit" else image_tokens
-    forward = vision_flops(config, batch, vit_tokens) + projector_flops(config, batch * image_tokens)
+    forward = vision_block_flops(config, batch, vit_tokens) + projector_flops(config, batch * image_tokens)
     t = config.text
     sequence = image_tokens + text_tokens if config.fusion.method == "unified" else text_tokens
     forward += (t.num_layers - 1) * batch * decoder_layer_flops(config, sequence, sequence)
@@ -68,4 +77,5 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
     if config.fusion.method != "unified":
         forward += len(config.cross_attention_layers) * batch * cross_block_flops(config, text_tokens, image_tokens)
     forward += batch * labelled_tokens * 2 * t.hidden_size * t.vocab_size
-    return TRAIN * forward
+    # the pixels take no gradient: the patch embedding's backward is its weight gradient alone
+    return TRAIN * forward + 2 * patch_flops(config, batch, vit_tokens - int(keep_cls))
