@@ -366,6 +366,54 @@ def test_convert_then_generate_from_the_command_line(name, families, imported, t
     assert printed == model.generate(**batch, max_new_tokens=5, tokenizer=processor).texts[0] + "\n"
 
 
+@pytest.mark.parametrize("name", ["llava-clip-llama", "mllama"])
+def test_serve_an_imported_checkpoint(name, families, imported):
+    """The server answers as the model does in-process, one request at a time and batched: for Llama 3.2 Vision
+    each image's tile arrangement (aspect-ratio id) must reach the model with its tiles."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tessera.serve import ServeSettings
+    from tests.test_serve import running_server
+
+    model, processor = imported[name]
+    images = _images()  # three shapes: a different tile arrangement each
+
+    def data_url(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def request(i):
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[i])}},
+                                             {"type": "text", "text": f"What is in picture {i}?"}]}]
+
+    def expected(i):
+        message = processor.user_message(f"What is in picture {i}?", 1)
+        batch = processor([[message]], [[images[i]]], add_generation_prompt=True, padding_side="left")
+        batch.pop("labels")
+        return model.generate(**batch, max_new_tokens=6, tokenizer=processor).texts[0]
+
+    settings = ServeSettings(checkpoint=str(families[name].directory), served_model_name="m", max_batch=4,
+                             max_images_per_prompt=1)
+    with running_server(settings) as server:
+        client = server.client()
+
+        def ask(i):
+            result = client.chat.completions.create(model="m", messages=request(i), max_tokens=6, temperature=0)
+            return result.choices[0].message.content
+
+        answers = [expected(i) for i in range(len(images))]
+        assert [ask(i) for i in range(len(images))] == answers
+        assert server.engine.stats["largest_batch"] == 1
+        each_twice = [i for i in range(len(images)) for _ in range(2)]
+        with ThreadPoolExecutor(len(each_twice)) as pool:
+            assert list(pool.map(ask, each_twice)) == [answers[i] for i in each_twice]
+        assert server.engine.stats["largest_batch"] > 1  # different tile arrangements shared forward passes
+        assert len(set(answers)) > 1  # the images are seen
+
+
 def test_labels_cover_the_answer_only(imported):
     _, processor = imported["llava-clip-llama"]
     conversation = _conversations(_images(), answer=True)[0]

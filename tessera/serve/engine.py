@@ -188,8 +188,10 @@ class Engine:
         streams = [ChoiceStream(choice, job.params[choice], self.processor.decode) for job, choice in rows]
         self.stats.update(batches=1, rows=len(rows))
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        # a tiled encoder (Llama 3.2 Vision) also needs each image's tile arrangement
         steps = self.model.stream_tokens(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                         inputs["image_counts"], params)
+                                         inputs["image_counts"], params,
+                                         aspect_ratio_ids=inputs.get("aspect_ratio_ids"))
         try:
             for tokens in steps:
                 for (job, choice), stream, token in zip(rows, streams, tokens.tolist()):
