@@ -96,8 +96,9 @@ def test_what_stays_with_pytorch(case, onednn_calls):
 @needs_onednn
 def test_large_products_take_the_onednn_route(onednn_calls):
     linear(torch.randn(2, 512), torch.randn(512, 512))  # two rows through a 1 MB weight
-    linear(torch.randn(4096, 128), torch.randn(128, 128))  # a small weight over many rows: 64M multiply-adds
-    assert onednn_calls == [(2, 512), (4096, 128)]
+    linear(torch.randn(1536, 128), torch.randn(128, 128))  # a small weight over many rows: 24M multiply-adds
+    linear(torch.randn(1535, 128), torch.randn(128, 128))  # one row fewer: PyTorch's default
+    assert onednn_calls == [(2, 512), (1536, 128)]
 
 
 def test_linear_is_a_drop_in_nn_linear():
