@@ -60,8 +60,9 @@ def test_method_b_needs_fewer_flops_than_method_a_as_the_image_grows():
 @pytest.mark.parametrize("fusion", ["unified", "cross"])
 def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch):
     """The MFU's numerator, against PyTorch's FLOP counter over a real step (products through `F.linear` and the
-    math attention, which the counter sees). The only surplus allowed is the last layer's trailing row: it computes
-    the rows from the first labelled one to the end, and the very last row predicts nothing."""
+    math attention, which the counter sees). The only surplus allowed: the last layer computes the rows from the
+    first labelled one to the end, and the very last row predicts nothing; and its fused projection makes queries
+    for every row."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -89,5 +90,7 @@ def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch
     text_tokens = sequence - (image_tokens if fusion == "unified" else 0)  # BOS (and Method B's marker) included
     trailing_row = TRAIN * batch * (decoder_layer_flops(config, sequence, sequence, outputs=labelled + 1)
                                     - decoder_layer_flops(config, sequence, sequence, outputs=labelled))
+    t = config.text
+    unread_queries = TRAIN * batch * (sequence - labelled - 1) * 2 * t.hidden_size * t.num_heads * t.head_dim
     analytic = training_step_flops(config, batch, image_tokens, text_tokens, labelled)
-    assert counter.get_total_flops() == analytic + trailing_row
+    assert counter.get_total_flops() == analytic + trailing_row + unread_queries

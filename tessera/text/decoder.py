@@ -147,10 +147,11 @@ class DecoderLLM(nn.Module):
         """The layer stack, with Method B's blocks before their layers: the bulk of the work, and one graph for
         `torch.compile` whatever the caller does around it (see `MultimodalLM.compile`).
 
-        keep: only the last `keep` rows of the output are read. Then the last layer computes its queries,
-        attention output and MLP for those rows alone: its keys and values still come from every row, and no other
+        keep: only the last `keep` rows of the output are read. Then the last layer computes its attention,
+        output projection and MLP for those rows alone: its keys and values still come from every row, and no other
         layer reads its output. A prefill reads one row, a training step the labelled span (the image tokens
-        before it carry no label), so that layer's work on the other rows would be thrown away."""
+        before it carry no label), so that layer's work on the other rows would be thrown away. (Its fused
+        projection still makes queries for every row; see `SelfAttention.forward`.)"""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if inject is not None and i in inject:

@@ -43,6 +43,8 @@ def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x · cos + rotate_half(x) · sin, where rotate_half(x) = [−second half, first half]. Written as the halves
-    swapped (a roll) times a sin whose first half is negated, it takes three kernels instead of five (one fewer
-    copy, no negation pass) — the decode step runs this once per layer."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    swapped (a roll) times a sin whose first half is negated, it takes four kernels instead of five (no negation
+    pass) — the decode step runs this once per layer. Not `addcmul`, which would save one more: it rounds the
+    product and the sum once, not twice, and under bf16 autocast that moved the quickstart's training far enough to
+    change its results (unified exact match 0.928 → 0.823 with the same data and seed)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
