@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint, served_model_name=args.served_model_name, api_key=args.api_key,
         max_images_per_prompt=args.max_images_per_prompt, max_batch=args.max_batch,
         allowed_local_dir=args.allowed_local_dir, allow_remote_images=args.allow_remote_images,
+        allowed_image_hosts=args.allowed_image_hosts.split(",") if args.allowed_image_hosts is not None else None,
         threads=args.threads,
     )
     serve(settings, host=args.host, port=args.port)
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-local-dir", default=None, help="allow file:// image URLs inside this directory")
     p.add_argument("--allow-remote-images", action="store_true", help="allow http(s):// image URLs (off: the "
                                                                        "server fetches nothing from elsewhere)")
+    p.add_argument("--allowed-image-hosts", default=None, metavar="HOST[,HOST…]",
+                   help="allow http(s):// image URLs from these hosts only (exact names, no redirects followed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's; "
                                                              "1 is often fastest for small models on a busy CPU)")
     p.set_defaults(run=_serve)

@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -30,6 +31,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from tessera import ModelConfig, MultimodalLM, Processor, TextConfig, VisionConfig, train_tokenizer
+from tessera.errors import ConfigError
 from tessera.generation import SamplingParams, TokenChooser
 from tessera.serve import ServeSettings, create_app
 from tessera.serve.app import load_checkpoint
@@ -561,7 +563,10 @@ def test_health_is_503_while_loading_then_200(checkpoint):
 
 
 class _ImageHost(http.server.BaseHTTPRequestHandler):
+    paths: list[str] = []  # every path asked for, in order
+
     def do_GET(self):
+        self.paths.append(self.path)
         if self.path == "/a.png":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -596,6 +601,40 @@ def test_remote_images_only_when_allowed(checkpoint):
                          "Cannot load local files without `--allowed-local-dir`.")
     finally:
         host.shutdown()
+
+
+def test_allowed_image_hosts_limit_where_images_come_from(checkpoint):
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{host.server_address[1]}/a.png"
+    try:
+        # listing a host is enough to allow remote images from it, and from it alone
+        with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                          allowed_image_hosts=["127.0.0.1", "Images.Example.com"])) as s:
+            client = s.client()
+            by_url, by_data = [client.chat.completions.create(model="tiny", messages=_one_image(u)["messages"],
+                                                              max_tokens=8, temperature=0).choices[0].message.content
+                               for u in (url, data_url(PNG))]
+            assert by_url == by_data
+            assert_error(_post(s, _one_image(url.replace("127.0.0.1", "localhost"))), 400, URL,
+                         "images from localhost are not allowed on this server; allowed hosts: 127.0.0.1, "
+                         "images.example.com")
+        _ImageHost.paths.clear()
+        with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                          allow_remote_images=True, allowed_image_hosts=["images.example.com"])) as s:
+            assert_error(_post(s, _one_image(url)), 400, URL, "images from 127.0.0.1 are not allowed")
+        assert _ImageHost.paths == []  # refused before any request left the server
+    finally:
+        host.shutdown()
+
+
+@pytest.mark.parametrize("host", ["http://images.example.com", "images.example.com:443", "example.com/images", "",
+                                  "a b", "::1"])
+def test_an_allowed_image_host_must_be_a_host_name(checkpoint, host):
+    settings = ServeSettings(checkpoint=str(checkpoint), allowed_image_hosts=["example.org", host])
+    with pytest.raises(ConfigError, match=f"--allowed-image-hosts: {re.escape(repr(host))} is not a host name"):
+        settings.check()
+    ServeSettings(checkpoint=str(checkpoint), allowed_image_hosts=["example.org", "10.0.0.5", "[::1]"]).check()
 
 
 TESSERA = shutil.which("tessera", path=os.path.dirname(sys.executable)) or "tessera"

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tessera.checkpoint import CONFIG_NAME
 from tessera.errors import CheckpointError, ConfigError
 from tessera.serve.engine import Engine, Failed, Job
-from tessera.serve.images import ImagePolicy, load_image
+from tessera.serve.images import ImagePolicy, bare_host, load_image
 from tessera.serve.protocol import (APIError, ChatRequest, Completion, choice_delta, encode_prompt,
                                     parse_chat_request, usage)
 
@@ -45,6 +45,7 @@ class ServeSettings:
     max_batch: int = 8
     allowed_local_dir: str | None = None
     allow_remote_images: bool = False
+    allowed_image_hosts: list[str] | None = None  # remote images from these hosts only (implies remote images)
     max_body_bytes: int = 32 * 2 ** 20
     max_image_pixels: int = 4096 * 4096
     threads: int | None = None  # torch's intra-op threads (process-wide, so only `serve` applies it)
@@ -65,12 +66,18 @@ class ServeSettings:
             raise ConfigError(f"--max-batch {self.max_batch}: expected an integer >= 1")
         if self.max_images_per_prompt < 0:
             raise ConfigError(f"--max-images-per-prompt {self.max_images_per_prompt}: expected an integer >= 0")
+        for host in self.allowed_image_hosts or ():
+            if bare_host(host) is None:
+                raise ConfigError(f"--allowed-image-hosts: {host!r} is not a host name; expected names like "
+                                  f"images.example.com, 10.0.0.5 or [::1], comma-separated, without scheme, port "
+                                  f"or path")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads}: expected an integer >= 1")
 
     def image_policy(self) -> ImagePolicy:
         local = Path(self.allowed_local_dir) if self.allowed_local_dir else None
-        return ImagePolicy(allowed_local_dir=local, allow_remote=self.allow_remote_images,
+        hosts = frozenset(map(bare_host, self.allowed_image_hosts)) if self.allowed_image_hosts is not None else None
+        return ImagePolicy(allowed_local_dir=local, allow_remote=self.allow_remote_images, allowed_hosts=hosts,
                            max_pixels=self.max_image_pixels)
 
 

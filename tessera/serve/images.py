@@ -1,8 +1,9 @@
 """Image URLs of a chat request → decoded RGB images, under the server's policy.
 
 `data:image/…;base64,…` always works; `file://` only inside --allowed-local-dir; `http(s)://` only with
---allow-remote-images (off by default, so the server cannot be used to make requests elsewhere), without redirects,
-with a timeout and a size cap. Every image's pixel count is checked from its header before it is decoded, so a
+--allow-remote-images (off by default, so the server cannot be used to make requests elsewhere) or from the hosts
+of --allowed-image-hosts, without redirects (so an allowed host cannot send the server on elsewhere), with a
+timeout and a size cap. Every image's pixel count is checked from its header before it is decoded, so a
 decompression bomb is refused without being expanded. Every failure is an APIError 400 naming the request field.
 """
 
@@ -26,9 +27,23 @@ from tessera.vision.preprocess import to_rgb
 class ImagePolicy:
     allowed_local_dir: Path | None = None
     allow_remote: bool = False
+    allowed_hosts: frozenset[str] | None = None  # remote images from these hosts only (lower case); None: any
     max_bytes: int = 20 * 2 ** 20  # per image file or download
     max_pixels: int = 4096 * 4096
     remote_timeout: float = 5.0
+
+
+def bare_host(text: str) -> str | None:
+    """`text` as a URL's host compares (lower case, IPv6 without brackets), or None unless it is a host alone."""
+    try:
+        parts = urlparse(f"//{text}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or port is not None or parts.path or parts.query or parts.fragment or "@" in text \
+            or any(c.isspace() for c in text):
+        return None
+    return parts.hostname
 
 
 def load_image(url: str, policy: ImagePolicy, param: str) -> Image.Image:
@@ -97,9 +112,13 @@ def _local_file_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
 
 
 def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
-    if not policy.allow_remote:
+    if not policy.allow_remote and policy.allowed_hosts is None:
         raise APIError(400, f"{param}: remote image URLs are disabled on this server; send the image as a "
                             f"data:image/…;base64 URL (or start the server with --allow-remote-images)", param)
+    host = (urlparse(url).hostname or "").lower()
+    if policy.allowed_hosts is not None and host not in policy.allowed_hosts:
+        raise APIError(400, f"{param}: images from {host or repr(url[:40])} are not allowed on this server; "
+                            f"allowed hosts: {', '.join(sorted(policy.allowed_hosts))}", param)
     import httpx
 
     deadline = time.monotonic() + policy.remote_timeout  # httpx's timeout is per read; this one is for it all
