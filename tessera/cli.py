@@ -82,7 +82,8 @@ def _serve(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint, served_model_name=args.served_model_name, api_key=args.api_key,
         max_images_per_prompt=args.max_images_per_prompt, max_batch=args.max_batch,
         allowed_local_dir=args.allowed_local_dir, allow_remote_images=args.allow_remote_images,
-        allowed_image_hosts=args.allowed_image_hosts.split(",") if args.allowed_image_hosts is not None else None,
+        allowed_image_hosts=None if args.allowed_image_hosts is None else
+        [host.strip() for host in args.allowed_image_hosts.split(",")],
         threads=args.threads,
     )
     serve(settings, host=args.host, port=args.port)

@@ -583,49 +583,49 @@ class _ImageHost(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_remote_images_only_when_allowed(checkpoint):
+@pytest.fixture
+def image_host():
+    """A local HTTP server with /a.png (PNG), /moved.png (a redirect to it) and 404 for the rest: its base URL."""
     host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
     threading.Thread(target=host.serve_forever, daemon=True).start()
-    remote = f"http://127.0.0.1:{host.server_address[1]}"
-    try:
-        with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
-                                          allow_remote_images=True)) as s:
-            client = s.client()
-            by_url, by_data = [client.chat.completions.create(model="tiny", messages=_one_image(url)["messages"],
-                                                              max_tokens=8, temperature=0).choices[0].message.content
-                               for url in (f"{remote}/a.png", data_url(PNG))]
-            assert by_url == by_data
-            assert_error(_post(s, _one_image(f"{remote}/moved.png")), 400, URL, "redirects are not followed")
-            assert_error(_post(s, _one_image(f"{remote}/missing.png")), 400, URL, "HTTP 404")
-            assert_error(_post(s, _one_image("file:///etc/hostname")), 400, URL,
-                         "Cannot load local files without `--allowed-local-dir`.")
-    finally:
-        host.shutdown()
+    _ImageHost.paths.clear()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
 
 
-def test_allowed_image_hosts_limit_where_images_come_from(checkpoint):
-    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
-    threading.Thread(target=host.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{host.server_address[1]}/a.png"
-    try:
-        # listing a host is enough to allow remote images from it, and from it alone
-        with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
-                                          allowed_image_hosts=["127.0.0.1", "Images.Example.com"])) as s:
-            client = s.client()
-            by_url, by_data = [client.chat.completions.create(model="tiny", messages=_one_image(u)["messages"],
-                                                              max_tokens=8, temperature=0).choices[0].message.content
-                               for u in (url, data_url(PNG))]
-            assert by_url == by_data
-            assert_error(_post(s, _one_image(url.replace("127.0.0.1", "localhost"))), 400, URL,
-                         "images from localhost are not allowed on this server; allowed hosts: 127.0.0.1, "
-                         "images.example.com")
-        _ImageHost.paths.clear()
-        with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
-                                          allow_remote_images=True, allowed_image_hosts=["images.example.com"])) as s:
-            assert_error(_post(s, _one_image(url)), 400, URL, "images from 127.0.0.1 are not allowed")
-        assert _ImageHost.paths == []  # refused before any request left the server
-    finally:
-        host.shutdown()
+def _answers_as_from_data(server: Server, url: str) -> None:
+    """The image fetched from `url` gives the same greedy answer as the same PNG sent as a data URL."""
+    client = server.client()
+    by_url, by_data = [client.chat.completions.create(model="tiny", messages=_one_image(u)["messages"], max_tokens=8,
+                                                      temperature=0).choices[0].message.content
+                       for u in (url, data_url(PNG))]
+    assert by_url == by_data
+
+
+def test_remote_images_only_when_allowed(checkpoint, image_host):
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                      allow_remote_images=True)) as s:
+        _answers_as_from_data(s, f"{image_host}/a.png")
+        assert_error(_post(s, _one_image(f"{image_host}/moved.png")), 400, URL, "redirects are not followed")
+        assert_error(_post(s, _one_image(f"{image_host}/missing.png")), 400, URL, "HTTP 404")
+        assert_error(_post(s, _one_image("file:///etc/hostname")), 400, URL,
+                     "Cannot load local files without `--allowed-local-dir`.")
+
+
+def test_allowed_image_hosts_limit_where_images_come_from(checkpoint, image_host):
+    url = f"{image_host}/a.png"
+    # listing a host is enough to allow remote images from it, and from it alone
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                      allowed_image_hosts=["127.0.0.1", "Images.Example.com"])) as s:
+        _answers_as_from_data(s, url)
+        assert_error(_post(s, _one_image(url.replace("127.0.0.1", "localhost"))), 400, URL,
+                     "images from localhost are not allowed on this server; allowed hosts: 127.0.0.1, "
+                     "images.example.com")
+    _ImageHost.paths.clear()
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                      allow_remote_images=True, allowed_image_hosts=["images.example.com"])) as s:
+        assert_error(_post(s, _one_image(url)), 400, URL, "images from 127.0.0.1 are not allowed")
+    assert _ImageHost.paths == []  # refused before any request left the server
 
 
 @pytest.mark.parametrize("host", ["http://images.example.com", "images.example.com:443", "example.com/images", "",
@@ -644,6 +644,10 @@ def test_tessera_serve_command(checkpoint, tmp_path):
     bad = subprocess.run([TESSERA, "serve", "--checkpoint", str(tmp_path / "nowhere")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "not a checkpoint directory" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([TESSERA, "serve", "--checkpoint", str(checkpoint), "--allowed-image-hosts",
+                          "images.example.com, x.com:80"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "'x.com:80' is not a host name" in bad.stderr  # the list's spaces are fine
     assert len(bad.stderr.strip().splitlines()) == 1
 
     with socket.socket() as probe:
