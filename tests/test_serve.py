@@ -628,6 +628,32 @@ def test_allowed_image_hosts_limit_where_images_come_from(checkpoint, image_host
     assert _ImageHost.paths == []  # refused before any request left the server
 
 
+@pytest.mark.parametrize("url, allowed", [
+    ("http://127.0.0.1@evil.invalid/a.png", False),  # user info, not the host
+    ("http://evil.invalid#@127.0.0.1/a.png", False),
+    ("http://evil.invalid?@127.0.0.1/a.png", False),
+    ("http://xn--bcher-kva.invalid/a.png", False),
+    ("http://LOCALHOST.:9/a.png", True),  # case, a trailing dot and the port do not matter
+])
+def test_the_image_host_check_reads_the_host_the_request_goes_to(url, allowed):
+    from tessera.serve.images import load_image
+    from tessera.serve.protocol import APIError
+
+    policy = ServeSettings(checkpoint="unused", allowed_image_hosts=["127.0.0.1", "localhost"]).image_policy()
+    with pytest.raises(APIError) as error:  # an allowed URL is fetched, and nothing listens on port 9
+        load_image(url, policy, URL)
+    assert ("are not allowed on this server" in error.value.message) == (not allowed), error.value.message
+    with pytest.raises(APIError, match="is not a valid URL"):  # a 400, not a server error
+        load_image("http://127.0.0.1:port/a.png", policy, URL)
+
+
+def test_allowed_hosts_compare_in_idna_form():
+    from tessera.serve.images import bare_host, request_host
+
+    assert bare_host("Bücher.Example") == request_host(httpx.URL("http://xn--bcher-kva.example/")) \
+        == request_host(httpx.URL("http://bücher.example./a.png"))
+
+
 @pytest.mark.parametrize("host", ["http://images.example.com", "images.example.com:443", "example.com/images", "",
                                   "a b", "::1"])
 def test_an_allowed_image_host_must_be_a_host_name(checkpoint, host):

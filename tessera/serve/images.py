@@ -34,7 +34,9 @@ class ImagePolicy:
 
 
 def bare_host(text: str) -> str | None:
-    """`text` as a URL's host compares (lower case, IPv6 without brackets), or None unless it is a host alone."""
+    """`text` as `request_host` gives it, or None unless `text` is a host alone (no scheme, port, path or user)."""
+    import httpx
+
     try:
         parts = urlparse(f"//{text}")
         port = parts.port
@@ -43,7 +45,17 @@ def bare_host(text: str) -> str | None:
     if not parts.hostname or port is not None or parts.path or parts.query or parts.fragment or "@" in text \
             or any(c.isspace() for c in text):
         return None
-    return parts.hostname
+    try:
+        return request_host(httpx.URL(f"http://{text}/"))
+    except httpx.InvalidURL:
+        return None
+
+
+def request_host(url) -> str:
+    """The host an httpx.URL connects to, compared as: lower case, IDNA (xn--) form, no trailing dot, IPv6 without
+    brackets. The allow-list is checked on the URL httpx parsed, the one it fetches, so that no second URL parser
+    can read another host out of a crafted URL."""
+    return url.raw_host.decode("ascii").lower().rstrip(".")
 
 
 def load_image(url: str, policy: ImagePolicy, param: str) -> Image.Image:
@@ -115,15 +127,19 @@ def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
     if not policy.allow_remote and policy.allowed_hosts is None:
         raise APIError(400, f"{param}: remote image URLs are disabled on this server; send the image as a "
                             f"data:image/…;base64 URL (or start the server with --allow-remote-images)", param)
-    host = (urlparse(url).hostname or "").lower()
+    import httpx
+
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise APIError(400, f"{param}: {url[:80]!r} is not a valid URL ({e})", param) from None
+    host = request_host(target)
     if policy.allowed_hosts is not None and host not in policy.allowed_hosts:
         raise APIError(400, f"{param}: images from {host or repr(url[:40])} are not allowed on this server; "
                             f"allowed hosts: {', '.join(sorted(policy.allowed_hosts))}", param)
-    import httpx
-
     deadline = time.monotonic() + policy.remote_timeout  # httpx's timeout is per read; this one is for it all
     try:
-        with httpx.stream("GET", url, timeout=policy.remote_timeout, follow_redirects=False) as response:
+        with httpx.stream("GET", target, timeout=policy.remote_timeout, follow_redirects=False) as response:
             if response.status_code != 200:
                 raise APIError(400, f"{param}: fetching {url} gave HTTP {response.status_code}; expected 200 "
                                     f"(redirects are not followed)", param)
