@@ -25,6 +25,7 @@ compare).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,22 +134,28 @@ def matrix_vector(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.view(*x.shape[:-1], out_features)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through oneDNN or row blocks where they are faster (see the module docstring)."""
-    if not _rerouted(x, weight):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _OneDNNLinear.apply(x, weight, bias)
-    if _rows(x) == 1 and (y := matrix_vector(x, weight, bias)) is not None:
-        return y
-    return _matmul(x, weight, bias)
-
-
 # Batched decoding: a handful of rows through every weight. Measured on the benchmark LLM's weights (108 MB), the
 # blocked layout took 5.0–5.6 ms against 7.4–8.2 ms for 4–8 rows, and 8.0 against 11.3 for 16; for 1 row it
 # made no difference, and prefill or training (hundreds of rows) gain nothing from it either
 PACKED_ROWS = range(2, 65)
 PACKING_HINT = 8  # the row count oneDNN tunes the blocked layout for
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """F.linear, through oneDNN or row blocks where they are faster (see the module docstring). packed: gives the
+    weight in oneDNN's blocked layout, for batched decoding (`Linear` passes its cached copy)."""
+    if not _rerouted(x, weight):
+        return F.linear(x, weight, bias)
+    grad = torch.is_grad_enabled()
+    if grad and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    rows = _rows(x)
+    if rows == 1 and (y := matrix_vector(x, weight, bias)) is not None:
+        return y
+    if packed is not None and not grad and rows in PACKED_ROWS:
+        return _matmul(x, packed(), bias)
+    return _matmul(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -157,9 +164,7 @@ class Linear(nn.Linear):
     _packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) in PACKED_ROWS and not torch.is_grad_enabled() and _rerouted(x, self.weight):
-            return _matmul(x, self.packed_weight(), self.bias)
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, packed=self.packed_weight)
 
     def packed_weight(self) -> torch.Tensor:
         """The weight in oneDNN's blocked layout, made on first use and kept until the weight changes (an
