@@ -24,6 +24,12 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     speeds = results["matmul_gflops_by_kernel"]  # the peak is the fastest kernel tessera can use
     assert "torch.mm" in speeds and all(map(_finite, speeds.values()))
     assert results["matmul_gflops"] == max(speeds.values())
+    measured = results["matmul_gflops_measured"]  # before and after the run; each kernel's better one counts
+    assert set(measured) == {"start", "end"}
+    assert speeds == {k: max(measured["start"][k], measured["end"][k]) for k in speeds}
+    train = results["llava"]["train"]
+    assert train["tessera"]["mfu"] == pytest.approx(
+        train["flops"] / train["tessera"]["seconds"] / (results["matmul_gflops"] * 1e9))
     assert ("oneDNN" in speeds) == (results["linear_backend"] == "onednn")
     llava = results["llava"]
     for name in ("tessera", "transformers"):

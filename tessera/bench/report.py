@@ -40,6 +40,15 @@ def _by_kernel(speeds: dict[str, float]) -> str:
     return ", the faster of " + " and ".join(f"{name} {gflops:.1f}" for name, gflops in speeds.items()) + " GFLOP/s"
 
 
+def _when(measured: dict[str, dict[str, float]] | None) -> str:
+    """"; the better of the run's start (…) and end (…)": each kernel is measured before and after the run."""
+    if not measured:
+        return ""
+    best = {when: max(speeds.values()) for when, speeds in measured.items()}
+    return "; the better of the measurements at the run's " + " and ".join(
+        f"{when} ({gflops:.1f})" for when, gflops in best.items())
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, float | None, float]]:
     return [(what, measure(results), required) for what, measure, required in TARGETS]
 
@@ -50,7 +59,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} threads, flags {' '.join(m['cpu_flags']) or '—'}; torch {m['torch']}, "
         f"transformers {m['transformers']}, Python {m['python']}. Measured fp32 matmul peak "
         f"({s['matmul_size']}²): **{results['matmul_gflops']:.1f} GFLOP/s**"
-        + _by_kernel(results.get("matmul_gflops_by_kernel", {})) + ". tessera's float32 linear layers: "
+        + _by_kernel(results.get("matmul_gflops_by_kernel", {})) + _when(results.get("matmul_gflops_measured"))
+        + ". tessera's float32 linear layers: "
         f"{results.get('linear_backend', 'aten')}.",
         "",
         f"Model: vision {s['vision_width']} wide × {s['vision_layers']} layers (patch {s['patch']}, "
