@@ -76,7 +76,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"| training step, batch {s['train_batch']} ({s['image_tokens']} image + {s['text_tokens']} text "
                  f"tokens), samples/s | {train['tessera']['samples_per_s']:.2f} | "
                  f"{train['transformers']['samples_per_s']:.2f} | {_ratio(train, 'samples_per_s'):.2f}× |")
-    lines.append(f"| training-step MFU ({train['flops'] / 1e9:.0f} GFLOP per step) | {train['tessera']['mfu']:.1%} | "
+    lines.append(f"| training-step MFU ({train['flops'] / 1e9:.3g} GFLOP per step) | {train['tessera']['mfu']:.1%} | "
                  f"{train['transformers']['mfu']:.1%} | |")
     prefill = llava["prefill"]
     lines.append(f"| prefill, 1 image + {s['prompt_tokens']}-token prompt → first token, ms | "
