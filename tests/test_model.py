@@ -373,6 +373,46 @@ def test_logits_of_the_last_rows_after_a_cached_prefix():
     torch.testing.assert_close(last, every[:, -2:], rtol=1e-5, atol=1e-6)
 
 
+def test_a_bf16_model_decoding_through_the_cache_matches_its_full_forward(linear_route):
+    """A bfloat16 model's decode steps (one query row each) attend in float32 and, on the oneDNN route, multiply by
+    the packed bf16 weights; a forward over the whole sequence does neither. Both agree to bf16's precision, padded
+    rows included."""
+    torch.manual_seed(0)
+    llm = DecoderLLM(tiny_config().text).to(torch.bfloat16).eval()
+    ids, mask = _left_pad([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15]])
+    with torch.no_grad():
+        every = llm(ids, attention_mask=mask).float()
+        cache = KVCache(llm.config, 2, 16, torch.bfloat16)
+        stepped = [llm(ids[:, :4], attention_mask=mask[:, :4], cache=cache, logits_to_keep=1)]
+        for t in range(4, ids.shape[1]):
+            stepped.append(llm(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
+    stepped = torch.cat(stepped, dim=1).float()
+    assert stepped.shape == every[:, 3:].shape
+    real = mask[:, 3:].bool()  # padding rows' logits are never read
+    scale = every.abs().max()
+    torch.testing.assert_close(stepped[real], every[:, 3:][real], rtol=0, atol=0.03 * scale)
+    assert (stepped[real].argmax(-1) == every[:, 3:][real].argmax(-1)).float().mean() >= 0.8
+
+
+def test_one_query_row_of_a_bf16_model_attends_in_float32():
+    """A bf16 decode step's attention is float32 attention on the same inputs, returned in bf16 (CPU's bf16 kernel
+    was about 3× slower for one row); more rows stay in bf16."""
+    import torch.nn.functional as F
+
+    from tessera.text.attention import attend
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8).bfloat16(), torch.randn(2, 2, 9, 8).bfloat16(), torch.randn(2, 2, 9, 8).bfloat16()
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    y = attend(q, k, v, attn_mask=mask, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expected.bfloat16())
+    rows = torch.randn(2, 4, 9, 8).bfloat16()
+    assert torch.equal(attend(rows, k, v, is_causal=True, enable_gqa=True),
+                       F.scaled_dot_product_attention(rows, k, v, is_causal=True, enable_gqa=True))
+
+
 def test_attention_stays_float32_under_bf16_autocast():
     """Mixed-precision training runs the projections in bf16 but attention in float32 (CPU's bf16 attention
     backward is several times slower): the result equals float32 attention on the same inputs, gradients flow."""

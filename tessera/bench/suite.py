@@ -184,26 +184,33 @@ def _generators(ours, theirs, prompt: dict[str, torch.Tensor], new_tokens: int) 
     return {"tessera": tessera, "transformers": transformers}
 
 
+def tessera_config(s: Sizes, fusion: str, image_tokens: int | None = None):
+    """The benchmark model built by tessera alone (no transformers): Method A or Method B (a cross-attention block
+    before every 4th layer, as Llama 3.2)."""
+    from tessera.config import ModelConfig
+
+    side = int(round((image_tokens or s.image_tokens) ** 0.5)) * s.patch
+    return ModelConfig.from_dict({
+        "vision": {"image_size": side, "patch_size": s.patch, "hidden_size": s.vision_width,
+                   "num_layers": s.vision_layers, "num_heads": s.vision_heads,
+                   "intermediate_size": 4 * s.vision_width, "pre_layernorm": True},
+        "text": {"vocab_size": s.vocab, "hidden_size": s.text_width, "num_layers": s.text_layers,
+                 "num_heads": s.heads, "num_kv_heads": s.kv_heads,
+                 "intermediate_size": int(2.6875 * s.text_width), "max_position_embeddings": 8192},
+        "fusion": {"method": fusion, "vision_feature_layer": -2,
+                   "cross_attention_layers": list(range(3, s.text_layers, 4)) or [s.text_layers - 1]},
+    })
+
+
 def fusion_scaling(s: Sizes, compile: bool = False) -> dict[str, Any]:
     """Method A vs Method B training step as the image grows, at a fixed text length (tessera only)."""
-    from tessera.config import ModelConfig
     from tessera.model import MultimodalLM
 
     rows = {}
     for n in s.scaling_image_tokens:
-        side = int(round(n**0.5)) * s.patch
         models, steps = {}, {}
         for fusion in ("unified", "cross"):
-            config = ModelConfig.from_dict({
-                "vision": {"image_size": side, "patch_size": s.patch, "hidden_size": s.vision_width,
-                           "num_layers": s.vision_layers, "num_heads": s.vision_heads,
-                           "intermediate_size": 4 * s.vision_width, "pre_layernorm": True},
-                "text": {"vocab_size": s.vocab, "hidden_size": s.text_width, "num_layers": s.text_layers,
-                         "num_heads": s.heads, "num_kv_heads": s.kv_heads,
-                         "intermediate_size": int(2.6875 * s.text_width), "max_position_embeddings": 8192},
-                "fusion": {"method": fusion, "vision_feature_layer": -2,  # every 4th layer, as Llama 3.2
-                           "cross_attention_layers": list(range(3, s.text_layers, 4)) or [s.text_layers - 1]},
-            })
+            config = tessera_config(s, fusion, n)
             torch.manual_seed(0)
             model = MultimodalLM(config).train()
             if compile:

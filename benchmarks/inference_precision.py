@@ -1,0 +1,64 @@
+"""Inference of the `tessera bench` model in float32 and in bfloat16: prefill latency and greedy decode speed at
+batch 1 and 8, the two dtypes timed interleaved (a warm-up first) and the medians compared. tessera only, random
+weights (Method A, LLaVA-style).
+
+    python benchmarks/inference_precision.py
+    python benchmarks/inference_precision.py --new-tokens 64 --repeats 3
+
+bf16 halves the weights a decode step streams from memory, so it should decode at least as fast as float32; on a
+CPU without native bf16 (no AVX-512 BF16 or AMX) its products are emulated and it is slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+
+from tessera.bench.suite import FULL, llava_batch, tessera_config
+from tessera.bench.timing import interleaved
+from tessera.model import MultimodalLM
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=FULL.new_tokens)
+    parser.add_argument("--repeats", type=int, default=FULL.repeats)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {"float32": MultimodalLM(tessera_config(FULL, "unified")).eval()}
+    models["bfloat16"] = copy.deepcopy(models["float32"]).to(torch.bfloat16)
+
+    def generation(batch: int, new_tokens: int):
+        prompt = llava_batch(FULL, batch, FULL.prompt_tokens, labelled=False)
+
+        def run(model, dtype):
+            pixels = prompt["pixel_values"].to(dtype)
+            out = model.generate(prompt["input_ids"], prompt["attention_mask"], pixels, [1] * batch,
+                                 max_new_tokens=new_tokens, eos_token_id=[])
+            assert all(len(tokens) == new_tokens for tokens in out.sequences)
+
+        return {dtype: (lambda m=model, d=getattr(torch, dtype): run(m, d)) for dtype, model in models.items()}
+
+    print(f"{torch.get_num_threads()} threads, medians of {args.repeats} interleaved runs; "
+          f"{args.new_tokens} new tokens")
+    print(f"{'measurement':38s} {'float32':>9s} {'bfloat16':>9s} {'bf16 faster by':>15s}")
+    first = interleaved(generation(1, 1), args.repeats)
+    print(f"{'prefill, 1 image + 32-token prompt, ms':38s} {first['float32'] * 1e3:9.1f} "
+          f"{first['bfloat16'] * 1e3:9.1f} {first['float32'] / first['bfloat16']:14.2f}×", flush=True)
+    for batch in FULL.decode_batches:
+        first = interleaved(generation(batch, 1), args.repeats)
+        full = interleaved(generation(batch, args.new_tokens), args.repeats)
+        speed = {d: batch * (args.new_tokens - 1) / (full[d] - first[d]) for d in full}
+        print(f"{f'decode, batch {batch}, tokens/s':38s} {speed['float32']:9.1f} {speed['bfloat16']:9.1f} "
+              f"{speed['bfloat16'] / speed['float32']:14.2f}×", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
