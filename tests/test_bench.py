@@ -21,6 +21,7 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert _finite(results["matmul_gflops"])
+    assert results["machine"]["allocator"] and f"memory allocator: {results['machine']['allocator']}" in printed
     speeds = results["matmul_gflops_by_kernel"]  # the peak is the fastest kernel tessera can use
     assert "torch.mm" in speeds and all(map(_finite, speeds.values()))
     assert results["matmul_gflops"] == max(speeds.values())

@@ -57,7 +57,8 @@ def markdown(results: dict[str, Any]) -> str:
     m, s, llava = results["machine"], results["sizes"], results["llava"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} threads, flags {' '.join(m['cpu_flags']) or '—'}; torch {m['torch']}, "
-        f"transformers {m['transformers']}, Python {m['python']}. Measured fp32 matmul peak "
+        f"transformers {m['transformers']}, Python {m['python']}"
+        + (f"; memory allocator: {m['allocator']}" if "allocator" in m else "") + ". Measured fp32 matmul peak "
         f"({s['matmul_size']}²): **{results['matmul_gflops']:.1f} GFLOP/s**"
         + _by_kernel(results.get("matmul_gflops_by_kernel", {})) + _when(results.get("matmul_gflops_measured"))
         + ". tessera's float32 linear layers: "
