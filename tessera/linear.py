@@ -16,7 +16,8 @@ interop, optimizers and `state_dict` see nothing new. What changes is only which
 - batched decoding (no gradients, 2–64 rows): oneDNN with the weight reordered once into its blocked layout,
   which multiplies a few rows about 1.5× as fast as the plain layout (see `Linear.packed_weight`);
 - a bfloat16 model decoding (no gradients, 1–64 rows): the same blocked layout. `F.linear` already sends bf16 to
-  oneDNN, but in the plain layout it read the benchmark LLM's bf16 weights at 13 GB/s, the blocked one at 18;
+  oneDNN, but in the plain layout it read the benchmark LLM's bf16 weights at 13 GB/s, the blocked one at 18.
+  The blocked copies are made only while memory has room for them (PACKING_MEMORY_RESERVE);
 - anything else — other bf16 products (or autocast, whose bf16 matmuls PyTorch already sends to oneDNN), other
   devices, `torch.compile` (inductor picks its own CPU kernels), an empty batch, small products — plain `F.linear`.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -142,44 +144,72 @@ def matrix_vector(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 # made no difference, and prefill or training (hundreds of rows) gain nothing from it either
 PACKED_ROWS = range(2, 65)
 PACKING_HINT = 8  # the row count oneDNN tunes the blocked layout for
+# The blocked copy doubles a layer's weight memory. A big model (a 7B in bf16 is 14 GB) must not be pushed out of
+# memory by it, so a copy is made only while the memory still available afterwards stays above this share of the
+# machine's memory (room for the KV cache and activations); past that, layers multiply their plain weights
+PACKING_MEMORY_RESERVE = 0.25
+
+
+def _memory_bytes() -> tuple[int, int] | None:
+    """(available, total) physical memory in bytes: Linux's MemAvailable (free memory plus what the page cache can
+    give back), or None where it cannot be read."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def room_for_a_packed_copy(weight: torch.Tensor) -> bool:
+    """Whether a blocked copy of `weight` leaves at least PACKING_MEMORY_RESERVE of the memory available."""
+    memory = _memory_bytes()
+    if memory is None:
+        return True
+    available, total = memory
+    return available - weight.numel() * weight.element_size() >= PACKING_MEMORY_RESERVE * total
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+           packed: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
     """F.linear, through oneDNN or row blocks where they are faster (see the module docstring). packed: gives the
-    weight in oneDNN's blocked layout, for batched decoding (`Linear` passes its cached copy)."""
+    weight in oneDNN's blocked layout for decoding, or None when memory has no room for it (`Linear` passes its
+    cached copy)."""
     if not _rerouted(x, weight):
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled()
     rows = _rows(x)
     if x.dtype is torch.bfloat16:  # only decoding leaves F.linear (which already multiplies bf16 in oneDNN)
-        if packed is None or grad or rows > PACKED_ROWS.stop - 1:
+        if packed is None or grad or rows > PACKED_ROWS.stop - 1 or (blocked := packed()) is None:
             return F.linear(x, weight, bias)
-        return _matmul(x, packed(), bias)
+        return _matmul(x, blocked, bias)
     if grad and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDNNLinear.apply(x, weight, bias)
     if rows == 1 and (y := matrix_vector(x, weight, bias)) is not None:
         return y
-    if packed is not None and not grad and rows in PACKED_ROWS:
-        return _matmul(x, packed(), bias)
+    if packed is not None and not grad and rows in PACKED_ROWS and (blocked := packed()) is not None:
+        return _matmul(x, blocked, bias)
     return _matmul(x, weight, bias)
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict), multiplying through `linear`."""
 
-    _packed: tuple[tuple[int, int], torch.Tensor] | None = None
+    _packed: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, packed=self.packed_weight)
 
-    def packed_weight(self) -> torch.Tensor:
+    def packed_weight(self) -> torch.Tensor | None:
         """The weight in oneDNN's blocked layout, made on first use and kept until the weight changes (an
-        optimizer step or a load bumps its version) or `train()`/`eval()` is called. It is a second copy:
-        batched decoding holds the LLM's linear weights twice."""
+        optimizer step or a load bumps its version) or `train()`/`eval()` is called. It is a second copy: decoding
+        holds the LLM's linear weights twice. None when memory has no room for it (see PACKING_MEMORY_RESERVE);
+        that answer too is kept until the weight changes or `train()`/`eval()`."""
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKING_HINT))
+            self._packed = None  # the stale copy goes before memory is measured for a new one
+            room = room_for_a_packed_copy(self.weight)
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKING_HINT)
+                            if room else None)
         return self._packed[1]
 
     def __getstate__(self) -> dict:

@@ -240,6 +240,50 @@ def test_other_bf16_products_stay_with_pytorch(case, onednn_calls):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_packed_copy_when_memory_is_short(dtype, monkeypatch, onednn_calls):
+    """The blocked copy doubles the weight's memory: when it would leave less than the reserve available (a big model
+    in a small machine), the layer multiplies its plain weight, and does not measure again at every step."""
+    measured = []
+
+    def memory():
+        measured.append(1)
+        return 3 << 30, 16 << 30  # 3 of 16 GiB available: under the 25% reserve already
+
+    monkeypatch.setattr(linear_module, "_memory_bytes", memory)
+    layer = Linear(512, 640).to(dtype)
+    x = torch.randn(8, 512).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+        layer(x)
+    assert layer.packed_weight() is None and len(measured) == 1
+    # float32 still multiplies in oneDNN, with the plain weight; bf16 goes back to F.linear
+    assert onednn_calls == ([(8, 512)] * 2 if dtype is torch.float32 else [])
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    torch.testing.assert_close(y.float(), expected, atol=0.03 if dtype is torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def test_room_for_a_packed_copy_keeps_the_reserve(monkeypatch):
+    weight = torch.empty(1024, 1024)  # 4 MiB
+    total = 64 << 20
+    reserve = int(linear_module.PACKING_MEMORY_RESERVE * total)
+    monkeypatch.setattr(linear_module, "_memory_bytes", lambda: (reserve + (4 << 20), total))
+    assert linear_module.room_for_a_packed_copy(weight)
+    monkeypatch.setattr(linear_module, "_memory_bytes", lambda: (reserve + (4 << 20) - 1, total))
+    assert not linear_module.room_for_a_packed_copy(weight)
+    monkeypatch.setattr(linear_module, "_memory_bytes", lambda: None)  # unknown (no /proc/meminfo): as before
+    assert linear_module.room_for_a_packed_copy(weight)
+
+
+def test_memory_is_read_from_the_system():
+    memory = linear_module._memory_bytes()
+    if memory is None:
+        pytest.skip("no /proc/meminfo here")
+    available, total = memory
+    assert 0 < available <= total
+
+
+@needs_onednn
 def test_a_layer_with_a_packed_copy_can_be_deep_copied_and_pickled(tmp_path):
     layer = Linear(512, 640)
     x = torch.randn(4, 512)
