@@ -5,8 +5,8 @@ weights (Method A, LLaVA-style).
     python benchmarks/inference_precision.py
     python benchmarks/inference_precision.py --new-tokens 64 --repeats 3
 
-bf16 halves the weights a decode step streams from memory, so it should decode at least as fast as float32; on a
-CPU without native bf16 (no AVX-512 BF16 or AMX) its products are emulated and it is slower.
+bf16 halves the weights a decode step streams from memory, but how fast it multiplies depends on the CPU: with
+AVX-512 BF16 or AMX it is native, elsewhere oneDNN converts to float32 on the way (not measured here).
 """
 
 from __future__ import annotations

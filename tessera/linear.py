@@ -15,9 +15,11 @@ interop, optimizers and `state_dict` see nothing new. What changes is only which
   as through oneDNN (see `matrix_vector`);
 - batched decoding (no gradients, 2–64 rows): oneDNN with the weight reordered once into its blocked layout,
   which multiplies a few rows about 1.5× as fast as the plain layout (see `Linear.packed_weight`);
-- a bfloat16 model decoding (no gradients, 1–64 rows): the same blocked layout. `F.linear` already sends bf16 to
-  oneDNN, but in the plain layout it read the benchmark LLM's bf16 weights at 13 GB/s, the blocked one at 18.
-  The blocked copies are made only while memory has room for them (PACKING_MEMORY_RESERVE);
+- a bfloat16 model's batched decoding (no gradients, 2–64 rows): the same blocked layout. `F.linear` already
+  sends bf16 to oneDNN, but in the plain layout it read the benchmark LLM's bf16 weights at 13 GB/s, the blocked
+  one at 18. Not at one row: there the copy would cost bf16 the memory it exists to save, and float32's
+  matrix-vector route is faster still. The blocked copies are made only while memory has room for them
+  (PACKING_MEMORY_RESERVE);
 - anything else — other bf16 products (or autocast, whose bf16 matmuls PyTorch already sends to oneDNN), other
   devices, `torch.compile` (inductor picks its own CPU kernels), an empty batch, small products — plain `F.linear`.
 
@@ -56,6 +58,18 @@ def _backend_from_environment() -> str:
 
 
 _OP = _onednn_linear_op() if _backend_from_environment() == "onednn" else None
+
+
+def _bf16_packing_supported() -> bool:
+    """Whether oneDNN can reorder bf16 weights on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; elsewhere
+    the reorder raises, while F.linear still multiplies bf16)."""
+    try:
+        return _OP is not None and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BF16_PACKING = _bf16_packing_supported()
 
 
 def backend() -> str:
@@ -109,6 +123,8 @@ def _rerouted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this product may leave `F.linear` for tessera's kernels (see the module docstring): float32 or
     bfloat16, CPU, eager, big enough."""
     if _OP is None or not x.is_cpu or x.dtype not in ROUTED_DTYPES or weight.dtype is not x.dtype:
+        return False
+    if x.dtype is torch.bfloat16 and not BF16_PACKING:
         return False
     rows = _rows(x)
     if rows == 0 or (weight.numel() < MIN_WEIGHT_ELEMENTS and rows * weight.numel() < MIN_MULTIPLY_ADDS):
@@ -178,8 +194,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled()
     rows = _rows(x)
-    if x.dtype is torch.bfloat16:  # only decoding leaves F.linear (which already multiplies bf16 in oneDNN)
-        if packed is None or grad or rows > PACKED_ROWS.stop - 1 or (blocked := packed()) is None:
+    if x.dtype is torch.bfloat16:  # only batched decoding leaves F.linear (which already multiplies bf16 in oneDNN)
+        if packed is None or grad or rows not in PACKED_ROWS or (blocked := packed()) is None:
             return F.linear(x, weight, bias)
         return _matmul(x, blocked, bias)
     if grad and any(t is not None and t.requires_grad for t in (x, weight, bias)):

@@ -373,15 +373,19 @@ def test_logits_of_the_last_rows_after_a_cached_prefix():
     torch.testing.assert_close(last, every[:, -2:], rtol=1e-5, atol=1e-6)
 
 
-def test_a_bf16_model_decoding_through_the_cache_matches_its_full_forward(linear_route):
+def test_a_bf16_model_decoding_through_the_cache_matches_its_full_forward(linear_route, monkeypatch):
     """A bfloat16 model's decode steps (one query row each) attend in float32 and, on the oneDNN route, multiply by
-    the packed bf16 weights; a forward over the whole sequence does neither. Both agree to bf16's precision, padded
-    rows included."""
+    the packed bf16 weights; the reference, one forward over the whole sequence with PyTorch's own kernels, does
+    neither. Both agree to bf16's precision, padded rows included."""
+    import tessera.linear
+
     torch.manual_seed(0)
     llm = DecoderLLM(tiny_config().text).to(torch.bfloat16).eval()
     ids, mask = _left_pad([[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15]])
     with torch.no_grad():
-        every = llm(ids, attention_mask=mask).float()
+        with monkeypatch.context() as plain:
+            plain.setattr(tessera.linear, "_OP", None)  # every product through F.linear
+            every = llm(ids, attention_mask=mask).float()
         cache = KVCache(llm.config, 2, 16, torch.bfloat16)
         stepped = [llm(ids[:, :4], attention_mask=mask[:, :4], cache=cache, logits_to_keep=1)]
         for t in range(4, ids.shape[1]):
@@ -408,6 +412,8 @@ def test_one_query_row_of_a_bf16_model_attends_in_float32():
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, expected.bfloat16())
+    additive = torch.zeros(2, 1, 1, 9).masked_fill(~mask, float("-inf"))  # a float mask, in the model's dtype
+    assert torch.equal(attend(q, k, v, attn_mask=additive.bfloat16(), enable_gqa=True), y)
     rows = torch.randn(2, 4, 9, 8).bfloat16()
     assert torch.equal(attend(rows, k, v, is_causal=True, enable_gqa=True),
                        F.scaled_dot_product_attention(rows, k, v, is_causal=True, enable_gqa=True))

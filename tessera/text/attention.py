@@ -24,6 +24,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch
     decoding = q.is_cpu and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] == 1
     if not (autocast or decoding):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.is_floating_point():  # an additive mask must match the queries' dtype
+        kwargs["attn_mask"] = mask.float()
     with torch.autocast("cpu", enabled=False):
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
     return y if autocast else y.to(q.dtype)
