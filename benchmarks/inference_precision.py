@@ -4,6 +4,7 @@ weights (Method A, LLaVA-style).
 
     python benchmarks/inference_precision.py
     python benchmarks/inference_precision.py --new-tokens 64 --repeats 3
+    python benchmarks/inference_precision.py --quick          # `tessera bench --quick`'s tiny model, in seconds
 
 bf16 halves the weights a decode step streams from memory, but how fast it multiplies depends on the CPU: with
 AVX-512 BF16 or AMX it is native, elsewhere oneDNN converts to float32 on the way (not measured here).
@@ -17,25 +18,28 @@ import sys
 
 import torch
 
-from tessera.bench.suite import FULL, llava_batch, tessera_config
+from tessera.bench.suite import FULL, QUICK, llava_batch, tessera_config
 from tessera.bench.timing import interleaved
 from tessera.model import MultimodalLM
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new-tokens", type=int, default=FULL.new_tokens)
-    parser.add_argument("--repeats", type=int, default=FULL.repeats)
+    parser.add_argument("--quick", action="store_true", help="the tiny model of `tessera bench --quick`")
+    parser.add_argument("--new-tokens", type=int, help="default: 128 (32 with --quick)")
+    parser.add_argument("--repeats", type=int, help="default: 5 (3 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
+    new_tokens, repeats = args.new_tokens or sizes.new_tokens, args.repeats or sizes.repeats
     torch.manual_seed(0)
-    models = {"float32": MultimodalLM(tessera_config(FULL, "unified")).eval()}
+    models = {"float32": MultimodalLM(tessera_config(sizes, "unified")).eval()}
     models["bfloat16"] = copy.deepcopy(models["float32"]).to(torch.bfloat16)
 
     def generation(batch: int, new_tokens: int):
-        prompt = llava_batch(FULL, batch, FULL.prompt_tokens, labelled=False)
+        prompt = llava_batch(sizes, batch, sizes.prompt_tokens, labelled=False)
 
         def run(model, dtype):
             pixels = prompt["pixel_values"].to(dtype)
@@ -45,16 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return {dtype: (lambda m=model, d=getattr(torch, dtype): run(m, d)) for dtype, model in models.items()}
 
-    print(f"{torch.get_num_threads()} threads, medians of {args.repeats} interleaved runs; "
-          f"{args.new_tokens} new tokens")
+    print(f"{torch.get_num_threads()} threads, medians of {repeats} interleaved runs; {new_tokens} new tokens")
     print(f"{'measurement':38s} {'float32':>9s} {'bfloat16':>9s} {'bf16 faster by':>15s}")
-    first = interleaved(generation(1, 1), args.repeats)
-    print(f"{'prefill, 1 image + 32-token prompt, ms':38s} {first['float32'] * 1e3:9.1f} "
+    first = interleaved(generation(1, 1), repeats)
+    print(f"{f'prefill, 1 image + {sizes.prompt_tokens}-token prompt, ms':38s} {first['float32'] * 1e3:9.1f} "
           f"{first['bfloat16'] * 1e3:9.1f} {first['float32'] / first['bfloat16']:14.2f}×", flush=True)
-    for batch in FULL.decode_batches:
-        first = interleaved(generation(batch, 1), args.repeats)
-        full = interleaved(generation(batch, args.new_tokens), args.repeats)
-        speed = {d: batch * (args.new_tokens - 1) / (full[d] - first[d]) for d in full}
+    for batch in sizes.decode_batches:
+        first = interleaved(generation(batch, 1), repeats)
+        full = interleaved(generation(batch, new_tokens), repeats)
+        speed = {d: batch * (new_tokens - 1) / (full[d] - first[d]) for d in full}
         print(f"{f'decode, batch {batch}, tokens/s':38s} {speed['float32']:9.1f} {speed['bfloat16']:9.1f} "
               f"{speed['bfloat16'] / speed['float32']:14.2f}×", flush=True)
     return 0

@@ -1,0 +1,81 @@
+"""The scripts in benchmarks/ run end to end on tiny settings and print every figure they promise. They measure
+speed and accuracy; nothing here asserts a time (the machine is shared), only that each script still works with
+the library it measures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATASET = {"train": 48, "test": 12, "seed": 0}
+TINY_PLANS = {  # the quickstart's stages, a few steps each
+    "unified": {"steps": {"text": 2, "encoder_pretrain": 2, "align": 2, "instruct": 4}, "schedule": {"text": "wsd"}},
+    "cross": {"steps": {"text": 2, "pretrain": 2, "finetune": 4}, "schedule": "wsd", "gate_lr_scale": 100.0},
+}
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_precision(capsys):
+    assert _script("inference_precision").main(["--quick", "--repeats", "1", "--new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(",")[0] for line in lines[2:]}
+    assert rows == {"prefill", "decode"} and len(lines) == 5  # header, columns, prefill, decode at batch 1 and 2
+    for line in lines[2:]:
+        float32, bfloat16, ratio = line.split()[-3:]
+        assert float(float32) > 0 and float(bfloat16) > 0 and ratio.endswith("×")
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_training_precision(fusion, tmp_path, monkeypatch, capsys):
+    script = _script("training_precision")
+    monkeypatch.setattr(script, "DATASET", TINY_DATASET)
+    assert script.main(["--fusion", fusion, "--out", str(tmp_path), "--steps", "1", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stages = [line.split()[0] for line in lines[2:]]
+    assert stages == list(TINY_PLANS[fusion]["steps"])  # one row per stage of the recipe
+    for line in lines[2:]:
+        assert line.endswith("×") and float(line.split()[-2]) > 0
+
+
+def test_quickstart_curve(tmp_path, monkeypatch, capsys):
+    script = _script("quickstart_curve")
+    monkeypatch.setattr(script, "DATASET", TINY_DATASET)
+    monkeypatch.setattr(script, "QUICKSTART_RUNS", TINY_PLANS)
+    out = tmp_path / "curve.json"
+    assert script.main(["--fusion", "cross", "--out", str(tmp_path / "run"), "--last-stage-steps", "4",
+                        "--every", "2", "--json", str(out)]) == 0
+    curve = json.loads(out.read_text())["curve"]
+    # checkpoints every 2 global steps; only those of the multimodal stages are evaluated, in order
+    assert [point["step"] for point in curve] == [4, 6, 8] and curve[-1]["stage"] == "finetune"
+    assert all(0 <= point["exact_match"] <= 1 and point["by_type"] for point in curve)
+    assert all(a["train_seconds"] < b["train_seconds"] for a, b in zip(curve, curve[1:]))
+    assert capsys.readouterr().out.count("EM ") == len(curve)
+
+
+def test_serve_load(tmp_path, capsys):
+    from tests.test_serve import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ck")
+    out = tmp_path / "load.json"
+    assert _script("serve_load").main([
+        "--checkpoint", str(checkpoint), "--clients", "3", "--requests-per-client", "2", "--max-batch", "2", "1",
+        "--max-tokens", "2", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["max_batch"] for row in rows] == [2, 1]
+    for row in rows:  # every request answered with its expected status (main() returns 1 otherwise)
+        assert row["requests"] == 6 and row["server_errors"] == row["lost"] == row["wrong"] == 0
+        assert row["requests_per_s"] > 0
+    assert "throughput --max-batch 2 vs 1" in capsys.readouterr().out
