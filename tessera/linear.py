@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tessera.memory import available_memory
 
 BACKENDS = ("onednn", "aten")
 
@@ -162,23 +163,14 @@ PACKED_ROWS = range(2, 65)
 PACKING_HINT = 8  # the row count oneDNN tunes the blocked layout for
 # The blocked copy doubles a layer's weight memory. A big model (a 7B in bf16 is 14 GB) must not be pushed out of
 # memory by it, so a copy is made only while the memory still available afterwards stays above this share of the
-# machine's memory (room for the KV cache and activations); past that, layers multiply their plain weights
+# memory (room for the KV cache and activations; see tessera/memory.py); past that, layers use their plain weights
 PACKING_MEMORY_RESERVE = 0.25
 
 
-def _memory_bytes() -> tuple[int, int] | None:
-    """(available, total) physical memory in bytes: Linux's MemAvailable (free memory plus what the page cache can
-    give back), or None where it cannot be read."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def room_for_a_packed_copy(weight: torch.Tensor) -> bool:
-    """Whether a blocked copy of `weight` leaves at least PACKING_MEMORY_RESERVE of the memory available."""
-    memory = _memory_bytes()
+    """Whether a blocked copy of `weight` leaves at least PACKING_MEMORY_RESERVE of the memory available (the
+    machine's, or the container's under a memory limit)."""
+    memory = available_memory()
     if memory is None:
         return True
     available, total = memory

@@ -254,7 +254,7 @@ def test_no_packed_copy_when_memory_is_short(dtype, monkeypatch, onednn_calls):
         measured.append(1)
         return 3 << 30, 16 << 30  # 3 of 16 GiB available: under the 25% reserve already
 
-    monkeypatch.setattr(linear_module, "_memory_bytes", memory)
+    monkeypatch.setattr(linear_module, "available_memory", memory)
     layer = Linear(512, 640).to(dtype)
     x = torch.randn(8, 512).to(dtype)
     with torch.no_grad():
@@ -271,20 +271,12 @@ def test_room_for_a_packed_copy_keeps_the_reserve(monkeypatch):
     weight = torch.empty(1024, 1024)  # 4 MiB
     total = 64 << 20
     reserve = int(linear_module.PACKING_MEMORY_RESERVE * total)
-    monkeypatch.setattr(linear_module, "_memory_bytes", lambda: (reserve + (4 << 20), total))
+    monkeypatch.setattr(linear_module, "available_memory", lambda: (reserve + (4 << 20), total))
     assert linear_module.room_for_a_packed_copy(weight)
-    monkeypatch.setattr(linear_module, "_memory_bytes", lambda: (reserve + (4 << 20) - 1, total))
+    monkeypatch.setattr(linear_module, "available_memory", lambda: (reserve + (4 << 20) - 1, total))
     assert not linear_module.room_for_a_packed_copy(weight)
-    monkeypatch.setattr(linear_module, "_memory_bytes", lambda: None)  # unknown (no /proc/meminfo): as before
+    monkeypatch.setattr(linear_module, "available_memory", lambda: None)  # unknown (no /proc/meminfo): as before
     assert linear_module.room_for_a_packed_copy(weight)
-
-
-def test_memory_is_read_from_the_system():
-    memory = linear_module._memory_bytes()
-    if memory is None:
-        pytest.skip("no /proc/meminfo here")
-    available, total = memory
-    assert 0 < available <= total
 
 
 @needs_onednn
