@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
-    new_tokens, repeats = args.new_tokens or sizes.new_tokens, args.repeats or sizes.repeats
+    new_tokens = sizes.new_tokens if args.new_tokens is None else args.new_tokens
+    repeats = sizes.repeats if args.repeats is None else args.repeats
+    if new_tokens < 2 or repeats < 1:
+        parser.error("--new-tokens must be at least 2 (decode speed is the tokens after the first) and --repeats 1")
     torch.manual_seed(0)
     models = {"float32": MultimodalLM(tessera_config(sizes, "unified")).eval()}
     models["bfloat16"] = copy.deepcopy(models["float32"]).to(torch.bfloat16)

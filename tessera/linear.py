@@ -30,6 +30,7 @@ compare).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -165,6 +166,7 @@ PACKING_HINT = 8  # the row count oneDNN tunes the blocked layout for
 # memory by it, so a copy is made only while the memory still available afterwards stays above this share of the
 # memory (room for the KV cache and activations; see tessera/memory.py); past that, layers use their plain weights
 PACKING_MEMORY_RESERVE = 0.25
+PACKING_RETRY_SECONDS = 60.0  # after a refusal, measure again no sooner than this (a measurement reads /proc, /sys)
 
 
 def room_for_a_packed_copy(weight: torch.Tensor) -> bool:
@@ -202,7 +204,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict), multiplying through `linear`."""
 
-    _packed: tuple[tuple[int, int], torch.Tensor | None] | None = None
+    _packed: tuple[tuple[int, int], torch.Tensor | None, float] | None = None  # (key, copy, retry after)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, packed=self.packed_weight)
@@ -211,14 +213,16 @@ class Linear(nn.Linear):
         """The weight in oneDNN's blocked layout, made on first use and kept until the weight changes (an
         optimizer step or a load bumps its version) or `train()`/`eval()` is called. It is a second copy: decoding
         holds the LLM's linear weights twice. None when memory has no room for it (see PACKING_MEMORY_RESERVE);
-        that answer too is kept until the weight changes or `train()`/`eval()`."""
+        memory is measured again after PACKING_RETRY_SECONDS (a server's first batch may meet a passing shortage)."""
         key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = None  # the stale copy goes before memory is measured for a new one
-            room = room_for_a_packed_copy(self.weight)
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKING_HINT)
-                            if room else None)
-        return self._packed[1]
+        cached = self._packed
+        if cached is not None and cached[0] == key and (cached[1] is not None or time.monotonic() < cached[2]):
+            return cached[1]
+        self._packed = None  # the stale copy goes before memory is measured for a new one
+        copy = (torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACKING_HINT)
+                if room_for_a_packed_copy(self.weight) else None)
+        self._packed = (key, copy, time.monotonic() + PACKING_RETRY_SECONDS)
+        return copy
 
     def __getstate__(self) -> dict:
         # the packed copy is an opaque oneDNN tensor that can be neither copied nor pickled; it is rebuilt on use

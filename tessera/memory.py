@@ -1,9 +1,10 @@
-"""How much memory this process may still take: the machine's, bounded by its container's limit.
+"""How much memory this process may still take: the machine's, bounded by the memory limits of its cgroups.
 
 Used before tessera makes optional copies (the blocked weights for decoding, see tessera/linear.py): they must
-never push a model out of memory. In a container, /proc/meminfo describes the host, so a memory limit (cgroup v2
-or v1) bounds both figures; file pages the kernel can drop (`inactive_file`, a safetensors checkpoint that was just
-read) count as available there, as `docker stats` counts them.
+never push a model out of memory. /proc/meminfo describes the whole machine, so the limits of the process's own
+cgroup and of every cgroup above it (a container's `--memory`, a systemd service's `MemoryMax=`) bound both figures.
+File pages the kernel can drop (`inactive_file`: a safetensors checkpoint that was just read) count as available,
+as `docker stats` counts them. Anything that cannot be read counts as no limit.
 """
 
 from __future__ import annotations
@@ -11,27 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 
 MEMINFO = Path("/proc/meminfo")
-CGROUP_FILES = (  # (limit, usage, stat, the stat's reclaimable-file-pages key): cgroup v2, then v1
-    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"), Path("/sys/fs/cgroup/memory.stat"),
-     "inactive_file"),
-    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-     Path("/sys/fs/cgroup/memory/memory.stat"), "total_inactive_file"),
-)
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2^63
 
-
-def available_memory() -> tuple[int, int] | None:
-    """(available, total) bytes for this process, or None where neither can be read (not Linux)."""
-    machine = _meminfo()
-    container = _cgroup()
-    if machine is None:
-        return container
-    if container is None:
-        return machine
-    return min(machine[0], container[0]), min(machine[1], container[1])
+Figures = tuple[int, int]  # (available, total) bytes
 
 
-def _meminfo() -> tuple[int, int] | None:
+def available_memory() -> Figures | None:
+    """(available, total) bytes for this process, or None where nothing can be read (not Linux)."""
+    figures = [f for f in (_meminfo(), *_cgroup_limits()) if f is not None]
+    if not figures:
+        return None
+    return min(available for available, _ in figures), min(total for _, total in figures)
+
+
+def _meminfo() -> Figures | None:
     """MemAvailable (free memory plus what the page cache can give back) and MemTotal."""
     try:
         fields = dict(line.split(":", 1) for line in MEMINFO.read_text().splitlines() if ":" in line)
@@ -40,20 +36,76 @@ def _meminfo() -> tuple[int, int] | None:
         return None
 
 
-def _cgroup() -> tuple[int, int] | None:
-    """(limit − usage + reclaimable file pages, limit) under a container's memory limit; None without one."""
-    for limit_file, usage_file, stat_file, reclaimable_key in CGROUP_FILES:
-        try:
-            limit_text = limit_file.read_text().strip()
-        except OSError:
-            continue
-        try:
-            if limit_text == "max" or int(limit_text) >= UNLIMITED:
-                return None
-            limit, usage = int(limit_text), int(usage_file.read_text())
-            stat = dict(line.split() for line in stat_file.read_text().splitlines() if len(line.split()) == 2)
-            reclaimable = int(stat.get(reclaimable_key, 0))
-        except (OSError, ValueError):
+def _own_cgroups() -> dict[str, str]:
+    """The process's cgroup paths: {"v2": path} from the "0::path" line, {"v1": path} from the memory controller's."""
+    paths = {}
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return paths
+    for line in lines:
+        number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and controllers == "":
+            paths["v2"] = path
+        elif "memory" in controllers.split(","):
+            paths["v1"] = path
+    return paths
+
+
+def _directories(root: Path, path: str) -> list[Path]:
+    """root/path and every directory above it up to root, those that exist; just root when the path is not visible
+    from here (inside a cgroup namespace the process's own cgroup is mounted as the root)."""
+    here = root / path.strip("/")
+    found = [d for d in (here, *here.parents) if d.is_relative_to(root) and d.is_dir()]
+    return found if found and found[0] == here else [root]
+
+
+def _cgroup_limits() -> list[Figures | None]:
+    paths = _own_cgroups()
+    v2 = [_v2(d) for d in _directories(CGROUP_ROOT, paths.get("v2", "/"))]
+    memory_v1 = CGROUP_ROOT / "memory"
+    v1 = [_v1(_directories(memory_v1, paths.get("v1", "/"))[0])] if memory_v1.is_dir() else []
+    return v2 + v1
+
+
+def _v2(directory: Path) -> Figures | None:
+    """One cgroup v2 directory's limit: memory.max (and memory.high, where the kernel starts reclaiming hard)."""
+    limits = [text for name in ("memory.max", "memory.high") if (text := _read(directory / name)) not in (None, "max")]
+    return _headroom(directory, limits, "memory.current", "inactive_file")
+
+
+def _v1(directory: Path) -> Figures | None:
+    """The cgroup v1 memory controller's limit; memory.stat's hierarchical limit includes every parent's."""
+    hierarchical = _stat(directory, "hierarchical_memory_limit") or UNLIMITED
+    limits = [_read(directory / "memory.limit_in_bytes"), str(hierarchical)]
+    return _headroom(directory, [text for text in limits if text is not None], "memory.usage_in_bytes",
+                     "total_inactive_file")
+
+
+def _headroom(directory: Path, limits: list[str], usage_file: str, reclaimable_key: str) -> Figures | None:
+    """(limit − usage + reclaimable file pages, limit) for the tightest of `limits`; None without a real limit or
+    without a readable usage."""
+    try:
+        limit = min(map(int, limits), default=UNLIMITED)
+        if limit >= UNLIMITED:
             return None
-        return max(limit - usage + reclaimable, 0), limit
-    return None
+        usage = int(_read(directory / usage_file) or "")
+    except ValueError:
+        return None
+    return max(limit - usage + _stat(directory, reclaimable_key), 0), limit
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _stat(directory: Path, key: str) -> int:
+    """One counter of the directory's memory.stat, 0 when it is not there."""
+    for line in (_read(directory / "memory.stat") or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
