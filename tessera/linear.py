@@ -17,9 +17,9 @@ interop, optimizers and `state_dict` see nothing new. What changes is only which
   which multiplies a few rows about 1.5× as fast as the plain layout (see `Linear.packed_weight`);
 - a bfloat16 model's batched decoding (no gradients, 2–64 rows): the same blocked layout. `F.linear` already
   sends bf16 to oneDNN, but in the plain layout it read the benchmark LLM's bf16 weights at 13 GB/s, the blocked
-  one at 18. Not at one row: there the copy would cost bf16 the memory it exists to save, and float32's
-  matrix-vector route is faster still. The blocked copies are made only while memory has room for them
-  (PACKING_MEMORY_RESERVE);
+  one at 18. Not at one row, although it is faster there too (a decode step 155 against 113 tokens/s): the copy
+  would cost bf16 the memory it is chosen to save. The blocked copies are made only while memory has room for
+  them (PACKING_MEMORY_RESERVE);
 - anything else — other bf16 products (or autocast, whose bf16 matmuls PyTorch already sends to oneDNN), other
   devices, `torch.compile` (inductor picks its own CPU kernels), an empty batch, small products — plain `F.linear`.
 
@@ -171,7 +171,7 @@ PACKING_RETRY_SECONDS = 60.0  # after a refusal, measure again no sooner than th
 
 def room_for_a_packed_copy(weight: torch.Tensor) -> bool:
     """Whether a blocked copy of `weight` leaves at least PACKING_MEMORY_RESERVE of the memory available (the
-    machine's, or the container's under a memory limit)."""
+    machine's, bounded by the process's cgroup limits: tessera/memory.py)."""
     memory = available_memory()
     if memory is None:
         return True
