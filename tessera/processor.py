@@ -251,4 +251,17 @@ def _read_message(message: Message) -> tuple[str, str, list[Any]]:
                 images.append(part["image"])
         else:
             raise DataError(f"message part {part!r}: expected {{'type': 'text', 'text': …}} or {{'type': 'image'}}")
-    return role, "".join(text), images
+    return role, join_parts(text), images
+
+
+def join_parts(pieces: Sequence[str]) -> str:
+    """A message's parts as one text, `<image>` for each image part. What follows an image starts on a new line,
+    as `Processor.user_message` and LLaVA's chat template write it, and as the training records have it: served
+    through the OpenAI API ([image, text] parts) without the newline, the quickstart's model answered 0.804 of its
+    test questions right instead of 0.928."""
+    text, previous = "", None
+    for piece in pieces:
+        if previous == IMAGE and not piece.startswith("\n"):
+            text += "\n"
+        text, previous = text + piece, piece
+    return text

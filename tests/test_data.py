@@ -178,7 +178,7 @@ def test_messages_jsonl_reads_parts_and_reports_bad_lines(tmp_path, processor):
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n{broken json\n")
     examples, report = load_examples(path, processor)
     assert [e.example.id for e in examples] == ["parts", "text-only"]
-    assert examples[0].example.messages[0]["content"] == "<image>What colour?" and len(examples[0].pixel_values) == 1
+    assert examples[0].example.messages[0]["content"] == "<image>\nWhat colour?" and len(examples[0].pixel_values) == 1
     assert dict(report.reasons) == {"invalid JSON": 1}
     with pytest.raises(DataError, match=r"data.jsonl: record line 3: invalid JSON"):
         load_examples(path, processor, strict=True)

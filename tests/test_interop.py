@@ -284,14 +284,17 @@ def test_a_tessera_trained_llava_exports_and_transformers_agrees(tmp_path):
     assert diff.max() <= ATOL
     # the exported tokenizer, chat template and image settings give what tessera's processor gives
     ours = Processor.from_pretrained(tmp_path / "ck")
-    conversation = [{"role": "user", "content": [{"type": "image", "image": _images()[0]},
-                                                 {"type": "text", "text": "what colour is the square"}]}]
-    expected = ours([conversation], add_generation_prompt=True)
-    got = LlavaProcessor.from_pretrained(out).apply_chat_template([conversation], add_generation_prompt=True,
-                                                                  tokenize=True, return_dict=True,
-                                                                  return_tensors="pt")
-    assert got["input_ids"].tolist() == expected["input_ids"].tolist()
-    torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+    image, text = (lambda i: {"type": "image", "image": _images()[i]}), (lambda t: {"type": "text", "text": t})
+    for parts in ([image(0), text("what colour is the square")],  # each image on its own line, as in training
+                  [image(0), image(1), text("\nwhich is bigger")],
+                  [text("compare"), image(0), text("with"), image(1)]):
+        conversation = [{"role": "user", "content": parts}]
+        expected = ours([conversation], add_generation_prompt=True)
+        got = LlavaProcessor.from_pretrained(out).apply_chat_template([conversation], add_generation_prompt=True,
+                                                                      tokenize=True, return_dict=True,
+                                                                      return_tensors="pt")
+        assert got["input_ids"].tolist() == expected["input_ids"].tolist(), parts
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pre_layernorm, projector, field", [

@@ -104,6 +104,23 @@ def test_chat_template_turns_image_parts_into_placeholders(processor):
     assert processor.apply_chat_template(messages) == "<|begin|><|user|><image>\nWhat colour?<|end|>"
 
 
+@pytest.mark.parametrize("images", [1, 2])
+def test_image_parts_encode_as_the_training_prompt(processor, images):
+    """[image, text] parts, as OpenAI clients send them, give the same tokens as `user_message`, the form of the
+    training records: each image on its own line before the text."""
+    parts = [{"type": "image"}] * images + [{"type": "text", "text": "What colour is the circle?"}]
+    written = processor.user_message("What colour is the circle?", images)
+    assert written["content"] == "<image>\n" * images + "What colour is the circle?"
+    assert processor.encode([{"role": "user", "content": parts}], True) == processor.encode([written], True)
+
+
+def test_text_around_image_parts(processor):
+    parts = [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "with"},
+             {"type": "image"}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts}])
+    assert text == "<|begin|><|user|>Compare<image>\nwith<image><|end|>"  # nothing added after a closing image
+
+
 # --- image tokens --------------------------------------------------------------------------------------------------
 def test_method_a_expands_each_image_into_image_seq_length_tokens(tokenizer, processor):
     config = model_config("unified")

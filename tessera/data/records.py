@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tessera.errors import DataError
-from tessera.processor import IGNORE_INDEX, Processor
+from tessera.processor import IGNORE_INDEX, Processor, join_parts
 from tessera.text.tokenizer import IMAGE
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -148,7 +148,7 @@ def _content_text(content: Any) -> str:
                 parts.append(IMAGE)
             else:
                 raise RecordError("malformed turns", f"unknown content part {part!r}")
-        return "".join(parts)
+        return join_parts(parts)
     raise RecordError("malformed turns", f"content must be a string or a list of parts, got {content!r}")
 
 

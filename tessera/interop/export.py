@@ -24,11 +24,15 @@ from tessera.model import MultimodalLM
 from tessera.processor import Processor
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD
 
-# tessera's own chat template (processor.py) in Jinja, for models trained with tessera's processor
+# tessera's own chat template (processor.py) in Jinja, for models trained with tessera's processor: what follows an
+# image part starts on a new line (`join_parts`)
 TESSERA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% set after_image = loop.previtem is defined and loop.previtem['type'] == 'image' %}"
+    "{% if part['type'] == 'image' %}{% if after_image %}{{ '\n' }}{% endif %}{{ '<image>' }}"
+    "{% elif part['type'] == 'text' %}{% if after_image and not part['text'].startswith('\n') %}{{ '\n' }}{% endif %}"
+    "{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
