@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -45,9 +46,16 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
         assert _finite(row["b_speedup"])
     assert _finite(results["mllama_reference"]["seconds"]) and results["mllama_reference"]["cross_attention_layers"]
     for line in ("training step", "MFU", "prefill", "greedy decode, batch 1", "Method A (unified)", "Mllama",
-                 "Targets"):
+                 "Targets", "A `--quick` run", "decode batch 2 vs transformers"):
         assert line in printed, line
     assert len(report.targets(results)) == 6
+
+
+def test_without_transformers_the_bench_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    assert main(["bench", "--quick"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "transformers" in error and "pip install -e '.[bench]'" in error
 
 
 def test_method_b_needs_fewer_flops_than_method_a_as_the_image_grows():

@@ -19,6 +19,7 @@ import torch
 
 from tessera.bench.flops import training_step_flops
 from tessera.bench.timing import interleaved
+from tessera.errors import TesseraError
 from tessera.linear import backend as linear_backend
 from tessera.linear import linear
 
@@ -293,7 +294,11 @@ def allocator() -> str:
 
 def run(quick: bool = False, log=print, compile: bool = False) -> dict[str, Any]:
     """compile=True measures tessera with `MultimodalLM.compile()` (torch.compile, inductor); transformers as is."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise TesseraError("it measures tessera against transformers, which is not installed in this environment: "
+                           "pip install -e '.[bench]'") from e
 
     s = QUICK if quick else FULL
     started = time.perf_counter()
@@ -301,7 +306,8 @@ def run(quick: bool = False, log=print, compile: bool = False) -> dict[str, Any]
         f"{transformers.__version__}, {torch.get_num_threads()} threads" + (", tessera compiled" if compile else ""))
     first = _log_speeds(matmul_speeds(s), "at the start", log)
     results: dict[str, Any] = {"machine": machine() | {"transformers": transformers.__version__},
-                               "sizes": asdict(s), "linear_backend": linear_backend(), "compile": compile}
+                               "sizes": asdict(s), "quick": quick, "linear_backend": linear_backend(),
+                               "compile": compile}
     log("  tessera vs transformers (training step, prefill, decode) …")
     results["llava"] = compare_with_transformers(s, compile)
     log("  Method A vs Method B as the image grows …")
