@@ -188,16 +188,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled()
     rows = _rows(x)
-    if x.dtype is torch.bfloat16:  # only batched decoding leaves F.linear (which already multiplies bf16 in oneDNN)
-        if packed is None or grad or rows not in PACKED_ROWS or (blocked := packed()) is None:
-            return F.linear(x, weight, bias)
-        return _matmul(x, blocked, bias)
+    if packed is not None and not grad and rows in PACKED_ROWS and (blocked := packed()) is not None:
+        return _matmul(x, blocked, bias)  # batched decoding, float32 or bf16
+    if x.dtype is torch.bfloat16:  # everything else in bf16: F.linear already multiplies it in oneDNN
+        return F.linear(x, weight, bias)
     if grad and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDNNLinear.apply(x, weight, bias)
     if rows == 1 and (y := matrix_vector(x, weight, bias)) is not None:
         return y
-    if packed is not None and not grad and rows in PACKED_ROWS and (blocked := packed()) is not None:
-        return _matmul(x, blocked, bias)
     return _matmul(x, weight, bias)
 
 

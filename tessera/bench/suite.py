@@ -334,7 +334,11 @@ def _add_mfu(results: dict[str, Any], peak: float) -> None:
     """Model FLOPs utilisation of every training step measured: its analytic FLOPs / its time / the peak."""
     train = results["llava"]["train"]
     for name in ("tessera", "transformers"):
-        train[name]["mfu"] = train["flops"] / train[name]["seconds"] / (peak * 1e9)
+        train[name]["mfu"] = _mfu(train["flops"], train[name]["seconds"], peak)
     for row in results["fusion_scaling"].values():
         for fusion in ("unified", "cross"):
-            row[fusion]["mfu"] = row[fusion]["flops"] / row[fusion]["seconds"] / (peak * 1e9)
+            row[fusion]["mfu"] = _mfu(row[fusion]["flops"], row[fusion]["seconds"], peak)
+
+
+def _mfu(flops: float, seconds: float, peak_gflops: float) -> float:
+    return flops / seconds / (peak_gflops * 1e9)
