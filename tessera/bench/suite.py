@@ -127,6 +127,12 @@ def matmul_speeds(s: Sizes) -> dict[str, float]:
     return {name: 2 * n**3 / t / 1e9 for name, t in seconds.items()}
 
 
+def adamw(model) -> torch.optim.AdamW:
+    """The optimizer both sides' own trainers default to: fused AdamW (one kernel for the whole update). tessera's
+    trainer uses it, and so does transformers' Trainer with torch ≥ 2.8 (`adamw_torch_fused`)."""
+    return torch.optim.AdamW(model.parameters(), 1e-5, fused=True)
+
+
 def _train_step(model, batch, optimizer, hf: bool):
     inputs = dict(batch)
     if not hf:
@@ -147,7 +153,7 @@ def compare_with_transformers(s: Sizes, compile: bool = False) -> dict[str, Any]
     # training step: forward + backward + AdamW, everything trains
     batch = llava_batch(s, s.train_batch, s.text_tokens, labelled=True)
     ours.train(), theirs.train()
-    opt_ours, opt_theirs = torch.optim.AdamW(ours.parameters(), 1e-5), torch.optim.AdamW(theirs.parameters(), 1e-5)
+    opt_ours, opt_theirs = adamw(ours), adamw(theirs)
     times = interleaved({"tessera": lambda: _train_step(ours, batch, opt_ours, hf=False),
                          "transformers": lambda: _train_step(theirs, batch, opt_theirs, hf=True)}, s.repeats)
     ours.eval(), theirs.eval()
@@ -217,7 +223,7 @@ def fusion_scaling(s: Sizes, compile: bool = False) -> dict[str, Any]:
             model = MultimodalLM(config).train()
             if compile:
                 model.compile()
-            optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
+            optimizer = adamw(model)
             batch = llava_batch(s, s.scaling_batch, s.text_tokens, labelled=True, image_tokens=n, fusion=fusion)
             models[fusion] = (model, config)
             steps[fusion] = (lambda m=model, b=batch, o=optimizer: _train_step(m, b, o, hf=False))
@@ -254,7 +260,7 @@ def mllama_reference(s: Sizes) -> dict[str, Any]:
         image_token_index=IMAGE_TOKEN)
     torch.manual_seed(0)
     model = MllamaForConditionalGeneration(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
+    optimizer = adamw(model)
     batch = llava_batch(s, s.scaling_batch, s.text_tokens, labelled=True, image_tokens=n, fusion="cross")
     b = s.scaling_batch
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"],
