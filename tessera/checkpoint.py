@@ -5,17 +5,28 @@ safetensors only — a checkpoint is data, never code, so nothing here unpickles
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from tessera.errors import CheckpointError
+from tessera.errors import CheckpointError, ConfigError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# the weights' dtype in memory, by name: "auto" keeps a tessera checkpoint's stored dtype (a bf16 conversion stays
+# bf16) and loads a Hugging Face directory in float32
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a LOAD_DTYPES name; None for "auto"."""
+    if name not in LOAD_DTYPES:
+        raise ConfigError(f"dtype {name!r}: expected one of {', '.join(LOAD_DTYPES)}")
+    return None if name == "auto" else getattr(torch, name)
 
 
 def tied_names(module: nn.Module) -> set[str]:
@@ -38,29 +49,78 @@ def save_weights(module: nn.Module, directory: Path) -> Path:
     return path
 
 
-def load_weights(module: nn.Module, directory: Path) -> None:
-    """Load `model.safetensors` strictly: every tensor present, none extra, every shape right."""
+def load_weights(module: nn.Module, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """Load `model.safetensors` strictly: every tensor present, none extra, every shape right. The file's tensors
+    replace the module's parameters (built on the meta device by `parameters_on_meta`, or real ones), in `dtype`
+    or, by default, as stored. They are read one at a time, so memory peaks near the model's own size: a bf16 7B
+    checkpoint loads in ~14 GB, not through a float32 copy first."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; expected the model weights in safetensors format")
+    aliases = tied_names(module)
+    expected = {name: t for name, t in module.state_dict(keep_vars=True).items() if name not in aliases}
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as stored:
+            names = set(stored.keys())
+            _check_names(path, expected, names)
+            for name, want in expected.items():
+                shape = tuple(stored.get_slice(name).get_shape())
+                if shape != tuple(want.shape):
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has shape {shape}; the config expects {tuple(want.shape)}")
+            tensors = {}
+            for name, want in expected.items():
+                tensor = stored.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensors[name] = tensor.to(want.device) if not want.is_meta else tensor
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = {name: t for name, t in module.state_dict().items() if name not in tied_names(module)}
-    missing = sorted(set(expected) - set(tensors))
+    sources = _alias_sources(module, aliases)
+    with torch.no_grad():
+        module.load_state_dict(tensors, strict=False, assign=True)
+    for alias, source in sources.items():  # assigning replaced the source tensor: point its aliases at it again
+        owner, _, attribute = alias.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, module.get_parameter(source))
+
+
+def _check_names(path: Path, expected: dict, names: set[str]) -> None:
+    missing = sorted(set(expected) - names)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing{more}; the config expects it")
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(names - set(expected))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}{more}; the config has no such weight")
-    for name, want in expected.items():
-        got = tensors[name]
-        if got.shape != want.shape:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(got.shape)}; the config expects {tuple(want.shape)}"
-            )
-    with torch.no_grad():
-        module.load_state_dict(tensors, strict=False)  # tied aliases are filled through their source tensor
+
+
+def _alias_sources(module: nn.Module, aliases: set[str]) -> dict[str, str]:
+    """Each tied parameter name → the name it is saved under (the first name of the same tensor)."""
+    first: dict[int, str] = {}
+    sources = {}
+    for name, tensor in module.named_parameters(remove_duplicate=False):
+        if name in aliases:
+            sources[name] = first[id(tensor)]
+        else:
+            first.setdefault(id(tensor), name)
+    return sources
+
+
+@contextmanager
+def parameters_on_meta():
+    """Parameters created inside are moved to the meta device as they are registered (their initialisers then
+    run on meta: free), for a model whose weights are about to be loaded; buffers such as RoPE frequencies stay
+    real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

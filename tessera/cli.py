@@ -12,10 +12,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tessera.checkpoint import LOAD_DTYPES
 from tessera.errors import TesseraError
 from tessera.train.loop import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOAD_DTYPE_HELP = "weights in memory: auto = as a tessera checkpoint stores them, float32 for a Hugging Face " \
+                  "directory (bfloat16 halves float32's memory)"
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -46,7 +49,7 @@ def _eval(args: argparse.Namespace) -> None:
     from tessera.eval.evaluate import evaluate
     from tessera.eval.report import metrics_table
 
-    model, processor = _load(args.checkpoint)
+    model, processor = _load(args.checkpoint, args.dtype)
     data = Path(args.data)
     text_data = args.text_data
     if text_data is None and (data.parent / "text_test.jsonl").is_file():
@@ -63,9 +66,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
-
-    model, processor = _load(args.checkpoint, getattr(torch, args.dtype))
+    model, processor = _load(args.checkpoint, args.dtype)
     messages = [processor.user_message(args.prompt, 1 if args.image else 0)]
     batch = processor([messages], [[args.image] if args.image else []], add_generation_prompt=True,
                       padding_side="left")
@@ -84,7 +85,7 @@ def _serve(args: argparse.Namespace) -> None:
         allowed_local_dir=args.allowed_local_dir, allow_remote_images=args.allow_remote_images,
         allowed_image_hosts=None if args.allowed_image_hosts is None else
         [host.strip() for host in args.allowed_image_hosts.split(",")],
-        threads=args.threads,
+        threads=args.threads, dtype=args.dtype,
     )
     serve(settings, host=args.host, port=args.port)
 
@@ -126,11 +127,10 @@ def _bench(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
-def _load(checkpoint: str, dtype=None):
-    from tessera.model import MultimodalLM
-    from tessera.processor import Processor
+def _load(checkpoint: str, dtype: str = "auto"):
+    from tessera.serve.app import load_checkpoint
 
-    return MultimodalLM.from_pretrained(checkpoint, dtype=dtype), Processor.from_pretrained(checkpoint)
+    return load_checkpoint(checkpoint, dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto", help=LOAD_DTYPE_HELP)
     p.set_defaults(run=_eval)
 
     p = verbs.add_parser("generate", help="answer one prompt about one image")
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights in memory (bfloat16 halves them)")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto", help=LOAD_DTYPE_HELP)
     p.set_defaults(run=_generate)
 
     p = verbs.add_parser("convert", help="turn a Hugging Face LLaVA / Llama 3.2 Vision directory into a tessera "
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow http(s):// image URLs from these hosts only (exact names, no redirects followed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's; "
                                                              "1 is often fastest for small models on a busy CPU)")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto", help=LOAD_DTYPE_HELP)
     p.set_defaults(run=_serve)
 
     p = verbs.add_parser("bench", help="benchmark tessera against transformers and this CPU's matmul peak")

@@ -8,14 +8,13 @@ The architecture comes from config.json's "architectures"; never from the direct
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
 
+from tessera.checkpoint import parameters_on_meta
 from tessera.errors import CheckpointError, ConfigError
 from tessera.interop import llava, mllama
 from tessera.interop.hub_files import CONFIG_NAME, read_json, read_weights
@@ -68,24 +67,6 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype | None = None) -> Mu
     if meta:
         raise CheckpointError(f"{source}: tensor for {meta[0]!r} never loaded")
     return model.eval()
-
-
-@contextmanager
-def parameters_on_meta():
-    """Parameters created inside are moved to the meta device as they are registered (their initialisers then
-    run on meta: free); buffers such as RoPE frequencies stay real."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:

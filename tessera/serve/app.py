@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tessera.checkpoint import CONFIG_NAME
+from tessera.checkpoint import CONFIG_NAME, load_dtype
 from tessera.errors import CheckpointError, ConfigError
 from tessera.serve.engine import Engine, Failed, Job
 from tessera.serve.images import ImagePolicy, bare_host, load_image
@@ -49,6 +49,7 @@ class ServeSettings:
     max_body_bytes: int = 32 * 2 ** 20
     max_image_pixels: int = 4096 * 4096
     threads: int | None = None  # torch's intra-op threads (process-wide, so only `serve` applies it)
+    dtype: str = "auto"  # weights in memory (see `load_checkpoint`)
 
     @property
     def model_name(self) -> str:
@@ -62,6 +63,7 @@ class ServeSettings:
                                   f"({CONFIG_NAME} + model.safetensors + tokenizer.json)")
         if self.allowed_local_dir is not None and not Path(self.allowed_local_dir).is_dir():
             raise ConfigError(f"--allowed-local-dir {self.allowed_local_dir}: no such directory")
+        load_dtype(self.dtype)  # a name it knows
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch {self.max_batch}: expected an integer >= 1")
         if self.max_images_per_prompt < 0:
@@ -81,16 +83,18 @@ class ServeSettings:
                            max_pixels=self.max_image_pixels)
 
 
-def load_checkpoint(directory: str | Path):
+def load_checkpoint(directory: str | Path, dtype: str = "auto"):
+    """(model, processor) of a tessera checkpoint or a Hugging Face directory, the weights in `dtype` (one of
+    tessera.checkpoint.LOAD_DTYPES)."""
     from tessera.model import MultimodalLM
     from tessera.processor import Processor
 
-    return MultimodalLM.from_pretrained(directory), Processor.from_pretrained(directory)
+    return MultimodalLM.from_pretrained(directory, dtype=load_dtype(dtype)), Processor.from_pretrained(directory)
 
 
 def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = None) -> FastAPI:
     """The ASGI app. loader() returns (model, processor); by default it reads settings.checkpoint."""
-    loader = loader or (lambda: load_checkpoint(settings.checkpoint))
+    loader = loader or (lambda: load_checkpoint(settings.checkpoint, settings.dtype))
     name = settings.model_name
     policy = settings.image_policy()
     playground = (resources.files("tessera.serve") / "static" / "index.html").read_text(encoding="utf-8")
