@@ -248,8 +248,8 @@ class FusionConfig:
     cross_attention_scope: str = "previous"
     cross_attention_placement: str = "before"
     # A token that may see no image (text before the first one): "skip" adds nothing; "attend_all" is Llama 3.2
-    # Vision's rule — its attention mask is lifted (it attends to every image key, padding included) and only its
-    # MLP branch is zeroed.
+    # Vision's rule — its attention mask is lifted (it attends to every key of its sample's images, padding tiles
+    # included) and only its MLP branch is zeroed; a sample without images gets nothing.
     cross_attention_blind_rows: str = "skip"
 
     def __post_init__(self) -> None:
@@ -306,6 +306,10 @@ class ModelConfig:
             rows = self.text.vocab_size if name == "eos_token_id" else self.text.embedding_rows
             if not isinstance(value, int) or not 0 <= value < rows:
                 raise ConfigError(f"{name}={value!r}: expected a token id in 0..{rows - 1}")
+        for name in ("pad_token_id", "eos_token_id"):  # an image token that is also pad or EOS miscounts images
+            if getattr(self, name) == self.image_token_id:
+                raise ConfigError(f"{name}={getattr(self, name)} is also image_token_id: the image token marks where "
+                                  f"image features go, so it must be a token of its own")
         self.stop_token_ids = list(self.stop_token_ids)
         bad = [i for i in self.stop_token_ids if not isinstance(i, int) or not 0 <= i < self.text.vocab_size]
         if bad:

@@ -41,14 +41,11 @@ def image_visibility(input_ids: torch.Tensor, image_token_id: int, max_images: i
     return visible
 
 
-def pack_images(image_features: torch.Tensor, image_counts: list[int], fill: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_images(image_features: torch.Tensor, image_counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, S, ...) features of every image in batch order → (batch, max_images, S, ...) and a (batch, max_images)
-    mask of real image slots. Empty slots hold zeros, or `fill` (S, ...) when given."""
+    mask of real image slots. Empty slots hold zeros (no token attends to them)."""
     batch, most = len(image_counts), max(image_counts, default=0)
     packed = image_features.new_zeros(batch, max(most, 1), *image_features.shape[1:])
-    if fill is not None:
-        packed[:] = fill
     real = torch.zeros(batch, max(most, 1), dtype=torch.bool, device=image_features.device)
     start = 0
     for b, count in enumerate(image_counts):
@@ -60,7 +57,8 @@ def pack_images(image_features: torch.Tensor, image_counts: list[int], fill: tor
 
 class GatedCrossAttentionBlock(nn.Module):
     """attend_all_when_blind: what a token that may see no image gets. False: nothing. True (Llama 3.2 Vision):
-    its mask is lifted, so it attends to every image key, and only its MLP branch is zeroed."""
+    it attends to every key of its own sample's images, and only its MLP branch is zeroed; in a sample without
+    images it gets nothing, as transformers, which skips the layer when there is no image."""
 
     def __init__(self, config: TextConfig, attend_all_when_blind: bool = False):
         super().__init__()
@@ -89,19 +87,26 @@ class GatedCrossAttentionBlock(nn.Module):
         v = v.view(b, m * s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+                real: torch.Tensor | None = None) -> torch.Tensor:
         """visible: (batch, seq, groups) bool, where the keys split evenly into `groups` runs — one per image, or one
-        per image tile for a tiled encoder."""
+        per image tile for a tiled encoder. real: (batch, groups) bool, the groups of the sample's own images
+        (default: all); the others are the padding of a batch whose samples hold different numbers of images, and
+        nobody attends to them, so a sample's output does not depend on what it is batched with."""
         b, t, _ = x.shape
+        real = torch.ones_like(visible[:, 0]) if real is None else real
         tokens_per_group = keys.shape[2] // visible.shape[-1]
-        sees_any = visible.any(-1)  # (b, t)
-        key_mask = visible.repeat_interleave(tokens_per_group, dim=-1)
-        key_mask = key_mask | ~sees_any[..., None]  # blind rows attend to every key (finite, never NaN)
+        sees_any = visible.any(-1, keepdim=True)  # (b, t, 1)
+        if self.attend_all_when_blind:
+            seen = torch.where(sees_any, visible, real[:, None, :])
+            attention_row = real.any(-1)[:, None, None].to(x.dtype)  # a sample with images: every row
+        else:
+            seen, attention_row = visible, sees_any.to(x.dtype)
+        seen = seen | ~seen.any(-1, keepdim=True)  # a row that sees nothing gets every key (finite, never NaN), and 0
+        key_mask = seen.repeat_interleave(tokens_per_group, dim=-1)
         q = self.q_proj(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim)
         q = self.q_norm(q).transpose(1, 2)
         y = attend(q, keys, values, attn_mask=key_mask[:, None], enable_gqa=self.num_kv_heads != self.num_heads)
-        row = sees_any[..., None].to(x.dtype)
         attended = self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
-        x = x + torch.tanh(self.attn_gate) * (attended if self.attend_all_when_blind else row * attended)
-        return x + torch.tanh(self.mlp_gate) * row * self.mlp(self.mlp_norm(x))
+        x = x + torch.tanh(self.attn_gate) * attention_row * attended
+        return x + torch.tanh(self.mlp_gate) * sees_any.to(x.dtype) * self.mlp(self.mlp_norm(x))

@@ -5,7 +5,10 @@ and a Llama 3.1 decoder in which the layers listed in `cross_attention_layers` a
 instead of self-attention ones. In tessera terms: `vision.encoder="tiled"`, `fusion.projector="linear"`,
 `cross_attention_placement="replace"`, `cross_attention_scope="latest"` (each `<|image|>` is seen from itself to
 the next image) and `cross_attention_blind_rows="attend_all"` (transformers' treatment of text before the first
-image: its mask is lifted and only its MLP branch is zeroed).
+image: its mask is lifted and only its MLP branch is zeroed). One difference, chosen: in transformers' padded
+batch that text also attends to the blank images padding a sample with fewer images than its batch-mates; in
+tessera it sees only its own sample's images, so a sample gives the same answer batched or alone (transformers'
+answer for the sample alone).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ class CrossAttentionState:
     """What Method B's blocks reuse at every decode step."""
 
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer → (k, v)
-    image_mask: torch.Tensor | None = None  # (batch, max_images): which image slots hold a real image
-    visible: torch.Tensor | None = None  # (batch, max_images): images the latest token may attend to
+    visible: torch.Tensor | None = None  # (batch, groups): images (or image tiles) the latest token may attend to
+    real: torch.Tensor | None = None  # (batch, groups): which groups belong to the sample's own images
 
 
 class KVCache:
