@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.checkpoint import CONFIG_NAME, load_weights, save_weights
+from tessera.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, save_weights
 from tessera.config import ModelConfig
 from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
@@ -24,7 +24,7 @@ from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
 from tessera.generation import SamplingParams, StopChecker, TokenChooser
 from tessera.text.cache import KVCache
-from tessera.text.decoder import DecoderLLM, positions_from_mask
+from tessera.text.decoder import DecoderLLM, padding_moved_to_the_front, positions_from_mask
 from tessera.vision.encoder import VisionEncoder, deepest_layer, select_image_features
 from tessera.vision.tiled import TiledVisionEncoder
 
@@ -158,36 +158,26 @@ class MultimodalLM(nn.Module):
         if prefill:
             if image_features is None or image_features.shape[0] == 0:
                 return None  # no image in the batch: every block would add exactly zero
-            images, real = pack_images(image_features, image_counts, self._empty_image_slot(image_counts))
+            images, real = pack_images(image_features, image_counts)
             visible = image_visibility(input_ids, self.config.image_token_id, images.shape[1],
                                        self.config.fusion.cross_attention_scope) & real[:, None, :]
             if self.config.vision.encoder == "tiled":  # a token sees the real tiles of the images it sees
                 tiles, _ = pack_images(self.vision.tile_mask(aspect_ratio_ids.reshape(-1)), image_counts)
                 visible = (visible[..., None] & tiles[:, None]).flatten(2)
+                real = real.repeat_interleave(tiles.shape[-1], dim=-1)  # every tile of a real image
             keys_values = {int(i): block.image_keys_values(images) for i, block in self.cross_attention.items()}
             if state is not None:
-                state.keys_values, state.visible = keys_values, visible[:, -1]
+                state.keys_values, state.visible, state.real = keys_values, visible[:, -1], real
         else:
             if not state.keys_values:
                 return None
-            keys_values = state.keys_values
+            keys_values, real = state.keys_values, state.real
             visible = state.visible[:, None, :].expand(-1, input_ids.shape[1], -1)
         return {
-            int(i): partial(block, keys=keys_values[int(i)][0], values=keys_values[int(i)][1], visible=visible)
+            int(i): partial(block, keys=keys_values[int(i)][0], values=keys_values[int(i)][1], visible=visible,
+                            real=real)
             for i, block in self.cross_attention.items()
         }
-
-    def _empty_image_slot(self, image_counts: list[int]) -> torch.Tensor | None:
-        """What fills the image slots of a sample with fewer images than the batch's most: zeros, except for a
-        tiled encoder whose blind tokens attend to every key (Llama 3.2 Vision). There transformers encodes an
-        all-zero padding image (aspect-ratio id 0) into each empty slot, and those tokens see its keys."""
-        vision = self.config.vision
-        if (len(set(image_counts)) < 2 or vision.encoder != "tiled"
-                or self.config.fusion.cross_attention_blind_rows != "attend_all"):
-            return None
-        blank = torch.zeros(1, vision.max_num_tiles, vision.num_channels, vision.image_size, vision.image_size,
-                            device=self.device)
-        return self.encode_images(blank, torch.zeros(1, dtype=torch.long, device=self.device))[0]
 
     def _loss(self, logits, labels, num_items_in_batch, supervised) -> ModelOutput:
         """logits: (batch, seq, vocab), or (supervised positions, vocab) in order when `supervised` marks them."""
@@ -262,7 +252,8 @@ class MultimodalLM(nn.Module):
                               suppress_token_ids=suppress)
 
     def _never_generated(self) -> tuple[int, ...]:
-        special = {self.config.image_token_id, self.config.pad_token_id} - {self.config.eos_token_id}
+        stops = {self.config.eos_token_id, *self.config.stop_token_ids}  # a pad token that also ends generation
+        special = {self.config.image_token_id, self.config.pad_token_id} - stops
         return tuple(sorted(i for i in special if i < self.config.text.vocab_size))  # extra rows: never predicted
 
     def stream_tokens(self, input_ids, attention_mask, pixel_values, image_counts,
@@ -277,6 +268,7 @@ class MultimodalLM(nn.Module):
         batch, prompt_len = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = padding_moved_to_the_front(input_ids, attention_mask)
         choose = TokenChooser(params, batch, self.device)
         max_new_tokens = choose.max_new_tokens
         if prompt_len + max_new_tokens > self.config.text.max_position_embeddings:
@@ -370,9 +362,11 @@ class MultimodalLM(nn.Module):
             from tessera.interop.convert import load_hf_model
 
             model = load_hf_model(directory, dtype)  # loaded straight into dtype: a 7B model is held once
-        else:
-            model = cls(ModelConfig.load(directory / CONFIG_NAME))
-            load_weights(model, directory)
+        else:  # tessera's own: built without weights, then filled with the stored ones
+            config = ModelConfig.load(directory / CONFIG_NAME)
+            with parameters_on_meta():
+                model = cls(config)
+            load_weights(model, directory, dtype)  # in dtype, or as stored (a bf16 conversion stays bf16)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()

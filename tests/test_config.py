@@ -83,6 +83,12 @@ def test_token_ids_inside_vocab():
         ModelConfig(image_token_id=500, text=TextConfig(vocab_size=100))
 
 
+@pytest.mark.parametrize("field", ["pad_token_id", "eos_token_id"])
+def test_the_image_token_is_a_token_of_its_own(field):
+    with pytest.raises(ConfigError, match=f"{field}=3 is also image_token_id"):
+        ModelConfig(image_token_id=3, **{field: 3})
+
+
 def test_numbers_written_without_a_dot_are_numbers_and_others_are_errors():
     """YAML 1.1 reads 1e-5 as the string "1e-5"; a config written by hand must still mean the number."""
     text = TextConfig(rms_norm_eps="1e-5", rope_theta="5e5")

@@ -180,6 +180,31 @@ def test_prefill_logits_batched_match_single(linear_route):
     torch.testing.assert_close(batched[0, -len(rows[0]):], single[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_right_padded_prompts_generate_what_left_padded_ones_do(fusion):
+    model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[1, 3])).eval()
+    _open_gates(model, 0.7)
+    rows, ids, mask, pixels, counts = _generation_batch(fusion)
+    width = ids.shape[1]
+    right_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    right_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    left = model.generate(ids, mask, pixels, counts, max_new_tokens=8, eos_token_id=[])
+    right = model.generate(right_ids, right_mask, pixels, counts, max_new_tokens=8, eos_token_id=[])
+    assert right.sequences == left.sequences
+
+
+def test_a_pad_token_that_also_stops_generation_can_end_it():
+    config = tiny_config()
+    config.stop_token_ids = [0]  # the pad token (0) doubles as a stop token, as in some Qwen2 checkpoints
+    model = MultimodalLM(config).eval()
+    def likeliest_zero(module, inputs, logits):
+        logits[..., 0] += 100
+
+    model.llm.lm_head.register_forward_hook(likeliest_zero)
+    result = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=6)
+    assert result.sequences == [[]] and result.finish_reasons == ["stop"]
+
+
 def test_images_are_encoded_once_per_generate(monkeypatch):
     model = MultimodalLM(tiny_config("cross")).eval()
     calls = []
@@ -254,6 +279,32 @@ def test_tied_embeddings_saved_once_and_stay_tied(tmp_path):
     loaded = MultimodalLM.from_pretrained(tmp_path)
     assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
     torch.testing.assert_close(loaded.llm.lm_head.weight, model.llm.embed_tokens.weight)
+
+
+def test_a_checkpoint_loads_in_its_stored_dtype_or_the_one_asked_for(tmp_path):
+    config = tiny_config()
+    config.text.tie_word_embeddings = True
+    model = MultimodalLM(ModelConfig.from_dict(config.to_dict())).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    stored = MultimodalLM.from_pretrained(tmp_path)
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}  # not widened to float32 on the way
+    assert stored.llm.lm_head.weight is stored.llm.embed_tokens.weight
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(stored.state_dict()[name], tensor), name
+    wide = MultimodalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    assert not any(p.is_meta for p in wide.parameters())
+    assert wide.llm.lm_head.weight is wide.llm.embed_tokens.weight
+
+
+def test_rope_frequencies_stay_float32_in_a_bf16_model():
+    model = MultimodalLM(tiny_config()).to(torch.bfloat16)
+    reference = MultimodalLM(tiny_config()).llm.rotary
+    assert model.llm.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(model.llm.rotary.inv_freq, reference.inv_freq)
+    far = torch.tensor([[700, 2000]])  # the angle's error would grow with the position
+    for got, want in zip(model.llm.rotary(far, torch.bfloat16), reference(far, torch.bfloat16)):
+        assert torch.equal(got, want)
 
 
 def test_loading_a_missing_or_misshapen_tensor_names_it(tmp_path):

@@ -53,6 +53,18 @@ def positions_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Ten
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -num_new:]
 
 
+def padding_moved_to_the_front(input_ids: torch.Tensor, attention_mask: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generation continues every row from its last slot, so a row padded on the right would continue from a pad
+    token. Each row's trailing padding moves to its front (a roll): positions come from the mask, so the row then
+    reads exactly as it would left-padded. Rows without trailing padding are returned as they are."""
+    trailing = (attention_mask.flip(-1).cumsum(-1) == 0).sum(-1)  # padding slots after the last real token
+    if not bool(trailing.any()):
+        return input_ids, attention_mask
+    slots = (torch.arange(input_ids.shape[1], device=input_ids.device) - trailing[:, None]) % input_ids.shape[1]
+    return input_ids.gather(1, slots), attention_mask.gather(1, slots)
+
+
 def attention_mask_4d(attention_mask: torch.Tensor | None, num_new: int, past: int,
                       sliding_window: int | None = None) -> torch.Tensor | None:
     """Boolean (batch, 1, new, past+new) mask: causal and not on padding keys; None when plain causal will do.
