@@ -28,7 +28,8 @@ from tokenizers import Tokenizer
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError, DataError
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, load_tokenizer
-from tessera.vision.preprocess import RESIZE_MODES, load_image, preprocess_image
+from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, RESIZE_MODES, check_preprocessed_size, largest_step,
+                                      load_image, naming, preprocess_image)
 
 IGNORE_INDEX = -100
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -91,9 +92,20 @@ class Processor:
         return token_id
 
     # --- images ------------------------------------------------------------------------------------------------
-    def preprocess_image(self, image: str | Path | Image.Image) -> torch.Tensor:
+    def preprocess_image(self, image: str | Path | Image.Image, max_pixels: int = MAX_PREPROCESSED_PIXELS
+                         ) -> torch.Tensor:
         c = self.config
-        return preprocess_image(load_image(image), c.image_size, c.image_mean, c.image_std, c.resize_mode)
+        loaded = load_image(image)
+        with naming(image):
+            return preprocess_image(loaded, c.image_size, c.image_mean, c.image_std, c.resize_mode, max_pixels)
+
+    def check_image_size(self, width: int, height: int, max_pixels: int = MAX_PREPROCESSED_PIXELS) -> None:
+        """DataError if preprocess_image would build an image of more than max_pixels from a width x height one:
+        lets the server refuse an image from its header, before decoding it."""
+        check_preprocessed_size((width, height), *self._largest_step(width, height), max_pixels)
+
+    def _largest_step(self, width: int, height: int) -> tuple[str, tuple[int, int]]:
+        return largest_step(width, height, self.config.image_size, self.config.resize_mode)
 
     # --- text --------------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:

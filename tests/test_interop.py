@@ -29,8 +29,8 @@ from transformers.models.mllama.image_processing_pil_mllama import MllamaImagePr
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil  # noqa: E402
 
 from tessera import (  # noqa: E402
-    CheckpointError, ConfigError, FusionConfig, ModelConfig, MultimodalLM, Processor, TextConfig, VisionConfig,
-    train_tokenizer,
+    CheckpointError, ConfigError, DataError, FusionConfig, ModelConfig, MultimodalLM, Processor, TextConfig,
+    VisionConfig, train_tokenizer,
 )
 from tessera.cli import main  # noqa: E402
 from tessera.interop import llava  # noqa: E402
@@ -226,6 +226,25 @@ def test_processor_matches_transformers(name, families, imported):
         assert ours["aspect_ratio_ids"].tolist() == [*theirs["aspect_ratio_ids"][0].tolist(),
                                                      theirs["aspect_ratio_ids"][1, 0].item()]
     torch.testing.assert_close(ours["pixel_values"], pixels, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name, size, words", [
+    ("llava-clip-llama", (4_000_000, 1), "resizing its shortest edge to 8 would make it 32000000x8 = 256000000"),
+    ("llava-clip-llama", (3, 10_000), "resizing its shortest edge to 8 would make it 8x26666 = 213328"),
+    ("llava-clip-mistral", (9000, 100), "padding it to a square would make it 9000x9000 = 81000000"),
+])
+def test_image_processing_refuses_an_image_a_step_would_blow_up(name, size, words, imported):
+    """A thin image has few pixels, but LLaVA's square padding or CLIP's shortest-edge resize (which scales the
+    long side up with the short one) would build one of gigabytes: refused first, naming both sizes."""
+    _, processor = imported[name]
+    with pytest.raises(DataError) as excinfo:
+        processor.check_image_size(*size, max_pixels=200_000)
+    assert f"the image is {size[0]}x{size[1]}; {words}" in str(excinfo.value)
+    with pytest.raises(DataError, match=words):  # preprocessing itself checks before allocating
+        processor.preprocess_image(Image.new("RGB", size), max_pixels=200_000)
+    # ordinary images pass: a 4096x3072 photo, the encoder's size, a single pixel; the tile canvas is bounded
+    for ok_name, ok_size in [(name, (4096, 3072)), (name, (336, 336)), (name, (1, 1)), ("mllama", size)]:
+        imported[ok_name][1].check_image_size(*ok_size, max_pixels=4096 * 4096)
 
 
 def _alone(family: Family, padding_side: str):

@@ -185,6 +185,19 @@ def test_unknown_resize_mode_raises_naming_the_allowed_values(image_size):
         assert mode in message
 
 
+def test_pad_refuses_an_image_whose_square_would_be_too_large_before_building_it():
+    """A 4097x1 strip has few pixels, but padding makes it 4097x4097: over the limit, refused with its size."""
+    with pytest.raises(tessera.DataError) as excinfo:
+        preprocess_image(Image.new("RGB", (4097, 1)), 16, CLIP_MEAN, CLIP_STD, "pad", max_pixels=4096 * 4096)
+    assert str(excinfo.value) == ("the image is 4097x1; padding it to a square would make it 4097x4097 = 16785409 "
+                                  "pixels, more than the 16777216 allowed; expected a smaller or less elongated image")
+    assert preprocess_image(Image.new("RGB", (4096, 1)), 16, CLIP_MEAN, CLIP_STD, "pad",
+                            max_pixels=4096 * 4096).shape == (3, 16, 16)
+    # squash resizes straight to the encoder's size: the same strip is fine
+    assert preprocess_image(Image.new("RGB", (4097, 1)), 16, CLIP_MEAN, CLIP_STD, "squash",
+                            max_pixels=4096 * 4096).shape == (3, 16, 16)
+
+
 # --- load_image ----------------------------------------------------------------------------------------------------
 def test_load_image_missing_path_raises_data_error_with_the_path(tmp_path):
     path = tmp_path / "nowhere" / "missing.png"
@@ -209,3 +222,11 @@ def test_load_image_reads_a_file_and_passes_images_through(tmp_path):
     assert np.asarray(to_rgb(loaded))[2, 4].tolist() == [1, 2, 3]  # pixels still readable after the file closed
     image = Image.new("RGB", (2, 2))
     assert load_image(image) is image
+
+
+def test_load_image_names_a_file_past_pils_decompression_bomb_guard(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses past twice this: 100x100 is a "bomb" now
+    with pytest.raises(tessera.DataError, match=r"bomb.png: refused as a decompression bomb"):
+        load_image(path)

@@ -284,6 +284,34 @@ def test_placeholder_image_count_mismatch_names_the_conversation(processor):
         processor([fine, fine], images=[[image()]])
 
 
+def test_an_image_preprocessing_would_blow_up_is_a_data_error_naming_the_file(tokenizer, tmp_path):
+    """Offline (tessera train/eval read image files through the processor): a 9000x1 strip that padding would turn
+    into 81 million pixels is refused with its file and size, not a MemoryError or the OOM killer."""
+    padding = Processor.for_model(model_config("unified"), tokenizer, resize_mode="pad")
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (9000, 1)).save(path)
+    with pytest.raises(DataError) as excinfo:
+        padding.preprocess_image(path)
+    assert str(excinfo.value).startswith(f"{path}: the image is 9000x1; padding it to a square would make it "
+                                         f"9000x9000 = 81000000 pixels, more than the 67108864 allowed")
+    with pytest.raises(DataError, match="the image is 9000x1"):  # a PIL image has no file to name
+        padding.preprocess_image(Image.open(path))
+    # the data loader names the data file and record too
+    from tessera.data.records import load_examples
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "strip", "images": ["strip.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "black"}]}) + "\n")
+    with pytest.raises(DataError, match=rf"data.jsonl: record strip: .*{path}: the image is 9000x1"):
+        load_examples(data, padding, strict=True)
+    # the size check the server makes from an image's header, before decoding it
+    padding.check_image_size(4096, 3072, max_pixels=4096 * 4096)
+    with pytest.raises(DataError, match="4097x4097"):
+        padding.check_image_size(4097, 3072, max_pixels=4096 * 4096)
+    Processor.for_model(model_config("unified"), tokenizer).check_image_size(9000, 1)  # squash: fine
+
+
 # --- message validation --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("message", [
     {"role": "robot", "content": "beep"},

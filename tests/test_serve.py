@@ -449,6 +449,27 @@ def test_auth_size_and_routing_errors(server):
         server.client().chat.completions.create(model="tiny", messages=user(*[image_part(data_url(PNG))] * 3))
 
 
+def test_an_image_preprocessing_would_blow_up_is_refused_from_its_header(checkpoint, tmp_path):
+    """The pixel limit holds for what preprocessing builds too: padding (LLaVA's do_pad, tessera's "pad" mode) or a
+    shortest-edge resize turns a thin strip of a few kB into gigabytes. Refused from the header, before decoding."""
+    padding = tmp_path / "pad"
+    shutil.copytree(checkpoint, padding)
+    settings_path = padding / "processor_config.json"
+    settings_path.write_text(json.dumps({**json.loads(settings_path.read_text()), "resize_mode": "pad"}))
+    with running_server(ServeSettings(checkpoint=str(padding), served_model_name="tiny",
+                                      max_image_pixels=64 * 64)) as s:
+        words = ("the image is 65x1; padding it to a square would make it 65x65 = 4225 pixels, more than the 4096 "
+                 "allowed; expected a smaller or less elongated image")
+        assert_error(_post(s, _one_image(data_url(png_bytes(1, size=(65, 1))))), 400, URL, f"{URL}: {words}")
+        header_only = bomb_png(65, 1)[:41]  # the signature, IHDR and the start of IDAT: no pixel data at all
+        assert_error(_post(s, _one_image(data_url(header_only))), 400, URL, words)
+        with pytest.raises(openai.BadRequestError, match="padding it to a square"):
+            s.client().chat.completions.create(model="tiny", messages=user(image_part(data_url(bomb_png(1, 65)))))
+        answer = s.client().chat.completions.create(model="tiny", max_tokens=2,
+                                                    messages=user(image_part(data_url(png_bytes(2, (64, 9))))))
+        assert answer.choices[0].finish_reason in ("stop", "length")
+
+
 def test_server_survives_every_bad_request(server):
     """After the whole list above (run here again, concurrently), the server still answers."""
     with ThreadPoolExecutor(8) as pool:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tessera.errors import ConfigError
-from tessera.vision.preprocess import to_rgb
+from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, check_preprocessed_size, to_rgb
 
 KINDS = ("resize", "tiles")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -98,9 +98,11 @@ class ImageProcessing:
         return self.crop_size["height"], self.crop_size["width"]
 
     # --- one image ---------------------------------------------------------------------------------------------
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+    def __call__(self, image: Image.Image, max_pixels: int = MAX_PREPROCESSED_PIXELS
+                 ) -> tuple[torch.Tensor, tuple[int, int]]:
         """("resize") a (C, H, W) tensor and (1, 1); ("tiles") the (tiles, C, t, t) tiles and their
-        (rows, columns)."""
+        (rows, columns). An image that a step would make larger than max_pixels raises DataError."""
+        check_preprocessed_size(image.size, *self.largest_step(*image.size), max_pixels)
         pixels = np.asarray(to_rgb(image))  # (H, W, C) uint8
         if self.kind == "tiles":
             return self._tiles(pixels)
@@ -110,6 +112,23 @@ class ImageProcessing:
         if self.crop_size is not None:
             pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
         return torch.from_numpy(self._scale(pixels)), (1, 1)
+
+    def largest_step(self, width: int, height: int) -> tuple[str, tuple[int, int]]:
+        """The step that builds the largest image from a width x height one, and that image's (width, height):
+        LLaVA's square padding, or a shortest-edge resize (which scales a thin image's long side up with its
+        short one). The tile canvas is bounded by max_image_tiles."""
+        if self.kind == "tiles":
+            canvas_h, canvas_w = optimal_tiled_canvas(height, width, self.max_image_tiles, self.size["height"])
+            return "fitting it to its tile canvas", (canvas_w, canvas_h)
+        steps = []
+        if self.pad_to_square and width != height:
+            width = height = max(width, height)
+            steps.append(("padding it to a square", (width, height)))
+        new_h, new_w = self._resized_size(height, width)
+        name = f"resizing its shortest edge to {self.size['shortest_edge']}" if "shortest_edge" in self.size \
+            else f"resizing it to {new_w}x{new_h}"
+        steps.append((name, (new_w, new_h)))
+        return max(steps, key=lambda step: step[1][0] * step[1][1])
 
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
         if "shortest_edge" in self.size:  # transformers' get_resize_output_image_size(default_to_square=False)

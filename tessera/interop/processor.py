@@ -27,7 +27,7 @@ from tessera.interop.hub_files import read_json, write_json
 from tessera.interop.image_processing import ImageProcessing, tile_arrangements
 from tessera.processor import IGNORE_INDEX, PROCESSOR_CONFIG_NAME, TOKENIZER_NAME, Processor
 from tessera.text.tokenizer import load_tokenizer
-from tessera.vision.preprocess import load_image
+from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, load_image, naming
 
 FAMILIES = ("llava", "mllama")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -170,14 +170,20 @@ class HubProcessor(Processor):
         return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
 
     # --- images --------------------------------------------------------------------------------------------------
-    def preprocess_image(self, image: str | Path | Image.Image) -> torch.Tensor | TiledImage:
-        pixels, grid = self.config.image_processing(load_image(image))
+    def preprocess_image(self, image: str | Path | Image.Image, max_pixels: int = MAX_PREPROCESSED_PIXELS
+                         ) -> torch.Tensor | TiledImage:
+        loaded = load_image(image)
+        with naming(image):
+            pixels, grid = self.config.image_processing(loaded, max_pixels)
         if self.config.family == "llava":
             return pixels
         tiles = self.config.image_processing.max_image_tiles
         padded = pixels.new_zeros(tiles, *pixels.shape[1:])
         padded[:pixels.shape[0]] = pixels
         return TiledImage(padded, tile_arrangements(tiles).index(grid) + 1)
+
+    def _largest_step(self, width: int, height: int) -> tuple[str, tuple[int, int]]:
+        return self.config.image_processing.largest_step(width, height)
 
     def pad_batch(self, rows, pixel_values, padding_side: str = "right") -> dict[str, torch.Tensor]:
         flat = [image for row in pixel_values for image in row]

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.checkpoint import CONFIG_NAME, load_dtype
-from tessera.errors import CheckpointError, ConfigError
+from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.serve.engine import Engine, Failed, Job
 from tessera.serve.images import ImagePolicy, bare_host, load_image
 from tessera.serve.protocol import (APIError, ChatRequest, Completion, choice_delta, encode_prompt,
@@ -194,10 +194,16 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
 
 def prepare(chat: ChatRequest, engine: Engine, policy: ImagePolicy):
     """Prompt ids and max_new_tokens (checked against the context first), then the images, decoded and
-    preprocessed once per request."""
-    prompt_ids, max_new = encode_prompt(chat, engine.processor, engine.context_length)
-    pixel_values = [engine.processor.preprocess_image(load_image(url, policy, param))
-                    for param, url in chat.image_urls]
+    preprocessed once per request. What preprocessing builds is held to the same pixel limit as the images."""
+    processor = engine.processor
+    prompt_ids, max_new = encode_prompt(chat, processor, engine.context_length)
+    pixel_values = []
+    for param, url in chat.image_urls:
+        image = load_image(url, policy, param, lambda w, h: processor.check_image_size(w, h, policy.max_pixels))
+        try:
+            pixel_values.append(processor.preprocess_image(image, policy.max_pixels))
+        except DataError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
     return prompt_ids, pixel_values, max_new
 
 

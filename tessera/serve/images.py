@@ -3,8 +3,10 @@
 `data:image/…;base64,…` always works; `file://` only inside --allowed-local-dir; `http(s)://` only with
 --allow-remote-images (off by default, so the server cannot be used to make requests elsewhere) or from the hosts
 of --allowed-image-hosts, without redirects (so an allowed host cannot send the server on elsewhere), with a
-timeout and a size cap. Every image's pixel count is checked from its header before it is decoded, so a
-decompression bomb is refused without being expanded. Every failure is an APIError 400 naming the request field.
+timeout and a size cap. Every image's pixel count, and the size the model's preprocessing would give it, are
+checked from its header before it is decoded, so neither a decompression bomb nor a 4,000,000 x 1 strip that
+padding or a shortest-edge resize would blow up to gigabytes is ever expanded. Every failure is an APIError 400
+naming the request field.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import base64
 import binascii
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from tessera.errors import DataError
 from tessera.serve.protocol import APIError
 from tessera.vision.preprocess import to_rgb
 
@@ -29,7 +33,7 @@ class ImagePolicy:
     allow_remote: bool = False
     allowed_hosts: frozenset[str] | None = None  # remote images from these hosts only (lower case); None: any
     max_bytes: int = 20 * 2 ** 20  # per image file or download
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 4096 * 4096  # per image, and per image its preprocessing builds (padded square, resize)
     remote_timeout: float = 5.0
 
 
@@ -58,8 +62,12 @@ def request_host(url) -> str:
     return url.raw_host.decode("ascii").lower().rstrip(".")
 
 
-def load_image(url: str, policy: ImagePolicy, param: str) -> Image.Image:
-    """The image at `url` (a request's image_url.url, found at `param`) as an RGB PIL image."""
+SizeCheck = Callable[[int, int], None]  # (width, height) → None, or DataError when preprocessing would be too large
+
+
+def load_image(url: str, policy: ImagePolicy, param: str, check_size: SizeCheck | None = None) -> Image.Image:
+    """The image at `url` (a request's image_url.url, found at `param`) as an RGB PIL image. check_size (the
+    processor's) sees its size from the header, before it is decoded."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         data = _data_url_bytes(url, param)
@@ -71,20 +79,24 @@ def load_image(url: str, policy: ImagePolicy, param: str) -> Image.Image:
         raise APIError(400, f"{param}: unsupported image URL scheme {scheme + ':' if scheme else repr(url[:40])}; "
                             f"expected a data:image/…;base64 URL (file:// and http(s):// only when the server "
                             f"allows them)", param)
-    return decode_image(data, policy.max_pixels, param)
+    return decode_image(data, policy.max_pixels, param, check_size)
 
 
-def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, param: str, check_size: SizeCheck | None = None) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
         width, height = image.size
         if width * height > max_pixels:
             raise APIError(400, f"{param}: the image is {width}x{height} = {width * height} pixels; at most "
                                 f"{max_pixels} are allowed", param)
+        if check_size is not None:
+            check_size(width, height)
         image.load()
         return to_rgb(image)
     except APIError:
         raise
+    except DataError as e:
+        raise APIError(400, f"{param}: {e}", param) from None
     except Image.DecompressionBombError as e:  # PIL's own guard, past twice its MAX_IMAGE_PIXELS
         raise APIError(400, f"{param}: refused as a decompression bomb ({e})", param) from None
     except Exception as e:  # corrupt files raise anything from OSError to SyntaxError inside PIL: all mean 400

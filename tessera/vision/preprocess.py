@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,11 @@ from PIL import Image, UnidentifiedImageError
 from tessera.errors import DataError
 
 RESIZE_MODES = ("squash", "pad")
+# Preprocessing can build an image far larger than its input: padding to a square (a 20000x100 image becomes
+# 20000x20000) or a shortest-edge resize scaling up a thin one. Past this many pixels (192 MB as 8-bit RGB) it is
+# refused before anything is allocated, with an error naming the size, instead of exhausting memory. The server
+# passes its own, smaller limit (ServeSettings.max_image_pixels, 4096 x 4096).
+MAX_PREPROCESSED_PIXELS = 8192 * 8192
 
 
 def load_image(source: str | Path | Image.Image) -> Image.Image:
@@ -24,6 +30,38 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
         raise DataError(f"{source}: image file not found") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{source}: not a readable image ({e})") from None
+    except Image.DecompressionBombError as e:  # PIL's guard against huge pixel counts (not an OSError)
+        raise DataError(f"{source}: refused as a decompression bomb ({e})") from None
+
+
+@contextmanager
+def naming(source: str | Path | Image.Image):
+    """A DataError raised inside names the image file, when the image came from one."""
+    try:
+        yield
+    except DataError as e:
+        if isinstance(source, Image.Image):
+            raise
+        raise DataError(f"{source}: {e}") from None
+
+
+def check_preprocessed_size(size: tuple[int, int], step: str, produced: tuple[int, int], max_pixels: int) -> None:
+    """DataError when a preprocessing `step` would turn an image of `size` (width, height) into one of `produced`
+    size with more than max_pixels pixels."""
+    width, height = produced
+    if width * height > max_pixels:
+        raise DataError(f"the image is {size[0]}x{size[1]}; {step} would make it {width}x{height} = "
+                        f"{width * height} pixels, more than the {max_pixels} allowed; expected a smaller or less "
+                        f"elongated image")
+
+
+def largest_step(width: int, height: int, size: int, resize_mode: str) -> tuple[str, tuple[int, int]]:
+    """The step of preprocess_image that builds the largest image from a width x height one, and that image's
+    (width, height)."""
+    if resize_mode == "pad" and width != height:
+        side = max(width, height)
+        return "padding it to a square", (side, side)
+    return f"resizing it to {size}x{size}", (size, size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -51,11 +89,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess_image(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                     resize_mode: str = "squash") -> torch.Tensor:
+                     resize_mode: str = "squash", max_pixels: int = MAX_PREPROCESSED_PIXELS) -> torch.Tensor:
     """(3, size, size) float tensor, normalised with the encoder's mean/std.
 
     resize_mode "squash" stretches to a square; "pad" first pads to a square with the mean colour (LLaVA-1.5),
-    keeping the aspect ratio."""
+    keeping the aspect ratio. An image whose padded square would exceed max_pixels raises DataError."""
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode={resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+    check_preprocessed_size(image.size, *largest_step(*image.size, size, resize_mode), max_pixels)
     image = to_rgb(image)
     if resize_mode == "pad" and image.width != image.height:
         side = max(image.size)
@@ -63,8 +104,6 @@ def preprocess_image(image: Image.Image, size: int, mean: tuple[float, ...], std
         square = Image.new("RGB", (side, side), fill)
         square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         image = square
-    elif resize_mode not in RESIZE_MODES:
-        raise ValueError(f"resize_mode={resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
