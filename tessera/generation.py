@@ -7,11 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this, temperature sampling is greedy in all but name, and dividing the logits by it overflows float32 to
+# inf (1e-40: every request sharing the batch failed). So it is decoded greedily, as vLLM does below 1e-5.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy decoding; otherwise sample from softmax(logits / temperature) restricted to the
-    top_k most likely tokens (0: no limit) and the smallest set whose probability reaches top_p."""
+    """temperature 0 (or below GREEDY_BELOW) means greedy decoding; otherwise sample from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0: no limit) and the smallest set
+    whose probability reaches top_p."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -47,7 +52,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     logits = logits.float()
     if params.suppress_token_ids:
         logits[:, list(params.suppress_token_ids)] = float("-inf")
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:

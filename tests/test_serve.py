@@ -495,6 +495,21 @@ def test_per_row_sampling_equals_each_row_alone():
         TokenChooser(rows, 2, torch.device("cpu"))
 
 
+def test_a_tiny_temperature_decodes_greedily():
+    """logits / 1e-40 overflows float32: sampling then met inf and NaN and failed. Below 1e-5 decoding is greedy."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1)) * 10
+    for temperature in (1e-40, 5e-324, 1e-6):
+        rows = [SamplingParams(temperature=temperature, seed=3), SamplingParams(temperature=temperature, top_p=0.5)]
+        assert TokenChooser(rows, 2, torch.device("cpu"))(logits.clone()).tolist() == logits.argmax(-1).tolist()
+
+
+def test_a_tiny_temperature_answers_as_greedy_through_the_server(server):
+    client = server.client()
+    answers = [client.chat.completions.create(model="tiny", messages=user(text("What colour?")), max_tokens=8,
+                                              temperature=t, seed=1).choices[0].message.content for t in (0, 1e-40)]
+    assert answers[0] == answers[1]
+
+
 def _mixed_requests() -> list[dict]:
     """16 requests of different lengths, images, limits and sampling settings."""
     requests = []
