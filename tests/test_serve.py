@@ -543,6 +543,46 @@ def test_concurrent_requests_equal_one_at_a_time(fusion, checkpoint, tmp_path):
         assert len({answer for answer, _, _ in one_at_a_time}) > 8
 
 
+def test_a_job_that_fails_fails_alone_not_its_batch_mates(checkpoint, reference):
+    """A failing batch is run again one job at a time, so a request that cannot be generated (here: an image tensor
+    of the wrong size) gets its 500 and the request it happened to share a batch with is still answered."""
+    import asyncio
+
+    from tessera.serve.engine import Engine, Failed, Job
+
+    model, processor = load_checkpoint(checkpoint)
+    engine = Engine(model, processor, max_batch=4)  # started once both jobs wait, so that they share a batch
+    messages = user(text("What colour?"))
+    params = [model.sampling_params(max_new_tokens=6, temperature=0)]
+
+    async def outcome(job: Job):
+        answer = ""
+        while True:
+            event = await asyncio.wait_for(job.events.get(), 60)
+            if isinstance(event, Failed):
+                return event.error.status, event.error.message
+            answer += event.text
+            if event.finish_reason:
+                return 200, answer
+
+    async def run():
+        good = Job("good", processor.encode(messages, add_generation_prompt=True)[0], [], params)
+        image_ids = processor.encode(user({"type": "image"}, text("What colour?")), add_generation_prompt=True)[0]
+        bad = Job("bad", image_ids, [torch.zeros(3, 5, 5)], params)
+        engine.submit(good)
+        engine.submit(bad)
+        engine.start()
+        return await outcome(good), await outcome(bad)
+
+    try:
+        (good_status, answer), (bad_status, error) = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert engine.stats["largest_batch"] == 2 and engine.stats["failed_batches"] == 1
+    assert (good_status, answer) == (200, reference(messages, max_new_tokens=6))
+    assert bad_status == 500 and error.startswith("generation failed: ")
+
+
 # --- disconnects, loading, the command ----------------------------------------------------------------------------
 def test_a_client_that_disconnects_frees_its_rows_and_the_loop_stays_free(server):
     body = _chat(max_tokens=900, temperature=0, stream=True, ignore_eos=True)

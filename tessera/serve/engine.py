@@ -5,7 +5,8 @@ The event loop never calls the model. A handler submits a Job and awaits its eve
 `MultimodalLM.stream_tokens` with per-row sampling settings, and hands each new piece of text back to the loop
 with `call_soon_threadsafe`. Batches are static: the KV cache is sized per batch, so jobs that arrive while a
 batch runs wait for the next one. A cancelled job (its client went away) stops being decoded at the next step, and
-a batch whose rows are all finished or cancelled stops at once.
+a batch whose rows are all finished or cancelled stops at once. If a batch fails, its jobs are run again one at a
+time (those that have not sent any text yet), so that only the job causing the failure gets the 500.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Job:
         self.events: asyncio.Queue[Piece | Failed] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._cancelled = threading.Event()
+        self.started = False  # some text was posted (read and written on the worker thread only)
 
     @property
     def rows(self) -> int:
@@ -70,6 +72,7 @@ class Job:
 
     def post(self, event: Piece | Failed) -> None:
         """Called from the worker thread: asyncio queues are not thread-safe, so the loop itself does the put."""
+        self.started = self.started or isinstance(event, Piece)
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server is shutting down and nobody waits for this job
@@ -122,7 +125,7 @@ class Engine:
         self.processor = processor
         self.max_batch = max_batch
         self.context_length = model.config.text.max_position_embeddings
-        self.stats: Counter[str] = Counter()  # batches, rows, largest_batch, cancelled_rows (tests, benchmarks)
+        self.stats: Counter[str] = Counter()  # batches, rows, largest_batch, cancelled_rows, failed_batches (tests)
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)  # (job id, choice, reason, tokens)
         self._pending: deque[Job] = deque()
         self._wakeup = threading.Condition()
@@ -148,12 +151,27 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():  # grad mode is per thread: stream_tokens is not decorated like generate()
             while (batch := self._next_batch()) is not None:
-                try:
-                    self._generate(batch)
-                except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving the others
-                    log.exception("generation failed for a batch of %d request(s)", len(batch))
-                    for job in batch:
-                        job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Generate for the batch. If that fails (a bug, an input nothing caught earlier, out of memory), the jobs
+        that have sent no text yet run again one at a time, so the request that fails alone is the only one to get
+        the 500 and the others are answered; a job that already sent text cannot start over and fails too."""
+        try:
+            self._generate(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                log.exception("generation failed for request %s", batch[0].id)
+                batch[0].post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+                return
+            log.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(batch),
+                        type(e).__name__, e)
+            self.stats["failed_batches"] += 1
+            for job in batch:
+                if job.started or job.cancelled:
+                    job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+                else:
+                    self._run_batch([job])
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest waiting job, plus every later one that still fits: rows <= max_batch, and the padded prompt
