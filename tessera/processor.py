@@ -92,6 +92,11 @@ class Processor:
         return token_id
 
     # --- images ------------------------------------------------------------------------------------------------
+    @property
+    def image_token(self) -> str:
+        """The text that stands for one image in a prompt."""
+        return IMAGE
+
     def preprocess_image(self, image: str | Path | Image.Image, max_pixels: int = MAX_PREPROCESSED_PIXELS
                          ) -> torch.Tensor:
         c = self.config

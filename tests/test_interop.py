@@ -7,11 +7,13 @@ Nothing is downloaded: tokenizers are trained here, models are random.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -465,6 +467,42 @@ def test_serve_an_imported_checkpoint(name, families, imported):
             assert list(pool.map(ask, each_twice)) == [answers[i] for i in each_twice]
         assert server.engine.stats["largest_batch"] > 1  # different tile arrangements shared forward passes
         assert len(set(answers)) > 1  # the images are seen
+
+
+def _ask(server, messages) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
+
+
+def test_serve_refuses_the_image_token_typed_as_text(families):
+    """The processor's image token typed as text ("<|image|>" for Llama 3.2 Vision) is a 400 naming the message,
+    found before the request reaches the model, instead of a 500 for it and every request batched with it."""
+    from tessera.serve import ServeSettings
+    from tests.test_serve import assert_error, data_url, png_bytes, running_server
+
+    png = data_url(png_bytes(1))
+    with running_server(ServeSettings(checkpoint=str(families["mllama"].directory), served_model_name="m")) as s:
+        assert_error(_ask(s, [{"role": "user", "content": "what is <|image|> this?"}]), 400, "messages[0].content",
+                     "messages[0].content contains the image token '<|image|>'; images go in image_url parts")
+        both = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}},
+                                             {"type": "text", "text": "<|image|> what?"}]}]
+        assert_error(_ask(s, both), 400, "messages[0].content[1].text", "the image token '<|image|>'")
+        assert s.engine.stats["batches"] == 0  # nothing reached the model
+
+
+def test_serve_refuses_a_template_that_drops_an_image(imported):
+    """A chat template that renders no image marker for an image part: 400 before the model's token count check."""
+    from tessera.serve.protocol import APIError, encode_prompt, parse_chat_request
+
+    _, processor = imported["llava-clip-llama"]
+    blind = copy.copy(processor)
+    blind.config = dataclasses.replace(processor.config, chat_template="{% for m in messages %}{{ m['role'] }}: "
+                                       "{% for p in m['content'] %}{{ p['text'] }}{% endfor %}\n{% endfor %}")
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}},
+                                                      {"type": "text", "text": "what?"}]}]}
+    with pytest.raises(APIError) as error:
+        encode_prompt(parse_chat_request(body, "m", 1, 1), blind, 256)
+    assert (error.value.status, error.value.param) == (400, "messages")
+    assert "put 0 image placeholder(s) in the prompt for 1 image_url part(s)" in error.value.message
 
 
 def test_labels_cover_the_answer_only(imported):

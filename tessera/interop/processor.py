@@ -170,6 +170,10 @@ class HubProcessor(Processor):
         return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
 
     # --- images --------------------------------------------------------------------------------------------------
+    @property
+    def image_token(self) -> str:
+        return self.config.image_token
+
     def preprocess_image(self, image: str | Path | Image.Image, max_pixels: int = MAX_PREPROCESSED_PIXELS
                          ) -> torch.Tensor | TiledImage:
         loaded = load_image(image)

@@ -211,6 +211,20 @@ def _check_text(text: str, param: str) -> None:
                                 f"the chat template adds the role tokens itself", param)
 
 
+def _refuse_image_token(messages: list[dict[str, Any]], token: str) -> None:
+    """The processor's image token ("<|image|>" for Llama 3.2 Vision) typed as text would stand for an image that
+    was never sent."""
+    for i, message in enumerate(messages):
+        content = message["content"]
+        texts = [(f"messages[{i}].content", content)] if isinstance(content, str) else [
+            (f"messages[{i}].content[{j}].text", part["text"]) for j, part in enumerate(content)
+            if part["type"] == "text"]
+        for param, text in texts:
+            if token in text:
+                raise APIError(400, f"{param} contains the image token {token!r}; images go in image_url parts",
+                               param)
+
+
 def _schema_error(error: ValidationError) -> APIError:
     """The most specific schema error (the deepest field), with its field named as `messages[0].content[1].text`."""
     detail = max(error.errors(), key=lambda e: len(e["loc"]))
@@ -245,8 +259,16 @@ def _param(loc: Sequence[str | int]) -> str:
 # --- the prompt ----------------------------------------------------------------------------------------------------
 def encode_prompt(request: ChatRequest, processor, context_length: int) -> tuple[list[int], int]:
     """The prompt's token ids (image placeholders expanded) and max_new_tokens, checked against the context —
-    before any image is decoded. max_tokens defaults to the rest of the context."""
+    before any image is decoded. max_tokens defaults to the rest of the context.
+
+    What would fail later, in the model, is refused here as a 400 for this request alone (not a 500 for its whole
+    batch): the processor's image token typed as text, a prompt whose image tokens do not match its images."""
+    _refuse_image_token(request.messages, processor.image_token)
     ids, _, _ = processor.encode(request.messages, add_generation_prompt=True)
+    image_tokens, per_image = ids.count(processor.image_token_id), processor.config.image_seq_length
+    if image_tokens != len(request.image_urls) * per_image:
+        raise APIError(400, f"the chat template put {image_tokens // per_image} image placeholder(s) in the prompt "
+                            f"for {len(request.image_urls)} image_url part(s); expected one for each", "messages")
     prompt = len(ids)
     if prompt >= context_length:
         raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, your "
