@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 from PIL import Image
@@ -487,6 +488,26 @@ def test_serve_refuses_the_image_token_typed_as_text(families):
                                              {"type": "text", "text": "<|image|> what?"}]}]
         assert_error(_ask(s, both), 400, "messages[0].content[1].text", "the image token '<|image|>'")
         assert s.engine.stats["batches"] == 0  # nothing reached the model
+
+
+def test_serve_refuses_a_conversation_the_chat_template_rejects(families, tmp_path):
+    """A chat template's raise_exception ("roles must alternate", as Mistral's and Llama 2's templates say) is a 400
+    with the template's words and param "messages", not an opaque 500 the openai client retries."""
+    from tessera.serve import ServeSettings
+    from tests.test_serve import assert_error, running_server
+
+    alternating = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "alternating")
+    template = alternating / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                        "{% endif %}{% endfor %}" + template.read_text())
+    with running_server(ServeSettings(checkpoint=str(alternating), served_model_name="m")) as s:
+        twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        assert_error(_ask(s, twice), 400, "messages",
+                     "chat template: Conversation roles must alternate user/assistant/user/assistant/...")
+        with pytest.raises(openai.BadRequestError, match="roles must alternate"):
+            s.client().chat.completions.create(model="m", messages=[{"role": "system", "content": "a"}, *twice[:1]])
+        assert s.client().chat.completions.create(model="m", messages=twice[:1], max_tokens=2).choices
 
 
 def test_serve_refuses_a_template_that_drops_an_image(imported):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tessera.errors import DataError
 from tessera.text.tokenizer import SPECIAL_TOKENS
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -262,9 +263,13 @@ def encode_prompt(request: ChatRequest, processor, context_length: int) -> tuple
     before any image is decoded. max_tokens defaults to the rest of the context.
 
     What would fail later, in the model, is refused here as a 400 for this request alone (not a 500 for its whole
-    batch): the processor's image token typed as text, a prompt whose image tokens do not match its images."""
+    batch): the processor's image token typed as text, a chat template refusing the conversation, a prompt whose
+    image tokens do not match its images."""
     _refuse_image_token(request.messages, processor.image_token)
-    ids, _, _ = processor.encode(request.messages, add_generation_prompt=True)
+    try:
+        ids, _, _ = processor.encode(request.messages, add_generation_prompt=True)
+    except DataError as e:  # e.g. a template's raise_exception("Conversation roles must alternate …")
+        raise APIError(400, str(e), "messages") from None
     image_tokens, per_image = ids.count(processor.image_token_id), processor.config.image_seq_length
     if image_tokens != len(request.image_urls) * per_image:
         raise APIError(400, f"the chat template put {image_tokens // per_image} image placeholder(s) in the prompt "
