@@ -375,6 +375,15 @@ BAD_REQUESTS = [
     ("unsupported logprobs", _chat(logprobs=True), 400, "logprobs", "not supported"),
     ("unsupported tools", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools",
      "not supported"),
+    *[(f"vLLM's {name}", _chat(**{name: value}), 400, name, f"{name}={json.dumps(value)} is not supported")
+      for name, value in [("repetition_penalty", 5.0), ("repetition_penalty", True), ("min_p", 0.99),
+                          ("min_tokens", 12), ("stop_token_ids", [5, 6]), ("allowed_token_ids", [10]),
+                          ("bad_words", ["red"]), ("guided_choice", ["red", "blue"]),
+                          ("structured_outputs", {"choice": ["red"]}), ("include_stop_str_in_output", True),
+                          ("use_beam_search", True), ("length_penalty", 2.0), ("truncate_prompt_tokens", 2),
+                          ("skip_special_tokens", False), ("prompt_logprobs", 1), ("continue_final_message", True),
+                          ("add_generation_prompt", False), ("chat_template_kwargs", {"enable_thinking": True}),
+                          ("min_new_tokens", 3)]],
     ("stream_options without stream", _chat(stream_options={"include_usage": True}), 400, "stream_options",
      "only allowed when stream is true"),
     ("n above max batch", _chat(n=MAX_BATCH + 1), 400, "n", f"at most {MAX_BATCH}"),
@@ -468,6 +477,24 @@ def test_an_image_preprocessing_would_blow_up_is_refused_from_its_header(checkpo
         answer = s.client().chat.completions.create(model="tiny", max_tokens=2,
                                                     messages=user(image_part(data_url(png_bytes(2, (64, 9))))))
         assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sampling_extensions_at_their_neutral_values_and_harmless_extras_are_accepted(server):
+    """vLLM's extensions are refused only when they would change the answer; what does not (user, metadata,
+    store, …) is ignored, as before."""
+    client = server.client()
+    plain = client.chat.completions.create(model="tiny", messages=user(text("What colour?")), max_tokens=6,
+                                           temperature=0)
+    neutral = client.chat.completions.create(
+        model="tiny", messages=user(text("What colour?")), max_tokens=6, temperature=0, user="someone",
+        metadata={"team": "a"}, store=False, frequency_penalty=0,
+        extra_body={"repetition_penalty": 1.0, "min_p": 0, "min_tokens": 0, "stop_token_ids": [],
+                    "skip_special_tokens": True, "add_generation_prompt": True, "continue_final_message": False,
+                    "include_stop_str_in_output": False, "guided_choice": None, "priority": 3})
+    assert neutral.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match=r"repetition_penalty=1.3 is not supported by this server; "
+                                                     r"leave it out or set it to 1.0"):
+        client.chat.completions.create(model="tiny", messages=user(text("hi")), extra_body={"repetition_penalty": 1.3})
 
 
 def test_server_survives_every_bad_request(server):

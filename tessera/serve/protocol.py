@@ -7,6 +7,7 @@ OpenAI error object `{"error": {"message", "type", "param", "code"}}` (`code` is
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,8 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(BaseModel):
-    # extra top-level keys (user, metadata, min_p, repetition_penalty, …) are tolerated, as vLLM does; the ones
-    # that would change the answer in a way we cannot honour are refused by _refuse_unsupported
+    # extra top-level keys that do not change the answer (user, metadata, store, …) are tolerated, as vLLM does;
+    # the ones that would, and that we cannot honour (_NEUTRAL), are refused by _refuse_unsupported
     model_config = ConfigDict(strict=True, extra="allow")
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
@@ -102,13 +103,32 @@ class ChatCompletionRequest(BaseModel):
         return value
 
 
-# OpenAI fields that change the answer; each is accepted only at its neutral value (never silently ignored).
+# Fields that change the answer; each is accepted only at its neutral value (never silently ignored). Clients
+# written for vLLM or SGLang send their extensions expecting them to be honoured.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
+    # OpenAI's
     "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
     "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "best_of": (None, 1), "echo": (None, False),
+    "web_search_options": (None,),
+    # vLLM's sampling extensions
+    "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
+    "stop_token_ids": (None, []), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "logits_processors": (None, []), "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0), "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True),
+    "prompt_logprobs": (None,),
+    # vLLM's guided decoding
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structural_tag": (None,), "structured_outputs": (None,),
+    # vLLM's prompt building
+    "continue_final_message": (None, False), "add_generation_prompt": (None, True), "add_special_tokens": (None, False),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None,),
+    "mm_processor_kwargs": (None, {}),
+    # SGLang's
+    "min_new_tokens": (None, 0), "no_stop_trim": (None, False), "regex": (None,), "ebnf": (None,),
+    "json_schema": (None,), "lora_path": (None,),
 }
 
 
@@ -175,9 +195,14 @@ def parse_chat_request(body: Any, served_model: str, max_images: int, max_choice
 
 def _refuse_unsupported(extra: dict[str, Any]) -> None:
     for name, value in extra.items():
-        if name in _NEUTRAL and value not in _NEUTRAL[name]:
-            raise APIError(400, f"{name}={value!r} is not supported by this server; leave it out or set it to "
-                                f"{_NEUTRAL[name][-1]!r}", name)
+        if name in _NEUTRAL and not any(_same(value, neutral) for neutral in _NEUTRAL[name]):
+            raise APIError(400, f"{name}={json.dumps(value)[:60]} is not supported by this server; leave it out or "
+                                f"set it to {json.dumps(_NEUTRAL[name][-1])}", name)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality: true is not 1 (Python's == says it is), so repetition_penalty=true is not the neutral 1."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
 
 
 def _tessera_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
