@@ -329,6 +329,16 @@ def test_seed_makes_sampling_reproducible_and_n_gives_choices(server):
     assert three == sample(7, n=3)
 
 
+def test_null_means_the_default(server):
+    """The openai client sends a None argument as null: n, stream and ignore_eos then take their defaults."""
+    client = server.client()
+    plain = client.chat.completions.create(model="tiny", messages=user(text("Hi")), max_tokens=4, temperature=0)
+    nulls = client.chat.completions.create(model="tiny", messages=user(text("Hi")), max_tokens=4, temperature=0,
+                                           n=None, stream=None, stream_options=None, extra_body={"ignore_eos": None})
+    assert len(nulls.choices) == 1 and nulls.choices[0].message.content == plain.choices[0].message.content
+    assert nulls.usage.completion_tokens == plain.usage.completion_tokens
+
+
 # --- bad requests --------------------------------------------------------------------------------------------------
 def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}

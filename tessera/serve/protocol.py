@@ -90,10 +90,11 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 and 0 switch it off
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    # null means the default, as for every optional OpenAI field (the openai client sends None as null)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens tokens
+    ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens tokens
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -171,10 +172,10 @@ def parse_chat_request(body: Any, served_model: str, max_images: int, max_choice
     _refuse_unsupported(request.model_extra or {})
     if request.model is not None and request.model != served_model:
         raise APIError(404, f"The model `{request.model}` does not exist.", "model")
-    if request.n > max_choices:
-        raise APIError(400, f"n={request.n}: at most {max_choices} choices per request (the server's --max-batch)",
-                       "n")
-    if request.stream_options is not None and not request.stream:
+    n, stream = request.n or 1, bool(request.stream)
+    if n > max_choices:
+        raise APIError(400, f"n={n}: at most {max_choices} choices per request (the server's --max-batch)", "n")
+    if request.stream_options is not None and not stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
@@ -188,7 +189,7 @@ def parse_chat_request(body: Any, served_model: str, max_images: int, max_choice
         max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p, top_k=max(request.top_k or 0, 0),
-        seed=request.seed, stop=stop, ignore_eos=request.ignore_eos, n=request.n, stream=request.stream,
+        seed=request.seed, stop=stop, ignore_eos=bool(request.ignore_eos), n=n, stream=stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
     )
 
