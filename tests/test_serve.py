@@ -424,6 +424,15 @@ BAD_REQUESTS = [
     ("local file outside the allowed dir", "secret", 400, URL, "outside the allowed local directory"),
     ("local file escaping with ..", "escape", 400, URL, "outside the allowed local directory"),
     ("local file URL with a host", _one_image("file://example.com/a.png"), 400, URL, "expected file:///"),
+    ("local file URL with a NUL byte", "nul", 400, URL, "the file URL's path contains a NUL byte (%00)"),
+    ("local file name too long", "long", 400, URL, "(File name too long)"),
+    ("lone surrogate in text", b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}', 400,
+     "messages[0].content", "messages[0].content: the text is not valid Unicode ('\\ud800' at character 3 is a "
+                            "lone surrogate)"),
+    ("lone surrogate in a text part", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": '
+                                      b'"\\udfff"}]}]}', 400, "messages[0].content[0].text", "lone surrogate"),
+    ("deeply nested body", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None,
+     "the request body is nested too deeply to parse"),
     ("unknown model", _chat(model="gpt-4o"), 404, "model", "The model `gpt-4o` does not exist."),
 ]
 
@@ -452,6 +461,10 @@ def test_bad_request_gets_its_status_and_error_object(server, allowed_dir, case)
         body = _one_image((allowed_dir.parent / "secret.png").as_uri())
     elif body == "escape":
         body = _one_image(f"file://{allowed_dir}/../secret.png")
+    elif body == "nul":
+        body = _one_image(f"file://{allowed_dir}/a%00.png")
+    elif body == "long":
+        body = _one_image(f"file://{allowed_dir}/{'a' * 300}.png")
     assert_error(_post(server, body), status, param, words)
 
 

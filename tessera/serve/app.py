@@ -222,6 +222,9 @@ async def read_json(request: Request, limit: int):
         return json.loads(body)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # thousands of nested arrays: the parser runs out of stack
+        raise APIError(400, "the request body is nested too deeply to parse; expected a chat completion request") \
+            from None
 
 
 async def collect(job: Job, choices: int) -> tuple[list[str], list[str], int]:

@@ -124,15 +124,21 @@ def _local_file_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
     parsed = urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         raise APIError(400, f"{param}: file URL host {parsed.netloc!r}; expected file:///absolute/path", param)
+    local = unquote(parsed.path)
+    if "\x00" in local:  # no file name holds one; Path() would raise ValueError
+        raise APIError(400, f"{param}: the file URL's path contains a NUL byte (%00); expected a file name", param)
     root = policy.allowed_local_dir.resolve()
-    path = Path(unquote(parsed.path)).resolve()  # resolves .. and symlinks before the containment check
+    path = Path(local).resolve()  # resolves .. and symlinks before the containment check
     if not path.is_relative_to(root):
         raise APIError(400, f"{param}: {path} is outside the allowed local directory {root}", param)
-    if not path.is_file():
-        raise APIError(400, f"{param}: no such file {path}", param)
-    if path.stat().st_size > policy.max_bytes:
-        raise APIError(400, f"{param}: {path} is larger than {policy.max_bytes} bytes", param)
-    return path.read_bytes()
+    try:
+        if not path.is_file():
+            raise APIError(400, f"{param}: no such file {path}", param)
+        if path.stat().st_size > policy.max_bytes:
+            raise APIError(400, f"{param}: {path} is larger than {policy.max_bytes} bytes", param)
+        return path.read_bytes()
+    except OSError as e:  # a name too long, no permission, …
+        raise APIError(400, f"{param}: cannot read {path} ({e.strerror})", param) from None
 
 
 def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:

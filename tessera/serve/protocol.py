@@ -232,6 +232,11 @@ def _tessera_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]]
 
 
 def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escape parses to a lone surrogate, which no tokenizer takes
+        raise APIError(400, f"{param}: the text is not valid Unicode ({text[e.start]!r} at character {e.start} is a "
+                            f"lone surrogate); expected UTF-8 text", param) from None
     for token in SPECIAL_TOKENS:
         if token in text:
             raise APIError(400, f"{param} contains the special token {token!r}; images go in image_url parts and "
