@@ -1,7 +1,8 @@
 """tessera: build, train, evaluate and serve multimodal LLMs — every design the article surveys is a switch."""
 
 from tessera.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
-from tessera.errors import CheckpointError, ConfigError, DataError, ImageTokenMismatchError, TesseraError
+from tessera.errors import (CheckpointError, ConfigError, DataError, ImageTokenMismatchError, TesseraError,
+                            TrainingError)
 from tessera.model import GenerationOutput, ModelOutput, MultimodalLM
 from tessera.processor import Processor, ProcessorConfig
 from tessera.text.tokenizer import train_tokenizer
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "FusionConfig", "GenerationOutput", "ImageTokenMismatchError",
     "ModelConfig", "ModelOutput", "MultimodalLM", "Processor", "ProcessorConfig",
-    "TesseraError", "TextConfig", "VisionConfig", "train_tokenizer",
+    "TesseraError", "TextConfig", "TrainingError", "VisionConfig", "train_tokenizer",
 ]

@@ -19,3 +19,7 @@ class ImageTokenMismatchError(TesseraError, ValueError):
 
 class DataError(TesseraError, ValueError):
     """An input record (conversation, image, label) cannot be used."""
+
+
+class TrainingError(TesseraError):
+    """Training cannot go on: the loss or the gradient norm is no longer a finite number."""

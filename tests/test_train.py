@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tessera import ConfigError, ModelConfig, MultimodalLM, Processor, train_tokenizer
+from tessera import ConfigError, ModelConfig, MultimodalLM, Processor, TrainingError, train_tokenizer
 from tessera.data.records import load_examples
 from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.metrics import exact_match, normalize_answer
@@ -157,6 +157,38 @@ def test_a_seconds_long_run_lowers_the_loss_and_writes_its_outputs(shapes, tmp_p
     loaded = MultimodalLM.from_pretrained(tmp_path / "run/checkpoint")
     assert loaded.config == result["model"].config
     assert math.isfinite(result["text_loss_before"]) and math.isfinite(result["text_loss_after"])
+
+
+def test_a_nan_loss_stops_the_stage_before_the_update(shapes, tmp_path):
+    model, processor, examples, _ = _model_and_data(shapes, "unified")
+    with torch.no_grad():
+        model.projector.linear_1.weight[0, 0] = float("nan")  # every image token's loss becomes NaN
+    weights = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    stage = Stage("instruct", ("projector", "llm"), "questions", steps=3)
+    with pytest.raises(TrainingError, match=r"stage 'instruct', step 1 \(run step 5\): the loss is nan"):
+        train_stage(model, processor, stage, examples, TrainSettings(batch_size=4, progress=False), tmp_path,
+                    tmp_path / "m.jsonl", first_step=4, log=lambda *_: None)
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in weights.items())  # not stepped
+
+
+def _finite(checkpoint) -> bool:
+    return all(torch.isfinite(p).all() for p in MultimodalLM.from_pretrained(checkpoint).parameters())
+
+
+def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(shapes, tmp_path):
+    """lr 1e30: the first update throws the weights far out, the second step's loss is no longer finite."""
+    run = RunConfig.from_dict({
+        "recipe": "molmo", "data": str(shapes), "out": str(tmp_path / "run"), "model": TINY_MODEL,
+        "vocab_size": 400, "batch_size": 4, "steps": {"text": 2, "train": 3}, "lr": {"train": 1e30},
+        "checkpoint_every": 1,
+    })
+    with pytest.raises(TrainingError, match=r"stage 'train', step 2 \(run step 4\)"):
+        run_training(run, log=lambda *_: None, progress=False)
+    checkpoints = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["stage-0-text", "step-000001", "step-000002",
+                                                             "step-000003"]
+    assert _finite(checkpoints / "stage-0-text") and _finite(checkpoints / "step-000003")
+    assert not (tmp_path / "run/checkpoint").exists()
 
 
 def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from tessera.data.records import EncodedExample
+from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
@@ -162,6 +163,13 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                 loss.backward()
                 total += loss.item()
             norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip) if settings.clip else None
+            # a NaN/inf step would turn every weight into NaN and every later checkpoint with it: stop before it
+            if not math.isfinite(total) or (norm is not None and not math.isfinite(float(norm))):
+                raise TrainingError(
+                    f"stage {stage.name!r}, step {step + 1} (run step {first_step + step + 1}): the loss is {total} "
+                    f"and the gradient norm {None if norm is None else float(norm)}; stopped before applying the "
+                    f"step (the checkpoints written so far are kept). Expected finite values: try a lower "
+                    f"lr.{stage.name} (now {stage.lr:g})" + ("" if settings.clip else " or clip > 0"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
