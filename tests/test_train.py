@@ -191,6 +191,39 @@ def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(shapes, tmp_path):
     assert not (tmp_path / "run/checkpoint").exists()
 
 
+def test_an_interrupted_run_saves_its_model_and_a_rerun_appends_to_its_metrics(shapes, tmp_path, monkeypatch):
+    config = {"recipe": "llava", "data": str(shapes), "out": str(tmp_path / "run"), "model": TINY_MODEL,
+              "vocab_size": 400, "batch_size": 4,
+              "steps": {"text": 2, "encoder_pretrain": 3, "align": 1, "instruct": 1}}
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # Ctrl-C in encoder_pretrain's second step
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_training(RunConfig.from_dict(config), log=lines.append, progress=False)
+    assert any("stopped in stage 'encoder_pretrain' after 1 of its 3 steps (run step 3)" in line
+               and str(tmp_path / "run/interrupted") in line for line in lines)
+    saved = MultimodalLM.from_pretrained(tmp_path / "run/interrupted")
+    text = MultimodalLM.from_pretrained(tmp_path / "run/checkpoints/stage-0-text")
+
+    def same(component):
+        ours, theirs = saved.component(component).state_dict(), text.component(component).state_dict()
+        return all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    assert same("llm") and same("projector") and not same("vision")  # the captioner's decoder put back, as planned
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["step"]) for r in records] == [(1, 1), (1, 2), (1, 3)] + [(2, s) for s in range(1, 8)]
+
+
 def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):
     """The article's claim about Llama 3.2: with the LLM frozen, multimodal training leaves text-only ability
     untouched — here to the last bit, because text without images never reaches a cross-attention block."""

@@ -61,6 +61,7 @@ class TrainSettings:
     # "bf16-mixed": the forward runs under bf16 autocast (matmuls in bf16, attention, norms and the loss in
     # float32); weights, gradients and AdamW's state stay float32. See training_precision for "auto".
     precision: str = "fp32"
+    run: int = 1  # written into every metrics record: runs into the same directory append to one metrics.jsonl
 
 
 def batches(examples: list[EncodedExample], processor: Processor, batch_size: int, seed: int,
@@ -117,8 +118,11 @@ def parameter_table(model: MultimodalLM) -> str:
 
 def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, examples: list[EncodedExample],
                 settings: TrainSettings, out_dir: Path, metrics_path: Path, first_step: int = 0,
-                log=print) -> list[float]:
-    """Run one stage; returns its per-step losses. Appends one JSON line per step to metrics_path."""
+                log=print, losses: list[float] | None = None) -> list[float]:
+    """Run one stage; returns its per-step losses (appended to `losses` when given: a caller whose run stops
+    mid-stage learns how far it got). Appends one JSON line per step to metrics_path.
+
+    However the stage ends — done, interrupted or failed — the components it must not keep are put back."""
     model.freeze(*COMPONENTS)
     model.unfreeze(*stage.train)
     log(f"stage {stage.name!r}: {stage.steps} steps on {stage.data} ({len(examples)} examples), "
@@ -148,47 +152,49 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
     bf16 = training_precision(settings.precision) == "bf16-mixed"
     data = batches(examples, processor, settings.batch_size, settings.seed + first_step, settings.group_by_length)
     model.train()
-    losses = []
-    bar = tqdm(range(stage.steps), desc=stage.name, disable=not settings.progress, dynamic_ncols=True)
-    stage_started = time.perf_counter()
-    with metrics_path.open("a") as metrics:
-        for step in bar:
-            started = time.perf_counter()
-            micro = [next(data) for _ in range(settings.grad_accum)]
-            num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            total = 0.0
-            for batch in micro:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(**batch, num_items_in_batch=num_tokens).loss
-                loss.backward()
-                total += loss.item()
-            norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip) if settings.clip else None
-            # a NaN/inf step would turn every weight into NaN and every later checkpoint with it: stop before it
-            if not math.isfinite(total) or (norm is not None and not math.isfinite(float(norm))):
-                raise TrainingError(
-                    f"stage {stage.name!r}, step {step + 1} (run step {first_step + step + 1}): the loss is {total} "
-                    f"and the gradient norm {None if norm is None else float(norm)}; stopped before applying the "
-                    f"step (the checkpoints written so far are kept). Expected finite values: try a lower "
-                    f"lr.{stage.name} (now {stage.lr:g})" + ("" if settings.clip else " or clip > 0"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
-            schedule.step()
-            samples_per_s = settings.batch_size * settings.grad_accum / (time.perf_counter() - started)
-            losses.append(total)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
-            record = {"stage": stage.name, "step": first_step + step + 1, "stage_step": step + 1, "loss": total,
-                      "lr": lr, "samples_per_s": round(samples_per_s, 1), "tokens": num_tokens,
-                      "grad_norm": None if norm is None else float(norm),
-                      "stage_seconds": round(time.perf_counter() - stage_started, 3)}
-            metrics.write(json.dumps(record) + "\n")
-            if settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0:
-                save_checkpoint(model, processor, out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}")
-    if restore:
-        for name, state in restore.items():
-            model.component(name).load_state_dict(state)
-        log(f"stage {stage.name!r}: kept the trained {', '.join(stage.keep)}; restored {', '.join(restore)}")
-    model.eval()
+    losses = [] if losses is None else losses
+    try:
+        bar = tqdm(range(stage.steps), desc=stage.name, disable=not settings.progress, dynamic_ncols=True)
+        stage_started = time.perf_counter()
+        with metrics_path.open("a") as metrics:
+            for step in bar:
+                started = time.perf_counter()
+                micro = [next(data) for _ in range(settings.grad_accum)]
+                num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                total = 0.0
+                for batch in micro:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        loss = model(**batch, num_items_in_batch=num_tokens).loss
+                    loss.backward()
+                    total += loss.item()
+                norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip) if settings.clip else None
+                # a NaN/inf step would turn every weight into NaN, and every later checkpoint: stop before it
+                if not math.isfinite(total) or (norm is not None and not math.isfinite(float(norm))):
+                    raise TrainingError(
+                        f"stage {stage.name!r}, step {step + 1} (run step {first_step + step + 1}): the loss is "
+                        f"{total} and the gradient norm {None if norm is None else float(norm)}; stopped before "
+                        f"applying the step (the checkpoints written so far are kept). Expected finite values: try "
+                        f"a lower lr.{stage.name} (now {stage.lr:g})" + ("" if settings.clip else " or clip > 0"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                lr = optimizer.param_groups[0]["lr"]
+                schedule.step()
+                samples_per_s = settings.batch_size * settings.grad_accum / (time.perf_counter() - started)
+                losses.append(total)
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
+                record = {"run": settings.run, "stage": stage.name, "step": first_step + step + 1,
+                          "stage_step": step + 1, "loss": total, "lr": lr, "samples_per_s": round(samples_per_s, 1),
+                          "tokens": num_tokens, "grad_norm": None if norm is None else float(norm),
+                          "stage_seconds": round(time.perf_counter() - stage_started, 3)}
+                metrics.write(json.dumps(record) + "\n")
+                if settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0:
+                    save_checkpoint(model, processor, out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}")
+    finally:
+        if restore:
+            for name, state in restore.items():
+                model.component(name).load_state_dict(state)
+            log(f"stage {stage.name!r}: kept the trained {', '.join(stage.keep)}; restored {', '.join(restore)}")
+        model.eval()
     return losses
 
 
@@ -198,13 +204,42 @@ def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path) 
     return directory
 
 
+def save_interrupted(model: MultimodalLM, processor: Processor, directory: Path, log, where: str) -> None:
+    """Save the model of a run that stops mid-stage, so the steps since the last checkpoint are not lost — unless
+    its weights are no longer finite (they would only hide the good checkpoints)."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        log(f"{where}; its weights are no longer finite, so they were not saved")
+        return
+    try:
+        save_checkpoint(model, processor, directory)
+    except Exception as e:  # the error that stopped the run matters more than this one
+        log(f"{where}; saving the model to {directory} failed too: {e}")
+        return
+    log(f"{where}: saved the model as it was to {directory} (weights only; runs cannot be resumed)")
+
+
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """The step records of metrics.jsonl; a line a killed run left half-written is passed over."""
+    records = []
+    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "stage" in record:
+            records.append(record)
+    return records
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_path)
+    latest = max(r.get("run", 1) for r in records)  # earlier runs into the same directory are not drawn
+    records = [r for r in records if r.get("run", 1) == latest]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for stage in dict.fromkeys(r["stage"] for r in records):
         points = [(r["step"], r["loss"]) for r in records if r["stage"] == stage]

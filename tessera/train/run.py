@@ -28,8 +28,8 @@ from tessera.model import MultimodalLM
 from tessera.presets.tiny import PRESETS
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
-from tessera.train.loop import (PRECISIONS, TrainSettings, plot_losses, save_checkpoint, train_stage,
-                                 training_precision)
+from tessera.train.loop import (PRECISIONS, TrainSettings, plot_losses, read_metrics, save_checkpoint,
+                                 save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
 
 
@@ -253,7 +253,11 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         held_out, _ = load_examples(data_dir / "text_test.jsonl", processor)
     text_loss = {}
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    earlier = read_metrics(metrics_path)
+    if earlier:  # a rerun into the same directory: keep the earlier runs' records, number this run after them
+        settings.run = max(r.get("run", 1) for r in earlier) + 1
+        log(f"{metrics_path} holds {len(earlier)} steps of earlier runs; this run's steps are appended as "
+            f"run {settings.run} (loss.png shows this run only)")
     step = 0
     stage_losses = {}
     for index, stage in enumerate(stages):
@@ -266,9 +270,17 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
             source = data_dir / "text_train.jsonl" if stage.data == "text" else train_file
             raise DataError(f"stage {stage.name!r} trains on {stage.data} but {source} has no usable record of that "
                             f"kind (captions are records with \"type\": \"caption\"; questions are the others)")
-        losses = train_stage(model, processor, stage, examples, settings, out, metrics_path, step, log)
-        step += len(losses)
-        stage_losses[stage.name] = losses[-1] if losses else None
+        done: list[float] = []
+        try:
+            train_stage(model, processor, stage, examples, settings, out, metrics_path, step, log, losses=done)
+        except BaseException:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
+            if step + len(done):
+                save_interrupted(model, processor, out / "interrupted", log,
+                                 f"stopped in stage {stage.name!r} after {len(done)} of its {stage.steps} steps "
+                                 f"(run step {step + len(done)})")
+            raise
+        step += len(done)
+        stage_losses[stage.name] = done[-1] if done else None
         save_checkpoint(model, processor, out / "checkpoints" / f"stage-{index}-{stage.name}")
     if held_out:
         text_loss["after"] = text_lm_loss(model, processor, held_out)
