@@ -3,11 +3,12 @@ configs and their overrides."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
-from tessera import ConfigError, ModelConfig, MultimodalLM, Processor, TrainingError, train_tokenizer
+from tessera import ConfigError, DataError, ModelConfig, MultimodalLM, Processor, TrainingError, train_tokenizer
 from tessera.data.records import load_examples
 from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.metrics import exact_match, normalize_answer
@@ -222,6 +223,31 @@ def test_an_interrupted_run_saves_its_model_and_a_rerun_appends_to_its_metrics(s
     run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [(r["run"], r["step"]) for r in records] == [(1, 1), (1, 2), (1, 3)] + [(2, s) for s in range(1, 8)]
+
+
+def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_path):
+    """A LLaVA file without "type" has no captions: the run stops before its text stage, not after it."""
+    records = json.loads((shapes / "train.json").read_text())
+    untyped = [{k: v for k, v in r.items() if k != "type"} | {"image": str(shapes / r["image"])} for r in records]
+    (tmp_path / "untyped").mkdir()
+    (tmp_path / "untyped/train.json").write_text(json.dumps(untyped))
+    (tmp_path / "imageless").mkdir()  # the same records, their images not beside them
+    (tmp_path / "imageless/train.json").write_text(json.dumps(records))
+    for name in ("untyped", "imageless"):
+        shutil.copy(shapes / "text_train.jsonl", tmp_path / name)
+    for name, recipe, words in [
+        ("untyped", "llava", "stage 'encoder_pretrain' trains on caption records (\"type\": \"caption\") but "
+                             f"{tmp_path / 'untyped/train.json'} has none: 80 records kept (0 captions, 80 questions), "
+                             f"0 skipped"),
+        ("imageless", "molmo", f"stage 'train' trains on records but {tmp_path / 'imageless/train.json'} has none: "
+                               f"0 records kept (0 captions, 0 questions), 80 skipped (80 missing image)"),
+    ]:
+        run = RunConfig.from_dict({"recipe": recipe, "data": str(tmp_path / name), "out": str(tmp_path / "run"),
+                                   "model": TINY_MODEL, "vocab_size": 400, "batch_size": 4, "steps": {"text": 2}})
+        with pytest.raises(DataError) as error:
+            run_training(run, log=lambda *_: None, progress=False)
+        assert str(error.value) == words
+        assert not (tmp_path / "run/checkpoints").exists()  # nothing trained
 
 
 def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from tessera.config import ModelConfig
-from tessera.data.records import EncodedExample, load_examples, read_raw_records
+from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
 from tessera.errors import ConfigError, DataError
 from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
@@ -209,6 +209,29 @@ def select(examples: list[EncodedExample], kind: str, text: list[EncodedExample]
     return examples
 
 
+RECORD_KINDS = {
+    "text": "text-only conversations",
+    "captions": "caption records (\"type\": \"caption\")",
+    "questions": "question records (any \"type\" but \"caption\", or none)",
+    "mix": "records",
+}
+
+
+def check_stage_data(stages: list[Stage], train_examples: list[EncodedExample], train_report: SkipReport,
+                     text_examples: list[EncodedExample], text_report: SkipReport | None) -> None:
+    """A stage with steps but no usable record of its kind is an error before the first step of the run."""
+    for stage in stages:
+        if not stage.steps or select(train_examples, stage.data, text_examples):
+            continue
+        report = text_report if stage.data == "text" else train_report
+        captions = sum(e.example.type == "caption" for e in train_examples)
+        kept = "" if stage.data == "text" else f" ({captions} captions, {len(train_examples) - captions} questions)"
+        reasons = ", ".join(f"{count} {reason}" for reason, count in report.reasons.most_common())
+        skipped = f"{report.skipped} skipped" + (f" ({reasons})" if reasons else "")
+        raise DataError(f"stage {stage.name!r} trains on {RECORD_KINDS[stage.data]} but {report.source} has none: "
+                        f"{report.kept} records kept{kept}, {skipped}")
+
+
 def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, Any]:
     """Train every stage of the run; returns the model, processor, per-stage final losses and the held-out text
     loss before and after the multimodal stages (None without DATA/text_test.jsonl)."""
@@ -242,6 +265,10 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         log(text_report.summary())
         for e in text_examples:  # language-model pretraining learns every token, not just the answers
             e.labels = list(e.input_ids)
+    else:
+        text_report = None
+    # every stage's records are checked now, not when the stage starts after hours of the earlier ones
+    check_stage_data(stages, train_examples, report, text_examples, text_report)
     settings = TrainSettings(batch_size=run.batch_size, grad_accum=run.grad_accum, warmup=run.warmup,
                              decay=run.decay, min_lr_ratio=run.min_lr_ratio,
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
@@ -266,10 +293,6 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
             text_loss["before"] = text_lm_loss(model, processor, held_out)
             log(f"held-out text loss before the multimodal stages: {text_loss['before']:.4f}")
         examples = select(train_examples, stage.data, text_examples)
-        if stage.steps and not examples:
-            source = data_dir / "text_train.jsonl" if stage.data == "text" else train_file
-            raise DataError(f"stage {stage.name!r} trains on {stage.data} but {source} has no usable record of that "
-                            f"kind (captions are records with \"type\": \"caption\"; questions are the others)")
         done: list[float] = []
         try:
             train_stage(model, processor, stage, examples, settings, out, metrics_path, step, log, losses=done)
