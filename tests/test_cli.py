@@ -104,6 +104,21 @@ def test_bad_run_configs_are_one_line_errors(tmp_path):
     assert result.returncode == 2 and "steps.align='many'" in result.stderr
 
 
+def test_train_reports_a_bad_config_value_in_one_line_naming_the_key(tmp_path, capsys):
+    from tessera.cli import main
+
+    (tmp_path / "run.yaml").write_text("recipe: llava\ndata: nowhere\n")
+    for override, words in [
+        ("threads=two", "threads='two': expected a positive integer"),
+        ("checkpoint_every=often", "checkpoint_every='often'"),
+        ("lr_scale.align=2", "lr_scale.align=2: expected a mapping"),
+        ("steps.align=[", "override 'steps.align=['"),
+    ]:
+        assert main(["train", str(tmp_path / "run.yaml"), override]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_recipes_lists_every_recipe():
     out = tessera("recipes").stdout
     for name in ("llava", "llama3.2", "molmo", "qwen2-vl", "baichuan-omni", "nvlm-d", "nvlm-x"):

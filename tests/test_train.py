@@ -1,6 +1,7 @@
 """Training: stage freezing per recipe, loss normalisation under accumulation, a short run that learns, run
 configs and their overrides."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,7 +16,8 @@ from tessera.eval.metrics import exact_match, normalize_answer
 from tessera.model import COMPONENTS
 from tessera.train.loop import TrainSettings, batches, lr_lambda, train_stage, training_precision
 from tessera.train.recipes import RECIPES, Stage, encoder_pretraining
-from tessera.train.run import RunConfig, build_stages, dataset_texts, run_training, select
+from tessera.presets.tiny import tiny_config
+from tessera.train.run import RunConfig, build_stages, dataset_texts, model_config, run_training, select
 
 TINY_MODEL = {
     "vision": {"image_size": 48, "patch_size": 16, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
@@ -349,6 +351,45 @@ def test_run_config_overrides_and_validation(tmp_path):
     assert [s.name for s in build_stages(plain)] == ["text", "pretrain", "finetune"]
     # starting from a trained LLM skips text pretraining
     assert build_stages(RunConfig.load(path, ["llm_checkpoint=ck"]))[0].name == "encoder_pretrain"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("clip=-1", "clip=-1: expected a maximum gradient norm > 0, or 0 for no clipping"),
+    ("warmup=100", "warmup=100: expected a fraction of each stage's steps in [0, 1), e.g. 0.05 (not a step count)"),
+    ("checkpoint_every=-5", "checkpoint_every=-5: expected an integer >= 0"),
+    ("checkpoint_every=often", "checkpoint_every='often': expected an integer >= 0"),
+    ("threads=two", "threads='two': expected a positive integer"),
+    ("seed=abc", "seed='abc': expected an integer >= 0"),
+    ("lr=1e-3", "lr='1e-3': expected a mapping, e.g. lr: {instruct: 1.0e-3}"),
+    ("steps=300", "steps=300: expected a mapping, e.g. steps: {instruct: 200}"),
+    ("lr_scale.align=2", "lr_scale.align=2: expected a mapping, e.g. lr_scale.align: {llm: 0.1}"),
+    ("lr.align=-1e-3", "lr.align='-1e-3': expected a number >= 0"),
+    ("lr.align=.inf", "lr.align=inf: expected a number >= 0"),
+    ("gate_lr_scale=0", "gate_lr_scale=0: expected a number > 0"),
+    ("strict=maybe", "strict='maybe': expected true or false"),
+    ("fusion=sideways", "fusion='sideways': expected unified, cross, or nothing (the recipe's)"),
+    ("max_length=600", "max_length=600 exceeds the model's text.max_position_embeddings=512"),
+    ("model.text.max_position_embeddings=128", "max_length=256 exceeds the model's text.max_position_embeddings=128"),
+    ("model.text.layers=2", "model: text: unknown field 'layers'"),
+    ("steps.align=[", "override 'steps.align=[': '[' is not a YAML value"),
+])
+def test_every_run_config_value_is_checked_at_load_naming_its_key(tmp_path, override, words):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: llava\ndata: somewhere\n")
+    with pytest.raises(ConfigError) as error:
+        RunConfig.load(path, [override])
+    assert words in str(error.value)
+
+
+def test_integers_written_as_floats_count_and_model_overrides_change_the_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: llava\ndata: somewhere\n")
+    assert RunConfig.load(path, ["checkpoint_every=1e3"]).checkpoint_every == 1000  # a string to YAML 1.1
+    tiny = tiny_config("unified", 512)
+    for text in ("", "model: tiny\n"):
+        path.write_text(f"recipe: llava\ndata: somewhere\n{text}")
+        run = RunConfig.load(path, ["model.text.num_layers=2"])
+        assert model_config(run, 512) == dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, num_layers=2))
 
 
 @pytest.mark.parametrize("prediction, reference, same", [

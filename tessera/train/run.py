@@ -1,176 +1,24 @@
-"""A training run: YAML config → dataset, tokenizer, model → text pretraining → the recipe's stages →
-checkpoints, metrics JSONL and a loss-curve PNG.
-
-    recipe: llava            # see tessera.train.recipes
-    data: data/shapes        # train.json, test.json, text_train.jsonl, text_test.jsonl
-    out: runs/llava
-    model: tiny              # a preset name or ModelConfig fields
-    steps: {text: 300, align: 150, instruct: 600}
-"""
+"""A training run: YAML config (see run_config) → dataset, tokenizer, model → text pretraining → the recipe's
+stages → checkpoints, metrics JSONL and a loss-curve PNG."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from tessera.config import ModelConfig
 from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
-from tessera.errors import ConfigError, DataError
+from tessera.errors import DataError
 from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
-from tessera.presets.tiny import PRESETS
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
-from tessera.train.loop import (PRECISIONS, TrainSettings, plot_losses, read_metrics, save_checkpoint,
-                                 save_interrupted, train_stage, training_precision)
-from tessera.train.recipes import SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
-
-
-@dataclass
-class RunConfig:
-    recipe: str
-    data: str
-    out: str = "runs/default"
-    model: str | dict = "tiny"
-    fusion: str | None = None  # default: the recipe's
-    llm_checkpoint: str | None = None  # start from a trained LLM (skips text pretraining)
-    # caption-pretrain the encoder first, standing in for CLIP/SigLIP pretraining; "auto": only when the recipe's
-    # first stage keeps the encoder frozen (a recipe that trains the encoder from its first step needs none)
-    pretrain_encoder: bool | str = "auto"
-    tokenizer: str | None = None  # tokenizer.json; default: train one on the dataset's text
-    vocab_size: int = 512
-    max_length: int = 256
-    steps: dict[str, int] = field(default_factory=dict)  # per stage name
-    lr: dict[str, float] = field(default_factory=dict)  # per stage name
-    lr_scale: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → component → multiplier
-    batch_size: int = 32
-    grad_accum: int = 1
-    warmup: float = 0.05
-    # "cosine" or "wsd" (warmup, hold the peak, decay over the last `decay` fraction): one for every stage, or a
-    # mapping from stage name (stages not named keep the cosine)
-    schedule: str | dict[str, str] = "cosine"
-    decay: float = 0.2
-    min_lr_ratio: float = 0.1
-    clip: float = 1.0
-    weight_decay: float = 0.0
-    gate_lr_scale: float = 1.0
-    checkpoint_every: int = 0
-    group_by_length: bool = False  # batch records of similar length together (less padding; see TrainSettings)
-    precision: str = "fp32"  # fp32 | bf16-mixed | auto (bf16-mixed where the CPU has native bf16 matmuls)
-    seed: int = 0
-    strict: bool = False
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        # YAML 1.1 reads "1e-3" (no dot) as a string: accept it as the number everybody means.
-        for name in ("warmup", "decay", "min_lr_ratio", "clip", "weight_decay", "gate_lr_scale"):
-            setattr(self, name, _number(name, getattr(self, name)))
-        self.lr = {stage: _number(f"lr.{stage}", value) for stage, value in self.lr.items()}
-        self.lr_scale = {stage: {c: _number(f"lr_scale.{stage}.{c}", v) for c, v in table.items()}
-                         for stage, table in self.lr_scale.items()}
-        for stage, value in (self.schedule.items() if isinstance(self.schedule, dict) else [("", self.schedule)]):
-            if value not in SCHEDULES:
-                where = f"schedule.{stage}" if stage else "schedule"
-                raise ConfigError(f"{where}={value!r}: expected one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        for name in ("decay", "min_lr_ratio"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: expected a fraction between 0 and 1")
-        for name in ("batch_size", "grad_accum", "vocab_size", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r}: expected a positive integer")
-        for stage, value in self.steps.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"steps.{stage}={value!r}: expected an integer >= 0")
-
-    @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such run config") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        for item in overrides:
-            apply_override(data, item)
-        return cls.from_dict(data, str(path))
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "run config") -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
-        missing = [k for k in ("recipe", "data") if k not in data]
-        if missing:
-            raise ConfigError(f"{source}: missing field {missing[0]!r}")
-        return cls(**data)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r}: expected a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r}: expected a number") from None
-
-
-def apply_override(data: dict, item: str) -> None:
-    """`steps.text=200` or `seed=3`: a dotted key and a YAML value."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. steps.instruct=400")
-    key, value = item.split("=", 1)
-    *parents, last = key.split(".")
-    node = data
-    for depth, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            where = ".".join(parents[:depth + 1])
-            raise ConfigError(f"override {item!r}: {where} is {node!r}, not a mapping; set {where} as a whole")
-    node[last] = yaml.safe_load(value)
-
-
-def build_stages(run: RunConfig) -> list[Stage]:
-    recipe = get_recipe(run.recipe)
-    stages = [] if run.llm_checkpoint else [TEXT_PRETRAINING]
-    if run.pretrain_encoder not in (True, False, "auto"):
-        raise ConfigError(f"pretrain_encoder={run.pretrain_encoder!r}: expected true, false or auto")
-    if run.pretrain_encoder is True or (run.pretrain_encoder == "auto" and "vision" not in recipe.stages[0].train):
-        stages.append(encoder_pretraining(run.fusion or recipe.fusion))
-    stages += recipe.stages
-    names = {s.name for s in stages}
-    if len(names) != len(stages):
-        raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
-    schedules = run.schedule if isinstance(run.schedule, dict) else {s.name: run.schedule for s in stages}
-    tables = {"steps": run.steps, "lr": run.lr, "lr_scale": run.lr_scale, "schedule": schedules}
-    for table, per_stage in tables.items():
-        unknown = sorted(set(per_stage) - names)
-        if unknown:
-            raise ConfigError(f"{table}.{unknown[0]}: recipe {run.recipe!r} has no stage {unknown[0]!r}; "
-                              f"its stages are {', '.join(s.name for s in stages)}")
-    return [dataclasses.replace(s, steps=run.steps.get(s.name, s.steps), lr=run.lr.get(s.name, s.lr),
-                                lr_scale=run.lr_scale.get(s.name, s.lr_scale),
-                                schedule=schedules.get(s.name, s.schedule)) for s in stages]
-
-
-def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
-    fusion = run.fusion or get_recipe(run.recipe).fusion
-    if isinstance(run.model, str):
-        if run.model not in PRESETS:
-            raise ConfigError(f"model={run.model!r}: expected a preset ({', '.join(PRESETS)}) or a config mapping")
-        return PRESETS[run.model](fusion, vocab_size)
-    return ModelConfig.from_dict({**run.model, "fusion": {**run.model.get("fusion", {}), "method": fusion}})
+from tessera.train.loop import (TrainSettings, plot_losses, read_metrics, save_checkpoint, save_interrupted,
+                                 train_stage, training_precision)
+from tessera.train.recipes import Stage
+from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -251,7 +99,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         tokenizer = load_tokenizer(tokenizer_file)
     else:
         tokenizer = train_tokenizer(dataset_texts(data_dir), run.vocab_size)
-    vocab = -(-tokenizer.get_vocab_size() // 64) * 64  # a multiple of 64 keeps the LM head's matmul aligned
+    vocab = padded_vocab(tokenizer.get_vocab_size())
     model = MultimodalLM(model_config(run, vocab))
     if run.llm_checkpoint:
         model.llm.load_state_dict(MultimodalLM.from_pretrained(run.llm_checkpoint).llm.state_dict())

@@ -1,0 +1,263 @@
+"""A training run's YAML config: its fields, `key=value` overrides, and the checks that turn every value the run
+could not honour — a wrong type, a value out of range, an unknown stage or model field — into a ConfigError that
+names the key, before anything is loaded or trained.
+
+    recipe: llava            # see tessera.train.recipes
+    data: data/shapes        # train.json, test.json, text_train.jsonl, text_test.jsonl
+    out: runs/llava
+    model: tiny              # a preset name, ModelConfig fields, or {preset: tiny, text: {...}}
+    steps: {text: 300, align: 150, instruct: 600}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tessera.config import ModelConfig
+from tessera.errors import ConfigError
+from tessera.presets.tiny import PRESETS
+from tessera.train.loop import PRECISIONS
+from tessera.train.recipes import SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
+
+
+@dataclass
+class RunConfig:
+    recipe: str
+    data: str
+    out: str = "runs/default"
+    # a preset name; ModelConfig fields (on ModelConfig's defaults); or {preset: NAME, …fields to change in it}
+    model: str | dict = "tiny"
+    fusion: str | None = None  # default: the recipe's
+    llm_checkpoint: str | None = None  # start from a trained LLM (skips text pretraining)
+    # caption-pretrain the encoder first, standing in for CLIP/SigLIP pretraining; "auto": only when the recipe's
+    # first stage keeps the encoder frozen (a recipe that trains the encoder from its first step needs none)
+    pretrain_encoder: bool | str = "auto"
+    tokenizer: str | None = None  # tokenizer.json; default: train one on the dataset's text
+    vocab_size: int = 512
+    max_length: int = 256
+    steps: dict[str, int] = field(default_factory=dict)  # per stage name
+    lr: dict[str, float] = field(default_factory=dict)  # per stage name
+    lr_scale: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → component → multiplier
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup: float = 0.05  # the fraction of each stage's steps spent warming up, in [0, 1) — not a step count
+    # "cosine" or "wsd" (warmup, hold the peak, decay over the last `decay` fraction): one for every stage, or a
+    # mapping from stage name (stages not named keep the cosine)
+    schedule: str | dict[str, str] = "cosine"
+    decay: float = 0.2
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0  # the gradient norm is clipped to this; 0: no clipping
+    weight_decay: float = 0.0
+    gate_lr_scale: float = 1.0
+    checkpoint_every: int = 0
+    group_by_length: bool = False  # batch records of similar length together (less padding; see TrainSettings)
+    precision: str = "fp32"  # fp32 | bf16-mixed | auto (bf16-mixed where the CPU has native bf16 matmuls)
+    seed: int = 0
+    strict: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("recipe", "data", "out"):
+            setattr(self, name, _text(name, getattr(self, name)))
+        for name in ("llm_checkpoint", "tokenizer"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _text(name, getattr(self, name)))
+        get_recipe(self.recipe)
+        if self.fusion not in (None, "unified", "cross"):
+            raise ConfigError(f"fusion={self.fusion!r}: expected unified, cross, or nothing (the recipe's)")
+        if self.pretrain_encoder not in (True, False, "auto"):
+            raise ConfigError(f"pretrain_encoder={self.pretrain_encoder!r}: expected true, false or auto")
+        if not isinstance(self.model, (str, dict)):
+            raise ConfigError(f"model={self.model!r}: expected a preset ({', '.join(PRESETS)}) or a mapping of "
+                              f"ModelConfig fields")
+        for name in ("batch_size", "grad_accum", "vocab_size", "max_length"):
+            setattr(self, name, _integer(name, getattr(self, name), minimum=1))
+        for name in ("checkpoint_every", "seed"):
+            setattr(self, name, _integer(name, getattr(self, name), minimum=0))
+        if self.threads is not None:
+            self.threads = _integer("threads", self.threads, minimum=1)
+        for name in ("group_by_length", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
+        # YAML 1.1 reads "1e-3" (no dot) as a string: numbers accept it as the number everybody means.
+        self.warmup = _number("warmup", self.warmup, "a fraction of each stage's steps in [0, 1), e.g. 0.05 (not "
+                              "a step count)", lambda x: 0 <= x < 1)
+        for name in ("decay", "min_lr_ratio"):
+            setattr(self, name, _number(name, getattr(self, name), "a fraction between 0 and 1",
+                                        lambda x: 0 <= x <= 1))
+        self.clip = _number("clip", self.clip, "a maximum gradient norm > 0, or 0 for no clipping", lambda x: x >= 0)
+        self.weight_decay = _number("weight_decay", self.weight_decay, "a number >= 0", lambda x: x >= 0)
+        self.gate_lr_scale = _number("gate_lr_scale", self.gate_lr_scale, "a number > 0", lambda x: x > 0)
+        self.steps = {stage: _integer(f"steps.{stage}", value, minimum=0)
+                      for stage, value in _mapping("steps", self.steps, "steps: {instruct: 200}").items()}
+        self.lr = {stage: _number(f"lr.{stage}", value, "a number >= 0", lambda x: x >= 0)
+                   for stage, value in _mapping("lr", self.lr, "lr: {instruct: 1.0e-3}").items()}
+        self.lr_scale = {
+            stage: {c: _number(f"lr_scale.{stage}.{c}", v, "a number >= 0", lambda x: x >= 0)
+                    for c, v in _mapping(f"lr_scale.{stage}", table, f"lr_scale.{stage}: {{llm: 0.1}}").items()}
+            for stage, table in _mapping("lr_scale", self.lr_scale, "lr_scale: {instruct: {llm: 0.1}}").items()}
+        for stage, value in (self.schedule.items() if isinstance(self.schedule, dict) else [("", self.schedule)]):
+            if value not in SCHEDULES:
+                where = f"schedule.{stage}" if stage else "schedule"
+                raise ConfigError(f"{where}={value!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        build_stages(self)  # stage names in steps, lr, lr_scale and schedule
+        model_config(self, padded_vocab(self.vocab_size))  # the model's fields, and max_length against it
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such run config") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of run-config fields, got {type(data).__name__}")
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "run config") -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known, key=str)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+        missing = [k for k in ("recipe", "data") if k not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing field {missing[0]!r}")
+        return cls(**data)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # PyYAML's messages span lines; the CLI reports in one
+
+
+def _number(name: str, value: Any, expected: str = "a number", valid=lambda x: True) -> float:
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is None or not math.isfinite(number) or not valid(number):
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
+    return number
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """An integer >= minimum; 1e3 (a string to YAML 1.1) or 1000.0 count as the integer they write."""
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    number = _number(name, value, expected, lambda x: x == int(x) and x >= minimum)
+    return value if isinstance(value, int) else int(number)
+
+
+def _mapping(name: str, value: Any, example: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}={value!r}: expected a mapping, e.g. {example}")
+    return value
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}={value!r}: expected a non-empty string")
+    return value
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`steps.text=200` or `seed=3`: a dotted key and a YAML value. `model.text.num_layers=2` changes the preset in
+    use (model: {preset: tiny, text: {num_layers: 2}}) rather than starting from ModelConfig's defaults."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. steps.instruct=400")
+    key, value = item.split("=", 1)
+    *parents, last = key.split(".")
+    if parents and parents[0] == "model" and isinstance(data.get("model", "tiny"), str):
+        data["model"] = {"preset": data.get("model", "tiny")}
+    node = data
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[:depth + 1])
+            raise ConfigError(f"override {item!r}: {where} is {node!r}, not a mapping; set {where} as a whole")
+    try:
+        node[last] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: {value!r} is not a YAML value ({_one_line(e)})") from None
+
+
+def build_stages(run: RunConfig) -> list[Stage]:
+    recipe = get_recipe(run.recipe)
+    stages = [] if run.llm_checkpoint else [TEXT_PRETRAINING]
+    if run.pretrain_encoder is True or (run.pretrain_encoder == "auto" and "vision" not in recipe.stages[0].train):
+        stages.append(encoder_pretraining(run.fusion or recipe.fusion))
+    stages += recipe.stages
+    names = {s.name for s in stages}
+    if len(names) != len(stages):
+        raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
+    schedules = run.schedule if isinstance(run.schedule, dict) else {s.name: run.schedule for s in stages}
+    tables = {"steps": run.steps, "lr": run.lr, "lr_scale": run.lr_scale, "schedule": schedules}
+    for table, per_stage in tables.items():
+        unknown = sorted(set(per_stage) - names, key=str)
+        if unknown:
+            raise ConfigError(f"{table}.{unknown[0]}: recipe {run.recipe!r} has no stage {unknown[0]!r}; "
+                              f"its stages are {', '.join(s.name for s in stages)}")
+    return [dataclasses.replace(s, steps=run.steps.get(s.name, s.steps), lr=run.lr.get(s.name, s.lr),
+                                lr_scale=run.lr_scale.get(s.name, s.lr_scale),
+                                schedule=schedules.get(s.name, s.schedule)) for s in stages]
+
+
+def padded_vocab(size: int) -> int:
+    """A multiple of 64: keeps the LM head's matmul aligned."""
+    return -(-size // 64) * 64
+
+
+def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
+    fusion = run.fusion or get_recipe(run.recipe).fusion
+    if isinstance(run.model, str):
+        config = _preset(run.model, fusion, vocab_size)
+    else:
+        fields = {k: v for k, v in run.model.items() if k != "preset"}
+        if "preset" in run.model:  # a preset with some fields changed
+            fields = _merged(_preset(run.model["preset"], fusion, vocab_size, "model.preset").to_dict(), fields)
+        if not isinstance(fields.get("fusion", {}), dict):
+            raise ConfigError(f"model.fusion={fields['fusion']!r}: expected a mapping of FusionConfig fields (the "
+                              f"method is the run's fusion)")
+        try:
+            config = ModelConfig.from_dict({**fields, "fusion": {**fields.get("fusion", {}), "method": fusion}})
+        except ConfigError as e:
+            raise ConfigError(f"model: {e}") from None
+    if run.max_length > config.text.max_position_embeddings:
+        raise ConfigError(f"max_length={run.max_length} exceeds the model's text.max_position_embeddings="
+                          f"{config.text.max_position_embeddings}; expected a max_length it can hold")
+    return config
+
+
+def _preset(name: Any, fusion: str, vocab_size: int, key: str = "model") -> ModelConfig:
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"{key}={name!r}: expected a preset ({', '.join(PRESETS)})" +
+                          (" or a config mapping" if key == "model" else ""))
+    return PRESETS[name](fusion, vocab_size)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """base with changes applied, mapping by mapping (model: {preset: tiny, text: {num_layers: 2}} keeps the
+    preset's other text fields)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
