@@ -113,6 +113,7 @@ def test_train_reports_a_bad_config_value_in_one_line_naming_the_key(tmp_path, c
         ("checkpoint_every=often", "checkpoint_every='often'"),
         ("lr_scale.align=2", "lr_scale.align=2: expected a mapping"),
         ("steps.align=[", "override 'steps.align=['"),
+        ("fusion=cross", "fusion='cross' with recipe 'llava'"),
     ]:
         assert main(["train", str(tmp_path / "run.yaml"), override]) == 2
         err = capsys.readouterr().err

@@ -4,6 +4,7 @@ configs and their overrides."""
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -390,6 +391,18 @@ def test_integers_written_as_floats_count_and_model_overrides_change_the_preset(
         path.write_text(f"recipe: llava\ndata: somewhere\n{text}")
         run = RunConfig.load(path, ["model.text.num_layers=2"])
         assert model_config(run, 512) == dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, num_layers=2))
+
+
+@pytest.mark.parametrize("recipe", [name for name, r in RECIPES.items() if r.fusion == "unified"])
+def test_cross_fusion_under_a_recipe_that_never_trains_cross_attention_is_refused(recipe):
+    """Its gates would stay at 0: the projector would get no gradient and the model would learn to ignore images."""
+    with pytest.raises(ConfigError, match=re.escape(
+            f"fusion='cross' with recipe '{recipe}': no stage of {recipe} trains cross_attention, so nothing would "
+            f"carry the image into the LLM; expected fusion: unified (the recipe's) or a recipe that trains "
+            f"cross_attention (llama3.2, nvlm-x)")):
+        RunConfig.from_dict({"recipe": recipe, "data": "somewhere", "fusion": "cross"})
+    for name in ("llama3.2", "nvlm-x"):
+        RunConfig.from_dict({"recipe": name, "data": "somewhere", "fusion": "cross"})
 
 
 @pytest.mark.parametrize("prediction, reference, same", [

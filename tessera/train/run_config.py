@@ -1,5 +1,5 @@
 """A training run's YAML config: its fields, `key=value` overrides, and the checks that turn every value the run
-could not honour — a wrong type, a value out of range, an unknown stage or model field — into a ConfigError that
+could not honour — a wrong type, a value out of range, a fusion the recipe never trains — into a ConfigError that
 names the key, before anything is loaded or trained.
 
     recipe: llava            # see tessera.train.recipes
@@ -24,7 +24,7 @@ from tessera.config import ModelConfig
 from tessera.errors import ConfigError
 from tessera.presets.tiny import PRESETS
 from tessera.train.loop import PRECISIONS
-from tessera.train.recipes import SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
+from tessera.train.recipes import RECIPES, SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
 
 
 @dataclass
@@ -72,6 +72,7 @@ class RunConfig:
         get_recipe(self.recipe)
         if self.fusion not in (None, "unified", "cross"):
             raise ConfigError(f"fusion={self.fusion!r}: expected unified, cross, or nothing (the recipe's)")
+        check_fusion_is_trained(self.recipe, self.fusion)
         if self.pretrain_encoder not in (True, False, "auto"):
             raise ConfigError(f"pretrain_encoder={self.pretrain_encoder!r}: expected true, false or auto")
         if not isinstance(self.model, (str, dict)):
@@ -176,6 +177,18 @@ def _text(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{name}={value!r}: expected a non-empty string")
     return value
+
+
+def check_fusion_is_trained(recipe_name: str, fusion: str | None) -> None:
+    """Method B reads the image only through cross-attention blocks whose gates start at 0: under a recipe that
+    never trains them the gates stay shut, the projector gets no gradient, and the model learns to ignore images."""
+    recipe = get_recipe(recipe_name)
+    if fusion == "cross" and not any("cross_attention" in s.train for s in recipe.stages):
+        trains_it = [r.name for r in RECIPES.values() if any("cross_attention" in s.train for s in r.stages)]
+        raise ConfigError(f"fusion='cross' with recipe {recipe.name!r}: no stage of {recipe.name} trains "
+                          f"cross_attention, so nothing would carry the image into the LLM; expected fusion: "
+                          f"{recipe.fusion} (the recipe's) or a recipe that trains cross_attention "
+                          f"({', '.join(trains_it)})")
 
 
 def apply_override(data: dict, item: str) -> None:
