@@ -1,6 +1,6 @@
 """A training run's YAML config: its fields, `key=value` overrides, and the checks that turn every value the run
-could not honour — a wrong type, a value out of range, a fusion the recipe never trains — into a ConfigError that
-names the key, before anything is loaded or trained.
+could not honour — a wrong type, a value out of range, an unknown stage or model field, a fusion the recipe never
+trains — into a ConfigError that names the key, before anything is loaded or trained.
 
     recipe: llava            # see tessera.train.recipes
     data: data/shapes        # train.json, test.json, text_train.jsonl, text_test.jsonl
