@@ -120,6 +120,23 @@ def test_train_reports_a_bad_config_value_in_one_line_naming_the_key(tmp_path, c
         assert words in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_train_on_wrong_typed_record_fields_skips_them_or_names_them(tmp_path, capsys):
+    from tessera.cli import main
+
+    records = [{"id": "x", "conversations": 5},
+               {"id": "y", "image": 5, "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                        {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    (tmp_path / "run.yaml").write_text(json.dumps({"recipe": "molmo", "data": str(tmp_path), "out": str(tmp_path / "o"),
+                                                   "model": TINY_MODEL, "vocab_size": 400, "steps": {"text": 0}}))
+    assert main(["train", str(tmp_path / "run.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("has none: 0 records kept (0 captions, 0 questions), 2 skipped (1 malformed turns, "
+                                "1 malformed images)") and len(err.strip().splitlines()) == 1
+    assert main(["train", str(tmp_path / "run.yaml"), "--strict", "--no-progress"]) == 2
+    assert "train.json: record x: malformed turns: 'conversations' must be a list, got 5" in capsys.readouterr().err
+
+
 def test_recipes_lists_every_recipe():
     out = tessera("recipes").stdout
     for name in ("llava", "llama3.2", "molmo", "qwen2-vl", "baichuan-omni", "nvlm-d", "nvlm-x"):

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -124,12 +126,29 @@ BAD_RECORDS = [
     ({"id": "bad-turn", "conversations": [{"from": "robot", "value": "hi"}]}, "malformed turns"),
     (_llava("long-answer", "<image>\n" + "What colour is the circle? " * 12, "red"), "answer cut off by the length limit"),
     (_llava("invisible", "<image>\nWhat colour?", "~~~"), "answer tokenises to nothing"),
+    (_llava("image-int", "<image>\nWhat colour?", "red", image=5), "malformed images"),
+    (_llava("image-list-int", "<image>\nWhat colour?", "red", image=[1]), "malformed images"),
+    ({"id": "images-dicts", "images": [{"path": "ok.png"}], "messages": [
+        {"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}]},
+     "malformed images"),
+    ({"id": "conversations-int", "conversations": 5}, "malformed turns"),
+    (_llava("type-int", "<image>\nWhat colour?", "red") | {"type": 5}, "malformed type"),
+    (_llava("bomb", "<image>\nWhat colour?", "red", image="bomb.png"), "unreadable image"),
 ]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: PIL refuses to open one this large (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def _write_data(tmp_path, records):
     Image.new("RGB", (16, 16), "red").save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "bomb.png").write_bytes(_png_header(20000, 20000))
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records))
     return path
@@ -153,7 +172,8 @@ def test_every_bad_record_is_skipped_and_counted_by_reason(tmp_path, tilde_blind
         expected[reason] = expected.get(reason, 0) + 1
     assert dict(report.reasons) == expected
     summary = report.summary()
-    assert "2 records kept, 11 skipped" in summary and "missing image" in summary and "(e.g. missing)" in summary
+    assert f"2 records kept, {len(BAD_RECORDS)} skipped" in summary and "missing image" in summary
+    assert "(e.g. missing)" in summary
 
 
 @pytest.mark.parametrize("record, reason", BAD_RECORDS, ids=[r["id"] for r, _ in BAD_RECORDS])
@@ -182,6 +202,35 @@ def test_messages_jsonl_reads_parts_and_reports_bad_lines(tmp_path, processor):
     assert dict(report.reasons) == {"invalid JSON": 1}
     with pytest.raises(DataError, match=r"data.jsonl: record line 3: invalid JSON"):
         load_examples(path, processor, strict=True)
+
+
+def test_jsonl_errors_name_the_line_and_the_message(tmp_path, processor):
+    good = {"id": "r1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "red"}]}
+    bad = {"id": "r1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]}
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good] * 4 + [bad] + [good]))
+    examples, report = load_examples(path, processor)
+    assert [e.example.id for e in examples] == ["r1"] * 5  # the id stays the record's own
+    assert "(e.g. r1 (line 5))" in report.summary()
+    with pytest.raises(DataError, match=r"data.jsonl: record r1 \(line 5\): malformed turns: message 1: content must "
+                                        r"be a string or a list of parts, got 7"):
+        load_examples(path, processor, strict=True)
+
+
+def test_a_data_file_that_is_not_utf8_is_a_one_line_error_naming_it(tmp_path, processor):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(DataError, match=rf"{path}: line 2: not UTF-8 text"):
+        load_examples(path, processor)
+
+
+def test_the_tokenizer_texts_pass_over_wrong_typed_records(tmp_path):
+    from tessera.train.run import dataset_texts
+
+    (tmp_path / "train.json").write_text(json.dumps([
+        {"id": "x", "conversations": 5}, {"id": "y", "messages": {"role": "user"}},
+        {"id": "z", "conversations": [{"from": "human", "value": "hello"}, 3]}]))
+    assert dataset_texts(tmp_path) == ["hello"]
 
 
 def test_a_file_that_is_not_a_record_list_is_an_error(tmp_path, processor):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from tessera.errors import DataError
 from tessera.processor import IGNORE_INDEX, Processor, join_parts
@@ -70,16 +71,22 @@ class RecordError(DataError):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}{': ' + detail if detail else ''}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
-def read_raw_records(path: str | Path) -> list[tuple[str, Any]]:
-    """(record id, raw record) pairs from a LLaVA .json list or a messages .jsonl file (bad JSON lines come back as
-    RecordErrors to be skipped like any other bad record)."""
+def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
+    """(record id, label, raw record) triples from a LLaVA .json list or a messages .jsonl file (bad JSON lines come
+    back as RecordErrors to be skipped like any other bad record). The label names the record in messages: a JSONL
+    record's adds its line number, as ids are often shared by many lines."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason}, byte {e.start}); expected a UTF-8 "
+                        f"JSON or JSONL file") from None
     if path.suffix == ".jsonl":
         pairs = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -88,10 +95,13 @@ def read_raw_records(path: str | Path) -> list[tuple[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                pairs.append((f"line {number}", RecordError("invalid JSON", str(e))))
+                pairs.append((f"line {number}", f"line {number}", RecordError("invalid JSON", str(e))))
                 continue
             record_id = record.get("id") if isinstance(record, dict) else None
-            pairs.append((str(record_id) if record_id is not None else f"line {number}", record))
+            if record_id is None:
+                pairs.append((f"line {number}", f"line {number}", record))
+            else:
+                pairs.append((str(record_id), f"{record_id} (line {number})", record))
         return pairs
     try:
         records = json.loads(text)
@@ -99,7 +109,8 @@ def read_raw_records(path: str | Path) -> list[tuple[str, Any]]:
         raise DataError(f"{path}: not valid JSON ({e}); expected a list of LLaVA conversation records") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return [(str(r.get("id", f"#{i}")) if isinstance(r, dict) else f"#{i}", r) for i, r in enumerate(records)]
+    ids = [str(r.get("id", f"#{i}")) if isinstance(r, dict) else f"#{i}" for i, r in enumerate(records)]
+    return [(record_id, record_id, r) for record_id, r in zip(ids, records)]
 
 
 def parse_record(record: Any, record_id: str, image_root: Path) -> Example:
@@ -111,29 +122,49 @@ def parse_record(record: Any, record_id: str, image_root: Path) -> Example:
     if "conversations" in record:
         turns = record["conversations"]
         if not isinstance(turns, list):
-            raise RecordError("malformed turns", "'conversations' must be a list")
+            raise RecordError("malformed turns", f"'conversations' must be a list, got {turns!r}")
         messages = []
-        for turn in turns:
+        for index, turn in enumerate(turns):
             if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
-                raise RecordError("malformed turns", f"expected {{'from': human|gpt|system, 'value': str}}, got {turn!r}")
+                raise RecordError("malformed turns", f"turn {index}: expected {{'from': human|gpt|system, 'value': "
+                                                     f"str}}, got {turn!r}")
             messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]})
-        images = record.get("image", [])
+        images = _image_paths(record, "image")
     elif "messages" in record:
+        if not isinstance(record["messages"], list):
+            raise RecordError("malformed turns", f"'messages' must be a list, got {record['messages']!r}")
         messages = []
-        for message in record["messages"] if isinstance(record["messages"], list) else [None]:
+        for index, message in enumerate(record["messages"]):
             if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise RecordError("malformed turns", f"expected {{'role': system|user|assistant, …}}, got {message!r}")
-            messages.append({"role": message["role"], "content": _content_text(message.get("content"))})
-        images = record.get("images", [])
+                raise RecordError("malformed turns", f"message {index}: expected {{'role': system|user|assistant, "
+                                                     f"…}}, got {message!r}")
+            try:
+                messages.append({"role": message["role"], "content": _content_text(message.get("content"))})
+            except RecordError as e:
+                raise RecordError(e.reason, f"message {index}: {e.detail}") from None
+        images = _image_paths(record, "images")
     else:
         raise RecordError("no conversation", "expected 'conversations' (LLaVA) or 'messages'")
-    images = [images] if isinstance(images, str) else list(images or [])
+    if not isinstance(record.get("type", ""), str):
+        raise RecordError("malformed type", f"'type' must be a string (\"caption\" marks a caption), got "
+                                            f"{record['type']!r}")
     _check_turns(messages)
     placeholders = sum(m["content"].count(IMAGE) for m in messages)
     if placeholders != len(images):
         raise RecordError("placeholder count ≠ image count",
                           f"{placeholders} <image> placeholder(s) for {len(images)} image(s)")
     return Example(record_id, messages, [image_root / p for p in images], record.get("type"))
+
+
+def _image_paths(record: dict, key: str) -> list[str]:
+    """The record's image paths: one path, or a list of them."""
+    images = record.get(key)
+    if images is None or images == "":  # LLaVA files write a text-only record's image either way
+        return []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise RecordError("malformed images", f"{key!r} must be a path or a list of paths, got {record[key]!r}")
+    return images
 
 
 def _content_text(content: Any) -> str:
@@ -178,15 +209,15 @@ def load_examples(path: str | Path, processor: Processor, image_root: str | Path
     report = SkipReport(str(path))
     cache = {} if image_cache is None else image_cache
     kept = []
-    for record_id, raw in read_raw_records(path):
+    for record_id, label, raw in read_raw_records(path):
         try:
             example = parse_record(raw, record_id, root)
             pixels = [_image(cache, image, processor) for image in example.images]
             ids, labels = _encode(processor, example)
         except RecordError as e:
             if strict:
-                raise DataError(f"{path}: record {record_id}: {e}") from None
-            report.skip(record_id, e.reason)
+                raise DataError(f"{path}: record {label}: {e}") from None
+            report.skip(label, e.reason)
             continue
         kept.append(EncodedExample(example, ids, labels, pixels))
     report.kept = len(kept)
@@ -202,6 +233,8 @@ def _image(cache: dict, path: Path, processor: Processor) -> torch.Tensor:
                 cache[path] = processor.preprocess_image(path)
             except DataError as e:
                 cache[path] = RecordError("unreadable image", str(e))
+            except Image.DecompressionBombError as e:  # PIL's guard against huge images is no OSError
+                cache[path] = RecordError("unreadable image", f"{path}: {e}")
     value = cache[path]
     if isinstance(value, RecordError):
         raise value

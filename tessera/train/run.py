@@ -35,10 +35,11 @@ def dataset_texts(data_dir: Path) -> list[str]:
     texts = []
     files = [split_file(data_dir, "train")] + [p for p in [data_dir / "text_train.jsonl"] if p.is_file()]
     for path in files:
-        for _, record in read_raw_records(path):
-            if not isinstance(record, dict):
+        for _, _, record in read_raw_records(path):
+            turns = (record.get("conversations") or record.get("messages")) if isinstance(record, dict) else None
+            if not isinstance(turns, list):  # a malformed record: load_examples skips it, naming why
                 continue
-            for turn in record.get("conversations") or record.get("messages") or []:
+            for turn in turns:
                 content = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
                 if isinstance(content, list):
                     content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
