@@ -134,6 +134,7 @@ BAD_RECORDS = [
     ({"id": "conversations-int", "conversations": 5}, "malformed turns"),
     (_llava("type-int", "<image>\nWhat colour?", "red") | {"type": 5}, "malformed type"),
     (_llava("bomb", "<image>\nWhat colour?", "red", image="bomb.png"), "unreadable image"),
+    (_llava("image-in-answer", "What colour?", "<image>\nred"), "image placeholder in an answer"),
 ]
 
 
@@ -222,6 +223,19 @@ def test_a_data_file_that_is_not_utf8_is_a_one_line_error_naming_it(tmp_path, pr
     path.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')  # Latin-1
     with pytest.raises(DataError, match=rf"{path}: line 2: not UTF-8 text"):
         load_examples(path, processor)
+
+
+def test_a_text_only_file_skips_records_with_images(tmp_path, processor):
+    Image.new("RGB", (16, 16), "blue").save(tmp_path / "b.png")
+    lines = [{"id": "text", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]},
+             {"id": "pictured", "images": ["b.png"], "messages": [
+                 {"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "blue"}]}]
+    path = tmp_path / "text_test.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    examples, report = load_examples(path, processor, text_only=True)
+    assert [e.example.id for e in examples] == ["text"] and dict(report.reasons) == {"image in a text-only file": 1}
+    with pytest.raises(DataError, match=r"text_test.jsonl: record pictured \(line 2\): image in a text-only file"):
+        load_examples(path, processor, strict=True, text_only=True)
 
 
 def test_the_tokenizer_texts_pass_over_wrong_typed_records(tmp_path):

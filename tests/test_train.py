@@ -253,6 +253,27 @@ def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_p
         assert not (tmp_path / "run/checkpoints").exists()  # nothing trained
 
 
+def test_text_files_skip_records_with_images(shapes, tmp_path):
+    """Text pretraining labels every token and the held-out text loss passes no images: an image record in either
+    file is skipped and counted, not labelled on its image tokens or fed to the loss without its image."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(shapes / "images")
+    shutil.copy(shapes / "train.json", data)
+    pictured = {"id": "pictured", "images": ["images/train_00000.png"], "messages": [
+        {"role": "user", "content": "<image>\nDescribe it."}, {"role": "assistant", "content": "a red circle"}]}
+    for name in ("text_train.jsonl", "text_test.jsonl"):
+        (data / name).write_text((shapes / name).read_text() + json.dumps(pictured) + "\n")
+    run = RunConfig.from_dict({"recipe": "molmo", "data": str(data), "out": str(tmp_path / "run"), "model": TINY_MODEL,
+                               "vocab_size": 400, "batch_size": 4, "steps": {"text": 1, "train": 0}})
+    lines = []
+    result = run_training(run, log=lines.append, progress=False)
+    for name in ("text_train.jsonl", "text_test.jsonl"):
+        summary = next(line for line in lines if line.startswith(str(data / name)))
+        assert "1 skipped" in summary and "image in a text-only file  (e.g. pictured" in summary
+    assert not any(e.pixel_values for e in result["text_examples"]) and math.isfinite(result["text_loss_before"])
+
+
 def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):
     """The article's claim about Llama 3.2: with the LLM frozen, multimodal training leaves text-only ability
     untouched — here to the last bit, because text without images never reaches a cross-attention block."""

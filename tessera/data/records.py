@@ -194,15 +194,21 @@ def _check_turns(messages: list[dict]) -> None:
                                                    f"(user and assistant alternate, user first)")
         if not message["content"].strip() or message["content"].strip() == IMAGE and expected == "assistant":
             raise RecordError("empty turn", f"turn {i} ({message['role']}) has no text")
+        if expected == "assistant" and IMAGE in message["content"]:  # its image tokens would become targets
+            raise RecordError("image placeholder in an answer", f"turn {i} (assistant) holds {IMAGE}; images go "
+                                                                f"in user turns")
     if not body or body[-1]["role"] != "assistant":
         raise RecordError("no answer", "the conversation must end with an assistant turn")
 
 
 def load_examples(path: str | Path, processor: Processor, image_root: str | Path | None = None,
-                  strict: bool = False, image_cache: dict | None = None) -> tuple[list[EncodedExample], SkipReport]:
+                  strict: bool = False, image_cache: dict | None = None,
+                  text_only: bool = False) -> tuple[list[EncodedExample], SkipReport]:
     """Read, check, tokenise and preprocess every record of a data file.
 
     Images are loaded once per path (several records often share one); image_cache may be shared between files.
+    text_only: records with images are bad records (language-model pretraining and the held-out text loss label
+    every token and pass no images).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -212,6 +218,8 @@ def load_examples(path: str | Path, processor: Processor, image_root: str | Path
     for record_id, label, raw in read_raw_records(path):
         try:
             example = parse_record(raw, record_id, root)
+            if text_only and example.images:
+                raise RecordError("image in a text-only file", f"{len(example.images)} image(s)")
             pixels = [_image(cache, image, processor) for image in example.images]
             ids, labels = _encode(processor, example)
         except RecordError as e:

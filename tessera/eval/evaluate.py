@@ -87,7 +87,9 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
     answers = answer_all(model, processor, examples, batch_size)
     metrics = score_answers(examples, answers)
     if text_data is not None:
-        text_examples, _ = load_examples(text_data, processor)
+        text_examples, text_report = load_examples(text_data, processor, strict=strict, text_only=True)
+        if text_report.skipped:
+            print(text_report.summary())
         metrics["text_loss"] = text_lm_loss(model, processor, text_examples, batch_size)
     predictions = [{"id": e.example.id, "type": e.example.type, "image": str(e.example.images[0]) if e.example.images else None,
                     "question": e.example.messages[_first_answer(e) - 1]["content"].replace(IMAGE, "").strip(),

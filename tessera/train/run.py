@@ -110,7 +110,8 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
     log(report.summary())
     text_examples: list[EncodedExample] = []
     if (data_dir / "text_train.jsonl").is_file():
-        text_examples, text_report = load_examples(data_dir / "text_train.jsonl", processor, strict=run.strict)
+        text_examples, text_report = load_examples(data_dir / "text_train.jsonl", processor, strict=run.strict,
+                                                   text_only=True)
         log(text_report.summary())
         for e in text_examples:  # language-model pretraining learns every token, not just the answers
             e.labels = list(e.input_ids)
@@ -126,7 +127,9 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
     log(f"precision: {settings.precision}" + (f" (asked for {run.precision})" if run.precision == "auto" else ""))
     held_out = []
     if (data_dir / "text_test.jsonl").is_file():
-        held_out, _ = load_examples(data_dir / "text_test.jsonl", processor)
+        held_out, held_out_report = load_examples(data_dir / "text_test.jsonl", processor, strict=run.strict,
+                                                  text_only=True)
+        log(held_out_report.summary())
     text_loss = {}
     metrics_path = out / "metrics.jsonl"
     earlier = read_metrics(metrics_path)
