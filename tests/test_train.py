@@ -274,6 +274,23 @@ def test_text_files_skip_records_with_images(shapes, tmp_path):
     assert not any(e.pixel_values for e in result["text_examples"]) and math.isfinite(result["text_loss_before"])
 
 
+def test_an_llm_checkpoint_must_match_the_run_s_model(shapes, tmp_path):
+    model, processor, _, _ = _model_and_data(shapes, "unified")  # text.vocab_size 448
+    model.save_pretrained(tmp_path / "llm")
+    processor.save_pretrained(tmp_path / "llm")
+    text = {**TINY_MODEL["text"], "vocab_size": 448}
+    config = {"recipe": "molmo", "data": str(shapes), "out": str(tmp_path / "run"), "batch_size": 4,
+              "llm_checkpoint": str(tmp_path / "llm"), "steps": {"train": 1}}
+    wider = RunConfig.from_dict({**config, "model": {**TINY_MODEL, "text": {**text, "hidden_size": 64}}})
+    with pytest.raises(ConfigError, match=re.escape(
+            f"llm_checkpoint {tmp_path / 'llm'}: its LLM differs from the run's model in text.hidden_size (32 in the "
+            f"checkpoint, 64 in the run's model)")):
+        run_training(wider, log=lambda *_: None, progress=False)
+    same = run_training(RunConfig.from_dict({**config, "model": {**TINY_MODEL, "text": text}}), log=lambda *_: None,
+                        progress=False)
+    assert same["steps"] == 1
+
+
 def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):
     """The article's claim about Llama 3.2: with the LLM frozen, multimodal training leaves text-only ability
     untouched — here to the last bit, because text without images never reaches a cross-attention block."""

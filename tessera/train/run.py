@@ -3,14 +3,16 @@ stages → checkpoints, metrics JSONL and a loss-curve PNG."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tessera.config import ModelConfig
 from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
-from tessera.errors import DataError
+from tessera.errors import ConfigError, DataError
 from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
@@ -58,6 +60,17 @@ def select(examples: list[EncodedExample], kind: str, text: list[EncodedExample]
     return examples
 
 
+def check_same_llm(checkpoint: ModelConfig, ours: ModelConfig, path: str) -> None:
+    """The run's LLM must be the checkpoint's: a different shape would fail deep in load_state_dict, a different
+    rope_theta or norm epsilon would load and silently compute something else."""
+    theirs, mine = dataclasses.asdict(checkpoint.text), dataclasses.asdict(ours.text)
+    differing = [f"text.{name} ({theirs[name]!r} in the checkpoint, {mine[name]!r} in the run's model)"
+                 for name in theirs if theirs[name] != mine[name]]
+    if differing:
+        raise ConfigError(f"llm_checkpoint {path}: its LLM differs from the run's model in {', '.join(differing)}; "
+                          f"expected the run's model text fields to match the checkpoint's config.json")
+
+
 RECORD_KINDS = {
     "text": "text-only conversations",
     "captions": "caption records (\"type\": \"caption\")",
@@ -103,7 +116,9 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
     vocab = padded_vocab(tokenizer.get_vocab_size())
     model = MultimodalLM(model_config(run, vocab))
     if run.llm_checkpoint:
-        model.llm.load_state_dict(MultimodalLM.from_pretrained(run.llm_checkpoint).llm.state_dict())
+        pretrained = MultimodalLM.from_pretrained(run.llm_checkpoint)
+        check_same_llm(pretrained.config, model.config, run.llm_checkpoint)
+        model.llm.load_state_dict(pretrained.llm.state_dict())
     processor = Processor.for_model(model.config, tokenizer, max_length=run.max_length)
     cache: dict = {}
     train_examples, report = load_examples(train_file, processor, strict=run.strict, image_cache=cache)
