@@ -192,7 +192,7 @@ def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(shapes, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["stage-0-text", "step-000001", "step-000002",
                                                              "step-000003"]
     assert _finite(checkpoints / "stage-0-text") and _finite(checkpoints / "step-000003")
-    assert not (tmp_path / "run/checkpoint").exists()
+    assert not (tmp_path / "run/checkpoint").exists() and not (tmp_path / "run/interrupted").exists()
 
 
 def test_an_interrupted_run_saves_its_model_and_a_rerun_appends_to_its_metrics(shapes, tmp_path, monkeypatch):

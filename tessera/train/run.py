@@ -12,7 +12,7 @@ import torch
 
 from tessera.config import ModelConfig
 from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
-from tessera.errors import ConfigError, DataError
+from tessera.errors import ConfigError, DataError, TrainingError
 from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
@@ -163,8 +163,9 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         done: list[float] = []
         try:
             train_stage(model, processor, stage, examples, settings, out, metrics_path, step, log, losses=done)
-        except BaseException:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
-            if step + len(done):
+        except BaseException as e:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
+            # (not weights that just gave a non-finite loss: they would only pass for good ones)
+            if step + len(done) and not isinstance(e, TrainingError):
                 save_interrupted(model, processor, out / "interrupted", log,
                                  f"stopped in stage {stage.name!r} after {len(done)} of its {stage.steps} steps "
                                  f"(run step {step + len(done)})")
