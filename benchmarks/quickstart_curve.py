@@ -24,6 +24,7 @@ from tessera.eval.evaluate import evaluate
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
 from tessera.quickstart import DATASET, DEFAULT_RECIPE, QUICKSTART_RUNS
+from tessera.train.loop import read_metrics
 from tessera.train.recipes import get_recipe
 from tessera.train.run import RunConfig, run_training
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                                **settings})
     run_training(run, log=lambda *a: print(*a, file=sys.stderr), progress=False)
 
-    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / "run" / "metrics.jsonl")
+    latest = records[-1].get("run", 1)  # a rerun into the same out appends: this run's records only
+    records = [r for r in records if r.get("run", 1) == latest]
     stage_of, seconds_at, done = {}, {}, 0.0  # global step → stage, training seconds since the first step
     for i, r in enumerate(records):
         stage_of[r["step"]] = r["stage"]
