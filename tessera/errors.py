@@ -21,5 +21,9 @@ class DataError(TesseraError, ValueError):
     """An input record (conversation, image, label) cannot be used."""
 
 
+class ImageTooLargeError(DataError):
+    """An image, or what preprocessing would make of it, holds more pixels than allowed."""
+
+
 class TrainingError(TesseraError):
     """Training cannot go on: the loss or the gradient norm is no longer a finite number."""

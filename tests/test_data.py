@@ -133,7 +133,7 @@ BAD_RECORDS = [
      "malformed images"),
     ({"id": "conversations-int", "conversations": 5}, "malformed turns"),
     (_llava("type-int", "<image>\nWhat colour?", "red") | {"type": 5}, "malformed type"),
-    (_llava("bomb", "<image>\nWhat colour?", "red", image="bomb.png"), "unreadable image"),
+    (_llava("bomb", "<image>\nWhat colour?", "red", image="bomb.png"), "image too large"),
     (_llava("image-in-answer", "What colour?", "<image>\nred"), "image placeholder in an answer"),
 ]
 

@@ -303,7 +303,7 @@ def test_an_image_preprocessing_would_blow_up_is_a_data_error_naming_the_file(to
     data.write_text(json.dumps({"id": "strip", "images": ["strip.png"], "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
         {"role": "assistant", "content": "black"}]}) + "\n")
-    with pytest.raises(DataError, match=rf"data.jsonl: record strip: .*{path}: the image is 9000x1"):
+    with pytest.raises(DataError, match=rf"data.jsonl: record strip \(line 1\): image too large: {path}: the image is 9000x1"):
         load_examples(data, padding, strict=True)
     # the size check the server makes from an image's header, before decoding it
     padding.check_image_size(4096, 3072, max_pixels=4096 * 4096)

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from tessera.errors import DataError
+from tessera.errors import DataError, ImageTooLargeError
 from tessera.processor import IGNORE_INDEX, Processor, join_parts
 from tessera.text.tokenizer import IMAGE
 
@@ -239,10 +238,10 @@ def _image(cache: dict, path: Path, processor: Processor) -> torch.Tensor:
         else:
             try:
                 cache[path] = processor.preprocess_image(path)
+            except ImageTooLargeError as e:
+                cache[path] = RecordError("image too large", str(e))
             except DataError as e:
                 cache[path] = RecordError("unreadable image", str(e))
-            except Image.DecompressionBombError as e:  # PIL's guard against huge images is no OSError
-                cache[path] = RecordError("unreadable image", f"{path}: {e}")
     value = cache[path]
     if isinstance(value, RecordError):
         raise value

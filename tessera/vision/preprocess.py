@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tessera.errors import DataError
+from tessera.errors import DataError, ImageTooLargeError
 
 RESIZE_MODES = ("squash", "pad")
 # Preprocessing can build an image far larger than its input: padding to a square (a 20000x100 image becomes
@@ -31,7 +31,7 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{source}: not a readable image ({e})") from None
     except Image.DecompressionBombError as e:  # PIL's guard against huge pixel counts (not an OSError)
-        raise DataError(f"{source}: refused as a decompression bomb ({e})") from None
+        raise ImageTooLargeError(f"{source}: refused as a decompression bomb ({e})") from None
 
 
 @contextmanager
@@ -42,7 +42,7 @@ def naming(source: str | Path | Image.Image):
     except DataError as e:
         if isinstance(source, Image.Image):
             raise
-        raise DataError(f"{source}: {e}") from None
+        raise type(e)(f"{source}: {e}") from None
 
 
 def check_preprocessed_size(size: tuple[int, int], step: str, produced: tuple[int, int], max_pixels: int) -> None:
@@ -50,7 +50,7 @@ def check_preprocessed_size(size: tuple[int, int], step: str, produced: tuple[in
     size with more than max_pixels pixels."""
     width, height = produced
     if width * height > max_pixels:
-        raise DataError(f"the image is {size[0]}x{size[1]}; {step} would make it {width}x{height} = "
+        raise ImageTooLargeError(f"the image is {size[0]}x{size[1]}; {step} would make it {width}x{height} = "
                         f"{width * height} pixels, more than the {max_pixels} allowed; expected a smaller or less "
                         f"elongated image")
 
