@@ -185,3 +185,15 @@ def test_the_help_names_every_verb():
     out = tessera("--help").stdout
     for verb in ("quickstart", "data", "train", "eval", "generate"):
         assert verb in out
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    """README's "Use it" snippet, run as a user would paste it, in an empty directory."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Use it"):]
+    snippet = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md (Use it)", "exec"), {})
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file() and (tmp_path / "ckpt" / "tokenizer.json").is_file()

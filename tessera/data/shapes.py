@@ -174,9 +174,11 @@ def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, see
                         all_questions: bool = False) -> dict:
     """Write the dataset; returns a summary. Same arguments → same bytes.
 
-    Each split draws from its own seeded stream, so the test set does not change with the size of the training
-    set. No held-out scene (test images, held-out text) equals a scene trained on (train images, training text):
-    a test score must measure reading, not memory; and no held-out scene comes twice."""
+    Each split draws from its own seeded stream. No held-out scene (test images, held-out text) equals a scene
+    trained on (train images, training text): a test score must measure reading, not memory; and no held-out
+    scene comes twice. The test stream skips the scenes trained on, so the test set does depend on the training
+    set: the same seed with another `train` gives other test scenes (compare scores on one dataset). Only 324
+    one-shape scenes exist and most are drawn for training, so the test split holds few of them."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     splits: dict[str, list[dict]] = {"train": [], "test": []}
