@@ -390,6 +390,9 @@ def test_run_config_overrides_and_validation(tmp_path):
     assert [s.name for s in build_stages(plain)] == ["text", "pretrain", "finetune"]
     # starting from a trained LLM skips text pretraining
     assert build_stages(RunConfig.load(path, ["llm_checkpoint=ck"]))[0].name == "encoder_pretrain"
+    # … and the skipped stage's settings may stay in the file (README's example sets steps.text)
+    kept = build_stages(RunConfig.load(path, ["llm_checkpoint=ck", "steps.text=300", "lr.text=1e-3"]))
+    assert "text" not in {s.name for s in kept}
 
 
 @pytest.mark.parametrize("override, words", [

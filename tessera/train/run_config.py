@@ -223,8 +223,9 @@ def build_stages(run: RunConfig) -> list[Stage]:
         raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
     schedules = run.schedule if isinstance(run.schedule, dict) else {s.name: run.schedule for s in stages}
     tables = {"steps": run.steps, "lr": run.lr, "lr_scale": run.lr_scale, "schedule": schedules}
+    skipped = {TEXT_PRETRAINING.name} if run.llm_checkpoint else set()  # settings for it may stay in the file
     for table, per_stage in tables.items():
-        unknown = sorted(set(per_stage) - names, key=str)
+        unknown = sorted(set(per_stage) - names - skipped, key=str)
         if unknown:
             raise ConfigError(f"{table}.{unknown[0]}: recipe {run.recipe!r} has no stage {unknown[0]!r}; "
                               f"its stages are {', '.join(s.name for s in stages)}")
