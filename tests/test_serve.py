@@ -34,7 +34,7 @@ from tessera import ModelConfig, MultimodalLM, Processor, TextConfig, VisionConf
 from tessera.errors import ConfigError
 from tessera.generation import SamplingParams, TokenChooser
 from tessera.serve import ServeSettings, create_app
-from tessera.serve.app import load_checkpoint
+from tessera.serve.app import LOAD_FAILED, load_checkpoint
 from tessera.serve.protocol import parse_chat_request
 
 API_KEY = "sk-test-key"
@@ -443,13 +443,13 @@ def _post(server, body, headers=None) -> httpx.Response:
                       headers={"Content-Type": "application/json", **(_auth() if headers is None else headers)})
 
 
-def assert_error(response: httpx.Response, status: int, param=None, words: str = "") -> dict:
+def assert_error(response: httpx.Response, status: int, param=None, words: str = "", type: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
-    assert error["type"] == {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             405: "invalid_request_error", 413: "invalid_request_error",
-                             503: "unavailable_error"}[status]
+    assert error["type"] == (type or {400: "invalid_request_error", 401: "authentication_error",
+                                      404: "not_found_error", 405: "invalid_request_error",
+                                      413: "invalid_request_error", 503: "unavailable_error"}[status])
     assert error["param"] == param and words in error["message"], error
     return error
 
@@ -685,7 +685,9 @@ def test_health_is_503_while_loading_then_200(checkpoint):
 
     with running_server(ServeSettings(checkpoint=str(checkpoint)), broken_loader, wait=False) as s:
         _until(lambda: "disk on fire" in httpx.get(f"{s.url}/health").text, "the load failure to be reported")
-        assert_error(httpx.get(f"{s.url}/health"), 503, None, "loading the model failed: OSError: disk on fire")
+        # a failed load is permanent: its own error type tells clients to stop waiting
+        for response in httpx.get(f"{s.url}/health"), _post(s, _chat(model=None)):
+            assert_error(response, 503, None, "loading the model failed: OSError: disk on fire", LOAD_FAILED)
 
 
 class _ImageHost(http.server.BaseHTTPRequestHandler):

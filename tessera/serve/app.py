@@ -34,6 +34,8 @@ from tessera.serve.protocol import (APIError, ChatRequest, Completion, choice_de
                                     parse_chat_request, usage)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures this one, so our lines print beside its own
+# the error type of the 503 for a model that failed to load (which is permanent); still loading is "unavailable_error"
+LOAD_FAILED = "model_load_error"
 
 
 @dataclass
@@ -122,8 +124,10 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
     app.state.tessera = state  # tests read the engine and its statistics here
 
     def ready() -> Engine:
+        if state["error"] is not None:  # its own type, so clients (the playground) stop waiting for the model
+            raise APIError(503, state["error"], type=LOAD_FAILED)
         if state["engine"] is None:
-            raise APIError(503, state["error"] or "the model is still loading; retry when GET /health returns 200")
+            raise APIError(503, "the model is still loading; retry when GET /health returns 200")
         return state["engine"]
 
     def authorize(request: Request) -> None:
