@@ -1,4 +1,5 @@
-"""The web playground in a real browser: Debian's Chromium driven by Playwright against a real server.
+"""The web playground in a real browser: Debian's Chromium driven by Playwright against a real server. Streams that
+stall, break off or run long are answered by the test through Playwright's request routing.
 
 Playwright cannot download its own browser here, so the test uses /usr/bin/chromium; without it the test fails
 (it does not skip), and `.ci/run` installs the package."""
@@ -6,6 +7,7 @@ Playwright cannot download its own browser here, so the test uses /usr/bin/chrom
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -86,5 +88,61 @@ def test_upload_or_drop_an_image_ask_and_watch_the_answer(browser, server, tmp_p
     page.wait_for_function("document.getElementById('droptext').textContent === 'dropped.png'")
     answer = ask_and_wait(page, "Describe the image.")
     assert answer.strip() and answer == expected_answer(server, second, "Describe the image.")
+    assert errors == []
+    page.close()
+
+
+# --- answers the test controls: streams that stall, break off or run long -------------------------------------------
+def events(*chunks, done: bool = True) -> str:
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
+    return body + ("data: [DONE]\n\n" if done else "")
+
+
+def chunk(content: str, finish_reason: str | None = None) -> dict:
+    return {"object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish_reason}]}
+
+
+def fulfil_stream(route, body: str) -> None:
+    route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+
+def open_page(browser, server, model_id: str = "mock"):
+    """The page from the real server, with /v1/models answered by the test (no key needed); chat requests are left
+    for each test to route."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [{"id": model_id}]}))
+    page.goto(server.url + "/")
+    page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(model_id)}")
+    return page, errors
+
+
+def settled(page) -> str:
+    page.wait_for_function("!document.getElementById('status').textContent.startsWith('generating')")
+    return page.text_content("#status")
+
+
+def test_long_unbroken_text_wraps_instead_of_widening_the_page(browser, server):
+    page, errors = open_page(browser, server, model_id="runs/" + "x" * 300 + "/checkpoint")
+
+    def answer(route):
+        if json.loads(route.request.post_data)["messages"][0]["content"][0]["text"] == "error":
+            route.fulfill(status=400, json={"error": {"message": "E" * 3000, "type": "invalid_request_error",
+                                                      "param": None, "code": 400}})
+        else:
+            fulfil_stream(route, events(chunk("A" * 3000, "length")))
+
+    page.route("**/v1/chat/completions", answer)
+    fits = "(id) => document.getElementById(id).getBoundingClientRect().right <= window.innerWidth"
+    assert page.evaluate(fits, "model")
+    for question, element in ("error", "error"), ("long", "answer"):
+        page.fill("#question", question)
+        page.click("#ask")
+        settled(page)
+        assert len(page.text_content("#" + element)) == 3000
+        assert page.evaluate(fits, element), f"#{element} is wider than the window"
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert errors == []
     page.close()
