@@ -146,3 +146,20 @@ def test_long_unbroken_text_wraps_instead_of_widening_the_page(browser, server):
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert errors == []
     page.close()
+
+
+def test_a_stream_that_breaks_off_is_reported_not_called_done(browser, server):
+    page, errors = open_page(browser, server)
+    page.route("**/v1/chat/completions", lambda route: fulfil_stream(route, events(chunk("cut off"), done=False)))
+    page.fill("#question", "hi")
+    page.click("#ask")
+    assert settled(page) == "failed"
+    assert "ended unexpectedly" in page.text_content("#error") and page.text_content("#answer") == "cut off"
+    # a finish_reason is a whole answer even if the connection then drops before [DONE]
+    page.unroute("**/v1/chat/completions")
+    page.route("**/v1/chat/completions",
+               lambda route: fulfil_stream(route, events(chunk("whole"), chunk("", "stop"), done=False)))
+    page.click("#ask")
+    assert settled(page) == "done · finish_reason stop" and page.text_content("#error") == ""
+    assert errors == []
+    page.close()
