@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -161,5 +162,41 @@ def test_a_stream_that_breaks_off_is_reported_not_called_done(browser, server):
                lambda route: fulfil_stream(route, events(chunk("whole"), chunk("", "stop"), done=False)))
     page.click("#ask")
     assert settled(page) == "done · finish_reason stop" and page.text_content("#error") == ""
+    assert errors == []
+    page.close()
+
+
+def wait_for(page, condition, what: str, timeout: float = 10.0) -> None:
+    """Lets Playwright deliver events (route handlers run only then) until condition() holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        page.wait_for_timeout(20)
+
+
+def test_one_request_at_a_time_and_stop_stops_the_current_one(browser, server):
+    page, errors = open_page(browser, server)
+    held = []  # chat requests, unanswered until the test answers them
+    page.route("**/v1/chat/completions", lambda route: held.append(route))
+    page.fill("#question", "first")
+    page.click("#ask")
+    wait_for(page, lambda: len(held) == 1, "the first request")
+    page.fill("#question", "second")
+    page.press("#question", "Control+Enter")  # while the first is still running
+    page.wait_for_timeout(300)
+    assert len(held) == 1, "Ctrl+Enter started a second request beside the running one"
+    fulfil_stream(held[0], events(chunk("first answer"), chunk("", "stop")))
+    assert settled(page).startswith("done") and page.text_content("#answer") == "first answer"
+
+    # Stop and ask again in one go, before the stopped request has unwound: the new one must stay stoppable
+    page.click("#ask")
+    wait_for(page, lambda: len(held) == 2, "the second request")
+    page.evaluate("() => { document.getElementById('stop').click(); document.getElementById('ask').click(); }")
+    wait_for(page, lambda: len(held) == 3, "the third request")
+    page.wait_for_timeout(200)  # the stopped request unwinds
+    assert page.text_content("#status") == "generating…"
+    assert page.is_enabled("#stop") and page.is_disabled("#ask")
+    page.click("#stop")
+    assert page.text_content("#status") == "stopped" and page.is_disabled("#stop") and page.is_enabled("#ask")
     assert errors == []
     page.close()
