@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tessera.serve import ServeSettings
+from tessera.serve.app import load_checkpoint
 from tests.test_serve import API_KEY, data_url, image_part, make_checkpoint, png_bytes, running_server, text, user
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,8 +38,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    checkpoint = make_checkpoint(tmp_path_factory.mktemp("playground") / "ck")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("playground") / "ck")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
     with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny", api_key=API_KEY)) as s:
         yield s
 
@@ -200,3 +206,50 @@ def test_one_request_at_a_time_and_stop_stops_the_current_one(browser, server):
     assert page.text_content("#status") == "stopped" and page.is_disabled("#stop") and page.is_enabled("#ask")
     assert errors == []
     page.close()
+
+
+# --- a model that loads slowly or not at all -----------------------------------------------------------------------
+# records the delays the page waits before polling again, and waits 10 ms instead, so backing off takes no real time
+FAST_TIMERS = """
+window.delays = [];
+const realSetTimeout = window.setTimeout;
+window.setTimeout = (f, delay, ...args) => { window.delays.push(delay); return realSetTimeout(f, 10, ...args); };
+"""
+
+
+def test_while_the_model_loads_the_page_shows_why_and_polls_less_and_less_often(browser, checkpoint):
+    gate = threading.Event()
+
+    def slow_loader():
+        gate.wait(60)
+        return load_checkpoint(checkpoint)
+
+    settings = ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny")
+    with running_server(settings, slow_loader, wait=False) as s:
+        page = browser.new_page()
+        page.add_init_script(FAST_TIMERS)
+        page.goto(s.url + "/")
+        page.wait_for_function("window.delays.length >= 6", timeout=10_000)
+        assert page.evaluate("window.delays.slice(0, 6)") == [1000, 2000, 4000, 5000, 5000, 5000]
+        assert page.text_content("#model") == "loading…"
+        assert "the model is still loading" in page.text_content("#status")
+        gate.set()
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny'", timeout=30_000)
+        assert page.text_content("#status") == "" and page.text_content("#error") == ""
+        page.close()
+
+
+def test_a_model_that_failed_to_load_is_shown_as_failed_with_the_reason_and_no_more_polling(browser, checkpoint):
+    def broken_loader():
+        raise OSError("disk on fire")
+
+    with running_server(ServeSettings(checkpoint=str(checkpoint)), broken_loader, wait=False) as s:
+        page = browser.new_page()
+        page.add_init_script(FAST_TIMERS)
+        page.goto(s.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'failed'", timeout=10_000)
+        assert "loading the model failed: OSError: disk on fire" in page.text_content("#error")
+        polls = page.evaluate("window.delays.length")
+        page.wait_for_timeout(300)  # 30 polls' worth of the page's (shortened) timers
+        assert page.evaluate("window.delays.length") == polls
+        page.close()
