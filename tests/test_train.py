@@ -1,5 +1,5 @@
 """Training: stage freezing per recipe, loss normalisation under accumulation, a short run that learns, run
-configs and their overrides."""
+configs and their overrides; evaluation."""
 
 import dataclasses
 import json
@@ -13,6 +13,7 @@ import torch
 from tessera import ConfigError, DataError, ModelConfig, MultimodalLM, Processor, TrainingError, train_tokenizer
 from tessera.data.records import load_examples
 from tessera.data.shapes import make_shapes_dataset
+from tessera.eval.evaluate import evaluate
 from tessera.eval.metrics import exact_match, normalize_answer
 from tessera.model import COMPONENTS
 from tessera.train.loop import TrainSettings, batches, lr_lambda, train_stage, training_precision
@@ -456,3 +457,23 @@ def test_cross_fusion_under_a_recipe_that_never_trains_cross_attention_is_refuse
 def test_exact_match_normalises_case_punctuation_articles_and_spaces(prediction, reference, same):
     assert exact_match(prediction, reference) is same
     assert normalize_answer("The  Blue, square.") == "blue square"
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_a_multi_turn_record_is_evaluated_on_its_first_turn_with_only_that_turn_s_images(shapes, tmp_path, fusion):
+    """Its later turns' images are not in the prompt, so they must not reach the model (they did, and the model's
+    image-token count check aborted the whole evaluation)."""
+    model, processor, _, _ = _model_and_data(shapes, fusion)
+
+    def ask(question):
+        return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+    images = [str(shapes / "images/test_00000.png"), str(shapes / "images/test_00001.png")]
+    turns = [ask("What colour is the square?"), {"role": "assistant", "content": "red"},
+             ask("How many shapes are there?"), {"role": "assistant", "content": "two"}]
+    records = [{"id": "two-turns", "type": "colour", "images": images, "messages": turns},
+               {"id": "first-turn", "type": "colour", "images": images[:1], "messages": turns[:2]}]
+    (tmp_path / "multi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics, predictions = evaluate(model, processor, tmp_path / "multi.jsonl")
+    assert metrics["questions"] == 2
+    assert predictions[0]["prediction"] == predictions[1]["prediction"]  # the same prompt, the same answer

@@ -21,12 +21,14 @@ def answer_all(model: MultimodalLM, processor: Processor, examples: list[Encoded
     answers = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        rows = []
+        rows, images = [], []
         for e in chunk:
             prompt = e.example.messages[:_first_answer(e)]
             ids, labels, _ = processor.encode(prompt, add_generation_prompt=True)
             rows.append((ids, labels))
-        batch = processor.pad_batch(rows, [e.pixel_values for e in chunk], padding_side="left")
+            # a multi-turn record's later turns may hold images too: only the prompt's go in, in order
+            images.append(e.pixel_values[:sum(m["content"].count(IMAGE) for m in prompt)])
+        batch = processor.pad_batch(rows, images, padding_side="left")
         batch.pop("labels")
         result = model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=processor)
         answers += result.texts
