@@ -477,3 +477,19 @@ def test_a_multi_turn_record_is_evaluated_on_its_first_turn_with_only_that_turn_
     metrics, predictions = evaluate(model, processor, tmp_path / "multi.jsonl")
     assert metrics["questions"] == 2
     assert predictions[0]["prediction"] == predictions[1]["prediction"]  # the same prompt, the same answer
+
+
+@pytest.mark.parametrize("records, skipped", [
+    ("", 0),  # empty
+    (json.dumps({"id": "unanswered", "messages": [{"role": "user", "content": "hi"}]}) + "\n", 1),
+])
+def test_held_out_text_without_a_usable_record_is_a_data_error_naming_the_file(shapes, tmp_path, capsys, records,
+                                                                              skipped):
+    """Not a ZeroDivisionError from a loss over no tokens; and the file's skipped records are reported."""
+    model, processor, _, _ = _model_and_data(shapes, "unified")
+    text = tmp_path / "text.jsonl"
+    text.write_text(records)
+    with pytest.raises(DataError, match=re.escape(f"{text}: no usable held-out text records ({skipped} skipped)")):
+        evaluate(model, processor, shapes / "test.json", text, limit=2)
+    if skipped:
+        assert f"{text}: 0 records kept, 1 skipped" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tessera.data.records import EncodedExample, load_examples
+from tessera.errors import DataError
 from tessera.eval.metrics import caption_scores, exact_match
 from tessera.model import MultimodalLM
 from tessera.processor import IGNORE_INDEX, Processor
@@ -84,14 +85,19 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
     examples, report = load_examples(data, processor, strict=strict)
     if report.skipped:
         print(report.summary())
+    text_examples = None
+    if text_data is not None:  # read before answering, so that an unusable file fails at once
+        text_examples, text_report = load_examples(text_data, processor, strict=strict, text_only=True)
+        if text_report.skipped:
+            print(text_report.summary())
+        if not text_examples:  # a loss over no tokens would be 0/0
+            raise DataError(f"{text_data}: no usable held-out text records ({text_report.skipped} skipped); expected "
+                            f"text-only conversations ending with an assistant turn")
     examples = examples[:limit] if limit else examples
     model.eval()
     answers = answer_all(model, processor, examples, batch_size)
     metrics = score_answers(examples, answers)
-    if text_data is not None:
-        text_examples, text_report = load_examples(text_data, processor, strict=strict, text_only=True)
-        if text_report.skipped:
-            print(text_report.summary())
+    if text_examples is not None:
         metrics["text_loss"] = text_lm_loss(model, processor, text_examples, batch_size)
     predictions = [{"id": e.example.id, "type": e.example.type, "image": str(e.example.images[0]) if e.example.images else None,
                     "question": e.example.messages[_first_answer(e) - 1]["content"].replace(IMAGE, "").strip(),
