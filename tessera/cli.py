@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tessera.checkpoint import LOAD_DTYPES
-from tessera.errors import TesseraError
+from tessera.errors import ConfigError, TesseraError
 from tessera.train.loop import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,13 +49,16 @@ def _eval(args: argparse.Namespace) -> None:
     from tessera.eval.evaluate import evaluate
     from tessera.eval.report import metrics_table
 
+    for flag, value in ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens):
+        if value is not None and value < 1:  # before the model loads
+            raise ConfigError(f"{flag} {value}: expected an integer >= 1")
     model, processor = _load(args.checkpoint, args.dtype)
     data = Path(args.data)
     text_data = args.text_data
     if text_data is None and (data.parent / "text_test.jsonl").is_file():
         text_data = data.parent / "text_test.jsonl"  # the held-out text beside the data, when there is one
     metrics, predictions = evaluate(model, processor, data, text_data, batch_size=args.batch_size,
-                                    limit=args.limit, strict=args.strict)
+                                    limit=args.limit, strict=args.strict, max_new_tokens=args.max_new_tokens)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {data}"))
     if args.out:
         out = Path(args.out)
@@ -174,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "beside --data)")
     p.add_argument("--out", default=None, help="metrics JSON (predictions go beside it)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records (N >= 1; default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="answer length limit in tokens; a longer answer is cut and scored as cut (default: 48)")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto", help=LOAD_DTYPE_HELP)
     p.set_defaults(run=_eval)

@@ -61,6 +61,22 @@ def test_eval_writes_metrics_and_prints_a_table(trained):
     assert len(out.with_suffix(".predictions.jsonl").read_text().splitlines()) == metrics["questions"] + 4
 
 
+def test_eval_flags_and_unusable_held_out_text_are_one_line_errors(trained, tmp_path):
+    checkpoint, data = trained / "run/checkpoint", trained / "data/test.json"
+    out = tmp_path / "short.json"
+    tessera("eval", "--checkpoint", checkpoint, "--data", data, "--limit", 3, "--max-new-tokens", 2, "--out", out)
+    assert len(out.with_suffix(".predictions.jsonl").read_text().splitlines()) == 3
+    (tmp_path / "empty.jsonl").write_text("")
+    for args, words in [
+        (["--limit", 0], "--limit 0: expected an integer >= 1"),
+        (["--max-new-tokens", 0], "--max-new-tokens 0: expected an integer >= 1"),
+        (["--text-data", tmp_path / "empty.jsonl"], f"{tmp_path / 'empty.jsonl'}: no usable held-out text records"),
+    ]:
+        result = tessera("eval", "--checkpoint", checkpoint, "--data", data, "--limit", 3, *args, check=False)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_generate_answers_and_reports_bad_inputs_in_one_line(trained, tmp_path):
     checkpoint = trained / "run/checkpoint"
     image = trained / "data/images/test_00000.png"

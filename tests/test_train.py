@@ -493,3 +493,13 @@ def test_held_out_text_without_a_usable_record_is_a_data_error_naming_the_file(s
         evaluate(model, processor, shapes / "test.json", text, limit=2)
     if skipped:
         assert f"{text}: 0 records kept, 1 skipped" in capsys.readouterr().out
+
+
+def test_evaluate_passes_max_new_tokens_to_generation(shapes, monkeypatch):
+    model, processor, _, _ = _model_and_data(shapes, "unified")
+    asked = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: asked.append(kw["max_new_tokens"]) or generate(**kw))
+    evaluate(model, processor, shapes / "test.json", limit=3)
+    evaluate(model, processor, shapes / "test.json", limit=3, max_new_tokens=5)
+    assert asked == [48, 5]

@@ -80,8 +80,10 @@ def text_lm_loss(model: MultimodalLM, processor: Processor, examples: list[Encod
 
 
 def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_data: str | Path | None = None,
-             batch_size: int = 64, limit: int | None = None, strict: bool = False) -> tuple[dict, list[dict]]:
-    """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given)."""
+             batch_size: int = 64, limit: int | None = None, strict: bool = False,
+             max_new_tokens: int = 48) -> tuple[dict, list[dict]]:
+    """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given).
+    limit: the first `limit` records only; max_new_tokens: longer answers are cut there and scored as cut."""
     examples, report = load_examples(data, processor, strict=strict)
     if report.skipped:
         print(report.summary())
@@ -95,7 +97,7 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
                             f"text-only conversations ending with an assistant turn")
     examples = examples[:limit] if limit else examples
     model.eval()
-    answers = answer_all(model, processor, examples, batch_size)
+    answers = answer_all(model, processor, examples, batch_size, max_new_tokens)
     metrics = score_answers(examples, answers)
     if text_examples is not None:
         metrics["text_loss"] = text_lm_loss(model, processor, text_examples, batch_size)
