@@ -58,6 +58,7 @@ def test_eval_writes_metrics_and_prints_a_table(trained):
     assert set(metrics["exact_match_by_type"]) <= {"colour", "shape", "count", "exists", "position"}
     assert "cider" in metrics and "bleu4" in metrics and metrics["text_loss"] > 0
     assert "exact match" in result.stdout and "CIDEr" in result.stdout
+    assert "4 captions: too few for CIDEr-D" in result.stdout  # the table says so; the JSON keeps the figure
     assert len(out.with_suffix(".predictions.jsonl").read_text().splitlines()) == metrics["questions"] + 4
 
 

@@ -14,7 +14,8 @@ from tessera import ConfigError, DataError, ModelConfig, MultimodalLM, Processor
 from tessera.data.records import load_examples
 from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.evaluate import evaluate
-from tessera.eval.metrics import exact_match, normalize_answer
+from tessera.eval.metrics import caption_scores, exact_match, normalize_answer
+from tessera.eval.report import metrics_table
 from tessera.model import COMPONENTS
 from tessera.train.loop import TrainSettings, batches, lr_lambda, train_stage, training_precision
 from tessera.train.recipes import RECIPES, Stage, encoder_pretraining
@@ -503,3 +504,13 @@ def test_evaluate_passes_max_new_tokens_to_generation(shapes, monkeypatch):
     evaluate(model, processor, shapes / "test.json", limit=3)
     evaluate(model, processor, shapes / "test.json", limit=3, max_new_tokens=5)
     assert asked == [48, 5]
+
+
+def test_the_table_leaves_out_cider_for_a_handful_of_captions_and_the_json_keeps_it():
+    """CIDEr-D takes its IDF from the references scored: one perfect caption scores 0."""
+    perfect = caption_scores({"0": ["a red circle at the top left"]}, {"0": "a red circle at the top left"})
+    assert perfect == {"cider": 0.0, "bleu4": pytest.approx(1.0)}
+    row = next(r for r in metrics_table({"captions": 1, **perfect}).splitlines() if "CIDEr" in r)
+    assert row.split()[2] == "—" and "1 captions: too few for CIDEr-D" in row and "raw 0.000 in the JSON" in row
+    table = metrics_table({"captions": 300, "cider": 0.0213, "bleu4": 0.0})  # the quickstart's row, as before
+    assert "  CIDEr (captions)                0.021   (300 captions)\n" in table

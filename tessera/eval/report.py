@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# CIDEr-D takes its IDF weights from the references being scored: over a handful of captions most n-grams occur in
+# all of them, weigh log(1) = 0, and the score means nothing (one perfect caption scores 0)
+MIN_CIDER_CAPTIONS = 10
+
 
 def _number(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
@@ -15,7 +19,10 @@ def metrics_table(metrics: dict[str, Any], title: str = "evaluation") -> str:
     for kind, value in metrics.get("exact_match_by_type", {}).items():
         rows.append(f"    {kind:<26s} {_number(value):>8s}")
     if metrics.get("captions"):
-        rows.append(f"  {'CIDEr (captions)':<28s} {_number(metrics.get('cider')):>8s}   ({metrics['captions']} captions)")
+        cider, note = _number(metrics.get("cider")), f"{metrics['captions']} captions"
+        if metrics["captions"] < MIN_CIDER_CAPTIONS:
+            cider, note = "—", note + f": too few for CIDEr-D, whose IDF comes from them; raw {cider} in the JSON"
+        rows.append(f"  {'CIDEr (captions)':<28s} {cider:>8s}   ({note})")
         rows.append(f"  {'BLEU-4 (captions)':<28s} {_number(metrics.get('bleu4')):>8s}")
     if metrics.get("text_loss") is not None:
         rows.append(f"  {'held-out text loss':<28s} {_number(metrics['text_loss'], 4):>8s}")
