@@ -108,5 +108,7 @@ class GatedCrossAttentionBlock(nn.Module):
         q = self.q_norm(q).transpose(1, 2)
         y = attend(q, keys, values, attn_mask=key_mask[:, None], enable_gqa=self.num_kv_heads != self.num_heads)
         attended = self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
-        x = x + torch.tanh(self.attn_gate) * attention_row * attended
+        # parenthesised as before attend_all_when_blind gained its per-sample row: the gate's gradient is summed in
+        # the same order, and bf16 training rounds the same (the quickstart's results depend on it)
+        x = x + torch.tanh(self.attn_gate) * (attention_row * attended)
         return x + torch.tanh(self.mlp_gate) * sees_any.to(x.dtype) * self.mlp(self.mlp_norm(x))
