@@ -109,3 +109,11 @@ def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch
     unread_queries = TRAIN * batch * (sequence - labelled - 1) * 2 * t.hidden_size * t.num_heads * t.head_dim
     analytic = training_step_flops(config, batch, image_tokens, text_tokens, labelled)
     assert counter.get_total_flops() == analytic + trailing_row + unread_queries
+
+
+def test_a_missed_target_never_reads_as_met():
+    assert report.target_value(1.2969, 1.3) == "1.297×"  # not "1.30×" beside "missed"
+    assert report.target_value(1.3012, 1.3) == "1.30×"
+    assert report.target_value(2.4, 2.0) == "2.40×"
+    assert report.target_value(0.712, 0.5) == "71.2%"
+    assert report.target_value(None, 1.5) == "—"

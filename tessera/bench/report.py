@@ -61,6 +61,16 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float | None, float]]:
     return [(what.format(batches=batches), measure(results), required) for what, measure, required in TARGETS]
 
 
+def target_value(value: float | None, required: float) -> str:
+    """A measured target as the table shows it: a share as a percentage, a ratio to two decimals, or three when
+    two would round a miss up to the target (1.297× shown as 1.30× would read as met)."""
+    if value is None:
+        return "—"
+    if required < 1:
+        return f"{value:.1%}"
+    return f"{value:.3f}×" if value < required <= round(value, 2) else f"{value:.2f}×"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, s, llava = results["machine"], results["sizes"], results["llava"]
     lines = [
@@ -112,7 +122,7 @@ def markdown(results: dict[str, Any]) -> str:
                      "that every figure is measured.)"] if results.get("quick") else []), "",
               "| target | measured | required | |", "|---|---|---|---|"]
     for what, value, required in targets(results):
-        shown = "—" if value is None else (f"{value:.1%}" if required < 1 else f"{value:.2f}×")
+        shown = target_value(value, required)
         needed = f"{required:.0%}" if required < 1 else f"{required}×"
         verdict = "" if value is None else ("met" if value >= required else "**missed**")
         lines.append(f"| {what} | {shown} | ≥ {needed} | {verdict} |")
