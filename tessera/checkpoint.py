@@ -71,8 +71,9 @@ def load_weights(module: nn.Module, directory: Path, dtype: torch.dtype | None =
             tensors = {}
             for name, want in expected.items():
                 tensor = stored.get_tensor(name)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
+                # always a copy: the tensor may map the file, and a parameter must not change when the file does
+                tensor = tensor.to(dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype,
+                                   copy=True)
                 tensors[name] = tensor.to(want.device) if not want.is_meta else tensor
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None

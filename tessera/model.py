@@ -24,7 +24,7 @@ from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
 from tessera.generation import SamplingParams, StopChecker, TokenChooser
 from tessera.text.cache import KVCache
-from tessera.text.decoder import DecoderLLM, padding_moved_to_the_front, positions_from_mask
+from tessera.text.decoder import DecoderLLM, padding_moved_to_the_front
 from tessera.vision.encoder import VisionEncoder, deepest_layer, select_image_features
 from tessera.vision.tiled import TiledVisionEncoder
 

@@ -112,8 +112,9 @@ def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch
 
 
 def test_a_missed_target_never_reads_as_met():
-    assert report.target_value(1.2969, 1.3) == "1.297×"  # not "1.30×" beside "missed"
+    assert report.target_value(1.2969, 1.3) == "1.296×"  # not "1.30×" beside "missed"
     assert report.target_value(1.3012, 1.3) == "1.30×"
     assert report.target_value(2.4, 2.0) == "2.40×"
     assert report.target_value(0.712, 0.5) == "71.2%"
+    assert report.target_value(0.49996, 0.5) == "49.99%"  # not "50.0%"
     assert report.target_value(None, 1.5) == "—"

@@ -165,7 +165,8 @@ def tilde_blind_processor(processor):
 
 def test_every_bad_record_is_skipped_and_counted_by_reason(tmp_path, tilde_blind_processor):
     good = _llava("good", "<image>\nWhat colour?", "red")
-    path = _write_data(tmp_path, [good] + [record for record, _ in BAD_RECORDS] + [good])
+    untyped = _llava("good", "<image>\nWhat colour?", "red") | {"type": None}  # null: a question, as no type
+    path = _write_data(tmp_path, [good] + [record for record, _ in BAD_RECORDS] + [untyped])
     examples, report = load_examples(path, tilde_blind_processor)
     assert [e.example.id for e in examples] == ["good", "good"]
     expected = {}

@@ -297,6 +297,21 @@ def test_a_checkpoint_loads_in_its_stored_dtype_or_the_one_asked_for(tmp_path):
     assert wide.llm.lm_head.weight is wide.llm.embed_tokens.weight
 
 
+def test_a_loaded_model_does_not_change_when_its_file_does(tmp_path):
+    """The weights are copies, not views of the (memory-mapped) file: overwriting a served checkpoint in place
+    must not change, or crash, the model already loaded from it."""
+    MultimodalLM(tiny_config()).save_pretrained(tmp_path)
+    loaded = MultimodalLM.from_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = bytes(len(data) - header)  # every stored number becomes 0, in place
+    with open(weights, "r+b") as f:
+        f.write(data)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in before.items())
+
+
 def test_rope_frequencies_stay_float32_in_a_bf16_model():
     model = MultimodalLM(tiny_config()).to(torch.bfloat16)
     reference = MultimodalLM(tiny_config()).llm.rotary

@@ -177,6 +177,18 @@ def test_a_nan_loss_stops_the_stage_before_the_update(shapes, tmp_path):
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in weights.items())  # not stepped
 
 
+def test_without_clipping_a_non_finite_gradient_still_stops_the_stage(shapes, tmp_path):
+    """clip 0 computes no clipping norm, but the gradient's norm is still checked before the update."""
+    model, processor, examples, _ = _model_and_data(shapes, "unified")
+    model.projector.linear_1.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    weights = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    stage = Stage("instruct", ("projector", "llm"), "questions", steps=2)
+    with pytest.raises(TrainingError, match=r"stage 'instruct', step 1 .* the gradient norm inf"):
+        train_stage(model, processor, stage, examples, TrainSettings(batch_size=4, progress=False, clip=0),
+                    tmp_path, tmp_path / "m.jsonl", log=lambda *_: None)
+    assert all(torch.equal(v, model.projector.state_dict()[k]) for k, v in weights.items())  # not stepped
+
+
 def _finite(checkpoint) -> bool:
     return all(torch.isfinite(p).all() for p in MultimodalLM.from_pretrained(checkpoint).parameters())
 
@@ -399,6 +411,7 @@ def test_run_config_overrides_and_validation(tmp_path):
 
 @pytest.mark.parametrize("override, words", [
     ("clip=-1", "clip=-1: expected a maximum gradient norm > 0, or 0 for no clipping"),
+    ("pretrain_encoder=1", "pretrain_encoder=1: expected true, false or auto"),
     ("warmup=100", "warmup=100: expected a fraction of each stage's steps in [0, 1), e.g. 0.05 (not a step count)"),
     ("checkpoint_every=-5", "checkpoint_every=-5: expected an integer >= 0"),
     ("checkpoint_every=often", "checkpoint_every='often': expected an integer >= 0"),

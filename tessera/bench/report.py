@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 TARGETS = (  # (what, measured ratio, required)
@@ -62,13 +64,16 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float | None, float]]:
 
 
 def target_value(value: float | None, required: float) -> str:
-    """A measured target as the table shows it: a share as a percentage, a ratio to two decimals, or three when
-    two would round a miss up to the target (1.297× shown as 1.30× would read as met)."""
+    """A measured target as the table shows it: a share as a percentage with one decimal, a ratio with two, or one
+    digit more, cut rather than rounded, when a miss would print as the target (1.2969× as 1.30× reads as met)."""
     if value is None:
         return "—"
-    if required < 1:
-        return f"{value:.1%}"
-    return f"{value:.3f}×" if value < required <= round(value, 2) else f"{value:.2f}×"
+    share = required < 1
+    digits = 3 if share else 2  # what the table shows: 71.2%, 2.40×
+    if value < required <= round(value, digits):  # a miss that would print as the target: one digit more, cut
+        value = math.floor(value * 10 ** (digits + 1)) / 10 ** (digits + 1)
+        digits += 1
+    return f"{value:.{digits - 2}%}" if share else f"{value:.{digits}f}×"
 
 
 def markdown(results: dict[str, Any]) -> str:

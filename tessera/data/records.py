@@ -144,7 +144,7 @@ def parse_record(record: Any, record_id: str, image_root: Path) -> Example:
         images = _image_paths(record, "images")
     else:
         raise RecordError("no conversation", "expected 'conversations' (LLaVA) or 'messages'")
-    if not isinstance(record.get("type", ""), str):
+    if not isinstance(record.get("type") or "", str):  # null, like a missing type, marks a question
         raise RecordError("malformed type", f"'type' must be a string (\"caption\" marks a caption), got "
                                             f"{record['type']!r}")
     _check_turns(messages)

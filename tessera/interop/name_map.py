@@ -95,7 +95,8 @@ def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, t
             pieces.append(tensors.pop(name).reshape(-1))
         target = ours[rule.ours]
         joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        loaded[rule.ours] = joined.reshape(target.shape).to(dtype or target.dtype)
+        # a copy even in the stored dtype: with assign=True a tensor mapping the file would become the parameter
+        loaded[rule.ours] = joined.reshape(target.shape).to(dtype or target.dtype, copy=len(pieces) == 1)
     if tensors:
         unexpected = sorted(stored.get(name, name) for name in tensors)
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

@@ -165,7 +165,7 @@ class Engine:
                 batch[0].post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
                 return
             log.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(batch),
-                        type(e).__name__, e)
+                        type(e).__name__, e, exc_info=True)
             self.stats["failed_batches"] += 1
             for job in batch:
                 if job.started or job.cancelled:

@@ -167,7 +167,10 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                         loss = model(**batch, num_items_in_batch=num_tokens).loss
                     loss.backward()
                     total += loss.item()
-                norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip) if settings.clip else None
+                if settings.clip:
+                    norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip)
+                else:  # no clipping, but the norm is still what tells a non-finite gradient (not applied below)
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
                 # a NaN/inf step would turn every weight into NaN, and every later checkpoint: stop before it
                 if not math.isfinite(total) or (norm is not None and not math.isfinite(float(norm))):
                     raise TrainingError(

@@ -73,7 +73,7 @@ class RunConfig:
         if self.fusion not in (None, "unified", "cross"):
             raise ConfigError(f"fusion={self.fusion!r}: expected unified, cross, or nothing (the recipe's)")
         check_fusion_is_trained(self.recipe, self.fusion)
-        if self.pretrain_encoder not in (True, False, "auto"):
+        if not (isinstance(self.pretrain_encoder, bool) or self.pretrain_encoder == "auto"):  # 1 == True in Python
             raise ConfigError(f"pretrain_encoder={self.pretrain_encoder!r}: expected true, false or auto")
         if not isinstance(self.model, (str, dict)):
             raise ConfigError(f"model={self.model!r}: expected a preset ({', '.join(PRESETS)}) or a mapping of "
