@@ -5,6 +5,7 @@ safetensors only — a checkpoint is data, never code, so nothing here unpickles
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -114,9 +115,10 @@ def parameters_on_meta():
     run on meta: free), for a model whose weights are about to be loaded; buffers such as RoPE frequencies stay
     real."""
     register = nn.Module.register_parameter
+    owner = threading.get_ident()  # the patch is process-wide: modules other threads build meanwhile stay real
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
+        if param is not None and not param.is_meta and threading.get_ident() == owner:
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 

@@ -502,3 +502,20 @@ def test_attention_stays_float32_under_bf16_autocast():
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
     plain = attend(q.detach(), k.detach(), v.detach(), is_causal=True)  # outside autocast: untouched dtype
     assert plain.dtype == torch.bfloat16
+
+
+def test_building_without_weights_leaves_other_threads_modules_real():
+    """A server loads its model on a worker thread; modules other threads build meanwhile keep real weights."""
+    import threading
+
+    from torch import nn
+
+    from tessera.checkpoint import parameters_on_meta
+
+    built = {}
+    with parameters_on_meta():
+        worker = threading.Thread(target=lambda: built.setdefault("other", nn.Linear(2, 2)))
+        worker.start()
+        worker.join()
+        built["own"] = nn.Linear(2, 2)
+    assert not built["other"].weight.is_meta and built["own"].weight.is_meta
