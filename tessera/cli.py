@@ -49,7 +49,8 @@ def _eval(args: argparse.Namespace) -> None:
     from tessera.eval.evaluate import evaluate
     from tessera.eval.report import metrics_table
 
-    for flag, value in ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens):
+    for flag, value in ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens), \
+            ("--batch-size", args.batch_size):
         if value is not None and value < 1:  # before the model loads
             raise ConfigError(f"{flag} {value}: expected an integer >= 1")
     model, processor = _load(args.checkpoint, args.dtype)

@@ -71,6 +71,7 @@ def test_eval_flags_and_unusable_held_out_text_are_one_line_errors(trained, tmp_
     for args, words in [
         (["--limit", 0], "--limit 0: expected an integer >= 1"),
         (["--max-new-tokens", 0], "--max-new-tokens 0: expected an integer >= 1"),
+        (["--batch-size", 0], "--batch-size 0: expected an integer >= 1"),
         (["--text-data", tmp_path / "empty.jsonl"], f"{tmp_path / 'empty.jsonl'}: no usable held-out text records"),
     ]:
         result = tessera("eval", "--checkpoint", checkpoint, "--data", data, "--limit", 3, *args, check=False)
