@@ -30,16 +30,32 @@ def load_dtype(name: str) -> torch.dtype | None:
     return None if name == "auto" else getattr(torch, name)
 
 
-def tied_names(module: nn.Module) -> set[str]:
-    """State-dict names that alias a tensor stored under an earlier name (tied embeddings): saved once."""
-    seen: dict[int, str] = {}
-    tied = set()
+def tied_sources(module: nn.Module) -> dict[str, str]:
+    """Each state-dict name that aliases a tensor stored under an earlier name (tied embeddings) → that name."""
+    first: dict[int, str] = {}
+    sources = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            tied.add(name)
+        if id(tensor) in first:
+            sources[name] = first[id(tensor)]
         else:
-            seen[id(tensor)] = name
-    return tied
+            first[id(tensor)] = name
+    return sources
+
+
+def tied_names(module: nn.Module) -> set[str]:
+    """State-dict names that alias a tensor stored under an earlier name: saved once, under that name."""
+    return set(tied_sources(module))
+
+
+def assign_weights(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors become the module's parameters (no copy, so a module built on meta is filled), and every tied
+    alias is pointed at its source's new tensor (assigning the source alone would leave the alias behind)."""
+    sources = tied_sources(module)
+    with torch.no_grad():
+        module.load_state_dict(tensors, strict=False, assign=True)
+    for alias, source in sources.items():
+        owner, _, attribute = alias.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, module.get_parameter(source))
 
 
 def save_weights(module: nn.Module, directory: Path) -> Path:
@@ -78,12 +94,7 @@ def load_weights(module: nn.Module, directory: Path, dtype: torch.dtype | None =
                 tensors[name] = tensor.to(want.device) if not want.is_meta else tensor
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    sources = _alias_sources(module, aliases)
-    with torch.no_grad():
-        module.load_state_dict(tensors, strict=False, assign=True)
-    for alias, source in sources.items():  # assigning replaced the source tensor: point its aliases at it again
-        owner, _, attribute = alias.rpartition(".")
-        setattr(module.get_submodule(owner), attribute, module.get_parameter(source))
+    assign_weights(module, tensors)
 
 
 def _check_names(path: Path, expected: dict, names: set[str]) -> None:
@@ -95,18 +106,6 @@ def _check_names(path: Path, expected: dict, names: set[str]) -> None:
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}{more}; the config has no such weight")
-
-
-def _alias_sources(module: nn.Module, aliases: set[str]) -> dict[str, str]:
-    """Each tied parameter name → the name it is saved under (the first name of the same tensor)."""
-    first: dict[int, str] = {}
-    sources = {}
-    for name, tensor in module.named_parameters(remove_duplicate=False):
-        if name in aliases:
-            sources[name] = first[id(tensor)]
-        else:
-            first.setdefault(id(tensor), name)
-    return sources
 
 
 @contextmanager

@@ -132,9 +132,10 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _load(checkpoint: str, dtype: str = "auto"):
-    from tessera.serve.app import load_checkpoint
+    from tessera.model import MultimodalLM
+    from tessera.processor import Processor
 
-    return load_checkpoint(checkpoint, dtype)
+    return MultimodalLM.from_pretrained(checkpoint, dtype=dtype), Processor.from_pretrained(checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, save_weights
+from tessera.checkpoint import CONFIG_NAME, load_dtype, load_weights, parameters_on_meta, save_weights
 from tessera.config import ModelConfig
 from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
@@ -350,8 +350,13 @@ class MultimodalLM(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None) -> MultimodalLM:
+        """A tessera checkpoint or a Hugging Face LLaVA / Llama 3.2 Vision directory. dtype: the weights' dtype in
+        memory, a torch dtype or one of LOAD_DTYPES' names; None (or "auto") keeps a tessera checkpoint's stored
+        dtype and loads a Hugging Face directory in float32."""
+        if isinstance(dtype, str):
+            dtype = load_dtype(dtype)
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: no such checkpoint directory; expected one written by "

@@ -61,8 +61,6 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype | None = None) -> Mu
     import_weights(model, family.weight_rules(config), tensors, source, ignored=family.unread(list(tensors), config),
                    dtype=dtype or torch.float32, assign=True,
                    stored_names={new: old for old, new in renamed.items()})
-    if config.text.tie_word_embeddings:
-        model.llm.lm_head.weight = model.llm.embed_tokens.weight
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if meta:
         raise CheckpointError(f"{source}: tensor for {meta[0]!r} never loaded")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tessera.checkpoint import tied_names
+from tessera.checkpoint import assign_weights, tied_names
 from tessera.errors import CheckpointError
 
 Shape = tuple[int, ...]
@@ -102,8 +102,11 @@ def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, t
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{more}; tessera has no place for it "
                               f"in this architecture")
-    with torch.no_grad():
-        model.load_state_dict(loaded, strict=False, assign=assign)  # tied aliases are filled by their source
+    if assign:
+        assign_weights(model, loaded)
+    else:
+        with torch.no_grad():
+            model.load_state_dict(loaded, strict=False)  # tied aliases are filled through their source
 
 
 def export_weights(state: dict[str, torch.Tensor], rules: Iterable[Rule]) -> dict[str, torch.Tensor]:

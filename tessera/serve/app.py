@@ -91,7 +91,7 @@ def load_checkpoint(directory: str | Path, dtype: str = "auto"):
     from tessera.model import MultimodalLM
     from tessera.processor import Processor
 
-    return MultimodalLM.from_pretrained(directory, dtype=load_dtype(dtype)), Processor.from_pretrained(directory)
+    return MultimodalLM.from_pretrained(directory, dtype=dtype), Processor.from_pretrained(directory)
 
 
 def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = None) -> FastAPI:
