@@ -467,8 +467,13 @@ def test_cross_fusion_under_a_recipe_that_never_trains_cross_attention_is_refuse
     ("an orange square!", "orange square", True),
     ("yes", "no", False),
     ("red", "reds", False),
+    ("2", "two", True),
+    ("There are Two.", "there are 2", True),
+    ("none", "0", True),
+    ("one", "two", False),
+    ("someone", "some1", False),  # whole words only
 ])
-def test_exact_match_normalises_case_punctuation_articles_and_spaces(prediction, reference, same):
+def test_exact_match_normalises_case_punctuation_articles_numbers_and_spaces(prediction, reference, same):
     assert exact_match(prediction, reference) is same
     assert normalize_answer("The  Blue, square.") == "blue square"
 

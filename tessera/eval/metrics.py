@@ -8,12 +8,16 @@ import string
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+# the VQA evaluation's number words: "two" and "2" are the same answer to "how many …?" ("none" too: 0)
+NUMBER_WORDS = {word: str(n) for n, word in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))} | {"none": "0"}
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, punctuation and articles removed, whitespace collapsed: "The Red circle." → "red circle"."""
-    text = text.lower().translate(PUNCTUATION)
-    return " ".join(ARTICLES.sub(" ", text).split())
+    """Lowercase, punctuation and articles removed, number words as digits, whitespace collapsed:
+    "The Red circle." → "red circle", "Two." → "2"."""
+    text = ARTICLES.sub(" ", text.lower().translate(PUNCTUATION))
+    return " ".join(NUMBER_WORDS.get(word, word) for word in text.split())
 
 
 def exact_match(prediction: str, reference: str) -> bool:
