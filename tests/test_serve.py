@@ -209,6 +209,20 @@ def test_health_models_and_page(server):
     assert "tessera playground" in page.text
 
 
+def test_retrieve_a_model_by_id(server):
+    """GET /v1/models/{id} (the openai client's models.retrieve) gives the list's entry, and OpenAI's 404 for an
+    id the server does not serve."""
+    client = server.client()
+    assert client.models.retrieve("tiny").model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(openai.NotFoundError) as error:
+        client.models.retrieve("gpt-4o")
+    assert error.value.code == "model_not_found" and error.value.param == "model"
+    for unknown in "gpt-4o", "tiny/extra":
+        assert_error(httpx.get(f"{server.url}/v1/models/{unknown}", headers=_auth()), 404, "model",
+                     f"The model '{unknown}' does not exist", "invalid_request_error", "model_not_found")
+    assert_error(httpx.get(f"{server.url}/v1/models/tiny"), 401)
+
+
 def test_text_completion_matches_the_model_and_counts_usage(server, reference):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What colour?"}]
     result = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
@@ -443,10 +457,11 @@ def _post(server, body, headers=None) -> httpx.Response:
                       headers={"Content-Type": "application/json", **(_auth() if headers is None else headers)})
 
 
-def assert_error(response: httpx.Response, status: int, param=None, words: str = "", type: str | None = None) -> dict:
+def assert_error(response: httpx.Response, status: int, param=None, words: str = "", type: str | None = None,
+                 code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == (code or status)
     assert error["type"] == (type or {400: "invalid_request_error", 401: "authentication_error",
                                       404: "not_found_error", 405: "invalid_request_error",
                                       413: "invalid_request_error", 503: "unavailable_error"}[status])
@@ -814,6 +829,8 @@ def test_tessera_serve_command(checkpoint, tmp_path):
         wait_until_healthy(f"http://127.0.0.1:{port}", timeout=120)
         client = Server(f"http://127.0.0.1:{port}", None).client()
         assert client.models.list().data[0].id == str(checkpoint)
+        # the default id is a path: the client sends its slashes as %2F
+        assert client.models.retrieve(str(checkpoint)).id == str(checkpoint)
         result = client.chat.completions.create(model=str(checkpoint), max_tokens=4, temperature=0,
                                                 messages=_one_image(data_url(PNG))["messages"])
         assert result.choices[0].finish_reason in ("stop", "length")

@@ -1,4 +1,5 @@
-"""The HTTP server: FastAPI routes for the playground page, /health, /v1/models and /v1/chat/completions.
+"""The HTTP server: FastAPI routes for the playground page, /health, /v1/models (and /v1/models/{id}) and
+/v1/chat/completions.
 
 A thin layer: `protocol` validates requests and shapes responses, `images` loads image URLs, `engine` runs the
 model on its own thread. The model loads in the background, so /health answers 503 until it is ready.
@@ -167,13 +168,25 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         ready()
         return JSONResponse({"status": "ok"})
 
+    def model_card(engine: Engine) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "tessera",
+                "max_model_len": engine.context_length}
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         authorize(request)
+        return JSONResponse({"object": "list", "data": [model_card(ready())]})
+
+    # :path because the default id is the checkpoint path: the openai client sends its slashes as %2F, which
+    # arrive decoded
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        authorize(request)
         engine = ready()
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": started,
-                                                         "owned_by": "tessera",
-                                                         "max_model_len": engine.context_length}]})
+        if model_id != name:  # OpenAI's answer for an unknown id
+            raise APIError(404, f"The model '{model_id}' does not exist", "model", type="invalid_request_error",
+                           code="model_not_found")
+        return JSONResponse(model_card(engine))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -2,7 +2,8 @@
 prompt, and the response and stream-chunk bodies.
 
 Everything here is pure: no I/O, no model. A request that cannot be served raises `APIError`, whose body is the
-OpenAI error object `{"error": {"message", "type", "param", "code"}}` (`code` is the HTTP status, as vLLM sends it).
+OpenAI error object `{"error": {"message", "type", "param", "code"}}` (`code` is the HTTP status, as vLLM sends it,
+unless the error has a code of its own such as OpenAI's "model_not_found").
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status if self.code is None else self.code}}
 
 
 # --- the request schema --------------------------------------------------------------------------------------------
