@@ -608,17 +608,31 @@ def test_concurrent_requests_equal_one_at_a_time(fusion, checkpoint, tmp_path):
         assert len({answer for answer, _, _ in one_at_a_time}) > 8
 
 
-def test_a_job_that_fails_fails_alone_not_its_batch_mates(checkpoint, reference):
-    """A failing batch is run again one job at a time, so a request that cannot be generated (here: an image tensor
-    of the wrong size) gets its 500 and the request it happened to share a batch with is still answered."""
+def test_a_job_that_fails_fails_alone_and_its_batch_mates_stay_batched(checkpoint, reference):
+    """A failing batch is split in halves that run again (bisection), so a request that cannot be generated (here: an
+    image tensor of the wrong size) gets its 500 alone, the requests it shared a batch with get the answers they get
+    alone, still decoded in batches (1 + 2 + 4 rows, not 7 one at a time), and every row is counted once."""
     import asyncio
 
     from tessera.serve.engine import Engine, Failed, Job
 
     model, processor = load_checkpoint(checkpoint)
-    engine = Engine(model, processor, max_batch=4)  # started once both jobs wait, so that they share a batch
-    messages = user(text("What colour?"))
+    engine = Engine(model, processor, max_batch=8)  # started once every job waits, so that they share a batch
     params = [model.sampling_params(max_new_tokens=6, temperature=0)]
+    questions = [[{"role": "user", "content": CORPUS[i % 4][:12 + i]}] for i in range(7)]
+    runs = []  # (rows, outcome) of every run of the model
+
+    def spy(batch, generate=engine._generate):
+        if not runs:  # the client of the last job leaves while the first run fails: it is not run again
+            batch[-1].cancel()
+        try:
+            generate(batch)
+        except Exception:
+            runs.append((len(batch), "failed"))
+            raise
+        runs.append((len(batch), "ok"))
+
+    engine._generate = spy
 
     async def outcome(job: Job):
         answer = ""
@@ -631,21 +645,26 @@ def test_a_job_that_fails_fails_alone_not_its_batch_mates(checkpoint, reference)
                 return 200, answer
 
     async def run():
-        good = Job("good", processor.encode(messages, add_generation_prompt=True)[0], [], params)
         image_ids = processor.encode(user({"type": "image"}, text("What colour?")), add_generation_prompt=True)[0]
         bad = Job("bad", image_ids, [torch.zeros(3, 5, 5)], params)
-        engine.submit(good)
-        engine.submit(bad)
+        good = [Job(f"good{i}", processor.encode(q, add_generation_prompt=True)[0], [], params)
+                for i, q in enumerate(questions)]
+        for job in (bad, *good):
+            engine.submit(job)
         engine.start()
-        return await outcome(good), await outcome(bad)
+        return await outcome(bad), [await outcome(job) for job in good[:-1]]
 
     try:
-        (good_status, answer), (bad_status, error) = asyncio.run(run())
+        (bad_status, error), answers = asyncio.run(run())
     finally:
         engine.stop()
-    assert engine.stats["largest_batch"] == 2 and engine.stats["failed_batches"] == 1
-    assert (good_status, answer) == (200, reference(messages, max_new_tokens=6))
     assert bad_status == 500 and error.startswith("generation failed: ")
+    assert answers == [(200, reference(q, max_new_tokens=6)) for q in questions[:-1]]
+    assert runs == [(8, "failed"), (4, "failed"), (2, "failed"), (1, "failed"), (1, "ok"), (2, "ok"), (3, "ok")]
+    assert engine.stats == {"batches": 1, "rows": 8, "largest_batch": 8, "retries": 6, "failed_runs": 4,
+                            "failed_rows": 1, "cancelled_rows": 1}
+    reasons = {job_id: reason for job_id, _, reason, _ in engine.finished}
+    assert len(engine.finished) == 8 and reasons["bad"] == "failed" and reasons["good6"] == "cancelled"
 
 
 # --- disconnects, loading, the command ----------------------------------------------------------------------------

@@ -5,8 +5,9 @@ The event loop never calls the model. A handler submits a Job and awaits its eve
 `MultimodalLM.stream_tokens` with per-row sampling settings, and hands each new piece of text back to the loop
 with `call_soon_threadsafe`. Batches are static: the KV cache is sized per batch, so jobs that arrive while a
 batch runs wait for the next one. A cancelled job (its client went away) stops being decoded at the next step, and
-a batch whose rows are all finished or cancelled stops at once. If a batch fails, its jobs are run again one at a
-time (those that have not sent any text yet), so that only the job causing the failure gets the 500.
+a batch whose rows are all finished or cancelled stops at once. If a batch fails, the jobs that have not sent any
+text yet run again in two halves, and so on (bisection), so that only the job causing the failure gets the 500 and
+the others are still decoded in batches.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Job:
         self._loop = asyncio.get_running_loop()
         self._cancelled = threading.Event()
         self.started = False  # some text was posted (read and written on the worker thread only)
+        self.recorded: set[int] = set()  # choices whose outcome is in Engine.finished (worker thread only)
 
     @property
     def rows(self) -> int:
@@ -125,8 +127,11 @@ class Engine:
         self.processor = processor
         self.max_batch = max_batch
         self.context_length = model.config.text.max_position_embeddings
-        self.stats: Counter[str] = Counter()  # batches, rows, largest_batch, cancelled_rows, failed_batches (tests)
-        self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)  # (job id, choice, reason, tokens)
+        # for tests, each row counted once: batches and rows taken from the queue, largest_batch (rows), retries
+        # (runs of part of a failed run), failed_runs (retries included), failed_rows (a 500), cancelled_rows
+        self.stats: Counter[str] = Counter()
+        # every row's outcome, once: (job id, choice, reason: stop | length | cancelled | failed, tokens)
+        self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
         self._pending: deque[Job] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -155,23 +160,47 @@ class Engine:
 
     def _run_batch(self, batch: list[Job]) -> None:
         """Generate for the batch. If that fails (a bug, an input nothing caught earlier, out of memory), the jobs
-        that have sent no text yet run again one at a time, so the request that fails alone is the only one to get
-        the 500 and the others are answered; a job that already sent text cannot start over and fails too."""
+        that have sent no text yet run again in two halves, each split again if it fails, until the job that fails
+        alone is the only one to get the 500. Its batch-mates are answered, still in batches: one failing job among
+        n costs them about log2(n) more runs, not n - 1 one-row decodes. A job that already sent text cannot start
+        over and fails too; a cancelled one is dropped."""
         try:
             self._generate(batch)
         except Exception as e:
+            self.stats["failed_runs"] += 1
+            error = APIError(500, f"generation failed: {type(e).__name__}: {e}")
             if len(batch) == 1:
                 log.exception("generation failed for request %s", batch[0].id)
-                batch[0].post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+                self._fail(batch[0], error)
                 return
-            log.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(batch),
+            log.warning("a batch of %d requests failed (%s: %s); running it again in halves", len(batch),
                         type(e).__name__, e, exc_info=True)
-            self.stats["failed_batches"] += 1
+            again = []
             for job in batch:
                 if job.started or job.cancelled:
-                    job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+                    self._fail(job, error)
                 else:
-                    self._run_batch([job])
+                    again.append(job)
+            half = (len(again) + 1) // 2
+            for part in again[:half], again[half:]:
+                if part:
+                    self.stats["retries"] += 1
+                    self._run_batch(part)
+
+    def _fail(self, job: Job, error: APIError) -> None:
+        """The 500 for a job a failed run leaves unanswered (nobody waits for a cancelled one)."""
+        reason = "cancelled" if job.cancelled else "failed"
+        if not job.cancelled:
+            job.post(Failed(error))
+        for choice in range(job.rows):
+            if choice not in job.recorded:  # a choice that finished before the failure keeps its reason
+                self._record(job, choice, reason, 0)
+
+    def _record(self, job: Job, choice: int, reason: str, tokens: int) -> None:
+        job.recorded.add(choice)
+        self.finished.append((job.id, choice, reason, tokens))
+        if reason in ("cancelled", "failed"):
+            self.stats[f"{reason}_rows"] += 1
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest waiting job, plus every later one that still fits: rows <= max_batch, and the padded prompt
@@ -186,8 +215,8 @@ class Engine:
                 if not job.cancelled:
                     waiting.append(job)
                     continue
-                self.stats["cancelled_rows"] += job.rows  # its client left before it was scheduled
-                self.finished.extend((job.id, choice, "cancelled", 0) for choice in range(job.rows))
+                for choice in range(job.rows):  # its client left before it was scheduled
+                    self._record(job, choice, "cancelled", 0)
             batch, rest = [waiting[0]], []
             for job in waiting[1:]:
                 rows = sum(j.rows for j in batch) + job.rows
@@ -196,6 +225,9 @@ class Engine:
                 fits = rows <= self.max_batch and width + longest <= self.context_length
                 (batch if fits else rest).append(job)
             self._pending = deque(rest)
+            rows = sum(job.rows for job in batch)
+            self.stats.update(batches=1, rows=rows)  # here, so that a failed batch's retries do not count again
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
             return batch
 
     def _generate(self, batch: list[Job]) -> None:
@@ -204,8 +236,6 @@ class Engine:
                                           [job.pixel_values for job, _ in rows], padding_side="left")
         params = [job.params[choice] for job, choice in rows]
         streams = [ChoiceStream(choice, job.params[choice], self.processor.decode) for job, choice in rows]
-        self.stats.update(batches=1, rows=len(rows))
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         # a tiled encoder (Llama 3.2 Vision) also needs each image's tile arrangement
         steps = self.model.stream_tokens(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                          inputs["image_counts"], params,
@@ -217,14 +247,13 @@ class Engine:
                         continue
                     if job.cancelled:
                         stream.done = True
-                        self.stats["cancelled_rows"] += 1
-                        self.finished.append((job.id, choice, "cancelled", stream.tokens))
+                        self._record(job, choice, "cancelled", stream.tokens)
                         continue
                     piece = stream.add(token)
                     if piece is not None:
                         job.post(piece)
                     if stream.done:
-                        self.finished.append((job.id, choice, piece.finish_reason, stream.tokens))
+                        self._record(job, choice, piece.finish_reason, stream.tokens)
                 if all(stream.done for stream in streams):
                     break
         finally:
