@@ -90,6 +90,8 @@ def _serve(args: argparse.Namespace) -> None:
         allowed_image_hosts=None if args.allowed_image_hosts is None else
         [host.strip() for host in args.allowed_image_hosts.split(",")],
         threads=args.threads, dtype=args.dtype,
+        # only when given: ServeSettings holds the default (importing it here would load the web stack for --help)
+        **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}),
     )
     serve(settings, host=args.host, port=args.port)
 
@@ -217,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --checkpoint)")
     p.add_argument("--max-images-per-prompt", type=int, default=4)
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="pixels per image, and per image its preprocessing builds (padding, resizing); checked "
+                        "from the header before decoding (default: 4096 x 4096 = 16777216)")
     p.add_argument("--max-batch", type=int, default=8, help="rows (requests x n) decoded together")
     p.add_argument("--allowed-local-dir", default=None, help="allow file:// image URLs inside this directory")
     p.add_argument("--allow-remote-images", action="store_true", help="allow http(s):// image URLs (off: the "

@@ -825,6 +825,18 @@ def test_an_allowed_image_host_must_be_a_host_name(checkpoint, host):
     ServeSettings(checkpoint=str(checkpoint), allowed_image_hosts=["example.org", "10.0.0.5", "[::1]"]).check()
 
 
+@pytest.mark.parametrize("value, words", [
+    (0, "--max-image-pixels 0: expected an integer >= 1"), (-5, "--max-image-pixels -5: expected an integer >= 1"),
+    (True, "--max-image-pixels True: expected an integer >= 1"),
+    ("4096", "--max-image-pixels '4096': expected an integer >= 1"),
+    (2 * Image.MAX_IMAGE_PIXELS + 1, f"expected at most {2 * Image.MAX_IMAGE_PIXELS} (PIL refuses larger images"),
+])
+def test_the_image_pixel_limit_must_be_a_positive_integer_pil_can_reach(checkpoint, value, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        ServeSettings(checkpoint=str(checkpoint), max_image_pixels=value).check()
+    ServeSettings(checkpoint=str(checkpoint), max_image_pixels=2 * Image.MAX_IMAGE_PIXELS).check()
+
+
 TESSERA = shutil.which("tessera", path=os.path.dirname(sys.executable)) or "tessera"
 
 
@@ -837,12 +849,17 @@ def test_tessera_serve_command(checkpoint, tmp_path):
                           "images.example.com, x.com:80"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "'x.com:80' is not a host name" in bad.stderr  # the list's spaces are fine
     assert len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([TESSERA, "serve", "--checkpoint", str(checkpoint), "--max-image-pixels", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "tessera serve: error: --max-image-pixels 0: expected an integer >= 1"
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([TESSERA, "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-                                "--api-key", API_KEY, "--max-batch", "2"], stdout=subprocess.PIPE,
+                                "--api-key", API_KEY, "--max-batch", "2", "--max-image-pixels", "4096"],
+                               stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", timeout=120)
@@ -853,6 +870,9 @@ def test_tessera_serve_command(checkpoint, tmp_path):
         result = client.chat.completions.create(model=str(checkpoint), max_tokens=4, temperature=0,
                                                 messages=_one_image(data_url(PNG))["messages"])
         assert result.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError, match="65x64 = 4160 pixels; at most 4096 are allowed"):
+            client.chat.completions.create(model=str(checkpoint), max_tokens=1,
+                                           messages=_one_image(data_url(png_bytes(1, (65, 64))))["messages"])
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=30)

@@ -25,6 +25,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.checkpoint import CONFIG_NAME, load_dtype
@@ -67,17 +68,21 @@ class ServeSettings:
         if self.allowed_local_dir is not None and not Path(self.allowed_local_dir).is_dir():
             raise ConfigError(f"--allowed-local-dir {self.allowed_local_dir}: no such directory")
         load_dtype(self.dtype)  # a name it knows
-        if self.max_batch < 1:
-            raise ConfigError(f"--max-batch {self.max_batch}: expected an integer >= 1")
-        if self.max_images_per_prompt < 0:
-            raise ConfigError(f"--max-images-per-prompt {self.max_images_per_prompt}: expected an integer >= 0")
+        for flag, value, least in (("--max-batch", self.max_batch, 1), ("--threads", self.threads, 1),
+                                   ("--max-images-per-prompt", self.max_images_per_prompt, 0),
+                                   ("--max-image-pixels", self.max_image_pixels, 1)):
+            if value is not None and (type(value) is not int or value < least):  # bool is an int subclass
+                raise ConfigError(f"{flag} {value!r}: expected an integer >= {least}")
+        # PIL refuses an image past twice its own limit before tessera's check sees it: a larger limit would not hold
+        pil_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+        if pil_limit is not None and self.max_image_pixels > pil_limit:
+            raise ConfigError(f"--max-image-pixels {self.max_image_pixels}: expected at most {pil_limit} (PIL "
+                              f"refuses larger images as decompression bombs)")
         for host in self.allowed_image_hosts or ():
             if bare_host(host) is None:
                 raise ConfigError(f"--allowed-image-hosts: {host!r} is not a host name; expected names like "
                                   f"images.example.com, 10.0.0.5 or [::1], comma-separated, without scheme, port "
                                   f"or path")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads {self.threads}: expected an integer >= 1")
 
     def image_policy(self) -> ImagePolicy:
         local = Path(self.allowed_local_dir) if self.allowed_local_dir else None
