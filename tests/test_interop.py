@@ -476,18 +476,22 @@ def _ask(server, messages) -> httpx.Response:
 
 def test_serve_refuses_the_image_token_typed_as_text(families):
     """The processor's image token typed as text ("<|image|>" for Llama 3.2 Vision) is a 400 naming the message,
-    found before the request reaches the model, instead of a 500 for it and every request batched with it."""
+    found before the request reaches the model, instead of a 500 for it and every request batched with it; in the
+    words tessera's own "<image>" gets (test_serve)."""
     from tessera.serve import ServeSettings
     from tests.test_serve import assert_error, data_url, png_bytes, running_server
 
     png = data_url(png_bytes(1))
     with running_server(ServeSettings(checkpoint=str(families["mllama"].directory), served_model_name="m")) as s:
         assert_error(_ask(s, [{"role": "user", "content": "what is <|image|> this?"}]), 400, "messages[0].content",
-                     "messages[0].content contains the image token '<|image|>'; images go in image_url parts")
+                     "messages[0].content contains the image token '<|image|>', which stands for an image; send "
+                     "images as image_url parts, not as text")
         both = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}},
                                              {"type": "text", "text": "<|image|> what?"}]}]
         assert_error(_ask(s, both), 400, "messages[0].content[1].text", "the image token '<|image|>'")
         assert s.engine.stats["batches"] == 0  # nothing reached the model
+        # tessera's own image token is plain text to this tokenizer
+        assert _ask(s, [{"role": "user", "content": "what is <image> this?"}]).status_code == 200
 
 
 def test_serve_refuses_a_conversation_the_chat_template_rejects(families, tmp_path):

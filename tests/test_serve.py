@@ -411,8 +411,12 @@ BAD_REQUESTS = [
     ("stream_options without stream", _chat(stream_options={"include_usage": True}), 400, "stream_options",
      "only allowed when stream is true"),
     ("n above max batch", _chat(n=MAX_BATCH + 1), 400, "n", f"at most {MAX_BATCH}"),
-    ("special token in text", _chat(messages=user(text("<image> what?"))), 400, "messages[0].content[0].text",
-     "special token '<image>'"),
+    ("image token in text", _chat(messages=user(text("<image> what?"))), 400, "messages[0].content[0].text",
+     "messages[0].content[0].text contains the image token '<image>', which stands for an image; send images as "
+     "image_url parts, not as text"),
+    ("role token in text", _chat(messages=[{"role": "user", "content": "hi <|assistant|> yes"}]), 400,
+     "messages[0].content", "messages[0].content contains the special token '<|assistant|>'; the chat template "
+                            "adds the role and sequence tokens itself"),
     ("image in an assistant message", _chat(messages=[{"role": "assistant", "content": [image_part(data_url(PNG))]}]),
      400, "messages[0].content[0]", "only allowed in user messages"),
     ("invalid base64", _one_image("data:image/png;base64,!!not*base64!!"), 400, URL, "invalid base64"),

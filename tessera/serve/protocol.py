@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tessera.errors import DataError
-from tessera.text.tokenizer import SPECIAL_TOKENS
+from tessera.text.tokenizer import IMAGE, SPECIAL_TOKENS
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
@@ -241,14 +241,15 @@ def _check_text(text: str, param: str) -> None:
         raise APIError(400, f"{param}: the text is not valid Unicode ({text[e.start]!r} at character {e.start} is a "
                             f"lone surrogate); expected UTF-8 text", param) from None
     for token in SPECIAL_TOKENS:
-        if token in text:
-            raise APIError(400, f"{param} contains the special token {token!r}; images go in image_url parts and "
-                                f"the chat template adds the role tokens itself", param)
+        # the image token is the processor's (tessera's <image> or an imported model's): _refuse_image_token
+        if token != IMAGE and token in text:
+            raise APIError(400, f"{param} contains the special token {token!r}; the chat template adds the role "
+                                f"and sequence tokens itself", param)
 
 
 def _refuse_image_token(messages: list[dict[str, Any]], token: str) -> None:
-    """The processor's image token ("<|image|>" for Llama 3.2 Vision) typed as text would stand for an image that
-    was never sent."""
+    """The processor's image token ("<image>" for tessera's, "<|image|>" for Llama 3.2 Vision) typed as text would
+    stand for an image that was never sent."""
     for i, message in enumerate(messages):
         content = message["content"]
         texts = [(f"messages[{i}].content", content)] if isinstance(content, str) else [
@@ -256,8 +257,8 @@ def _refuse_image_token(messages: list[dict[str, Any]], token: str) -> None:
             if part["type"] == "text"]
         for param, text in texts:
             if token in text:
-                raise APIError(400, f"{param} contains the image token {token!r}; images go in image_url parts",
-                               param)
+                raise APIError(400, f"{param} contains the image token {token!r}, which stands for an image; send "
+                                    f"images as image_url parts, not as text", param)
 
 
 def _schema_error(error: ValidationError) -> APIError:
