@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> None:
         allowed_local_dir=args.allowed_local_dir, allow_remote_images=args.allow_remote_images,
         allowed_image_hosts=None if args.allowed_image_hosts is None else
         [host.strip() for host in args.allowed_image_hosts.split(",")],
-        threads=args.threads, dtype=args.dtype,
+        threads=args.threads, dtype=args.dtype, cors_origins=args.cors_origin,
         # only when given: ServeSettings holds the default (importing it here would load the web stack for --help)
         **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}),
     )
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "server fetches nothing from elsewhere)")
     p.add_argument("--allowed-image-hosts", default=None, metavar="HOST[,HOST…]",
                    help="allow http(s):// image URLs from these hosts only (exact names, no redirects followed)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages on ORIGIN (e.g. https://app.example.com; * for any) call the API from the "
+                        "browser; repeatable (default: off, so only the server's own playground page can)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's; "
                                                              "1 is often fastest for small models on a busy CPU)")
     p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto", help=LOAD_DTYPE_HELP)

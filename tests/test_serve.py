@@ -841,6 +841,57 @@ def test_the_image_pixel_limit_must_be_a_positive_integer_pil_can_reach(checkpoi
     ServeSettings(checkpoint=str(checkpoint), max_image_pixels=2 * Image.MAX_IMAGE_PIXELS).check()
 
 
+APP_ORIGIN = "https://app.example.com"
+
+
+def _preflight(server: Server, origin: str) -> httpx.Response:
+    """What a browser sends before a cross-origin POST with an API key."""
+    return httpx.options(f"{server.url}/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+
+
+def test_cors_is_off_unless_origins_are_given(server):
+    assert_error(_preflight(server, APP_ORIGIN), 405)
+    response = _post(server, _chat(), headers={**_auth(), "Origin": APP_ORIGIN})
+    assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+
+
+def test_cors_origins_may_call_the_api_from_a_browser(checkpoint):
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny", api_key=API_KEY,
+                                      cors_origins=[APP_ORIGIN, "http://localhost:3000"])) as s:
+        preflight = _preflight(s, APP_ORIGIN)  # answered without the API key, which a preflight never carries
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        assert {"authorization", "content-type"} <= set(preflight.headers["access-control-allow-headers"].split(", "))
+        answer = _post(s, _chat(), headers={**_auth(), "Origin": APP_ORIGIN})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == APP_ORIGIN
+        # an error too, so that the page can read its message
+        refused = _post(s, _chat(max_tokens=0), headers={**_auth(), "Origin": "http://localhost:3000"})
+        assert_error(refused, 400, "max_tokens")
+        assert refused.headers["access-control-allow-origin"] == "http://localhost:3000"
+        # another origin is not let in
+        assert _preflight(s, "https://evil.example.com").status_code == 400
+        other = _post(s, _chat(), headers={**_auth(), "Origin": "https://evil.example.com"})
+        assert "access-control-allow-origin" not in other.headers
+        assert_error(_post(s, _chat(), headers={"Origin": APP_ORIGIN}), 401)  # and the key is still required
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                      cors_origins=["*"])) as s:
+        assert _preflight(s, "https://anywhere.example").headers["access-control-allow-origin"] == "*"
+        answer = httpx.get(f"{s.url}/v1/models", headers={"Origin": "https://anywhere.example"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("origin", ["https://app.example.com/", "app.example.com", "https://App.example.com",
+                                    "ftp://example.com", "https://example.com/app", "https://user@example.com",
+                                    "http://localhost:port", ""])
+def test_a_cors_origin_must_be_one_as_browsers_send_it(checkpoint, origin):
+    with pytest.raises(ConfigError, match=f"--cors-origin {re.escape(repr(origin))}: expected \\* or an origin"):
+        ServeSettings(checkpoint=str(checkpoint), cors_origins=["*", origin]).check()
+    ServeSettings(checkpoint=str(checkpoint), cors_origins=["*", "http://localhost:3000", "http://[::1]:8080",
+                                                            APP_ORIGIN]).check()
+
+
 TESSERA = shutil.which("tessera", path=os.path.dirname(sys.executable)) or "tessera"
 
 
@@ -862,13 +913,17 @@ def test_tessera_serve_command(checkpoint, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([TESSERA, "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-                                "--api-key", API_KEY, "--max-batch", "2", "--max-image-pixels", "4096"],
+                                "--api-key", API_KEY, "--max-batch", "2", "--max-image-pixels", "4096",
+                                "--cors-origin", "http://localhost:3000", "--cors-origin", APP_ORIGIN],
                                stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", timeout=120)
         client = Server(f"http://127.0.0.1:{port}", None).client()
         assert client.models.list().data[0].id == str(checkpoint)
+        for origin in "http://localhost:3000", APP_ORIGIN:  # --cors-origin is repeatable
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={**_auth(), "Origin": origin})
+            assert models.headers["access-control-allow-origin"] == origin
         # the default id is a path: the client sends its slashes as %2F
         assert client.models.retrieve(str(checkpoint)).id == str(checkpoint)
         result = client.chat.completions.create(model=str(checkpoint), max_tokens=4, temperature=0,

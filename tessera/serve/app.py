@@ -21,9 +21,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,6 +55,7 @@ class ServeSettings:
     max_body_bytes: int = 32 * 2 ** 20
     max_image_pixels: int = 4096 * 4096
     threads: int | None = None  # torch's intra-op threads (process-wide, so only `serve` applies it)
+    cors_origins: list[str] | None = None  # web pages on these origins ("*": any) may call the API; None: same origin
     dtype: str = "auto"  # weights in memory (see `load_checkpoint`)
 
     @property
@@ -78,6 +81,11 @@ class ServeSettings:
         if pil_limit is not None and self.max_image_pixels > pil_limit:
             raise ConfigError(f"--max-image-pixels {self.max_image_pixels}: expected at most {pil_limit} (PIL "
                               f"refuses larger images as decompression bombs)")
+        for origin in self.cors_origins or ():
+            if not is_origin(origin):
+                raise ConfigError(f"--cors-origin {origin!r}: expected * or an origin as browsers send it: "
+                                  f"http(s)://host[:port] in lower case, without path or trailing slash, e.g. "
+                                  f"https://app.example.com or http://localhost:3000")
         for host in self.allowed_image_hosts or ():
             if bare_host(host) is None:
                 raise ConfigError(f"--allowed-image-hosts: {host!r} is not a host name; expected names like "
@@ -89,6 +97,19 @@ class ServeSettings:
         hosts = frozenset(map(bare_host, self.allowed_image_hosts)) if self.allowed_image_hosts is not None else None
         return ImagePolicy(allowed_local_dir=local, allow_remote=self.allow_remote_images, allowed_hosts=hosts,
                            max_pixels=self.max_image_pixels)
+
+
+def is_origin(text: str) -> bool:
+    """`text` is "*" or an origin in the exact form browsers send (CORS compares the strings)."""
+    if text == "*":
+        return True
+    try:
+        parts = urlsplit(text)
+        parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc \
+        and text == f"{parts.scheme}://{parts.netloc}" and text == text.lower()
 
 
 def load_checkpoint(directory: str | Path, dtype: str = "auto"):
@@ -128,6 +149,12 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
 
     app = FastAPI(title="tessera", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tessera = state  # tests read the engine and its statistics here
+    if settings.cors_origins:
+        # Starlette answers the browser's preflight OPTIONS here, before authorize() (a preflight carries no API
+        # key), and adds Access-Control-Allow-Origin to responses, errors included, so that pages can read them.
+        # No cookies are involved (the API key is a header), so credentials stay off.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
 
     def ready() -> Engine:
         if state["error"] is not None:  # its own type, so clients (the playground) stop waiting for the model
