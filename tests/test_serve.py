@@ -221,6 +221,12 @@ def test_retrieve_a_model_by_id(server):
         assert_error(httpx.get(f"{server.url}/v1/models/{unknown}", headers=_auth()), 404, "model",
                      f"The model '{unknown}' does not exist", "invalid_request_error", "model_not_found")
     assert_error(httpx.get(f"{server.url}/v1/models/tiny"), 401)
+    # a chat completion for another model gets the same 404
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert error.value.code == "model_not_found" and error.value.param == "model"
+    assert_error(_post(server, _chat(model="gpt-4o")), 404, "model", "The model 'gpt-4o' does not exist",
+                 "invalid_request_error", "model_not_found")
 
 
 def test_text_completion_matches_the_model_and_counts_usage(server, reference):
@@ -451,7 +457,6 @@ BAD_REQUESTS = [
                                       b'"\\udfff"}]}]}', 400, "messages[0].content[0].text", "lone surrogate"),
     ("deeply nested body", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None,
      "the request body is nested too deeply to parse"),
-    ("unknown model", _chat(model="gpt-4o"), 404, "model", "The model `gpt-4o` does not exist."),
 ]
 
 

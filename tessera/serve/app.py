@@ -35,7 +35,7 @@ from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.serve.engine import Engine, Failed, Job
 from tessera.serve.images import ImagePolicy, bare_host, load_image
 from tessera.serve.protocol import (APIError, ChatRequest, Completion, choice_delta, encode_prompt,
-                                    parse_chat_request, usage)
+                                    parse_chat_request, unknown_model, usage)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures this one, so our lines print beside its own
 # the error type of the 503 for a model that failed to load (which is permanent); still loading is "unavailable_error"
@@ -216,8 +216,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         authorize(request)
         engine = ready()
         if model_id != name:  # OpenAI's answer for an unknown id
-            raise APIError(404, f"The model '{model_id}' does not exist", "model", type="invalid_request_error",
-                           code="model_not_found")
+            raise unknown_model(model_id)
         return JSONResponse(model_card(engine))
 
     @app.post("/v1/chat/completions")
