@@ -76,7 +76,7 @@ def _generate(args: argparse.Namespace) -> None:
                       padding_side="left")
     batch.pop("labels")
     result = model.generate(**batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed, tokenizer=processor)
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, tokenizer=processor)
     print(result.texts[0])
 
 
@@ -189,13 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval)
 
     p = verbs.add_parser("generate", help="answer one prompt about one image")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--image", default=None)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint", required=True, help="a tessera checkpoint or a Hugging Face LLaVA / Llama 3.2 "
+                                                        "Vision directory")
+    p.add_argument("--image", default=None, help="an image file (PNG, JPEG, …); none: a text-only prompt")
+    p.add_argument("--prompt", required=True, help="the question; the image goes before it")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
+                                                             "probabilities reach p (1: all)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto", help=LOAD_DTYPE_HELP)
     p.set_defaults(run=_generate)
 

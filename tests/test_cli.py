@@ -85,10 +85,15 @@ def test_generate_answers_and_reports_bad_inputs_in_one_line(trained, tmp_path):
     result = tessera("generate", "--checkpoint", checkpoint, "--image", image, "--prompt", "What colour is it?",
                      "--max-new-tokens", 5)
     assert result.returncode == 0 and result.stderr == ""
+    # sampling from the single likeliest token is greedy decoding, whatever the temperature
+    sampled = tessera("generate", "--checkpoint", checkpoint, "--image", image, "--prompt", "What colour is it?",
+                      "--max-new-tokens", 5, "--temperature", 1.5, "--top-k", 1, "--seed", 3)
+    assert sampled.stdout == result.stdout
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG broken")
     for args, words in [
         (["--image", tmp_path / "missing.png"], "image file not found"),
         (["--image", tmp_path / "corrupt.png"], "not a readable image"),
+        (["--top-k", -1], "top_k=-1: expected an integer >= 0"),
     ]:
         result = tessera("generate", "--checkpoint", checkpoint, "--prompt", "hi", *args, check=False)
         assert result.returncode == 2 and words in result.stderr
