@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
+from tessera.train.state import StageState, TrainingState, remove_state, save_state
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 
@@ -65,8 +66,9 @@ class TrainSettings:
 
 
 def batches(examples: list[EncodedExample], processor: Processor, batch_size: int, seed: int,
-            group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches (a new permutation each epoch, from a seeded generator).
+            group_by_length: bool = False, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches (a new permutation each epoch, from a seeded generator), but the first `skip`: a
+    resumed stage draws the batches its uninterrupted run would have drawn next.
 
     With `group_by_length`, each run of 50 batches' worth of shuffled examples is sorted by length before it is cut
     into batches, and the batches are shuffled again — rows of a batch then have similar lengths, so little of the
@@ -84,6 +86,9 @@ def batches(examples: list[EncodedExample], processor: Processor, batch_size: in
         if group_by_length:
             starts = [starts[j] for j in torch.randperm(len(starts), generator=generator).tolist()]
         for start in starts:
+            if skip:  # drawn before the interruption: the generator moves on as it did, nothing is padded
+                skip -= 1
+                continue
             chosen = [examples[i] for i in order[start:start + batch_size]]
             yield processor.pad_batch([(e.input_ids, e.labels) for e in chosen], [e.pixel_values for e in chosen])
 
@@ -118,21 +123,30 @@ def parameter_table(model: MultimodalLM) -> str:
 
 def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, examples: list[EncodedExample],
                 settings: TrainSettings, out_dir: Path, metrics_path: Path, first_step: int = 0,
-                log=print, losses: list[float] | None = None) -> list[float]:
-    """Run one stage; returns its per-step losses (appended to `losses` when given: a caller whose run stops
-    mid-stage learns how far it got). Appends one JSON line per step to metrics_path.
+                log=print, losses: list[float] | None = None, state: StageState | None = None,
+                checkpoint_state: Callable[[StageState], TrainingState] | None = None) -> list[float]:
+    """Run one stage; returns the per-step losses of the steps it ran (appended to `losses` when given). Appends one
+    JSON line per step to metrics_path.
+
+    `state` is where the stage stands: a resumable checkpoint's to continue from, and kept up to date as the stage
+    goes on, so a caller whose run stops mid-stage finds in it what a continuation needs. `checkpoint_state` makes
+    the run's training state of it: given, the checkpoints written every `checkpoint_every` steps are resumable.
 
     However the stage ends — done, interrupted or failed — the components it must not keep are put back."""
+    state = StageState() if state is None else state
     model.freeze(*COMPONENTS)
     model.unfreeze(*stage.train)
     log(f"stage {stage.name!r}: {stage.steps} steps on {stage.data} ({len(examples)} examples), "
         f"training {', '.join(stage.train)}\n{parameter_table(model)}")
     if stage.steps == 0:
         return []
-    restore = None
-    if stage.keep is not None:  # snapshot what must come out of the stage unchanged
+    restore = state.restore
+    if stage.keep is not None and restore is None:  # snapshot what must come out of the stage unchanged
         restore = {name: {k: v.clone() for k, v in model.component(name).state_dict().items()}
                    for name in stage.train if name not in stage.keep}
+    for name, weights in (state.in_progress or {}).items():  # put back when the run stopped; they go on training
+        model.component(name).load_state_dict(weights)
+    state.in_progress = None
     groups = []
     for name in stage.train:
         lr = stage.lr * stage.lr_scale.get(name, 1.0)
@@ -148,13 +162,23 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.98), fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         stage.steps, settings.warmup, settings.min_lr_ratio, stage.schedule, settings.decay))
+    if state.optimizer is not None:  # a resumed stage: the moments and the schedule where they were
+        optimizer.load_state_dict(state.optimizer)
+        schedule.load_state_dict(state.schedule)
     trainable = [p for group in groups for p in group["params"]]
     bf16 = training_precision(settings.precision) == "bf16-mixed"
-    data = batches(examples, processor, settings.batch_size, settings.seed + first_step, settings.group_by_length)
+    data = batches(examples, processor, settings.batch_size, settings.seed + first_step, settings.group_by_length,
+                   skip=state.step * settings.grad_accum)
+
+    def current() -> StageState:
+        state.optimizer, state.schedule, state.restore = optimizer.state_dict(), schedule.state_dict(), restore
+        return state
+
     model.train()
     losses = [] if losses is None else losses
     try:
-        bar = tqdm(range(stage.steps), desc=stage.name, disable=not settings.progress, dynamic_ncols=True)
+        bar = tqdm(range(state.step, stage.steps), initial=state.step, total=stage.steps, desc=stage.name,
+                   disable=not settings.progress, dynamic_ncols=True)
         stage_started = time.perf_counter()
         with metrics_path.open("a") as metrics:
             for step in bar:
@@ -178,20 +202,30 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                         f"{total} and the gradient norm {None if norm is None else float(norm)}; stopped before "
                         f"applying the step (the checkpoints written so far are kept). Expected finite values: try "
                         f"a lower lr.{stage.name} (now {stage.lr:g})" + ("" if settings.clip else " or clip > 0"))
+                state.mid_update = True  # until the step is counted: stopped here, the weights are of no step
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 lr = optimizer.param_groups[0]["lr"]
                 schedule.step()
                 samples_per_s = settings.batch_size * settings.grad_accum / (time.perf_counter() - started)
                 losses.append(total)
-                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
                 record = {"run": settings.run, "stage": stage.name, "step": first_step + step + 1,
                           "stage_step": step + 1, "loss": total, "lr": lr, "samples_per_s": round(samples_per_s, 1),
                           "tokens": num_tokens, "grad_norm": None if norm is None else float(norm),
                           "stage_seconds": round(time.perf_counter() - stage_started, 3)}
                 metrics.write(json.dumps(record) + "\n")
+                state.step, state.rng, state.mid_update = step + 1, torch.get_rng_state(), False
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
                 if settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0:
-                    save_checkpoint(model, processor, out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}")
+                    metrics.flush()  # a resumed run goes on from the checkpoint's step: its records are on disk
+                    save_checkpoint(model, processor, out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}",
+                                    checkpoint_state and checkpoint_state(current()))
+    except BaseException:
+        if not state.mid_update:  # what the continuation needs, before the finally puts components back
+            current()
+            state.in_progress = {name: {k: v.clone() for k, v in model.component(name).state_dict().items()}
+                                 for name in restore or {}} or None
+        raise
     finally:
         if restore:
             for name, state in restore.items():
@@ -201,24 +235,38 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
     return losses
 
 
-def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path) -> Path:
+def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
+                    state: TrainingState | None = None) -> Path:
+    """The weights, tokenizer and processor settings; with `state`, the training state that makes the checkpoint
+    resumable (see tessera.train.state)."""
+    remove_state(directory)  # written last, so a save cut short leaves no state beside half-written weights
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
+    if state is not None:
+        save_state(directory, state)
     return directory
 
 
-def save_interrupted(model: MultimodalLM, processor: Processor, directory: Path, log, where: str) -> None:
+def save_interrupted(model: MultimodalLM, processor: Processor, directory: Path, log, where: str,
+                     state: TrainingState | None = None) -> None:
     """Save the model of a run that stops mid-stage, so the steps since the last checkpoint are not lost — unless
-    its weights are no longer finite (they would only hide the good checkpoints)."""
+    its weights are no longer finite (they would only hide the good checkpoints) — with the training state, unless
+    it stopped while a step was being applied."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         log(f"{where}; its weights are no longer finite, so they were not saved")
         return
+    resumable = state is not None and not state.stage_state.mid_update
     try:
-        save_checkpoint(model, processor, directory)
+        save_checkpoint(model, processor, directory, state if resumable else None)
     except Exception as e:  # the error that stopped the run matters more than this one
         log(f"{where}; saving the model to {directory} failed too: {e}")
         return
-    log(f"{where}: saved the model as it was to {directory} (weights only; runs cannot be resumed)")
+    if resumable:
+        log(f"{where}: saved the model and the training state to {directory}; continue the run with: tessera train "
+            f"CONFIG --resume")
+    else:
+        log(f"{where}: saved the model as it was to {directory} (weights only: it stopped while a step was being "
+            f"applied; --resume continues from the latest checkpoint instead)")
 
 
 def read_metrics(metrics_path: Path) -> list[dict]:
@@ -232,6 +280,24 @@ def read_metrics(metrics_path: Path) -> list[dict]:
         if isinstance(record, dict) and "stage" in record:
             records.append(record)
     return records
+
+
+def drop_metrics_after(metrics_path: Path, run: int, step: int) -> int:
+    """Remove run `run`'s records past `step` — steps a resumed run is about to take again — and a line a killed
+    run left half-written (the next record would be appended to it); returns how many records were removed."""
+    kept, dropped = [], 0
+    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("run", 1) == run and record.get("step", 0) > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if metrics_path.is_file():
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    return dropped
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path:

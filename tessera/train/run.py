@@ -17,10 +17,13 @@ from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
-from tessera.train.loop import (TrainSettings, plot_losses, read_metrics, save_checkpoint, save_interrupted,
-                                 train_stage, training_precision)
+from tessera.checkpoint import load_weights
+from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, read_metrics, save_checkpoint,
+                                save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
+from tessera.train.state import StageState, TrainingState, check_same_run, latest_resumable, load_state, \
+    run_fingerprint
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -94,9 +97,14 @@ def check_stage_data(stages: list[Stage], train_examples: list[EncodedExample], 
                         f"{report.kept} records kept{kept}, {skipped}")
 
 
-def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, Any]:
+def run_training(run: RunConfig, log=print, progress: bool = True,
+                 resume: str | Path | bool | None = None) -> dict[str, Any]:
     """Train every stage of the run; returns the model, processor, per-stage final losses and the held-out text
-    loss before and after the multimodal stages (None without DATA/text_test.jsonl)."""
+    loss before and after the multimodal stages (None without DATA/text_test.jsonl).
+
+    resume: a resumable checkpoint to continue the run from, or True for the newest under OUT (see
+    tessera.train.state). The stages it had done are not run again, its metrics go on as the same run, and the
+    continuation computes what the uninterrupted run would have."""
     started = time.perf_counter()
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -104,18 +112,28 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
     data_dir, out = Path(run.data), Path(run.out)
     train_file = split_file(data_dir, "train")
     stages = build_stages(run)
+    source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
+    resumed = load_state(source) if source else None
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
                         f"(or set llm_checkpoint to start from a trained LLM)")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint else None)
+    if source:  # the tokenizer the run has been training with, not one trained anew
+        tokenizer_file = source / "tokenizer.json"
     if tokenizer_file:  # a pretrained LLM comes with the tokenizer it was trained with
         tokenizer = load_tokenizer(tokenizer_file)
     else:
         tokenizer = train_tokenizer(dataset_texts(data_dir), run.vocab_size)
     vocab = padded_vocab(tokenizer.get_vocab_size())
     model = MultimodalLM(model_config(run, vocab))
-    if run.llm_checkpoint:
+    files = [train_file, data_dir / "text_train.jsonl", data_dir / "text_test.jsonl"]
+    fingerprint = run_fingerprint(run, stages, model.config, training_precision(run.precision),
+                                  {path.name: path for path in files})
+    if resumed:  # the weights as the checkpoint holds them, which an llm_checkpoint started
+        check_same_run(resumed.fingerprint, fingerprint, source)
+        load_weights(model, source)
+    elif run.llm_checkpoint:
         pretrained = MultimodalLM.from_pretrained(run.llm_checkpoint)
         check_same_llm(pretrained.config, model.config, run.llm_checkpoint)
         model.llm.load_state_dict(pretrained.llm.state_dict())
@@ -145,34 +163,60 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
         held_out, held_out_report = load_examples(data_dir / "text_test.jsonl", processor, strict=run.strict,
                                                   text_only=True)
         log(held_out_report.summary())
-    text_loss = {}
+    # a resumed run has measured it already, on the model as it was before the multimodal stages
+    text_loss = {"before": resumed.text_loss_before} if resumed and resumed.text_loss_before is not None else {}
     metrics_path = out / "metrics.jsonl"
     earlier = read_metrics(metrics_path)
-    if earlier:  # a rerun into the same directory: keep the earlier runs' records, number this run after them
+    if resumed:
+        settings.run = resumed.run
+        dropped = drop_metrics_after(metrics_path, resumed.run, resumed.step)  # steps it is about to take again
+        where = (f"stage {resumed.stage_name!r} after {resumed.stage_state.step} of its steps" if resumed.stage_name
+                 else "every stage done")
+        log(f"resuming run {resumed.run} from {source} at run step {resumed.step} ({where})" +
+            (f"; removed the {dropped} records of later steps from {metrics_path}" if dropped else ""))
+    elif earlier:  # a rerun into the same directory: keep the earlier runs' records, number this run after them
         settings.run = max(r.get("run", 1) for r in earlier) + 1
         log(f"{metrics_path} holds {len(earlier)} steps of earlier runs; this run's steps are appended as "
             f"run {settings.run} (loss.png shows this run only)")
-    step = 0
+
+    def training_state(index: int, step: int, stage_state: StageState) -> TrainingState:
+        """What resumes the run at run step `step`, in stage `index` (len(stages) when every stage is done)."""
+        return TrainingState(run=settings.run, step=step, stage=index,
+                             stage_name=stages[index].name if index < len(stages) else None,
+                             text_loss_before=text_loss.get("before"), fingerprint=fingerprint,
+                             stage_state=stage_state)
+
+    if resumed:  # as it was at the checkpoint (nothing draws from it today; a dropout layer would)
+        torch.set_rng_state(resumed.stage_state.rng)
+    first_step = step = resumed.step if resumed else 0
     stage_losses = {}
     for index, stage in enumerate(stages):
+        if resumed and index < resumed.stage:
+            continue  # done before the run stopped
         if stage.data != "text" and "before" not in text_loss and held_out:
             # the article's question about Method B: does the LLM keep its text skills through multimodal training?
             text_loss["before"] = text_lm_loss(model, processor, held_out)
             log(f"held-out text loss before the multimodal stages: {text_loss['before']:.4f}")
         examples = select(train_examples, stage.data, text_examples)
         done: list[float] = []
+        state = resumed.stage_state if resumed and index == resumed.stage else StageState(rng=torch.get_rng_state())
+        stage_start = step - state.step  # its data order is seeded with the run step it started at
         try:
-            train_stage(model, processor, stage, examples, settings, out, metrics_path, step, log, losses=done)
+            train_stage(model, processor, stage, examples, settings, out, metrics_path, stage_start, log,
+                        losses=done, state=state,
+                        checkpoint_state=lambda s: training_state(index, stage_start + s.step, s))  # noqa: B023
         except BaseException as e:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
             # (not weights that just gave a non-finite loss: they would only pass for good ones)
-            if step + len(done) and not isinstance(e, TrainingError):
+            if stage_start + state.step and not isinstance(e, TrainingError):
                 save_interrupted(model, processor, out / "interrupted", log,
-                                 f"stopped in stage {stage.name!r} after {len(done)} of its {stage.steps} steps "
-                                 f"(run step {step + len(done)})")
+                                 f"stopped in stage {stage.name!r} after {state.step} of its {stage.steps} steps "
+                                 f"(run step {stage_start + state.step})",
+                                 training_state(index, stage_start + state.step, state))
             raise
-        step += len(done)
+        step = stage_start + state.step
         stage_losses[stage.name] = done[-1] if done else None
-        save_checkpoint(model, processor, out / "checkpoints" / f"stage-{index}-{stage.name}")
+        save_checkpoint(model, processor, out / "checkpoints" / f"stage-{index}-{stage.name}",
+                        training_state(index + 1, step, StageState(rng=torch.get_rng_state())))
     if held_out:
         text_loss["after"] = text_lm_loss(model, processor, held_out)
         log(f"held-out text loss after training: {text_loss['after']:.4f}")
@@ -180,6 +224,6 @@ def run_training(run: RunConfig, log=print, progress: bool = True) -> dict[str, 
     if step:
         plot_losses(metrics_path, out / "loss.png")
     return {"model": model, "processor": processor, "train_examples": train_examples, "text_examples": text_examples,
-            "steps": step, "final_losses": stage_losses,
+            "steps": step, "first_step": first_step, "final_losses": stage_losses,
             "text_loss_before": text_loss.get("before"), "text_loss_after": text_loss.get("after"),
             "precision": settings.precision, "train_seconds": time.perf_counter() - started}

@@ -1,0 +1,181 @@
+"""A resumable checkpoint's training state: where a run stopped, and what its continuation needs to be exact.
+
+A resumable checkpoint is an ordinary checkpoint directory (config.json, model.safetensors, tokenizer.json, …) with
+
+    training_state.json   the position — run number, run step, stage and step within it — the held-out text loss
+                          measured before the multimodal stages, and the run-config values the continuation depends on
+    training_state.pt     tensors: AdamW's and the LR schedule's state, the weights a `keep` stage puts back at its
+                          end, torch's RNG state; loaded with weights_only=True, so nothing in it runs as code
+
+The JSON is written last: a directory whose save was cut short has none, and is not offered for resuming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.errors import CheckpointError, ConfigError
+
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.pt"
+FORMAT = 1
+# run-config fields that may change between a run and its continuation: where it writes, how often it saves, how
+# many threads compute it, how it treats bad records (the records it keeps are compared through the data files)
+MAY_CHANGE = ("out", "data", "checkpoint_every", "threads", "strict")
+
+
+@dataclass
+class StageState:
+    """How far a stage got, and what train_stage needs to continue it exactly."""
+    step: int = 0  # the stage's steps done
+    optimizer: dict | None = None  # AdamW's state_dict after those steps
+    schedule: dict | None = None  # the LR schedule's
+    restore: dict[str, dict[str, torch.Tensor]] | None = None  # component → weights put back at the end (`keep`)
+    # component → weights trained so far, of a stage stopped mid-way whose components were already put back
+    in_progress: dict[str, dict[str, torch.Tensor]] | None = None
+    rng: torch.Tensor | None = None  # torch's RNG state after those steps: what a dropout layer would draw from
+    # set while a step is being applied: a run stopped then has weights that are neither before nor after it
+    mid_update: bool = False
+
+
+@dataclass
+class TrainingState:
+    run: int  # the metrics.jsonl run number
+    step: int  # run steps done
+    stage: int  # index of the stage in progress, or of the next one at a stage boundary
+    stage_name: str | None  # None: every stage is done
+    text_loss_before: float | None
+    fingerprint: dict[str, Any]  # see run_fingerprint
+    stage_state: StageState = field(default_factory=StageState)
+
+
+def save_state(directory: Path, state: TrainingState) -> None:
+    stage = state.stage_state
+    torch.save({"optimizer": stage.optimizer, "schedule": stage.schedule, "restore": stage.restore,
+                "in_progress": stage.in_progress, "rng": stage.rng}, directory / STATE_TENSORS)
+    position = {"format": FORMAT, "run": state.run, "step": state.step, "stage": state.stage,
+                "stage_name": state.stage_name, "stage_step": stage.step, "text_loss_before": state.text_loss_before,
+                "fingerprint": state.fingerprint}
+    (directory / STATE_JSON).write_text(json.dumps(position, indent=1) + "\n")
+
+
+def remove_state(directory: Path) -> None:
+    """Before a checkpoint is written into a directory: an earlier save's state must not outlive its weights."""
+    for name in (STATE_JSON, STATE_TENSORS):
+        (directory / name).unlink(missing_ok=True)
+
+
+def read_position(directory: Path) -> dict:
+    """training_state.json of a resumable checkpoint, checked enough to order checkpoints by it."""
+    path = directory / STATE_JSON
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory; expected a resumable checkpoint "
+                              f"(OUT/interrupted or OUT/checkpoints/step-* or stage-*)")
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: a weights-only checkpoint (no {STATE_JSON}), so the run cannot continue "
+                              f"from it; expected OUT/interrupted or OUT/checkpoints/step-* or stage-* of a run that "
+                              f"saves its training state")
+    try:
+        position = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); expected the training state tessera train writes") \
+            from None
+    keys = {"run": int, "step": int, "stage": int, "stage_step": int, "fingerprint": dict}
+    wrong = [k for k, kind in keys.items() if not isinstance(position, dict) or not isinstance(position.get(k), kind)]
+    if wrong or position.get("format") != FORMAT:
+        what = f"field {wrong[0]!r} missing or of the wrong type" if wrong else f"format {position.get('format')!r}"
+        raise CheckpointError(f"{path}: {what}; expected the training state (format {FORMAT}) tessera train writes")
+    return position
+
+
+def load_state(directory: Path) -> TrainingState:
+    position = read_position(directory)
+    path = directory / STATE_TENSORS
+    try:
+        tensors = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; {directory / STATE_JSON} expects it beside it") from None
+    except Exception as e:  # torch.load raises whatever unpickling or unzipping a damaged file raises
+        raise CheckpointError(f"{path}: not a readable training state ({type(e).__name__}: {e})") from None
+    if not isinstance(tensors, dict) or not isinstance(tensors.get("rng"), torch.Tensor):
+        raise CheckpointError(f"{path}: expected the training state tessera train writes (with the RNG state)")
+    stage = StageState(step=position["stage_step"], optimizer=tensors.get("optimizer"),
+                       schedule=tensors.get("schedule"), restore=tensors.get("restore"),
+                       in_progress=tensors.get("in_progress"), rng=tensors["rng"])
+    return TrainingState(run=position["run"], step=position["step"], stage=position["stage"],
+                         stage_name=position.get("stage_name"), text_loss_before=position.get("text_loss_before"),
+                         fingerprint=position["fingerprint"], stage_state=stage)
+
+
+def latest_resumable(out: Path) -> Path:
+    """The resumable checkpoint under OUT furthest into the latest run: OUT/interrupted or OUT/checkpoints/*."""
+    candidates = [out / "interrupted"] + sorted((out / "checkpoints").glob("*"))
+    found = []
+    for directory in candidates:
+        if (directory / STATE_JSON).is_file():
+            position = read_position(directory)
+            found.append(((position["run"], position["step"], position["stage"]), directory))
+    if not found:
+        raise CheckpointError(f"{out}: no resumable checkpoint (OUT/interrupted or OUT/checkpoints/*/{STATE_JSON}); "
+                              f"expected a run into {out} that saved one (every checkpoint_every steps, at each "
+                              f"stage's end, or when stopped)")
+    return max(found)[1]
+
+
+def file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(run: Any, stages: list, model: Any, precision: str, files: dict[str, Path]) -> dict[str, Any]:
+    """The values a continuation depends on, flattened to the dotted keys a run config spells them with: the run's
+    fields (but MAY_CHANGE), the stages as built (steps.instruct, lr.instruct, …), the model as built (model.text.…),
+    the precision as resolved, and the SHA-256 of the data files (files.train.json, …)."""
+    fields = {k: v for k, v in dataclasses.asdict(run).items()
+              if k not in MAY_CHANGE + ("model", "steps", "lr", "lr_scale", "schedule", "pretrain_encoder")}
+    per_stage = {"stages": [s.name for s in stages]}
+    for s in stages:
+        per_stage.update({f"steps.{s.name}": s.steps, f"lr.{s.name}": s.lr, f"schedule.{s.name}": s.schedule,
+                          f"lr_scale.{s.name}": s.lr_scale})
+    values = {**fields, "precision": precision, **per_stage, "model": model.to_dict(),
+              "files": {name: file_digest(path) for name, path in files.items()}}
+    return _flat(json.loads(json.dumps(values)))  # as JSON will give it back: tuples as lists
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_run(saved: dict, ours: dict, directory: Path) -> None:
+    differing = [f"{k} ({_shown(k, saved.get(k))} in the checkpoint, {_shown(k, ours.get(k))} now)"
+                 for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+    if differing:
+        raise ConfigError(f"{directory}: the run config differs from the checkpoint's run in {', '.join(differing)}; "
+                          f"expected the same run to continue it (only {', '.join(MAY_CHANGE)} may change), or a "
+                          f"new run without --resume")
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return "none" if not key.startswith("files.") else "no such file"
+    if key.startswith("files."):  # a digest: its start is enough to tell
+        return f"sha256 {value[:12]}…"
+    return repr(value)

@@ -1,0 +1,161 @@
+"""Resumable runs: a run stopped (Ctrl-C, or killed after a checkpoint) and resumed computes exactly what the
+uninterrupted run computes; a resume that could not continue the same run is refused, naming why."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from tessera import CheckpointError, ConfigError
+from tessera.data.shapes import make_shapes_dataset
+from tessera.train.run import RunConfig, run_training
+from tests.test_train import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(directory, train=40, test=6, seed=0, text_train=40, text_test=10)
+    return directory
+
+
+def _config(shapes, out, **fields):
+    return {"recipe": "llava", "data": str(shapes), "out": str(out), "model": TINY_MODEL, "vocab_size": 400,
+            "batch_size": 4, "steps": {"text": 2, "encoder_pretrain": 4, "align": 2, "instruct": 3}, **fields}
+
+
+def _train(config, **kwargs):
+    return run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False, **kwargs)
+
+
+def _records(out):
+    return [(r["run"], r["stage"], r["step"], r["loss"], r["lr"], r["grad_norm"])
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def _stop_at(monkeypatch, run_step):
+    """Ctrl-C in the middle of run step `run_step` (its gradient computed, nothing applied)."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == run_step:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted)
+    return lambda: monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+
+@pytest.mark.parametrize("recipe, steps, fields, stop", [
+    # encoder_pretrain keeps only the encoder: stopped in it at run steps 4 and 5, the decoder it trains so far and
+    # the weights it puts back at its end both come through; the run then goes on through align and instruct
+    ("llava", {"text": 2, "encoder_pretrain": 4, "align": 2, "instruct": 3}, {}, 4),
+    # stopped in the first of two stages (step 2), and at the start of the second (step 4), with accumulation and
+    # length grouping (their data order) and a warmup spanning the stop
+    ("molmo", {"text": 3, "train": 5}, {"grad_accum": 2, "group_by_length": True, "warmup": 0.5}, 2),
+])
+def test_a_resumed_run_computes_exactly_what_the_uninterrupted_run_computes(shapes, tmp_path, monkeypatch, recipe,
+                                                                            steps, fields, stop):
+    config = _config(shapes, tmp_path / "straight", recipe=recipe, steps=steps, checkpoint_every=stop, **fields)
+    straight = _train(config)
+    expected = _records(tmp_path / "straight")
+    assert len(expected) == sum(steps.values())
+    weights = {k: v.clone() for k, v in straight["model"].state_dict().items()}
+
+    def same_run(result, out):
+        assert _records(out) == expected  # every step once, the same run number, the same losses to the bit
+        assert all(torch.equal(v, result["model"].state_dict()[k]) for k, v in weights.items())
+        assert (result["text_loss_before"], result["text_loss_after"]) == \
+            (straight["text_loss_before"], straight["text_loss_after"])
+
+    # Ctrl-C two steps after a checkpoint: OUT/interrupted is the newest resumable checkpoint, and --resume finds it
+    interrupted = {**config, "out": str(tmp_path / "interrupted")}
+    undo = _stop_at(monkeypatch, stop + 2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(interrupted)
+    undo()
+    assert len(_records(tmp_path / "interrupted")) == stop + 1
+    resumed = _train(interrupted, resume=True)
+    assert (resumed["first_step"], resumed["steps"]) == (stop + 1, len(expected))
+    same_run(resumed, tmp_path / "interrupted")
+
+    # killed after step `stop + 1`, past the checkpoint of step `stop`: the records of the steps taken again go
+    lines = (tmp_path / "straight/metrics.jsonl").read_text().splitlines()
+    (tmp_path / "straight/metrics.jsonl").write_text("\n".join(lines[:stop + 1]) + "\n" + lines[stop + 1][:20])
+    resumed = _train(config, resume=tmp_path / f"straight/checkpoints/step-{stop:06d}")
+    same_run(resumed, tmp_path / "straight")
+
+
+def test_a_run_resumed_after_its_last_stage_has_nothing_left_to_train(shapes, tmp_path):
+    config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    first = _train(config)
+    again = _train(config, resume=True)  # the newest: the last stage's checkpoint
+    assert (again["first_step"], again["steps"]) == (4, 4)
+    assert [r[2] for r in _records(tmp_path / "run")] == [1, 2, 3, 4]
+    assert again["text_loss_after"] == first["text_loss_after"]
+
+
+def test_resuming_a_different_run_is_refused_naming_what_differs(shapes, tmp_path):
+    config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    _train(config)
+    changed = {**config, "batch_size": 8, "seed": 3, "steps": {**config["steps"], "instruct": 5}}
+    with pytest.raises(ConfigError) as error:
+        _train(changed, resume=True)
+    assert re.search(r"the run config differs from the checkpoint's run in batch_size \(4 in the checkpoint, 8 now\), "
+                     r"seed \(0 in the checkpoint, 3 now\), steps.instruct \(1 in the checkpoint, 5 now\); expected "
+                     r"the same run to continue it", str(error.value))
+    # what may change: where it writes, how often it saves, its threads; the data may move, not change
+    data = tmp_path / "moved"
+    shutil.copytree(shapes, data)
+    _train({**config, "data": str(data), "checkpoint_every": 7, "threads": 1}, resume=True)
+    (data / "train.json").write_text(json.dumps(json.loads((data / "train.json").read_text())[:-1]))
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's run in files\.train\.json \(sha256 \w{12}… "
+                                          r"in the checkpoint, sha256 \w{12}… now\)"):
+        _train({**config, "data": str(data)}, resume=True)
+
+
+def test_a_checkpoint_without_a_readable_training_state_is_refused_naming_the_file(shapes, tmp_path):
+    config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run'}: no resumable checkpoint")):
+        _train(config, resume=True)
+    _train(config)
+    final = tmp_path / "run/checkpoint"
+    with pytest.raises(CheckpointError, match=re.escape(f"{final}: a weights-only checkpoint (no "
+                                                        f"training_state.json), so the run cannot continue from it")):
+        _train(config, resume=final)
+    stage = tmp_path / "run/checkpoints/stage-1-encoder_pretrain"
+    (stage / "training_state.pt").write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match=re.escape(f"{stage / 'training_state.pt'}: not a readable training "
+                                                        f"state")):
+        _train(config, resume=stage)
+    (stage / "training_state.json").write_text("{")
+    with pytest.raises(CheckpointError, match=re.escape(f"{stage / 'training_state.json'}: not valid JSON")):
+        _train(config, resume=stage)
+
+
+def test_a_run_drawing_from_torch_s_rng_resumes_with_the_numbers_it_would_have_drawn(shapes, tmp_path, monkeypatch):
+    """Nothing in the model draws random numbers today; a dropout layer would, from torch's global generator."""
+    from tessera.model import MultimodalLM
+
+    forward = MultimodalLM.forward
+
+    def noisy(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if self.training:
+            output.loss = output.loss * (1 + 0.5 * torch.rand(()))
+        return output
+
+    monkeypatch.setattr(MultimodalLM, "forward", noisy)
+    config = _config(shapes, tmp_path / "straight", recipe="molmo", steps={"text": 2, "train": 4})
+    straight = _train(config)
+    interrupted = {**config, "out": str(tmp_path / "interrupted")}
+    undo = _stop_at(monkeypatch, 4)  # after step 4's forward drew its number
+    with pytest.raises(KeyboardInterrupt):
+        _train(interrupted)
+    undo()
+    resumed = _train(interrupted, resume=True)
+    assert _records(tmp_path / "interrupted") == _records(tmp_path / "straight")
+    assert all(torch.equal(v, resumed["model"].state_dict()[k]) for k, v in straight["model"].state_dict().items())
