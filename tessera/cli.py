@@ -251,7 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # the train verb's key=value overrides may come after its flags too (`train run.yaml --no-progress seed=1`):
+    # argparse leaves those over, and parse_intermixed_args does not take subcommands
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if args.verb != "train" or a.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.run(args)
     except (TesseraError, ValueError, OSError) as e:

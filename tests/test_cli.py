@@ -143,6 +143,24 @@ def test_train_reports_a_bad_config_value_in_one_line_naming_the_key(tmp_path, c
         assert words in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_train_takes_overrides_after_its_flags(trained, tmp_path, capsys):
+    from tessera.cli import main
+
+    config = {"recipe": "molmo", "data": str(trained / "data"), "out": str(tmp_path / "run"), "model": TINY_MODEL,
+              "vocab_size": 400, "batch_size": 4, "steps": {"text": 1, "train": 1}}
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
+    train = ["train", str(tmp_path / "run.yaml")]
+    assert main([*train, "--no-progress", "steps.train=2", "--strict", "checkpoint_every=2"]) == 0
+    assert "trained 3 steps in" in capsys.readouterr().out
+    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "run/checkpoints/step-000002").is_dir()
+    assert main([*train, "--no-progress", "seed"]) == 2
+    assert "override 'seed': expected key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error, as for any verb's unknown flag
+        main([*train, "--no-progress", "--bogus", "seed=1"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_train_on_wrong_typed_record_fields_skips_them_or_names_them(tmp_path, capsys):
     from tessera.cli import main
 
