@@ -41,8 +41,10 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = list(args.overrides) + (["strict=true"] if args.strict else [])
     run = RunConfig.load(args.config, overrides)
-    result = run_training(run, progress=not args.no_progress)
-    print(f"trained {result['steps']} steps in {result['train_seconds']:.0f} s; checkpoint: {Path(run.out) / 'checkpoint'}")
+    result = run_training(run, progress=not args.no_progress, resume=args.resume_from or args.resume)
+    resumed = f" (resumed at run step {result['first_step']})" if result["first_step"] else ""
+    print(f"trained {result['steps'] - result['first_step']} steps{resumed} in {result['train_seconds']:.0f} s; "
+          f"checkpoint: {Path(run.out) / 'checkpoint'}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. steps.instruct=400 lr.align=1e-3")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--no-progress", action="store_true")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run from the newest resumable checkpoint "
+                                                              "under its out directory")
+    resume.add_argument("--resume-from", default=None, metavar="DIR", help="continue the run from this resumable "
+                                                                          "checkpoint")
     p.set_defaults(run=_train)
 
     p = verbs.add_parser("eval", help="answer every record of a data file and score the answers")

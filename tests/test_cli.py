@@ -143,7 +143,7 @@ def test_train_reports_a_bad_config_value_in_one_line_naming_the_key(tmp_path, c
         assert words in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_train_takes_overrides_after_its_flags(trained, tmp_path, capsys):
+def test_train_takes_overrides_after_its_flags_and_resumes_a_run(trained, tmp_path, capsys):
     from tessera.cli import main
 
     config = {"recipe": "molmo", "data": str(trained / "data"), "out": str(tmp_path / "run"), "model": TINY_MODEL,
@@ -159,6 +159,14 @@ def test_train_takes_overrides_after_its_flags(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's usage error, as for any verb's unknown flag
         main([*train, "--no-progress", "--bogus", "seed=1"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+    step_2 = str(tmp_path / "run/checkpoints/step-000002")
+    assert main([*train, "steps.train=1", "--resume-from", step_2, "--no-progress", "steps.train=2"]) == 0  # the last wins
+    assert "trained 1 steps (resumed at run step 2) in" in capsys.readouterr().out
+    assert main([*train, "--no-progress", "--resume"]) == 2  # the newest is the last stage's checkpoint, of 2 steps
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run/checkpoints/stage-1-train'}: the run config differs from the checkpoint's run in " \
+           f"steps.train (2 in the checkpoint, 1 now)" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_train_on_wrong_typed_record_fields_skips_them_or_names_them(tmp_path, capsys):
