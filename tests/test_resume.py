@@ -81,6 +81,7 @@ def test_a_resumed_run_computes_exactly_what_the_uninterrupted_run_computes(shap
     resumed = _train(interrupted, resume=True)
     assert (resumed["first_step"], resumed["steps"]) == (stop + 1, len(expected))
     same_run(resumed, tmp_path / "interrupted")
+    assert not (tmp_path / "interrupted/interrupted").exists()  # the finished run supersedes it
 
     # killed after step `stop + 1`, past the checkpoint of step `stop`: the records of the steps taken again go
     lines = (tmp_path / "straight/metrics.jsonl").read_text().splitlines()

@@ -237,9 +237,13 @@ def test_an_interrupted_run_saves_its_model_and_a_rerun_appends_to_its_metrics(s
     assert same("llm") and same("projector") and not same("vision")  # the captioner's decoder put back, as planned
 
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False)
+    lines = []
+    run_training(RunConfig.from_dict(config), log=lines.append, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [(r["run"], r["step"]) for r in records] == [(1, 1), (1, 2), (1, 3)] + [(2, s) for s in range(1, 8)]
+    # the stopped run's model is not left beside the finished run's, as if it were the later one
+    assert not (tmp_path / "run/interrupted").exists()
+    assert f"removed {tmp_path / 'run/interrupted'}, left by a run that stopped; this run finished" in lines[-1]
 
 
 def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_path):

@@ -4,6 +4,7 @@ stages → checkpoints, metrics JSONL and a loss-curve PNG."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,9 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         text_loss["after"] = text_lm_loss(model, processor, held_out)
         log(f"held-out text loss after training: {text_loss['after']:.4f}")
     save_checkpoint(model, processor, out / "checkpoint")
+    if (out / "interrupted").is_dir():  # a stopped run's, superseded now that this one has finished
+        shutil.rmtree(out / "interrupted")
+        log(f"removed {out / 'interrupted'}, left by a run that stopped; this run finished: {out / 'checkpoint'}")
     if step:
         plot_losses(metrics_path, out / "loss.png")
     return {"model": model, "processor": processor, "train_examples": train_examples, "text_examples": text_examples,
