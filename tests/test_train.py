@@ -292,6 +292,19 @@ def test_text_files_skip_records_with_images(shapes, tmp_path):
     assert not any(e.pixel_values for e in result["text_examples"]) and math.isfinite(result["text_loss_before"])
 
 
+def test_multimodal_stages_on_an_untrained_llm_are_warned_about(shapes, tmp_path):
+    config = {"recipe": "molmo", "data": str(shapes), "out": str(tmp_path / "run"), "model": TINY_MODEL,
+              "vocab_size": 400, "batch_size": 4, "steps": {"text": 0, "train": 1}}
+    warning = ("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an "
+               "untrained LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or "
+               "steps.text > 0")
+    for steps, warned in [({"text": 0, "train": 1}, True), ({"text": 1, "train": 1}, False),
+                          ({"text": 0, "train": 0}, False)]:
+        lines = []
+        run_training(RunConfig.from_dict({**config, "steps": steps}), log=lines.append, progress=False)
+        assert (warning in lines) == warned, steps
+
+
 def test_an_llm_checkpoint_must_match_the_run_s_model(shapes, tmp_path):
     model, processor, _, _ = _model_and_data(shapes, "unified")  # text.vocab_size 448
     model.save_pretrained(tmp_path / "llm")

@@ -118,6 +118,10 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
                         f"(or set llm_checkpoint to start from a trained LLM)")
+    if not run.llm_checkpoint and not stages[0].steps and any(s.steps for s in stages[1:]):  # stages[0]: text
+        # not an error: an untrained LLM can be the experiment
+        log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
+            "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint else None)
     if source:  # the tokenizer the run has been training with, not one trained anew
