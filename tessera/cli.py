@@ -42,8 +42,8 @@ def _train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + (["strict=true"] if args.strict else [])
     run = RunConfig.load(args.config, overrides)
     result = run_training(run, progress=not args.no_progress, resume=args.resume_from or args.resume)
-    resumed = f" (resumed at run step {result['first_step']})" if result["first_step"] else ""
-    print(f"trained {result['steps'] - result['first_step']} steps{resumed} in {result['train_seconds']:.0f} s; "
+    resumed = f" (resumed at run step {result['resumed_at']})" if result["resumed_at"] else ""
+    print(f"trained {result['steps'] - result['resumed_at']} steps{resumed} in {result['train_seconds']:.0f} s; "
           f"checkpoint: {Path(run.out) / 'checkpoint'}")
 
 

@@ -161,7 +161,8 @@ def test_train_takes_overrides_after_its_flags_and_resumes_a_run(trained, tmp_pa
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
     step_2 = str(tmp_path / "run/checkpoints/step-000002")
-    assert main([*train, "steps.train=1", "--resume-from", step_2, "--no-progress", "steps.train=2"]) == 0  # the last wins
+    # the later of two overrides of a key wins, wherever they are
+    assert main([*train, "steps.train=1", "--resume-from", step_2, "--no-progress", "steps.train=2"]) == 0
     assert "trained 1 steps (resumed at run step 2) in" in capsys.readouterr().out
     assert main([*train, "--no-progress", "--resume"]) == 2  # the newest is the last stage's checkpoint, of 2 steps
     err = capsys.readouterr().err

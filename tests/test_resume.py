@@ -79,7 +79,7 @@ def test_a_resumed_run_computes_exactly_what_the_uninterrupted_run_computes(shap
     undo()
     assert len(_records(tmp_path / "interrupted")) == stop + 1
     resumed = _train(interrupted, resume=True)
-    assert (resumed["first_step"], resumed["steps"]) == (stop + 1, len(expected))
+    assert (resumed["resumed_at"], resumed["steps"]) == (stop + 1, len(expected))
     same_run(resumed, tmp_path / "interrupted")
     assert not (tmp_path / "interrupted/interrupted").exists()  # the finished run supersedes it
 
@@ -90,11 +90,43 @@ def test_a_resumed_run_computes_exactly_what_the_uninterrupted_run_computes(shap
     same_run(resumed, tmp_path / "straight")
 
 
+def test_a_stop_while_a_step_is_applied_saves_weights_only_and_resume_takes_the_checkpoint_before(
+        shapes, tmp_path, monkeypatch):
+    config = _config(shapes, tmp_path / "run", checkpoint_every=2)
+    undo = _stop_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config)
+    undo()
+    assert (tmp_path / "run/interrupted/training_state.json").is_file()  # resumable, after run step 1
+    apply, calls = torch.optim.AdamW.step, []
+
+    def applying(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the resumed run's third step: run step 4
+            raise KeyboardInterrupt
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", applying)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_training(RunConfig.from_dict(config), log=lines.append, progress=False, resume=True)
+    monkeypatch.setattr(torch.optim.AdamW, "step", apply)
+    assert lines[-1].endswith(f"saved the model as it was to {tmp_path / 'run/interrupted'} (weights only: it stopped "
+                              f"while a step was being applied; --resume continues from the latest checkpoint instead)")
+    assert not (tmp_path / "run/interrupted/training_state.json").exists()  # the first stop's state went with it
+    lines = []
+    resumed = run_training(RunConfig.from_dict(config), log=lines.append, progress=False, resume=True)
+    assert resumed["resumed_at"] == 2  # the text stage's end, as far as step-000002 and further into the run
+    assert (f"resuming run 1 from {tmp_path / 'run/checkpoints/stage-0-text'} at run step 2 (stage "
+            f"'encoder_pretrain' after 0 of its steps); removed the 1 records of later steps") in "\n".join(lines)
+    assert [r[2] for r in _records(tmp_path / "run")] == list(range(1, 12))
+
+
 def test_a_run_resumed_after_its_last_stage_has_nothing_left_to_train(shapes, tmp_path):
     config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
     first = _train(config)
     again = _train(config, resume=True)  # the newest: the last stage's checkpoint
-    assert (again["first_step"], again["steps"]) == (4, 4)
+    assert (again["resumed_at"], again["steps"]) == (4, 4)
     assert [r[2] for r in _records(tmp_path / "run")] == [1, 2, 3, 4]
     assert again["text_loss_after"] == first["text_loss_after"]
 
@@ -122,6 +154,8 @@ def test_a_checkpoint_without_a_readable_training_state_is_refused_naming_the_fi
     config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run'}: no resumable checkpoint")):
         _train(config, resume=True)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'elsewhere'}: no such checkpoint directory")):
+        _train(config, resume=tmp_path / "elsewhere")
     _train(config)
     final = tmp_path / "run/checkpoint"
     with pytest.raises(CheckpointError, match=re.escape(f"{final}: a weights-only checkpoint (no "

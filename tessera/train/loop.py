@@ -142,8 +142,7 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
         return []
     restore = state.restore
     if stage.keep is not None and restore is None:  # snapshot what must come out of the stage unchanged
-        restore = {name: {k: v.clone() for k, v in model.component(name).state_dict().items()}
-                   for name in stage.train if name not in stage.keep}
+        restore = copy_components(model, [name for name in stage.train if name not in stage.keep])
     for name, weights in (state.in_progress or {}).items():  # put back when the run stopped; they go on training
         model.component(name).load_state_dict(weights)
     state.in_progress = None
@@ -223,16 +222,19 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
     except BaseException:
         if not state.mid_update:  # what the continuation needs, before the finally puts components back
             current()
-            state.in_progress = {name: {k: v.clone() for k, v in model.component(name).state_dict().items()}
-                                 for name in restore or {}} or None
+            state.in_progress = copy_components(model, restore) if restore else None
         raise
     finally:
         if restore:
-            for name, state in restore.items():
-                model.component(name).load_state_dict(state)
+            for name, weights in restore.items():
+                model.component(name).load_state_dict(weights)
             log(f"stage {stage.name!r}: kept the trained {', '.join(stage.keep)}; restored {', '.join(restore)}")
         model.eval()
     return losses
+
+
+def copy_components(model: MultimodalLM, names) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: v.clone() for k, v in model.component(name).state_dict().items()} for name in names}
 
 
 def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
@@ -271,33 +273,28 @@ def save_interrupted(model: MultimodalLM, processor: Processor, directory: Path,
 
 def read_metrics(metrics_path: Path) -> list[dict]:
     """The step records of metrics.jsonl; a line a killed run left half-written is passed over."""
-    records = []
+    return [record for _, record in _metrics_lines(metrics_path) if "stage" in record]
+
+
+def _metrics_lines(metrics_path: Path) -> Iterator[tuple[str, dict]]:
+    """Each line of metrics.jsonl that holds a JSON object, and that object."""
     for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "stage" in record:
-            records.append(record)
-    return records
+        if isinstance(record, dict):
+            yield line, record
 
 
 def drop_metrics_after(metrics_path: Path, run: int, step: int) -> int:
     """Remove run `run`'s records past `step` — steps a resumed run is about to take again — and a line a killed
     run left half-written (the next record would be appended to it); returns how many records were removed."""
-    kept, dropped = [], 0
-    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("run", 1) == run and record.get("step", 0) > step:
-            dropped += 1
-        else:
-            kept.append(line)
+    lines = list(_metrics_lines(metrics_path))
+    kept = [line for line, record in lines if not (record.get("run", 1) == run and record.get("step", 0) > step)]
     if metrics_path.is_file():
         metrics_path.write_text("".join(line + "\n" for line in kept))
-    return dropped
+    return len(lines) - len(kept)
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path:

@@ -4,6 +4,7 @@ stages → checkpoints, metrics JSONL and a loss-curve PNG."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -98,10 +99,31 @@ def check_stage_data(stages: list[Stage], train_examples: list[EncodedExample], 
                         f"{report.kept} records kept{kept}, {skipped}")
 
 
+def metrics_run(metrics_path: Path, resumed: TrainingState | None, source: Path | None, log) -> int:
+    """The run number of this run's metrics records: the resumed run's, whose records of the steps it is about to
+    take again go; or, after earlier runs into the same directory, the next."""
+    if resumed:
+        dropped = drop_metrics_after(metrics_path, resumed.run, resumed.step)
+        where = (f"stage {resumed.stage_name!r} after {resumed.stage_state.step} of its steps" if resumed.stage_name
+                 else "every stage done")
+        log(f"resuming run {resumed.run} from {source} at run step {resumed.step} ({where})" +
+            (f"; removed the {dropped} records of later steps from {metrics_path}" if dropped else ""))
+        return resumed.run
+    earlier = read_metrics(metrics_path)
+    if not earlier:
+        return 1
+    # a rerun into the same directory: keep the earlier runs' records, number this run after them
+    run = max(r.get("run", 1) for r in earlier) + 1
+    log(f"{metrics_path} holds {len(earlier)} steps of earlier runs; this run's steps are appended as run {run} "
+        f"(loss.png shows this run only)")
+    return run
+
+
 def run_training(run: RunConfig, log=print, progress: bool = True,
                  resume: str | Path | bool | None = None) -> dict[str, Any]:
     """Train every stage of the run; returns the model, processor, per-stage final losses and the held-out text
-    loss before and after the multimodal stages (None without DATA/text_test.jsonl).
+    loss before and after the multimodal stages (None without DATA/text_test.jsonl), the run steps at its end and
+    the run step it resumed at (0 for a new run).
 
     resume: a resumable checkpoint to continue the run from, or True for the newest under OUT (see
     tessera.train.state). The stages it had done are not run again, its metrics go on as the same run, and the
@@ -135,7 +157,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     files = [train_file, data_dir / "text_train.jsonl", data_dir / "text_test.jsonl"]
     fingerprint = run_fingerprint(run, stages, model.config, training_precision(run.precision),
                                   {path.name: path for path in files})
-    if resumed:  # the weights as the checkpoint holds them, which an llm_checkpoint started
+    if resumed:  # the checkpoint's weights (an llm_checkpoint's LLM is in them already)
         check_same_run(resumed.fingerprint, fingerprint, source)
         load_weights(model, source)
     elif run.llm_checkpoint:
@@ -171,29 +193,19 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     # a resumed run has measured it already, on the model as it was before the multimodal stages
     text_loss = {"before": resumed.text_loss_before} if resumed and resumed.text_loss_before is not None else {}
     metrics_path = out / "metrics.jsonl"
-    earlier = read_metrics(metrics_path)
-    if resumed:
-        settings.run = resumed.run
-        dropped = drop_metrics_after(metrics_path, resumed.run, resumed.step)  # steps it is about to take again
-        where = (f"stage {resumed.stage_name!r} after {resumed.stage_state.step} of its steps" if resumed.stage_name
-                 else "every stage done")
-        log(f"resuming run {resumed.run} from {source} at run step {resumed.step} ({where})" +
-            (f"; removed the {dropped} records of later steps from {metrics_path}" if dropped else ""))
-    elif earlier:  # a rerun into the same directory: keep the earlier runs' records, number this run after them
-        settings.run = max(r.get("run", 1) for r in earlier) + 1
-        log(f"{metrics_path} holds {len(earlier)} steps of earlier runs; this run's steps are appended as "
-            f"run {settings.run} (loss.png shows this run only)")
+    settings.run = metrics_run(metrics_path, resumed, source, log)
 
-    def training_state(index: int, step: int, stage_state: StageState) -> TrainingState:
-        """What resumes the run at run step `step`, in stage `index` (len(stages) when every stage is done)."""
-        return TrainingState(run=settings.run, step=step, stage=index,
+    def training_state(index: int, stage_start: int, stage_state: StageState) -> TrainingState:
+        """What resumes the run in stage `index` (len(stages) when every stage is done), which started at run step
+        `stage_start`."""
+        return TrainingState(run=settings.run, step=stage_start + stage_state.step, stage=index,
                              stage_name=stages[index].name if index < len(stages) else None,
                              text_loss_before=text_loss.get("before"), fingerprint=fingerprint,
                              stage_state=stage_state)
 
     if resumed:  # as it was at the checkpoint (nothing draws from it today; a dropout layer would)
         torch.set_rng_state(resumed.stage_state.rng)
-    first_step = step = resumed.step if resumed else 0
+    resumed_at = step = resumed.step if resumed else 0
     stage_losses = {}
     for index, stage in enumerate(stages):
         if resumed and index < resumed.stage:
@@ -207,16 +219,15 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         state = resumed.stage_state if resumed and index == resumed.stage else StageState(rng=torch.get_rng_state())
         stage_start = step - state.step  # its data order is seeded with the run step it started at
         try:
-            train_stage(model, processor, stage, examples, settings, out, metrics_path, stage_start, log,
-                        losses=done, state=state,
-                        checkpoint_state=lambda s: training_state(index, stage_start + s.step, s))  # noqa: B023
+            train_stage(model, processor, stage, examples, settings, out, metrics_path, stage_start, log, losses=done,
+                        state=state, checkpoint_state=functools.partial(training_state, index, stage_start))
         except BaseException as e:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
             # (not weights that just gave a non-finite loss: they would only pass for good ones)
             if stage_start + state.step and not isinstance(e, TrainingError):
                 save_interrupted(model, processor, out / "interrupted", log,
                                  f"stopped in stage {stage.name!r} after {state.step} of its {stage.steps} steps "
                                  f"(run step {stage_start + state.step})",
-                                 training_state(index, stage_start + state.step, state))
+                                 training_state(index, stage_start, state))
             raise
         step = stage_start + state.step
         stage_losses[stage.name] = done[-1] if done else None
@@ -232,6 +243,6 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     if step:
         plot_losses(metrics_path, out / "loss.png")
     return {"model": model, "processor": processor, "train_examples": train_examples, "text_examples": text_examples,
-            "steps": step, "first_step": first_step, "final_losses": stage_losses,
+            "steps": step, "resumed_at": resumed_at, "final_losses": stage_losses,
             "text_loss_before": text_loss.get("before"), "text_loss_after": text_loss.get("after"),
             "precision": settings.precision, "train_seconds": time.perf_counter() - started}

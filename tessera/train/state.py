@@ -141,8 +141,8 @@ def file_digest(path: Path) -> str | None:
 
 def run_fingerprint(run: Any, stages: list, model: Any, precision: str, files: dict[str, Path]) -> dict[str, Any]:
     """The values a continuation depends on, flattened to the dotted keys a run config spells them with: the run's
-    fields (but MAY_CHANGE), the stages as built (steps.instruct, lr.instruct, …), the model as built (model.text.…),
-    the precision as resolved, and the SHA-256 of the data files (files.train.json, …)."""
+    fields (but MAY_CHANGE), the stages as built (steps.instruct, lr.instruct, …), the model as built
+    (model.text.…), the precision as resolved, and the SHA-256 of the data files (files.train.json, …)."""
     fields = {k: v for k, v in dataclasses.asdict(run).items()
               if k not in MAY_CHANGE + ("model", "steps", "lr", "lr_scale", "schedule", "pretrain_encoder")}
     per_stage = {"stages": [s.name for s in stages]}
