@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from tessera.checkpoint import load_weights
 from tessera.config import ModelConfig
 from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
 from tessera.errors import ConfigError, DataError, TrainingError
@@ -19,7 +20,6 @@ from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
-from tessera.checkpoint import load_weights
 from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, read_metrics, save_checkpoint,
                                 save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
