@@ -43,7 +43,8 @@ def _train(args: argparse.Namespace) -> None:
     run = RunConfig.load(args.config, overrides)
     result = run_training(run, progress=not args.no_progress, resume=args.resume_from or args.resume)
     resumed = f" (resumed at run step {result['resumed_at']})" if result["resumed_at"] else ""
-    print(f"trained {result['steps'] - result['resumed_at']} steps{resumed} in {result['train_seconds']:.0f} s; "
+    steps = result["steps"] - result["resumed_at"]
+    print(f"trained {steps} step{'' if steps == 1 else 's'}{resumed} in {result['train_seconds']:.0f} s; "
           f"checkpoint: {Path(run.out) / 'checkpoint'}")
 
 

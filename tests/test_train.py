@@ -17,7 +17,7 @@ from tessera.eval.evaluate import evaluate
 from tessera.eval.metrics import caption_scores, exact_match, normalize_answer
 from tessera.eval.report import metrics_table
 from tessera.model import COMPONENTS
-from tessera.train.loop import TrainSettings, batches, lr_lambda, train_stage, training_precision
+from tessera.train.loop import TrainSettings, batches, lr_lambda, read_metrics, train_stage, training_precision
 from tessera.train.recipes import RECIPES, Stage, encoder_pretraining
 from tessera.presets.tiny import tiny_config
 from tessera.train.run import RunConfig, build_stages, dataset_texts, model_config, run_training, select
@@ -237,9 +237,11 @@ def test_an_interrupted_run_saves_its_model_and_a_rerun_appends_to_its_metrics(s
     assert same("llm") and same("projector") and not same("vision")  # the captioner's decoder put back, as planned
 
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    with (tmp_path / "run/metrics.jsonl").open("a") as f:  # as a run killed while writing a record leaves it
+        f.write('{"run": 1, "stage": "encod')
     lines = []
     run_training(RunConfig.from_dict(config), log=lines.append, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "run/metrics.jsonl")  # the rerun's first record is not lost to that line
     assert [(r["run"], r["step"]) for r in records] == [(1, 1), (1, 2), (1, 3)] + [(2, s) for s in range(1, 8)]
     # the stopped run's model is not left beside the finished run's, as if it were the later one
     assert not (tmp_path / "run/interrupted").exists()

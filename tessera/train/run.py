@@ -109,6 +109,9 @@ def metrics_run(metrics_path: Path, resumed: TrainingState | None, source: Path 
         log(f"resuming run {resumed.run} from {source} at run step {resumed.step} ({where})" +
             (f"; removed the {dropped} records of later steps from {metrics_path}" if dropped else ""))
         return resumed.run
+    if metrics_path.is_file() and metrics_path.stat().st_size and not metrics_path.read_bytes().endswith(b"\n"):
+        with metrics_path.open("a") as f:  # a killed run's half-written last line: this run's first record starts anew
+            f.write("\n")
     earlier = read_metrics(metrics_path)
     if not earlier:
         return 1
