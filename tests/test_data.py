@@ -255,3 +255,15 @@ def test_a_file_that_is_not_a_record_list_is_an_error(tmp_path, processor):
         load_examples(path, processor)
     with pytest.raises(DataError, match="no such data file"):
         load_examples(tmp_path / "missing.json", processor)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_data_file_starting_with_a_utf8_bom_is_read(tmp_path, processor, suffix):
+    # Windows editors and PowerShell's Out-File write one; json.loads refuses it
+    record = {"id": "bom", "messages": [{"role": "user", "content": "What colour?"},
+                                        {"role": "assistant", "content": "red"}]}
+    path = tmp_path / f"data{suffix}"
+    text = json.dumps([record]) if suffix == ".json" else json.dumps(record) + "\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    examples, report = load_examples(path, processor, strict=True)
+    assert [e.example.id for e in examples] == ["bom"] and report.skipped == 0

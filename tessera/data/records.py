@@ -80,12 +80,14 @@ def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason}, byte {e.start}); expected a UTF-8 "
                         f"JSON or JSONL file") from None
+    text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors write, which json.loads refuses
     if path.suffix == ".jsonl":
         pairs = []
         for number, line in enumerate(text.splitlines(), start=1):
