@@ -257,6 +257,21 @@ def test_a_file_that_is_not_a_record_list_is_an_error(tmp_path, processor):
         load_examples(tmp_path / "missing.json", processor)
 
 
+def test_jsonl_text_with_unicode_line_separators_stays_one_record(tmp_path, processor):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings; only "\n" ends a JSONL line
+    lines = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"What colour?{sep}"},
+                                          {"role": "assistant", "content": "red"}]}
+             for i, sep in enumerate(["\u2028", "\u2029", "\x85", "\x0c"])]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\r\n" for line in lines), encoding="utf-8")
+    examples, report = load_examples(path, processor, strict=True)
+    assert [e.example.id for e in examples] == ["r0", "r1", "r2", "r3"] and report.skipped == 0
+    # line numbers in messages count "\n" only, as an editor does
+    path.write_text(path.read_text(encoding="utf-8") + "{broken\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"record line 5: invalid JSON"):
+        load_examples(path, processor, strict=True)
+
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_a_data_file_starting_with_a_utf8_bom_is_read(tmp_path, processor, suffix):
     # Windows editors and PowerShell's Out-File write one; json.loads refuses it

@@ -90,7 +90,9 @@ def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
     text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors write, which json.loads refuses
     if path.suffix == ".jsonl":
         pairs = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # only "\n" ends a JSONL line: str.splitlines would also split at U+2028, U+0085, … that JSON strings may
+        # hold raw, cutting a record in two invalid halves
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
