@@ -230,3 +230,22 @@ def test_load_image_names_a_file_past_pils_decompression_bomb_guard(tmp_path, mo
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses past twice this: 100x100 is a "bomb" now
     with pytest.raises(tessera.DataError, match=r"bomb.png: refused as a decompression bomb"):
         load_image(path)
+
+
+@pytest.mark.parametrize("orientation, top_left", [(6, [255, 0, 0]), (8, [0, 0, 255]), (3, [0, 0, 255])])
+def test_load_image_turns_a_photo_upright_by_its_exif_orientation(tmp_path, orientation, top_left):
+    # stored 4x2, left half red and right half blue; a camera held sideways tags how to turn it for display
+    stored = Image.new("RGB", (4, 2), (255, 0, 0))
+    stored.paste((0, 0, 255), (2, 0, 4, 2))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"
+    stored.save(path, exif=exif)
+    for source in (path, Image.open(path)):  # a file, and a PIL image a server decoded
+        loaded = load_image(source)
+        assert loaded.size == ((2, 4) if orientation in (6, 8) else (4, 2))
+        assert np.asarray(to_rgb(loaded))[0, 0].tolist() == top_left
+    # what a processor turns it into is what transformers' load_image shows
+    transformers = pytest.importorskip("transformers")
+    upright = transformers.image_utils.load_image(str(path))
+    assert np.array_equal(np.asarray(to_rgb(load_image(path))), np.asarray(upright))

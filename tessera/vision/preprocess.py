@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tessera.errors import DataError, ImageTooLargeError
 
@@ -20,18 +20,27 @@ MAX_PREPROCESSED_PIXELS = 8192 * 8192
 
 
 def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """The image of a file (or a PIL image), upright: turned as its EXIF Orientation tag says, as every viewer and
+    transformers' load_image show it, instead of a phone photo reaching the model on its side."""
     if isinstance(source, Image.Image):
-        return source
+        return upright(source)
     try:
         with Image.open(source) as image:
             image.load()
-            return image
+            return upright(image)
     except FileNotFoundError:
         raise DataError(f"{source}: image file not found") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{source}: not a readable image ({e})") from None
     except Image.DecompressionBombError as e:  # PIL's guard against huge pixel counts (not an OSError)
         raise ImageTooLargeError(f"{source}: refused as a decompression bomb ({e})") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation; the image itself when it has none (or the tag says upright)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 @contextmanager
