@@ -43,6 +43,18 @@ def test_to_rgb_palette_with_transparency_composites_on_white():
     assert rgb_pixels(image).tolist() == [[list(WHITE), [0, 255, 0]]]
 
 
+@pytest.mark.parametrize("mode, key", [("L", 7), ("RGB", (1, 2, 3))])
+def test_to_rgb_grayscale_or_rgb_with_a_transparent_colour_composites_on_white(tmp_path, mode, key):
+    # a PNG tRNS chunk marks one grey level or one RGB colour transparent, as a palette index can be
+    image = Image.new(mode, (2, 1), key)
+    image.putpixel((1, 0), 60 if mode == "L" else (60, 60, 60))
+    path = tmp_path / "keyed.png"
+    image.save(path, transparency=key)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode and reopened.info["transparency"] == key
+        assert rgb_pixels(reopened).tolist() == [[list(WHITE), [60, 60, 60]]]
+
+
 def test_to_rgb_rgba_composites_on_white():
     image = Image.new("RGBA", (3, 1))
     image.putpixel((0, 0), (255, 0, 0, 0))      # fully transparent red → white, not red

@@ -76,8 +76,9 @@ def largest_step(width: int, height: int, size: int, resize_mode: str) -> tuple[
 def to_rgb(image: Image.Image) -> Image.Image:
     """Grayscale, palette, 16-bit and transparent images → 8-bit RGB.
 
-    Transparency is composited on white (what a viewer shows) rather than dropped, which would reveal whatever
-    colour the invisible pixels happen to hold. 16-bit and float images are scaled to 8 bits, not clipped.
+    Transparency (an alpha band, or a PNG's transparent colour) is composited on white, as a viewer shows it and
+    transformers' convert_to_rgb does, rather than dropped, which would reveal whatever colour the invisible
+    pixels happen to hold. 16-bit and float images are scaled to 8 bits, not clipped.
     """
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
@@ -88,7 +89,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         else:  # 32-bit "I" holds 8-bit data (PIL's palette/gray conversions) or 16-bit data (some PNG readers)
             top = 255.0 if values.max(initial=0) <= 255 else 65535.0
         image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
+    if image.info.get("transparency") is not None:  # a PNG tRNS colour key (P, and also L or RGB images)
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         image = image.convert("RGBA")
