@@ -124,6 +124,14 @@ def test_to_rgb_float_image_in_unit_range_is_scaled():
     assert channel[2] == 255
 
 
+def test_to_rgb_dark_float_image_keeps_its_8_bit_levels():
+    # PIL's convert("F") of an 8-bit image, and float TIFFs, hold 0..255: a dark one must not be stretched to white
+    gray = Image.fromarray(np.array([[0, 40, 100]], dtype=np.uint8), mode="L")
+    assert rgb_pixels(gray.convert("F"))[0, :, 0].tolist() == [0, 40, 100]
+    sixteen = Image.fromarray(np.array([[0.0, 6553.5, 13107.0]], dtype=np.float32), mode="F")
+    assert rgb_pixels(sixteen)[0, :, 0].tolist() == [0, 26, 51]  # 16-bit levels, scaled like an I;16 image
+
+
 def test_to_rgb_keeps_rgb_unchanged():
     image = Image.new("RGB", (2, 2), (10, 20, 30))
     assert rgb_pixels(image)[1, 1].tolist() == [10, 20, 30]

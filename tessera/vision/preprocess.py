@@ -82,12 +82,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            top = 1.0 if values.max(initial=0) <= 1.0 else values.max()
-        elif image.mode.startswith("I;16"):
+        brightest = values.max(initial=0)
+        if image.mode.startswith("I;16"):
             top = 65535.0  # a 16-bit image's range is 0..65535 however dark it is
-        else:  # 32-bit "I" holds 8-bit data (PIL's palette/gray conversions) or 16-bit data (some PNG readers)
-            top = 255.0 if values.max(initial=0) <= 255 else 65535.0
+        elif image.mode == "F" and brightest <= 1.0:  # float images are commonly 0..1
+            top = 1.0
+        else:  # "I" and "F" hold 8-bit data (PIL's conversions) or 16-bit data (some PNG and TIFF readers); the
+            # range is the one the data fits, not its own maximum, which would brighten a dark image to white
+            top = 255.0 if brightest <= 255 else 65535.0 if brightest <= 65535 else brightest
         image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.info.get("transparency") is not None:  # a PNG tRNS colour key (P, and also L or RGB images)
         image = image.convert("RGBA")
