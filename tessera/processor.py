@@ -45,7 +45,7 @@ class ProcessorConfig:
     image_std: tuple[float, ...]
     image_seq_length: int  # tokens that stand for one image in the text
     resize_mode: str = "squash"
-    max_length: int | None = None  # longer conversations are cut from the right
+    max_length: int | None = None  # longer training conversations are cut from the right (not prompts)
 
     def __post_init__(self) -> None:
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)  # JSON gives lists
@@ -177,7 +177,9 @@ class Processor:
             if placeholders != len(sample_images):
                 raise DataError(f"conversation {index}: {placeholders} <image> placeholder(s) but "
                                 f"{len(sample_images)} image(s); expected one image per placeholder")
-            rows.append(self.truncate(ids, labels, index))
+            # max_length bounds training rows; cutting a prompt's right end would drop its question and the
+            # assistant turn the answer starts from (the model's own position limit still applies)
+            rows.append((ids, labels) if add_generation_prompt else self.truncate(ids, labels, index))
             pixel_values.append([self.preprocess_image(image) for image in sample_images])
         return self.pad_batch(rows, pixel_values, padding_side)
 

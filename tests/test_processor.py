@@ -365,6 +365,19 @@ def test_max_length_truncates_from_the_right(tokenizer):
     assert exact([QA])["input_ids"][0].tolist() == ids
 
 
+def test_max_length_does_not_cut_a_generation_prompt(tokenizer):
+    # a checkpoint's processor keeps the training max_length; a longer prompt must still end in the assistant turn
+    question = [{"role": "user", "content": "What colour is the circle? " * 6}]
+    full_ids, _, _ = Processor.for_model(model_config(), tokenizer).encode(question, add_generation_prompt=True)
+    cut = Processor.for_model(model_config(), tokenizer, max_length=len(full_ids) - 5)
+    batch = cut([question, QA[1:2]], add_generation_prompt=True, padding_side="left")
+    assert batch["input_ids"][0].tolist() == full_ids
+    assert full_ids[-1] == cut.role_token_ids["assistant"]
+    assert batch["input_ids"].shape == (2, len(full_ids))
+    # a training row of the same conversation is still cut to the limit
+    assert cut([question + QA[2:]])["input_ids"].shape == (1, len(full_ids) - 5)
+
+
 def test_truncation_through_image_tokens_raises(tokenizer):
     messages = [{"role": "user", "content": "<image>What colour is the circle?"},
                 {"role": "assistant", "content": "The circle is red."}]
