@@ -51,6 +51,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """(batch, vocab) logits of the last position → (batch,) chosen token ids."""
     logits = logits.float()
     if params.suppress_token_ids:
+        logits = logits.clone()  # .float() of float32 logits is the caller's tensor: leave it as it was
         logits[:, list(params.suppress_token_ids)] = float("-inf")
     if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
