@@ -55,18 +55,24 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         logits[:, list(params.suppress_token_ids)] = float("-inf")
     if params.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    logits = logits / params.temperature
+    probs = truncated(logits / params.temperature, params).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def truncated(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(batch, vocab) logits already divided by the temperature, with the tokens outside top_k and top_p at -inf
+    (transformers' TopKLogitsWarper and TopPLogitsWarper)."""
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
-        drop = probs.cumsum(-1) - probs >= params.top_p
+        # transformers' (and vLLM's) rule, tie order included: from the least likely token up, drop tokens while
+        # their mass stays within 1 - top_p; of tied tokens at the boundary the lower ids go first
+        sorted_logits, order = logits.sort(dim=-1, stable=True)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - params.top_p
+        drop[:, -1] = False  # the top token always stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
 
 
 class TokenChooser:

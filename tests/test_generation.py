@@ -4,7 +4,7 @@ sampling settings' validation."""
 import pytest
 import torch
 
-from tessera.generation import SamplingParams, next_tokens
+from tessera.generation import SamplingParams, next_tokens, truncated
 
 
 def test_choosing_a_token_leaves_the_callers_logits_as_they_were():
@@ -13,3 +13,34 @@ def test_choosing_a_token_leaves_the_callers_logits_as_they_were():
     for temperature in (0.0, 1.0):
         next_tokens(logits, SamplingParams(temperature=temperature, suppress_token_ids=(1, 4)), None)
         assert torch.equal(logits, before)
+
+
+def _kept(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    return {int(i) for i in torch.nonzero(truncated(logits / params.temperature, params)[0] > float("-inf"))}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_top_k_and_top_p_keep_the_tokens_transformers_keeps_ties_included(seed):
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(seed)
+    # few distinct values, so top-k and top-p boundaries often fall inside a run of tied logits (common in bf16)
+    logits = torch.randint(-2, 3, (1, 8), generator=g).float()
+    temperature = float(torch.empty(()).uniform_(0.3, 2.0, generator=g))
+    top_k = int(torch.randint(0, 6, (), generator=g))
+    top_p = float(torch.empty(()).uniform_(0.05, 0.95, generator=g))
+    expected = warpers.TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = warpers.TopKLogitsWarper(top_k)(None, expected)
+    expected = warpers.TopPLogitsWarper(top_p)(None, expected)
+    kept = {i for i in range(8) if expected[0, i] > float("-inf")}
+    assert _kept(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)) == kept
+
+
+def test_top_p_among_tied_tokens_keeps_the_higher_ids_as_transformers_does():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # each token 0.25: top_p 0.5 keeps two of the four
+    assert _kept(logits, SamplingParams(temperature=1.0, top_p=0.5)) == {2, 3}
+    assert _kept(logits, SamplingParams(temperature=1.0, top_p=0.51)) == {1, 2, 3}
+    # and sampling draws from exactly those
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    assert {int(next_tokens(logits, params, g)) for _ in range(100)} == {2, 3}
