@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,12 +32,16 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature!r}: expected a number >= 0 (0 is greedy)")
+        if not 0 <= self.temperature < math.inf:  # inf would turn suppressed tokens' -inf / inf into NaN
+            raise ValueError(f"temperature={self.temperature!r}: expected a finite number >= 0 (0 is greedy)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
+        if self.seed is not None:
+            if not _is_seed(self.seed):
+                raise ValueError(f"seed={self.seed!r}: expected an integer in -2**63..2**64-1 or None")
+            self.seed = operator.index(self.seed)  # torch.Generator takes no numpy integer
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
@@ -45,6 +51,15 @@ class SamplingParams:
         if self.seed is None:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def _is_seed(value: object) -> bool:
+    """An integer (numpy's too) that torch.Generator.manual_seed takes."""
+    try:
+        seed = operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool) and -2**63 <= seed < 2**64
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """tessera.generation: token choice (greedy, temperature, top-k, top-p) against transformers' warpers, and the
 sampling settings' validation."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +45,18 @@ def test_top_p_among_tied_tokens_keeps_the_higher_ids_as_transformers_does():
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=1.0, top_p=0.5)
     assert {int(next_tokens(logits, params, g)) for _ in range(100)} == {2, 3}
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": -0.5}, "temperature"), ({"seed": 1.5}, "seed"), ({"seed": "7"}, "seed"),
+    ({"seed": True}, "seed"), ({"seed": 2**64}, "seed"), ({"top_k": -1}, "top_k"), ({"top_p": 1.5}, "top_p"),
+])
+def test_bad_sampling_settings_are_refused_up_front_naming_the_field(settings, field):
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        SamplingParams(**settings)
+
+
+def test_the_extreme_seeds_torch_takes_are_accepted():
+    for seed in (-2**63, 2**64 - 1, np.int64(3)):
+        assert SamplingParams(temperature=1.0, seed=seed).generator(torch.device("cpu")) is not None
