@@ -48,6 +48,14 @@ def _float(owner: str, name: str, value: Any, positive: bool = True) -> float:
     return number
 
 
+def _flags(owner: str, config: Any, *names: str) -> None:
+    """true/false fields: the string "false" (a hand-edited JSON config) is truthy, and would silently mean true."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{owner}.{name}={value!r}: expected true or false")
+
+
 def _choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{owner}.{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
@@ -97,6 +105,7 @@ class VisionConfig:
         self.layer_norm_eps = _float("vision", "layer_norm_eps", self.layer_norm_eps)
         self.image_mean = tuple(_float("vision", "image_mean", m, positive=False) for m in self.image_mean)
         self.image_std = tuple(_float("vision", "image_std", s) for s in self.image_std)
+        _flags("vision", self, "use_cls_token", "pre_layernorm", "attention_bias", "patch_bias")
         _choice("vision", "encoder", self.encoder, VISION_ENCODERS)
         if self.encoder == "tiled":
             self._check_tiling()
@@ -184,6 +193,7 @@ class TextConfig:
     def __post_init__(self) -> None:
         self.rms_norm_eps = _float("text", "rms_norm_eps", self.rms_norm_eps)
         self.rope_theta = _float("text", "rope_theta", self.rope_theta)
+        _flags("text", self, "tie_word_embeddings", "attention_bias")
         _positive("text", vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
                   num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                   intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings)
@@ -254,6 +264,7 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         _choice("fusion", "method", self.method, FUSION_METHODS)
+        _flags("fusion", self, "projector_bias")
         _choice("fusion", "projector", self.projector, PROJECTORS)
         _choice("fusion", "vision_feature_select_strategy", self.vision_feature_select_strategy, SELECT_STRATEGIES)
         _choice("fusion", "cross_attention_scope", self.cross_attention_scope, CROSS_ATTENTION_SCOPES)

@@ -98,3 +98,15 @@ def test_numbers_written_without_a_dot_are_numbers_and_others_are_errors():
         TextConfig(rms_norm_eps="tiny")
     with pytest.raises(ConfigError, match="vision.image_std"):
         VisionConfig(image_std=(0.5, 0.0, 0.5))
+
+
+@pytest.mark.parametrize("section, field", [
+    ("vision", "use_cls_token"), ("vision", "pre_layernorm"), ("vision", "attention_bias"), ("vision", "patch_bias"),
+    ("text", "tie_word_embeddings"), ("text", "attention_bias"), ("fusion", "projector_bias"),
+])
+def test_a_true_false_field_given_as_a_string_is_an_error_not_true(section, field):
+    # "false" is a truthy string: accepted, it would silently turn the setting on
+    data = tiny_config().to_dict()
+    data[section][field] = "false"
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}='false': expected true or false"):
+        ModelConfig.from_dict(data)
