@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ def _float(owner: str, name: str, value: Any, positive: bool = True) -> float:
         number = float(value) if not isinstance(value, bool) else None
     except (TypeError, ValueError):
         number = None
-    if number is None or number != number or (positive and number <= 0):
+    if number is not None and not math.isfinite(number):  # an eps or theta of inf or nan gives NaN activations
+        raise ConfigError(f"{owner}.{name}={value!r}: expected a finite number")
+    if number is None or (positive and number <= 0):
         raise ConfigError(f"{owner}.{name}={value!r}: expected a {'positive ' if positive else ''}number")
     return number
 

@@ -110,3 +110,14 @@ def test_a_true_false_field_given_as_a_string_is_an_error_not_true(section, fiel
     data[section][field] = "false"
     with pytest.raises(ConfigError, match=rf"{section}\.{field}='false': expected true or false"):
         ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("vision", "layer_norm_eps", float("inf")), ("text", "rms_norm_eps", "inf"), ("text", "rope_theta", "nan"),
+    ("vision", "image_std", [float("inf")] * 3), ("vision", "image_mean", [0.5, float("-inf"), 0.5]),
+])
+def test_an_infinite_or_nan_number_is_an_error_naming_the_field(section, field, value):
+    data = tiny_config().to_dict()
+    data[section][field] = value
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}=.*expected a finite"):
+        ModelConfig.from_dict(data)
