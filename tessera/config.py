@@ -59,6 +59,17 @@ def _flags(owner: str, config: Any, *names: str) -> None:
             raise ConfigError(f"{owner}.{name}={value!r}: expected true or false")
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a config
+
+
+def _sequence(field_name: str, value: Any, expected: str) -> list:
+    """A list field's items; a lone number or null names the field instead of failing as 'not iterable'."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{field_name}={value!r}: expected {expected}")
+    return list(value)
+
+
 def _choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{owner}.{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
@@ -106,8 +117,10 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         self.layer_norm_eps = _float("vision", "layer_norm_eps", self.layer_norm_eps)
-        self.image_mean = tuple(_float("vision", "image_mean", m, positive=False) for m in self.image_mean)
-        self.image_std = tuple(_float("vision", "image_std", s) for s in self.image_std)
+        self.image_mean = tuple(_float("vision", "image_mean", m, positive=False)
+                                for m in _sequence("vision.image_mean", self.image_mean, "a list of numbers"))
+        self.image_std = tuple(_float("vision", "image_std", s)
+                               for s in _sequence("vision.image_std", self.image_std, "a list of numbers"))
         _flags("vision", self, "use_cls_token", "pre_layernorm", "attention_bias", "patch_bias")
         _choice("vision", "encoder", self.encoder, VISION_ENCODERS)
         if self.encoder == "tiled":
@@ -115,7 +128,7 @@ class VisionConfig:
         _positive("vision", image_size=self.image_size, patch_size=self.patch_size,
                   num_channels=self.num_channels, hidden_size=self.hidden_size,
                   num_heads=self.num_heads, intermediate_size=self.intermediate_size)
-        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+        if not _integer(self.num_layers) or self.num_layers < 0:
             raise ConfigError(f"vision.num_layers={self.num_layers!r}: expected an integer >= 0")
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -133,13 +146,14 @@ class VisionConfig:
 
     def _check_tiling(self) -> None:
         _positive("vision", max_num_tiles=self.max_num_tiles)
-        if not isinstance(self.num_global_layers, int) or self.num_global_layers < 0:
+        if not _integer(self.num_global_layers) or self.num_global_layers < 0:
             raise ConfigError(f"vision.num_global_layers={self.num_global_layers!r}: expected an integer >= 0")
         if not self.use_cls_token:
             raise ConfigError("vision.use_cls_token=False: the tiled encoder puts a CLS token on every tile; "
                               "expected True")
-        self.intermediate_layers = list(self.intermediate_layers)
-        bad = [i for i in self.intermediate_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        self.intermediate_layers = _sequence("vision.intermediate_layers", self.intermediate_layers,
+                                             "a list of local block indices")
+        bad = [i for i in self.intermediate_layers if not _integer(i) or not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"vision.intermediate_layers={self.intermediate_layers!r}: index {bad[0]!r} is out of "
                               f"range; expected local block indices in 0..{self.num_layers - 1}")
@@ -211,7 +225,7 @@ class TextConfig:
             raise ConfigError(f"text.hidden_size / text.num_heads = {self.head_dim}: RoPE needs an even head size")
         if self.sliding_window is not None:
             _positive("text", sliding_window=self.sliding_window)
-        if not isinstance(self.num_extra_embeddings, int) or self.num_extra_embeddings < 0:
+        if not _integer(self.num_extra_embeddings) or self.num_extra_embeddings < 0:
             raise ConfigError(f"text.num_extra_embeddings={self.num_extra_embeddings!r}: expected an integer >= 0")
         if self.tie_word_embeddings and self.num_extra_embeddings:
             raise ConfigError("text.tie_word_embeddings=True with text.num_extra_embeddings > 0: a tied LM head must "
@@ -275,13 +289,15 @@ class FusionConfig:
         _choice("fusion", "cross_attention_blind_rows", self.cross_attention_blind_rows, CROSS_ATTENTION_BLIND_ROWS)
         layers = self.vision_feature_layer
         if isinstance(layers, (list, tuple)):
-            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            if not layers or not all(_integer(i) for i in layers):
                 raise ConfigError(f"fusion.vision_feature_layer={layers!r}: expected an int or a non-empty list of ints")
             self.vision_feature_layer = list(layers)
         elif not isinstance(layers, int) or isinstance(layers, bool):
             raise ConfigError(f"fusion.vision_feature_layer={layers!r}: expected an int or a non-empty list of ints")
         if self.cross_attention_layers is not None:
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.cross_attention_layers):
+            layers = _sequence("fusion.cross_attention_layers", self.cross_attention_layers,
+                               "a list of layer indices or null")
+            if not all(_integer(i) for i in layers):
                 raise ConfigError(
                     f"fusion.cross_attention_layers={self.cross_attention_layers!r}: expected a list of layer indices"
                 )
@@ -318,14 +334,14 @@ class ModelConfig:
             value = getattr(self, name)
             # eos must be predictable; the image and pad tokens only need an embedding row
             rows = self.text.vocab_size if name == "eos_token_id" else self.text.embedding_rows
-            if not isinstance(value, int) or not 0 <= value < rows:
+            if not _integer(value) or not 0 <= value < rows:
                 raise ConfigError(f"{name}={value!r}: expected a token id in 0..{rows - 1}")
         for name in ("pad_token_id", "eos_token_id"):  # an image token that is also pad or EOS miscounts images
             if getattr(self, name) == self.image_token_id:
                 raise ConfigError(f"{name}={getattr(self, name)} is also image_token_id: the image token marks where "
                                   f"image features go, so it must be a token of its own")
-        self.stop_token_ids = list(self.stop_token_ids)
-        bad = [i for i in self.stop_token_ids if not isinstance(i, int) or not 0 <= i < self.text.vocab_size]
+        self.stop_token_ids = _sequence("stop_token_ids", self.stop_token_ids, "a list of token ids")
+        bad = [i for i in self.stop_token_ids if not _integer(i) or not 0 <= i < self.text.vocab_size]
         if bad:
             raise ConfigError(f"stop_token_ids={self.stop_token_ids!r}: {bad[0]!r} is not a token id in "
                               f"0..{self.text.vocab_size - 1}")

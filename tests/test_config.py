@@ -121,3 +121,21 @@ def test_an_infinite_or_nan_number_is_an_error_naming_the_field(section, field, 
     data[section][field] = value
     with pytest.raises(ConfigError, match=rf"{section}\.{field}=.*expected a finite"):
         ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("section, field, value, expected", [
+    ("vision", "image_mean", 0.5, "vision.image_mean=0.5: expected a list of numbers"),
+    ("vision", "image_std", None, "vision.image_std=None: expected a list of numbers"),
+    ("fusion", "cross_attention_layers", 3, "fusion.cross_attention_layers=3: expected a list of layer indices"),
+    (None, "stop_token_ids", 5, "stop_token_ids=5: expected a list of token ids"),
+    (None, "image_token_id", True, "image_token_id=True: expected a token id"),
+    ("vision", "num_layers", True, "vision.num_layers=True: expected an integer >= 0"),
+    ("text", "num_extra_embeddings", False, "text.num_extra_embeddings=False: expected an integer >= 0"),
+])
+def test_a_wrong_typed_field_is_an_error_naming_it(section, field, value, expected):
+    # a lone number where a list goes failed as "vision: 'float' object is not iterable"; true passed as id 1
+    data = tiny_config("cross").to_dict()
+    (data[section] if section else data)[field] = value
+    with pytest.raises(ConfigError) as error:
+        ModelConfig.from_dict(data)
+    assert expected in str(error.value)
