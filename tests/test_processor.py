@@ -511,3 +511,31 @@ def test_decode_round_trips_text(processor, tokenizer, sentence):
     assert ids[0] == processor.begin_token_id and ids[-1] == processor.end_token_id
     assert processor.decode(ids) == sentence  # special tokens skipped
     assert processor.decode(ids, skip_special_tokens=False) == f"<|begin|><|user|>{sentence}<|end|>"
+
+
+def test_hub_processor_labels_the_answer_not_the_same_word_in_a_question_of_several_parts():
+    # llava-hf's llava-1.5 template (no {% generation %} tags): each text part followed by a space
+    from tessera.interop.image_processing import ImageProcessing
+    from tessera.interop.processor import HubProcessor, HubProcessorConfig
+
+    template = ("{% for message in messages %}{{ message['role'].upper() + ': '}}{% for content in message['content'] "
+                "| selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{% for content in "
+                "message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+                "{% endfor %}")
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(
+        ["<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", "red", "or", "blue?", "Is", "it", "<unk>"])},
+        unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["<pad>", "<s>", "</s>", "<image>"])
+    config = HubProcessorConfig(family="llava", image_token="<image>", image_seq_length=1,
+                                image_processing=ImageProcessing(kind="resize", size={"height": 8, "width": 8}),
+                                chat_template=template, special_tokens={"pad_token": "<pad>", "eos_token": "</s>"})
+    hub = HubProcessor(tokenizer, config)
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Is it"}, {"type": "image"},
+                                                 {"type": "text", "text": "red or blue?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    ids, labels, _ = hub.encode(conversation)
+    red = tokenizer.token_to_id("red")
+    assert ids.count(red) == 2  # once in the question, once as the answer
+    assert [i for i, label in enumerate(labels) if label != IGNORE_INDEX] == [len(ids) - 1]
+    assert ids[-1] == red

@@ -296,15 +296,20 @@ def _template_content(message: dict[str, Any]) -> tuple[Any, list[Any]]:
 
 
 def _answer_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Without {% generation %} tags: each assistant message's text where it appears in the rendered prompt."""
+    """Without {% generation %} tags: each assistant message's text where it appears in the rendered prompt.
+
+    Each text part is looked for on its own, after the previous one: a template writes parts with separators (and
+    image tokens) between them, so their concatenation is often not in the prompt; had the search not moved past
+    such a message, an answer word that also occurs in the question would have been found there."""
     spans, cursor = [], 0
     for message in messages:
         content = message["content"]
-        body = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
-        at = text.find(body, cursor) if body else -1
-        if at < 0:
-            continue
-        if message["role"] == "assistant":
-            spans.append((at, at + len(body)))
-        cursor = at + len(body)
+        pieces = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+        for piece in filter(None, pieces):
+            at = text.find(piece, cursor)
+            if at < 0:
+                continue
+            if message["role"] == "assistant":
+                spans.append((at, at + len(piece)))
+            cursor = at + len(piece)
     return spans
