@@ -163,7 +163,7 @@ def test_train_takes_overrides_after_its_flags_and_resumes_a_run(trained, tmp_pa
     step_2 = str(tmp_path / "run/checkpoints/step-000002")
     # the later of two overrides of a key wins, wherever they are
     assert main([*train, "steps.train=1", "--resume-from", step_2, "--no-progress", "steps.train=2"]) == 0
-    assert "trained 1 steps (resumed at run step 2) in" in capsys.readouterr().out
+    assert "trained 1 step (resumed at run step 2) in" in capsys.readouterr().out
     assert main([*train, "--no-progress", "--resume"]) == 2  # the newest is the last stage's checkpoint, of 2 steps
     err = capsys.readouterr().err
     assert f"{tmp_path / 'run/checkpoints/stage-1-train'}: the run config differs from the checkpoint's run in " \
