@@ -489,7 +489,7 @@ def test_serve_refuses_the_image_token_typed_as_text(families):
         both = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}},
                                              {"type": "text", "text": "<|image|> what?"}]}]
         assert_error(_ask(s, both), 400, "messages[0].content[1].text", "the image token '<|image|>'")
-        assert s.engine.stats["batches"] == 0  # nothing reached the model
+        assert s.engine.stats["prefills"] == 0  # nothing reached the model
         # tessera's own image token is plain text to this tokenizer
         assert _ask(s, [{"role": "user", "content": "what is <image> this?"}]).status_code == 200
 

@@ -618,9 +618,10 @@ def test_concurrent_requests_equal_one_at_a_time(fusion, checkpoint, tmp_path):
 
 
 def test_a_job_that_fails_fails_alone_and_its_batch_mates_stay_batched(checkpoint, reference):
-    """A failing batch is split in halves that run again (bisection), so a request that cannot be generated (here: an
-    image tensor of the wrong size) gets its 500 alone, the requests it shared a batch with get the answers they get
-    alone, still decoded in batches (1 + 2 + 4 rows, not 7 one at a time), and every row is counted once."""
+    """A failing prefill is split in halves that run again (bisection), so a request that cannot be generated (here:
+    an image tensor of the wrong size) gets its 500 alone, the requests prefilled with it get the answers they get
+    alone (prefilled in groups of 1 + 2 + 3 rows, not 6 one at a time, then decoded together), and every row is
+    counted once."""
     import asyncio
 
     from tessera.serve.engine import Engine, Failed, Job
@@ -631,17 +632,18 @@ def test_a_job_that_fails_fails_alone_and_its_batch_mates_stay_batched(checkpoin
     questions = [[{"role": "user", "content": CORPUS[i % 4][:12 + i]}] for i in range(7)]
     runs = []  # (rows, outcome) of every run of the model
 
-    def spy(batch, generate=engine._generate):
+    def spy(batch, prefill=engine._prefill_batch):
         if not runs:  # the client of the last job leaves while the first run fails: it is not run again
             batch[-1].cancel()
         try:
-            generate(batch)
+            prefilled = prefill(batch)
         except Exception:
             runs.append((len(batch), "failed"))
             raise
         runs.append((len(batch), "ok"))
+        return prefilled
 
-    engine._generate = spy
+    engine._prefill_batch = spy
 
     async def outcome(job: Job):
         answer = ""
@@ -670,8 +672,8 @@ def test_a_job_that_fails_fails_alone_and_its_batch_mates_stay_batched(checkpoin
     assert bad_status == 500 and error.startswith("generation failed: ")
     assert answers == [(200, reference(q, max_new_tokens=6)) for q in questions[:-1]]
     assert runs == [(8, "failed"), (4, "failed"), (2, "failed"), (1, "failed"), (1, "ok"), (2, "ok"), (3, "ok")]
-    assert engine.stats == {"batches": 1, "rows": 8, "largest_batch": 8, "retries": 6, "failed_runs": 4,
-                            "failed_rows": 1, "cancelled_rows": 1}
+    assert engine.stats == {"prefills": 1, "rows": 8, "largest_batch": 6, "retries": 6, "failed_runs": 4,
+                            "failed_rows": 1, "cancelled_rows": 1, "steps": 5}  # 6 tokens: 5 decode steps
     reasons = {job_id: reason for job_id, _, reason, _ in engine.finished}
     assert len(engine.finished) == 8 and reasons["bad"] == "failed" and reasons["good6"] == "cancelled"
 

@@ -1,13 +1,26 @@
-"""The batching engine: one worker thread runs the model, and requests that arrive together share forward passes.
+"""The batching engine: one worker thread runs the model, and requests share its forward passes (continuous batching).
 
-The event loop never calls the model. A handler submits a Job and awaits its events; the worker takes queued jobs
-(up to --max-batch rows, each choice of a request being a row), runs them as one left-padded batch through
-`MultimodalLM.stream_tokens` with per-row sampling settings, and hands each new piece of text back to the loop
-with `call_soon_threadsafe`. Batches are static: the KV cache is sized per batch, so jobs that arrive while a
-batch runs wait for the next one. A cancelled job (its client went away) stops being decoded at the next step, and
-a batch whose rows are all finished or cancelled stops at once. If a batch fails, the jobs that have not sent any
-text yet run again in two halves, and so on (bisection), so that only the job causing the failure gets the 500 and
-the others are still decoded in batches.
+The event loop never calls the model. A handler submits a Job and awaits its events; the worker hands each new piece
+of text back to the loop with `call_soon_threadsafe`. Batching is iteration-level, as in vLLM and TGI: the worker
+keeps one running batch (a `RunningBatch`, see tessera/serve/batch.py for how its KV cache is laid out) and, between
+two decode steps,
+
+1. admits waiting jobs, oldest first, while their rows fit in --max-batch (each choice of a request is a row): the
+   newcomers' prompts are prefilled together as a batch of their own, then merged into the running batch, so they
+   join at the next decode step instead of waiting for the batch to end;
+2. chooses every row's next token (each row with its own sampling settings and seeded generator) and posts the text;
+3. drops the rows that finished (EOS, a stop string, their max_tokens) or whose client went away, freeing their slots
+   at once;
+4. runs one decode step for the rows left.
+
+Failures are kept to the request that causes them. A prefill that fails runs again in two halves, each split again
+if it fails (bisection), so only the job that fails alone gets the 500; the running rows are not involved. A decode
+step that fails runs again for each half of the batch, likewise: the rows' caches are intact (a batch changes only
+once a step succeeds), so the rows that can still be decoded go on where they were, even those that already sent
+text, and only a row that fails alone fails (with its whole request).
+
+`continuous=False` admits jobs only when no batch is running (static batching, the previous behaviour; kept for
+comparison, see benchmarks/continuous_batching.py).
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.generation import SamplingParams, StopChecker
+from tessera.serve.batch import RunningBatch
 from tessera.serve.protocol import APIError
 
 log = logging.getLogger("tessera.serve")
@@ -119,20 +133,32 @@ class ChoiceStream:
         return held
 
 
+@dataclass
+class Row:
+    """One choice of a job in the running batch."""
+
+    job: Job
+    choice: int
+    stream: ChoiceStream
+
+
 class Engine:
-    def __init__(self, model, processor, max_batch: int):
+    def __init__(self, model, processor, max_batch: int, continuous: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: expected an integer >= 1")
         self.model = model
         self.processor = processor
         self.max_batch = max_batch
+        self.continuous = continuous
         self.context_length = model.config.text.max_position_embeddings
-        # for tests, each row counted once: batches and rows taken from the queue, largest_batch (rows), retries
-        # (runs of part of a failed run), failed_runs (retries included), failed_rows (a 500), cancelled_rows
+        # for tests and logs, each row counted once: rows admitted, prefills (groups of jobs admitted together),
+        # steps (decode steps), largest_batch (most rows decoded together), retries (runs of part of a failed
+        # prefill or step), failed_runs (retries included), failed_rows (a 500), cancelled_rows
         self.stats: Counter[str] = Counter()
         # every row's outcome, once: (job id, choice, reason: stop | length | cancelled | failed, tokens)
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
         self._pending: deque[Job] = deque()
+        self._batch: RunningBatch | None = None  # the running batch (worker thread only)
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tessera-model", daemon=True)
@@ -152,40 +178,148 @@ class Engine:
             self._pending.append(job)
             self._wakeup.notify()
 
+    @property
+    def running_rows(self) -> int:
+        return 0 if self._batch is None else len(self._batch)
+
     # --- the worker thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():  # grad mode is per thread: stream_tokens is not decorated like generate()
-            while (batch := self._next_batch()) is not None:
-                self._run_batch(batch)
+        with torch.inference_mode():  # grad mode is per thread
+            while self._wait_for_work():
+                self.step()
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        """Generate for the batch. If that fails (a bug, an input nothing caught earlier, out of memory), the jobs
-        that have sent no text yet run again in two halves, each split again if it fails, until the job that fails
-        alone is the only one to get the 500. Its batch-mates are answered, still in batches: one failing job among
-        n costs them about log2(n) more runs, not n - 1 one-row decodes. A job that already sent text cannot start
-        over and fails too; a cancelled one is dropped."""
+    def _wait_for_work(self) -> bool:
+        """Block while there is nothing to do; False once the engine is stopping."""
+        with self._wakeup:
+            while not self._stopping and self._batch is None and not any(not j.cancelled for j in self._pending):
+                self._wakeup.wait()
+            return not self._stopping
+
+    def step(self) -> None:
+        """One iteration: admit waiting jobs, choose and post every row's next token, drop the rows that are done,
+        decode the others one step. The worker thread calls it in a loop; tests call it directly (under
+        torch.inference_mode, without start()) to decide exactly when jobs arrive."""
+        if self._batch is None or self.continuous:
+            self._admit(self._take_waiting())
+        if self._batch is None:
+            return
+        batch = self._batch
+        keep = []
+        for i, (row, token) in enumerate(zip(batch.rows, batch.choose())):
+            job, stream = row.job, row.stream
+            if row.choice in job.recorded:  # its job failed in the meantime (another choice's row failed)
+                continue
+            if job.cancelled:
+                self._record(job, row.choice, "cancelled", stream.tokens)
+                continue
+            piece = stream.add(token)
+            if piece is not None:
+                job.post(piece)
+            if stream.done:
+                self._record(job, row.choice, piece.finish_reason, stream.tokens)
+            else:
+                keep.append(i)
+        if len(keep) < len(batch):
+            batch = batch.select(keep) if keep else None
+        self._batch = self._decode(batch) if batch is not None else None
+
+    def _take_waiting(self) -> list[Job]:
+        """Waiting jobs, oldest first, while their rows fit beside the running ones (a job that does not fit waits,
+        and so do the jobs behind it: a request with many choices is not overtaken forever)."""
+        free = self.max_batch - self.running_rows
+        taken = []
+        with self._wakeup:
+            while self._pending:
+                job = self._pending[0]
+                if job.cancelled:  # its client left before it was scheduled
+                    self._pending.popleft()
+                    for choice in range(job.rows):
+                        self._record(job, choice, "cancelled", 0)
+                    continue
+                if job.rows > free:
+                    break
+                taken.append(self._pending.popleft())
+                free -= job.rows
+        if taken:
+            self.stats.update(prefills=1, rows=sum(job.rows for job in taken))  # here: retries do not count again
+        return taken
+
+    def _admit(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        newcomers = self._prefill(jobs)
+        if newcomers is None:
+            return
+        self._batch = newcomers if self._batch is None else self._batch.merge(newcomers)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._batch))
+
+    def _prefill(self, jobs: list[Job]) -> RunningBatch | None:
+        """The jobs' prompts as one batch of their own. If that fails (a bug, an input nothing caught earlier, out of
+        memory), they run again in two halves, each split again if it fails, until the job that fails alone is the
+        only one to get the 500; the others join the batch: one failing job among n costs them about log2(n) more
+        prefills, not n - 1 one-row runs. A cancelled job is dropped. None if none of them could be prefilled."""
         try:
-            self._generate(batch)
+            return self._prefill_batch(jobs)
+        except Exception as e:
+            self.stats["failed_runs"] += 1
+            error = APIError(500, f"generation failed: {type(e).__name__}: {e}")
+            if len(jobs) == 1:
+                log.exception("generation failed for request %s", jobs[0].id)
+                self._fail(jobs[0], error)
+                return None
+            log.warning("the prefill of %d requests failed (%s: %s); running it again in halves", len(jobs),
+                        type(e).__name__, e, exc_info=True)
+            again = []
+            for job in jobs:
+                if job.cancelled:
+                    self._fail(job, error)
+                else:
+                    again.append(job)
+            return self._in_halves(again, self._prefill)
+
+    def _prefill_batch(self, jobs: list[Job]) -> RunningBatch:
+        rows = [Row(job, choice, ChoiceStream(choice, job.params[choice], self.processor.decode))
+                for job in jobs for choice in range(job.rows)]
+        inputs = self.processor.pad_batch([(row.job.prompt_ids, row.job.prompt_ids) for row in rows],  # labels: unused
+                                          [row.job.pixel_values for row in rows], padding_side="left")
+        return RunningBatch.prefill(self.model, rows, [row.job.params[row.choice] for row in rows], inputs)
+
+    def _decode(self, batch: RunningBatch) -> RunningBatch | None:
+        """One decode step of the batch. If it fails, each half of the batch runs the step again (and so on): the
+        rows that can be decoded go on, and a row that fails alone fails its request — even one that has sent text,
+        which cannot start over. None if no row is left."""
+        try:
+            self._step_batch(batch)
+            self.stats["steps"] += 1
+            return batch
         except Exception as e:
             self.stats["failed_runs"] += 1
             error = APIError(500, f"generation failed: {type(e).__name__}: {e}")
             if len(batch) == 1:
-                log.exception("generation failed for request %s", batch[0].id)
-                self._fail(batch[0], error)
-                return
-            log.warning("a batch of %d requests failed (%s: %s); running it again in halves", len(batch),
+                log.exception("generation failed for request %s", batch.rows[0].job.id)
+                self._fail(batch.rows[0].job, error)
+                return None
+            log.warning("a decode step of %d rows failed (%s: %s); running it again in halves", len(batch),
                         type(e).__name__, e, exc_info=True)
-            again = []
-            for job in batch:
-                if job.started or job.cancelled:
-                    self._fail(job, error)
-                else:
-                    again.append(job)
-            half = (len(again) + 1) // 2
-            for part in again[:half], again[half:]:
-                if part:
-                    self.stats["retries"] += 1
-                    self._run_batch(part)
+            half = (len(batch) + 1) // 2
+            return self._in_halves([batch.select(range(half)), batch.select(range(half, len(batch)))],
+                                   self._decode, split=False)
+
+    def _step_batch(self, batch: RunningBatch) -> None:
+        batch.step()
+
+    def _in_halves(self, items, run, split: bool = True) -> RunningBatch | None:
+        """run() on each half of items (or on each of the two given parts), the results merged into one batch."""
+        if split:
+            half = (len(items) + 1) // 2
+            items = [part for part in (items[:half], items[half:]) if part]
+        merged = None
+        for part in items:
+            self.stats["retries"] += 1
+            done = run(part)
+            if done is not None:
+                merged = done if merged is None else merged.merge(done)
+        return merged
 
     def _fail(self, job: Job, error: APIError) -> None:
         """The 500 for a job a failed run leaves unanswered (nobody waits for a cancelled one)."""
@@ -201,60 +335,3 @@ class Engine:
         self.finished.append((job.id, choice, reason, tokens))
         if reason in ("cancelled", "failed"):
             self.stats[f"{reason}_rows"] += 1
-
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest waiting job, plus every later one that still fits: rows <= max_batch, and the padded prompt
-        plus the longest generation within the context (the KV cache is that long for every row)."""
-        with self._wakeup:
-            while not self._stopping and not any(not job.cancelled for job in self._pending):
-                self._wakeup.wait()
-            if self._stopping:
-                return None
-            waiting = []
-            for job in self._pending:
-                if not job.cancelled:
-                    waiting.append(job)
-                    continue
-                for choice in range(job.rows):  # its client left before it was scheduled
-                    self._record(job, choice, "cancelled", 0)
-            batch, rest = [waiting[0]], []
-            for job in waiting[1:]:
-                rows = sum(j.rows for j in batch) + job.rows
-                width = max(len(j.prompt_ids) for j in (*batch, job))
-                longest = max(j.max_new_tokens for j in (*batch, job))
-                fits = rows <= self.max_batch and width + longest <= self.context_length
-                (batch if fits else rest).append(job)
-            self._pending = deque(rest)
-            rows = sum(job.rows for job in batch)
-            self.stats.update(batches=1, rows=rows)  # here, so that a failed batch's retries do not count again
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
-            return batch
-
-    def _generate(self, batch: list[Job]) -> None:
-        rows = [(job, choice) for job in batch for choice in range(job.rows)]
-        inputs = self.processor.pad_batch([(job.prompt_ids, job.prompt_ids) for job, _ in rows],  # labels: unused
-                                          [job.pixel_values for job, _ in rows], padding_side="left")
-        params = [job.params[choice] for job, choice in rows]
-        streams = [ChoiceStream(choice, job.params[choice], self.processor.decode) for job, choice in rows]
-        # a tiled encoder (Llama 3.2 Vision) also needs each image's tile arrangement
-        steps = self.model.stream_tokens(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                         inputs["image_counts"], params,
-                                         aspect_ratio_ids=inputs.get("aspect_ratio_ids"))
-        try:
-            for tokens in steps:
-                for (job, choice), stream, token in zip(rows, streams, tokens.tolist()):
-                    if stream.done:
-                        continue
-                    if job.cancelled:
-                        stream.done = True
-                        self._record(job, choice, "cancelled", stream.tokens)
-                        continue
-                    piece = stream.add(token)
-                    if piece is not None:
-                        job.post(piece)
-                    if stream.done:
-                        self._record(job, choice, piece.finish_reason, stream.tokens)
-                if all(stream.done for stream in streams):
-                    break
-        finally:
-            steps.close()

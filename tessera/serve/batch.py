@@ -1,0 +1,198 @@
+"""The running batch of continuous (iteration-level) batching: the rows decoding together, and the three ways it
+changes between decode steps — rows join (`prefill` + `merge`), rows leave (`select`), every row takes a step.
+
+One KV cache holds every row, right-aligned: its last slot is each row's latest token, and a row holding fewer
+tokens than the cache is long has masked padding in its first slots. A row's real tokens are always contiguous and
+its positions count only its own tokens, so where a row sits in the cache changes nothing it computes (a sliding
+window, counted in slots, spans the same tokens as alone).
+
+- prefill: newcomers run their prompts as their own left-padded batch with their own cache. Their images are
+  encoded here, and a request that cannot be run fails here, before it touches the running rows.
+- merge: two batches become one: both are copied into a new cache as long as the longer of the two (the shorter
+  side gets padding in front) and with room for the longest generation still to come.
+- select: rows that finished or were cancelled leave (every per-row tensor and list keeps the chosen rows), and
+  leading slots that have become padding for every row left are cut, so the cache is never longer than the longest
+  row in it.
+- step: each row's chosen token goes through the model, giving each row's next logits.
+
+Each row chooses its tokens from its own logits with its own SamplingParams and seeded generator, consumed once per
+token as when the request runs alone, so a row's answer does not depend on who joins or leaves around it.
+
+Method B's image keys and values (`cache.cross`) follow their rows too: their image-group dimension is padded with
+zero keys that no token may see (real=False), as a static batch pads a sample with fewer images, and trimmed when
+the rows that had the most images leave. A row without images attends to nothing and its gated blocks add exactly
+zero, as when the request runs alone (and skips them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tessera.generation import SamplingParams, next_tokens
+from tessera.text.cache import CrossAttentionState, KVCache
+
+
+class RunningBatch:
+    """Rows at the same point of their loop: either each has logits to choose its next token from (`logits`), or
+    each has chosen it and waits for the step that feeds it (`tokens`). `rows` holds the caller's object per row."""
+
+    def __init__(self, model, rows: list[Any], params: list[SamplingParams],
+                 generators: list[torch.Generator | None], generated: list[int], cache: KVCache,
+                 mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor | None,
+                 tokens: torch.Tensor | None = None):
+        self.model = model
+        self.rows, self.params, self.generators, self.generated = rows, params, generators, generated
+        self.cache = cache
+        self.mask = mask  # (rows, cache.length): 1 for a real token, 0 for padding
+        self.positions = positions  # (rows, 1): the position of each row's next token
+        self.logits = logits  # (rows, vocab) or None
+        self.tokens = tokens  # (rows,) or None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    # --- rows join ---------------------------------------------------------------------------------------------
+    @classmethod
+    def prefill(cls, model, rows: list[Any], params: Sequence[SamplingParams], inputs: dict[str, torch.Tensor]
+                ) -> RunningBatch:
+        """Run the (left-padded) prompts of `inputs` (the processor's pad_batch) with a cache of their own."""
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        params = list(params)
+        cache = _new_cache(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params))
+        logits = model(input_ids, attention_mask, pixel_values=inputs["pixel_values"],
+                       image_counts=inputs["image_counts"], cache=cache, logits_to_keep=1,
+                       aspect_ratio_ids=inputs.get("aspect_ratio_ids")).logits[:, -1]
+        return cls(model, list(rows), params, [p.generator(model.device) for p in params], [0] * len(rows), cache,
+                   attention_mask, attention_mask.long().sum(-1, keepdim=True), logits)
+
+    def merge(self, other: RunningBatch) -> RunningBatch:
+        """Both batches' rows in one new batch (self's first), right-aligned in a cache as long as the longer."""
+        parts = (self, other)
+        length = max(self.length, other.length)
+        rows = len(self) + len(other)
+        cache = _new_cache(self.model, rows, length + max(_room(self), _room(other)))
+        start = 0
+        for part in parts:
+            end, offset = start + len(part), length - part.length
+            cache.keys[:, start:end, :, offset:length] = part.cache.keys[:, :, :, :part.length]
+            cache.values[:, start:end, :, offset:length] = part.cache.values[:, :, :, :part.length]
+            start = end
+        cache.length = length
+        cache.cross = _merge_cross([part.cache.cross for part in parts], [len(part) for part in parts])
+        mask = torch.cat([F.pad(part.mask, (length - part.length, 0)) for part in parts])
+        return RunningBatch(self.model, self.rows + other.rows, self.params + other.params,
+                            self.generators + other.generators, self.generated + other.generated, cache, mask,
+                            torch.cat([self.positions, other.positions]), _cat(self.logits, other.logits),
+                            _cat(self.tokens, other.tokens))
+
+    # --- rows leave --------------------------------------------------------------------------------------------
+    def select(self, keep: Sequence[int]) -> RunningBatch:
+        """A batch of the rows at these indices, without the leading slots that are padding for all of them."""
+        keep = list(keep)
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        real = mask.bool().any(0).nonzero()
+        first = int(real[0]) if len(real) else self.length
+        length = self.length - first
+        picked = [self.params[i] for i in keep], [self.generated[i] for i in keep]
+        cache = _new_cache(self.model, len(keep), length + _room_for(*picked))
+        cache.keys[:, :, :, :length] = self.cache.keys[:, index, :, first:self.length]
+        cache.values[:, :, :, :length] = self.cache.values[:, index, :, first:self.length]
+        cache.length = length
+        cache.cross = _select_cross(self.cache.cross, index)
+        return RunningBatch(self.model, [self.rows[i] for i in keep], picked[0],
+                            [self.generators[i] for i in keep], picked[1], cache, mask[:, first:],
+                            self.positions[index], None if self.logits is None else self.logits[index],
+                            None if self.tokens is None else self.tokens[index])
+
+    # --- decoding ----------------------------------------------------------------------------------------------
+    def choose(self) -> list[int]:
+        """Each row's next token, from its logits, with its own settings and random stream."""
+        self.tokens = torch.cat([next_tokens(self.logits[i:i + 1], p, g)
+                                 for i, (p, g) in enumerate(zip(self.params, self.generators))])
+        self.logits = None
+        self.generated = [n + 1 for n in self.generated]
+        return self.tokens.tolist()
+
+    def step(self) -> None:
+        """Feed each row's chosen token. The batch changes only once the forward has succeeded: after a failure the
+        same rows can run again (the cache slot a failed forward wrote to is past `length`, and is written again)."""
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=-1)
+        forward = self.model._decode_step or self.model  # compiled when the model is (MultimodalLM.compile)
+        logits = forward(self.tokens[:, None], mask, position_ids=self.positions, cache=self.cache).logits[:, -1]
+        self.mask, self.positions, self.logits, self.tokens = mask, self.positions + 1, logits, None
+
+
+def _new_cache(model, rows: int, max_length: int) -> KVCache:
+    return KVCache(model.config.text, rows, max_length, model.dtype, model.device)
+
+
+def _room_for(params: Sequence[SamplingParams], generated: Sequence[int]) -> int:
+    """Cache slots the rows may still need: at most one per token still to generate."""
+    return max((p.max_new_tokens - n for p, n in zip(params, generated)), default=0)
+
+
+def _room(batch: RunningBatch) -> int:
+    return _room_for(batch.params, batch.generated)
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if (a is None) != (b is None):
+        raise ValueError("merging a batch that has chosen its tokens with one that has not")
+    return None if a is None else torch.cat([a, b])
+
+
+# --- Method B: the image keys/values of each row --------------------------------------------------------------------
+def _merge_cross(states: list[CrossAttentionState], sizes: list[int]) -> CrossAttentionState:
+    """The parts' image keys/values, visibility and real-image masks stacked by row, their image groups padded to the
+    most any part has. A part without images (no keys/values at all) gets only padding."""
+    with_images = [s for s in states if s.keys_values]
+    if not with_images:
+        return CrossAttentionState()
+    groups = max(s.real.shape[1] for s in with_images)
+    merged = CrossAttentionState()
+    for layer, (k, _) in with_images[0].keys_values.items():
+        per_group = k.shape[2] // with_images[0].real.shape[1]
+        keys, values = [], []
+        for state, size in zip(states, sizes):
+            for out, which in (keys, 0), (values, 1):
+                if state.keys_values:
+                    t = state.keys_values[layer][which]
+                    out.append(F.pad(t, (0, 0, 0, groups * per_group - t.shape[2])))
+                else:
+                    out.append(k.new_zeros(size, k.shape[1], groups * per_group, k.shape[3]))
+        merged.keys_values[layer] = torch.cat(keys), torch.cat(values)
+    for name in ("visible", "real"):
+        parts = []
+        for state, size in zip(states, sizes):
+            if state.keys_values:
+                t = getattr(state, name)
+                parts.append(F.pad(t, (0, groups - t.shape[1]), value=False))
+            else:
+                parts.append(torch.zeros(size, groups, dtype=torch.bool, device=with_images[0].real.device))
+        setattr(merged, name, torch.cat(parts))
+    return merged
+
+
+def _select_cross(state: CrossAttentionState, index: torch.Tensor) -> CrossAttentionState:
+    """The chosen rows' image state, without the trailing image groups none of them has (none at all: no state, as
+    a batch without images has)."""
+    if not state.keys_values:
+        return CrossAttentionState()
+    real = state.real[index]
+    used = real.any(0).nonzero()
+    if not len(used):
+        return CrossAttentionState()
+    groups = int(used[-1]) + 1
+    per_group = next(iter(state.keys_values.values()))[0].shape[2] // state.real.shape[1]
+    keys_values = {layer: (k[index, :, :groups * per_group], v[index, :, :groups * per_group])
+                   for layer, (k, v) in state.keys_values.items()}
+    return CrossAttentionState(keys_values, state.visible[index, :groups], real[:, :groups])

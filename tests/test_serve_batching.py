@@ -1,0 +1,222 @@
+"""Continuous batching (tessera/serve/batch.py, tessera/serve/engine.py), driven step by step: requests join a running
+batch at chosen decode steps, rows leave when they finish or are cancelled, and every answer equals the request's
+answer from `MultimodalLM.generate` alone — greedy and seeded, Method A and Method B, with and without images."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from tessera.generation import SamplingParams
+from tessera.serve.app import load_checkpoint
+from tessera.serve.engine import Engine, Failed, Job
+from tests.test_serve import CORPUS, _noise, make_checkpoint
+
+from PIL import Image
+
+
+@pytest.fixture(scope="module", params=["unified", "cross"])
+def served(request, tmp_path_factory):
+    directory = make_checkpoint(tmp_path_factory.mktemp(f"batching-{request.param}") / "ck", request.param)
+    return load_checkpoint(directory)
+
+
+class SpyEngine(Engine):
+    """Keeps every row's ChoiceStream (its tokens and finish reason), and can fail the model at chosen moments."""
+
+    def __init__(self, *args, fail_step=None, fail_prefill=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.streams = {}
+        self.fail_step, self.fail_prefill = fail_step, fail_prefill
+        self.batch_sizes = []  # rows of every decode step
+
+    def _prefill_batch(self, jobs):
+        if self.fail_prefill is not None and self.fail_prefill(jobs):
+            raise RuntimeError("prefill failed")
+        batch = super()._prefill_batch(jobs)
+        self.streams.update({(row.job.id, row.choice): row.stream for row in batch.rows})
+        return batch
+
+    def _step_batch(self, batch):
+        if self.fail_step is not None and self.fail_step(batch):
+            raise RuntimeError("decode step failed")
+        super()._step_batch(batch)
+        self.batch_sizes.append(len(batch))
+
+
+def make_request(processor, rng: random.Random, index: int, images: int) -> tuple[list[int], list[torch.Tensor]]:
+    question = CORPUS[index % 4][: rng.randint(4, 40)]
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    ids = processor.encode([{"role": "user", "content": content}], add_generation_prompt=True)[0]
+    pixels = [processor.preprocess_image(Image.fromarray(_noise(rng.randint(10, 30), rng.randint(10, 30),
+                                                                seed=1000 + 7 * index + k)))
+              for k in range(images)]
+    return ids, pixels
+
+
+def alone(model, processor, prompt_ids, pixels, params: SamplingParams):
+    """The request by itself through MultimodalLM.generate: (tokens without EOS, finish reason, text)."""
+    inputs = processor.pad_batch([(prompt_ids, prompt_ids)], [pixels], padding_side="left")
+    out = model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                         inputs["image_counts"], max_new_tokens=params.max_new_tokens,
+                         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                         stop_strings=params.stop_strings, eos_token_id=list(params.eos_token_ids),
+                         tokenizer=processor, suppress_token_ids=params.suppress_token_ids)
+    return out.sequences[0], out.finish_reasons[0], out.texts[0]
+
+
+def drive(engine: Engine, arrivals: dict[int, list], cancels: dict[int, list] | None = None, limit: int = 500):
+    """Run the engine step by step in this thread: at step k, the jobs of arrivals[k] are submitted and those of
+    cancels[k] cancelled first. Returns each job's events per choice: (text, finish reason or 'failed', tokens)."""
+    cancels = cancels or {}
+
+    async def run():
+        jobs = {}
+        for k in range(limit):
+            for make in arrivals.get(k, []):
+                job = make()
+                jobs[job.id] = job
+                engine.submit(job)
+            for job_id in cancels.get(k, []):
+                jobs[job_id].cancel()
+            with torch.inference_mode():
+                engine.step()
+            await asyncio.sleep(0)
+            if k > max(arrivals) and engine.running_rows == 0 and not engine._pending:
+                break
+        else:
+            raise AssertionError("the engine did not finish")
+        await asyncio.sleep(0)
+        results = {}
+        for job_id, job in jobs.items():
+            texts, reasons = [""] * job.rows, [None] * job.rows
+            while not job.events.empty():
+                event = job.events.get_nowait()
+                if isinstance(event, Failed):
+                    reasons = ["failed" if r is None else r for r in reasons]
+                    continue
+                texts[event.choice] += event.text
+                reasons[event.choice] = event.finish_reason
+            results[job_id] = list(zip(texts, reasons))
+        return results
+
+    return asyncio.run(run())
+
+
+def scenario(model, processor, seed: int, count: int = 12):
+    """count requests with random prompts (0-2 images), lengths, arrival steps and endings: some stop on a stop
+    string or on an EOS token taken from their own answer, some are sampled with a seed and n=2, some cancelled."""
+    rng = random.Random(seed)
+    specs = []
+    for i in range(count):
+        ids, pixels = make_request(processor, rng, i, rng.choice([0, 0, 1, 2]))
+        max_new = rng.randint(2, 24)
+        sampled = rng.random() < 0.25
+        base = model.sampling_params(max_new_tokens=max_new, temperature=0.9 if sampled else 0.0,
+                                     top_p=0.9 if sampled else 1.0, seed=rng.randint(0, 99) if sampled else None)
+        n = 2 if sampled else 1
+        ending = rng.choice(["length", "length", "stop_string", "eos"]) if not sampled else "length"
+        tokens, _, text = alone(model, processor, ids, pixels, base)
+        if ending == "stop_string" and len(text) > 6:
+            start = rng.randint(1, len(text) - 3)
+            base = SamplingParams(**{**vars(base), "stop_strings": (text[start:start + 2],)})
+        elif ending == "eos" and len(tokens) > 2:
+            stop_token = tokens[rng.randint(1, len(tokens) - 1)]
+            base = SamplingParams(**{**vars(base), "eos_token_ids": (*base.eos_token_ids, stop_token)})
+        params = [SamplingParams(**{**vars(base), "seed": None if base.seed is None else base.seed + c})
+                  for c in range(n)]
+        specs.append((f"job{i}", ids, pixels, params, rng.randint(0, 30)))
+    cancelled = {f"job{i}": rng.randint(1, 8) for i in rng.sample(range(count), 2)}
+    return specs, cancelled
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_requests_joining_and_leaving_answer_as_alone(served, seed):
+    model, processor = served
+    specs, cancelled = scenario(model, processor, seed)
+    engine = SpyEngine(model, processor, max_batch=6)
+    arrivals, cancels = {}, {}
+    for job_id, ids, pixels, params, step in specs:
+        arrivals.setdefault(step, []).append(lambda j=job_id, i=ids, p=pixels, s=params: Job(j, i, p, s))
+        if job_id in cancelled:
+            cancels.setdefault(step + cancelled[job_id], []).append(job_id)
+    results = drive(engine, arrivals, cancels)
+    for job_id, ids, pixels, params, _ in specs:
+        for choice, p in enumerate(params):
+            tokens, reason, text = alone(model, processor, ids, pixels, p)
+            got_text, got_reason = results[job_id][choice]
+            stream = engine.streams.get((job_id, choice))
+            if job_id in cancelled and got_reason is None:  # left mid-answer: what it was sent is a prefix
+                assert text.startswith(got_text)
+                continue
+            assert (got_text, got_reason) == (text, reason), (job_id, choice)
+            assert stream.checker.tokens[0] == tokens, (job_id, choice)
+    outcomes = {(job_id, choice): reason for job_id, choice, reason, _ in engine.finished}
+    assert len(outcomes) == len(engine.finished) == sum(len(spec[3]) for spec in specs)  # every row once
+    # largest_batch counts the rows admitted, and a row may finish at its first token, before any decode step
+    assert 6 >= engine.stats["largest_batch"] >= max(engine.batch_sizes) > 2
+    # rows really joined running batches: some decode step had more rows than the step before it
+    assert any(b > a for a, b in zip(engine.batch_sizes, engine.batch_sizes[1:]))
+    assert engine.stats["steps"] == len(engine.batch_sizes)
+
+
+def test_a_newcomer_that_fails_its_prefill_leaves_the_running_rows_alone(served):
+    """A request whose prefill fails joins while others decode: it gets its 500 alone (the other newcomers
+    prefilled with it are bisected out and join), and the running rows go on."""
+    model, processor = served
+    rng = random.Random(5)
+    params = [model.sampling_params(max_new_tokens=10)]
+    good = [make_request(processor, rng, i, i % 2) for i in range(4)]
+    bad = make_request(processor, rng, 9, 1)
+    engine = SpyEngine(model, processor, max_batch=8, fail_prefill=lambda jobs: any(j.id == "bad" for j in jobs))
+    arrivals = {0: [lambda i=i: Job(f"good{i}", *good[i], params) for i in range(2)],
+                3: [lambda: Job("bad", *bad, params),
+                    *[lambda i=i: Job(f"good{i}", *good[i], params) for i in (2, 3)]]}
+    results = drive(engine, arrivals)
+    assert results["bad"] == [("", "failed")]
+    for i, (ids, pixels) in enumerate(good):
+        _, reason, text = alone(model, processor, ids, pixels, params[0])
+        assert results[f"good{i}"] == [(text, reason)]
+    assert engine.stats["failed_rows"] == 1 and engine.stats["failed_runs"] == 3  # 3 newcomers, then 2, then bad
+    assert 4 in engine.batch_sizes  # the good newcomers joined the two running rows
+
+
+def test_a_decode_step_that_fails_is_bisected_and_the_other_rows_go_on(served):
+    """A step fails whenever one row is in it: the step runs again for halves of the batch, that row's request gets
+    its 500 (after the text it was already sent), and every other row finishes as alone, from where it was."""
+    model, processor = served
+    rng = random.Random(6)
+    params = [model.sampling_params(max_new_tokens=12, eos_token_id=[])]  # every row runs its 12 tokens
+    requests = [make_request(processor, rng, i, i % 3) for i in range(6)]
+    engine = SpyEngine(model, processor, max_batch=8,
+                       fail_step=lambda batch: any(row.job.id == "job3" and row.stream.tokens >= 4
+                                                   for row in batch.rows))
+    results = drive(engine, {0: [lambda i=i: Job(f"job{i}", *requests[i], params) for i in range(6)]})
+    for i, (ids, pixels) in enumerate(requests):
+        _, reason, text = alone(model, processor, ids, pixels, params[0])
+        if i == 3:
+            sent, outcome = results["job3"][0]
+            assert outcome == "failed" and text.startswith(sent)
+        else:
+            assert results[f"job{i}"] == [(text, reason)]
+    assert engine.stats["failed_rows"] == 1
+    assert engine.stats["failed_runs"] == 4  # 6 rows, then 3, 2 and 1 (job3 is the third of six)
+    assert max(engine.batch_sizes[-5:]) == 5  # the five others decode together again after the failure
+
+
+def test_static_batching_admits_only_between_batches(served):
+    """continuous=False (the comparison baseline): a request that arrives while a batch runs waits for its end."""
+    model, processor = served
+    rng = random.Random(7)
+    params = [model.sampling_params(max_new_tokens=6)]
+    requests = [make_request(processor, rng, i, 0) for i in range(3)]
+    engine = SpyEngine(model, processor, max_batch=8, continuous=False)
+    results = drive(engine, {0: [lambda i=i: Job(f"job{i}", *requests[i], params) for i in range(2)],
+                             2: [lambda: Job("job2", *requests[2], params)]})
+    assert engine.batch_sizes == [2] * 5 + [1] * 5
+    for i, (ids, pixels) in enumerate(requests):
+        _, reason, text = alone(model, processor, ids, pixels, params[0])
+        assert results[f"job{i}"] == [(text, reason)]
