@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
+from PIL import Image
 
 from tessera.generation import SamplingParams
 from tessera.serve.app import load_checkpoint
 from tessera.serve.engine import Engine, Failed, Job
 from tests.test_serve import CORPUS, _noise, make_checkpoint
-
-from PIL import Image
 
 
 @pytest.fixture(scope="module", params=["unified", "cross"])
@@ -220,3 +220,53 @@ def test_static_batching_admits_only_between_batches(served):
     for i, (ids, pixels) in enumerate(requests):
         _, reason, text = alone(model, processor, ids, pixels, params[0])
         assert results[f"job{i}"] == [(text, reason)]
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_many_staggered_clients_through_the_server_answer_as_one_at_a_time(fusion, tmp_path):
+    """A stress test through the real HTTP server and the openai client: 40 requests (text or images, streamed or
+    not, some with n=2, different max_tokens, greedy or seeded) from 40 threads that start at random moments, with
+    --max-batch 5, so requests keep joining running batches and leaving them. Every answer equals its answer when
+    the requests are sent one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tessera.serve import ServeSettings
+    from tests.test_serve import data_url, image_part, png_bytes, running_server, text, user
+
+    directory = make_checkpoint(tmp_path / "ck", fusion)
+    rng = random.Random(11)
+    requests = []
+    for i in range(40):
+        parts = [text(CORPUS[i % 4][: rng.randint(5, 45)])]
+        for k in range(rng.choice([0, 0, 1, 2])):
+            parts.insert(k, image_part(data_url(png_bytes(300 + 3 * i + k))))
+        sampled = i % 5 == 0
+        options = {"temperature": 0.8, "seed": i, "n": 2} if sampled else {"temperature": 0}
+        requests.append({"messages": user(*parts), "max_tokens": rng.randint(1, 30), "stream": i % 3 == 0,
+                         **options})
+    delays = [rng.uniform(0, 1.5) for _ in requests]
+    settings = ServeSettings(checkpoint=str(directory), max_batch=5, max_images_per_prompt=2)
+    with running_server(settings) as s:
+        client = s.client()
+
+        def ask(request, delay=0.0):
+            time.sleep(delay)
+            if not request["stream"]:
+                result = client.chat.completions.create(model=str(directory), **request)
+                return [(c.message.content, c.finish_reason) for c in result.choices]
+            texts, reasons = {}, {}
+            for chunk in client.chat.completions.create(model=str(directory), **request):
+                for c in chunk.choices:
+                    texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+                    reasons[c.index] = c.finish_reason or reasons.get(c.index)
+            return [(texts[i], reasons[i]) for i in sorted(texts)]
+
+        one_at_a_time = [ask(r) for r in requests]
+        assert s.engine.stats["largest_batch"] <= 2 and s.engine.stats["joined_rows"] == 0
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(ask, requests, delays))
+        assert together == one_at_a_time
+        stats = s.engine.stats
+        assert stats["largest_batch"] == 5 and stats["joined_rows"] > 10, stats  # they really joined running batches
+        assert stats["failed_rows"] == stats["cancelled_rows"] == 0
+    assert len({answer for answers in one_at_a_time for answer in answers}) > 20

@@ -151,9 +151,10 @@ class Engine:
         self.max_batch = max_batch
         self.continuous = continuous
         self.context_length = model.config.text.max_position_embeddings
-        # for tests and logs, each row counted once: rows admitted, prefills (groups of jobs admitted together),
-        # steps (decode steps), largest_batch (most rows decoded together), retries (runs of part of a failed
-        # prefill or step), failed_runs (retries included), failed_rows (a 500), cancelled_rows
+        # for tests and logs, each row counted once: rows admitted, joined_rows (admitted into a running batch),
+        # prefills (groups of jobs admitted together), steps (decode steps), largest_batch (most rows in the running
+        # batch), retries (runs of part of a failed prefill or step), failed_runs (retries included), failed_rows
+        # (a 500), cancelled_rows
         self.stats: Counter[str] = Counter()
         # every row's outcome, once: (job id, choice, reason: stop | length | cancelled | failed, tokens)
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
@@ -250,6 +251,8 @@ class Engine:
         newcomers = self._prefill(jobs)
         if newcomers is None:
             return
+        if self._batch is not None:
+            self.stats["joined_rows"] += len(newcomers)
         self._batch = newcomers if self._batch is None else self._batch.merge(newcomers)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._batch))
 
