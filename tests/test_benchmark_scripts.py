@@ -87,3 +87,16 @@ def test_serve_load(tmp_path, capsys):
         assert row["requests"] == 6 and row["server_errors"] == row["lost"] == row["wrong"] == 0
         assert row["requests_per_s"] > 0
     assert "throughput --max-batch 2 vs 1" in capsys.readouterr().out
+
+
+def test_continuous_batching(capsys):
+    script = _script("continuous_batching")
+    assert script.main(["--requests", "4", "--every", "1", "--min-tokens", "2", "--max-tokens", "5", "--hidden", "32",
+                        "--layers", "1", "--max-batch", "2", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "same answers in every round of both modes: yes"
+    figures = {line[:28].strip(): line[28:].split() for line in lines[2:-1]}
+    assert list(figures) == ["mean time to first token ms", "p90 time to first token ms", "mean latency ms",
+                             "throughput tokens/s", "decode steps", "largest batch", "rows joined a running batch"]
+    assert all(len(cells) == 2 and all(float(c) >= 0 for c in cells) for cells in figures.values())
+    assert figures["rows joined a running batch"][0] == "0"  # static batching admits only between batches
