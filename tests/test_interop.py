@@ -611,3 +611,31 @@ def test_pickle_weights_are_refused(families, tmp_path):
     with pytest.raises(CheckpointError, match="safetensors only"):
         MultimodalLM.from_pretrained(directory)
 
+
+
+def test_continuous_batching_of_llama_3_2_vision_answers_as_alone(imported):
+    """Llama 3.2 Vision requests — images of different tile arrangements, and none — join a running batch at
+    different decode steps and leave it at different lengths (the image keys/values are padded and trimmed per row,
+    tile by tile); each answers as `generate` alone (tests/test_serve_batching.py has the general properties)."""
+    from tessera.serve.engine import Engine, Job
+    from tests.test_serve_batching import alone, drive
+
+    model, processor = imported["mllama"]
+    images = _images()
+    requests = []
+    for i in range(6):
+        image = images[i % 3] if i % 4 != 3 else None
+        message = processor.user_message(f"What is in picture {i}?", 0 if image is None else 1)
+        ids = processor.encode([message], add_generation_prompt=True)[0]
+        pixels = [] if image is None else [processor.preprocess_image(image)]
+        params = [model.sampling_params(max_new_tokens=3 + 2 * i)]
+        requests.append((f"r{i}", ids, pixels, params))
+    engine = Engine(model, processor, max_batch=3)
+    arrivals = {}
+    for step, request in zip([0, 0, 1, 3, 4, 9], requests):
+        arrivals.setdefault(step, []).append(lambda r=request: Job(*r))
+    results = drive(engine, arrivals)
+    for job_id, ids, pixels, params in requests:
+        _, reason, text = alone(model, processor, ids, pixels, params[0])
+        assert results[job_id] == [(text, reason)], job_id
+    assert engine.stats["joined_rows"] >= 3 and engine.stats["largest_batch"] == 3

@@ -61,7 +61,8 @@ def alone(model, processor, prompt_ids, pixels, params: SamplingParams):
     """The request by itself through MultimodalLM.generate: (tokens without EOS, finish reason, text)."""
     inputs = processor.pad_batch([(prompt_ids, prompt_ids)], [pixels], padding_side="left")
     out = model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                         inputs["image_counts"], max_new_tokens=params.max_new_tokens,
+                         inputs["image_counts"], aspect_ratio_ids=inputs.get("aspect_ratio_ids"),
+                         max_new_tokens=params.max_new_tokens,
                          temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
                          stop_strings=params.stop_strings, eos_token_id=list(params.eos_token_ids),
                          tokenizer=processor, suppress_token_ids=params.suppress_token_ids)
