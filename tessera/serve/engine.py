@@ -19,8 +19,8 @@ step that fails runs again for each half of the batch, likewise: the rows' cache
 once a step succeeds), so the rows that can still be decoded go on where they were, even those that already sent
 text, and only a row that fails alone fails (with its whole request).
 
-`continuous=False` admits jobs only when no batch is running (static batching, the previous behaviour; kept for
-comparison, see benchmarks/continuous_batching.py).
+`continuous=False` admits jobs only when no batch is running: static batching, as the engine did before, except
+that finished rows still leave at once. It is kept as the baseline of benchmarks/continuous_batching.py.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ class Job:
         self.events: asyncio.Queue[Piece | Failed] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._cancelled = threading.Event()
-        self.started = False  # some text was posted (read and written on the worker thread only)
         self.recorded: set[int] = set()  # choices whose outcome is in Engine.finished (worker thread only)
 
     @property
@@ -88,7 +87,6 @@ class Job:
 
     def post(self, event: Piece | Failed) -> None:
         """Called from the worker thread: asyncio queues are not thread-safe, so the loop itself does the put."""
-        self.started = self.started or isinstance(event, Piece)
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server is shutting down and nobody waits for this job
