@@ -271,3 +271,61 @@ def test_many_staggered_clients_through_the_server_answer_as_one_at_a_time(fusio
         assert stats["largest_batch"] == 5 and stats["joined_rows"] > 10, stats  # they really joined running batches
         assert stats["failed_rows"] == stats["cancelled_rows"] == 0
     assert len({answer for answers in one_at_a_time for answer in answers}) > 20
+
+
+def test_a_row_whose_token_cannot_be_chosen_fails_alone(served, monkeypatch):
+    """Choosing a token can fail for one row (sampling from logits holding NaN, say): that request gets its 500 and
+    the others go on; and a failure outside the model's runs does not stop the worker (the running rows fail)."""
+    import tessera.serve.batch as batch_module
+
+    model, processor = served
+    rng = random.Random(8)
+    greedy = [model.sampling_params(max_new_tokens=8)]
+    poisoned = [model.sampling_params(max_new_tokens=8, temperature=1.0, seed=666)]
+    requests = [make_request(processor, rng, i, i % 2) for i in range(3)]
+    choose = batch_module.next_tokens
+
+    def next_tokens(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return choose(logits, params, generator)
+
+    monkeypatch.setattr(batch_module, "next_tokens", next_tokens)
+    engine = SpyEngine(model, processor, max_batch=4)
+    results = drive(engine, {0: [lambda i=i: Job(f"job{i}", *requests[i], greedy) for i in (0, 1)],
+                             2: [lambda: Job("bad", *requests[2], poisoned)]})
+    assert results["bad"] == [("", "failed")] and engine.stats["failed_rows"] == 1
+    for i in (0, 1):
+        _, reason, text = alone(model, processor, *requests[i], greedy[0])
+        assert results[f"job{i}"] == [(text, reason)]
+
+    def broken(self, keep):
+        raise RuntimeError("a bug")
+
+    async def outcome():  # the worker thread this time, with a bug in dropping finished rows
+        engine = Engine(model, processor, max_batch=4).start()
+        try:
+            jobs = [Job(f"job{i}", *requests[i], greedy) for i in range(3)]
+            jobs[2].params = [model.sampling_params(max_new_tokens=2)]  # finishes first: its row leaves
+            for job in jobs:
+                engine.submit(job)
+            events = [await asyncio.wait_for(_last_event(job), 30) for job in jobs]
+            later = Job("later", *requests[0], greedy)
+            monkeypatch.undo()
+            engine.submit(later)
+            return events, await asyncio.wait_for(_last_event(later), 30)
+        finally:
+            engine.stop()
+
+    monkeypatch.setattr(batch_module.RunningBatch, "select", broken)
+    events, later = asyncio.run(outcome())
+    assert all(isinstance(event, Failed) for event in events[:2])  # the running rows failed ...
+    assert events[2].finish_reason == "length"  # the row that finished keeps its answer
+    assert later.finish_reason == "length"  # ... and the worker still serves
+
+
+async def _last_event(job: Job):
+    while True:
+        event = await job.events.get()
+        if isinstance(event, Failed) or event.finish_reason:
+            return event

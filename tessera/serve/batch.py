@@ -114,13 +114,19 @@ class RunningBatch:
                             None if self.tokens is None else self.tokens[index])
 
     # --- decoding ----------------------------------------------------------------------------------------------
-    def choose(self) -> list[int]:
-        """Each row's next token, from its logits, with its own settings and random stream."""
-        self.tokens = torch.cat([next_tokens(self.logits[i:i + 1], p, g)
-                                 for i, (p, g) in enumerate(zip(self.params, self.generators))])
+    def choose(self) -> list[int | Exception]:
+        """Each row's next token, from its logits, with its own settings and random stream — or the exception that
+        choosing it raised (the row must then leave before the next step)."""
+        chosen = []
+        for i, (p, g) in enumerate(zip(self.params, self.generators)):
+            try:
+                chosen.append(int(next_tokens(self.logits[i:i + 1], p, g)))
+            except Exception as e:
+                chosen.append(e)
+        self.tokens = torch.tensor([t if isinstance(t, int) else 0 for t in chosen], device=self.logits.device)
         self.logits = None
         self.generated = [n + 1 for n in self.generated]
-        return self.tokens.tolist()
+        return chosen
 
     def step(self) -> None:
         """Feed each row's chosen token. The batch changes only once the forward has succeeded: after a failure the

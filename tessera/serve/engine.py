@@ -185,7 +185,13 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():  # grad mode is per thread
             while self._wait_for_work():
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # a bug outside the model's runs, which have their own handling: the
+                    log.exception("the batching engine failed")  # running rows fail, the worker goes on
+                    batch, self._batch = self._batch, None
+                    for job in {id(row.job): row.job for row in (batch.rows if batch else [])}.values():
+                        self._fail(job, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
 
     def _wait_for_work(self) -> bool:
         """Block while there is nothing to do; False once the engine is stopping."""
@@ -210,6 +216,10 @@ class Engine:
                 continue
             if job.cancelled:
                 self._record(job, row.choice, "cancelled", stream.tokens)
+                continue
+            if isinstance(token, Exception):  # e.g. sampling from logits that hold NaN
+                log.error("choosing a token failed for request %s", job.id, exc_info=token)
+                self._fail(job, APIError(500, f"generation failed: {type(token).__name__}: {token}"))
                 continue
             piece = stream.add(token)
             if piece is not None:
@@ -250,8 +260,16 @@ class Engine:
         if newcomers is None:
             return
         if self._batch is not None:
+            try:
+                merged = self._batch.merge(newcomers)
+            except Exception as e:  # e.g. out of memory for the larger cache: the newcomers fail, not the others
+                log.exception("admitting %d requests failed", len(jobs))
+                for job in {id(row.job): row.job for row in newcomers.rows}.values():
+                    self._fail(job, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+                return
             self.stats["joined_rows"] += len(newcomers)
-        self._batch = newcomers if self._batch is None else self._batch.merge(newcomers)
+            newcomers = merged
+        self._batch = newcomers
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._batch))
 
     def _prefill(self, jobs: list[Job]) -> RunningBatch | None:
@@ -323,7 +341,10 @@ class Engine:
         return merged
 
     def _fail(self, job: Job, error: APIError) -> None:
-        """The 500 for a job a failed run leaves unanswered (nobody waits for a cancelled one)."""
+        """The 500 for a job a failed run leaves unanswered (nobody waits for a cancelled one, nor for one whose
+        choices have all finished)."""
+        if len(job.recorded) == job.rows:
+            return
         reason = "cancelled" if job.cancelled else "failed"
         if not job.cancelled:
             job.post(Failed(error))
