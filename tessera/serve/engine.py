@@ -294,7 +294,8 @@ class Engine:
                     self._fail(job, error)
                 else:
                     again.append(job)
-            return self._in_halves(again, self._prefill)
+            half = (len(again) + 1) // 2
+            return self._retry([part for part in (again[:half], again[half:]) if part], self._prefill)
 
     def _prefill_batch(self, jobs: list[Job]) -> RunningBatch:
         rows = [Row(job, choice, ChoiceStream(choice, job.params[choice], self.processor.decode))
@@ -321,19 +322,15 @@ class Engine:
             log.warning("a decode step of %d rows failed (%s: %s); running it again in halves", len(batch),
                         type(e).__name__, e, exc_info=True)
             half = (len(batch) + 1) // 2
-            return self._in_halves([batch.select(range(half)), batch.select(range(half, len(batch)))],
-                                   self._decode, split=False)
+            return self._retry([batch.select(range(half)), batch.select(range(half, len(batch)))], self._decode)
 
     def _step_batch(self, batch: RunningBatch) -> None:
         batch.step()
 
-    def _in_halves(self, items, run, split: bool = True) -> RunningBatch | None:
-        """run() on each half of items (or on each of the two given parts), the results merged into one batch."""
-        if split:
-            half = (len(items) + 1) // 2
-            items = [part for part in (items[:half], items[half:]) if part]
+    def _retry(self, parts: list, run) -> RunningBatch | None:
+        """run() on each part of a failed run (jobs, or a batch's rows), the batches it gives merged into one."""
         merged = None
-        for part in items:
+        for part in parts:
             self.stats["retries"] += 1
             done = run(part)
             if done is not None:
