@@ -98,11 +98,20 @@ def run(model, processor, work, interval: float, max_batch: int, continuous: boo
 
 
 def step_time(model, processor, max_batch: int) -> float:
-    """Seconds per decode step of max_batch rows (after a warm-up)."""
-    work = requests(processor, max_batch, 40, 40, seed=99)
-    run(model, processor, work, 0, max_batch, False)
-    records, stats = run(model, processor, work, 0, max_batch, False)
-    return (max(x["end"] for x in records) - min(x["first"] for x in records)) / stats["steps"]
+    """Seconds per decode step of max_batch rows, the engine driven step by step (after a warm-up)."""
+    async def measure() -> float:
+        engine = Engine(model, processor, max_batch)
+        for i, (ids, _) in enumerate(requests(processor, max_batch, 40, 40, seed=99)):
+            engine.submit(Job(f"w{i}", ids, [], [model.sampling_params(max_new_tokens=40, eos_token_id=[])]))
+        with torch.inference_mode():
+            for _ in range(5):  # the prefill, then a warm-up
+                engine.step()
+            start = time.perf_counter()
+            for _ in range(20):
+                engine.step()
+            return (time.perf_counter() - start) / 20
+
+    return asyncio.run(measure())
 
 
 def main(argv: list[str] | None = None) -> int:
