@@ -227,8 +227,8 @@ def test_static_batching_admits_only_between_batches(served):
 def test_many_staggered_clients_through_the_server_answer_as_one_at_a_time(fusion, tmp_path):
     """A stress test through the real HTTP server and the openai client: 40 requests (text or images, streamed or
     not, some with n=2, different max_tokens, greedy or seeded) from 40 threads that start at random moments, with
-    --max-batch 5, so requests keep joining running batches and leaving them. Every answer equals its answer when
-    the requests are sent one at a time."""
+    --max-batch 5, so requests keep joining running batches and leaving them. Every answer (and its usage count)
+    equals its answer when the requests are sent one at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tessera.serve import ServeSettings
@@ -254,23 +254,25 @@ def test_many_staggered_clients_through_the_server_answer_as_one_at_a_time(fusio
             time.sleep(delay)
             if not request["stream"]:
                 result = client.chat.completions.create(model=str(directory), **request)
-                return [(c.message.content, c.finish_reason) for c in result.choices]
-            texts, reasons = {}, {}
-            for chunk in client.chat.completions.create(model=str(directory), **request):
+                return [(c.message.content, c.finish_reason) for c in result.choices], result.usage.completion_tokens
+            texts, reasons, usage = {}, {}, None
+            for chunk in client.chat.completions.create(model=str(directory), stream_options={"include_usage": True},
+                                                        **request):
                 for c in chunk.choices:
                     texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
                     reasons[c.index] = c.finish_reason or reasons.get(c.index)
-            return [(texts[i], reasons[i]) for i in sorted(texts)]
+                usage = chunk.usage.completion_tokens if chunk.usage else usage
+            return [(texts[i], reasons[i]) for i in sorted(texts)], usage
 
         one_at_a_time = [ask(r) for r in requests]
         assert s.engine.stats["largest_batch"] <= 2 and s.engine.stats["joined_rows"] == 0
         with ThreadPoolExecutor(len(requests)) as pool:
             together = list(pool.map(ask, requests, delays))
-        assert together == one_at_a_time
+        assert together == one_at_a_time and all(usage for _, usage in together)
         stats = s.engine.stats
         assert stats["largest_batch"] == 5 and stats["joined_rows"] > 10, stats  # they really joined running batches
         assert stats["failed_rows"] == stats["cancelled_rows"] == 0
-    assert len({answer for answers in one_at_a_time for answer in answers}) > 20
+    assert len({answer for answers, _ in one_at_a_time for answer in answers}) > 20
 
 
 def test_a_row_whose_token_cannot_be_chosen_fails_alone(served, monkeypatch):
