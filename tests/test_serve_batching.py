@@ -208,6 +208,58 @@ def test_a_decode_step_that_fails_is_bisected_and_the_other_rows_go_on(served):
     assert max(engine.batch_sizes[-5:]) == 5  # the five others decode together again after the failure
 
 
+def test_a_decode_step_that_fails_in_the_lm_head_leaves_the_rows_where_they_were(served, monkeypatch):
+    """The decoder counts the new cache slot before its final norm and LM head: a failure there must not leave the
+    cache one slot ahead of the rows' masks, or every retry fails and every row gets a 500."""
+    model, processor = served
+    rng = random.Random(7)
+    params = [model.sampling_params(max_new_tokens=6, eos_token_id=[])]
+    requests = [make_request(processor, rng, i, i % 2) for i in range(2)]
+    head, calls = model.llm.lm_head.forward, []
+
+    def failing_once(x):
+        calls.append(x.shape[0])
+        if len(calls) == 2:  # the first decode step (the first call is the prefill)
+            raise RuntimeError("out of memory")
+        return head(x)
+
+    monkeypatch.setattr(model.llm.lm_head, "forward", failing_once)
+    engine = SpyEngine(model, processor, max_batch=4)
+    results = drive(engine, {0: [lambda i=i: Job(f"job{i}", *requests[i], params) for i in range(2)]})
+    monkeypatch.undo()
+    for i, (ids, pixels) in enumerate(requests):
+        _, reason, text = alone(model, processor, ids, pixels, params[0])
+        assert results[f"job{i}"] == [(text, reason)]
+    assert engine.stats["failed_runs"] == 1 and engine.stats["failed_rows"] == 0
+
+
+def test_newcomers_whose_admission_fails_after_bisection_get_their_500(served, monkeypatch):
+    """A failed prefill's halves are prefilled again and merged; if that merge fails, the newcomers are out of the
+    queue and not yet running — each must still get its 500 (a client would otherwise wait forever), and the
+    running rows go on."""
+    import tessera.serve.batch as batch_module
+
+    model, processor = served
+    rng = random.Random(9)
+    params = [model.sampling_params(max_new_tokens=8)]
+    requests = [make_request(processor, rng, i, 0) for i in range(3)]
+    merge = batch_module.RunningBatch.merge
+
+    def failing_merge(self, other):
+        if any(row.job.id.startswith("new") for row in self.rows) and \
+                all(row.job.id.startswith("new") for row in self.rows + other.rows):
+            raise RuntimeError("out of memory")
+        return merge(self, other)
+
+    monkeypatch.setattr(batch_module.RunningBatch, "merge", failing_merge)
+    engine = SpyEngine(model, processor, max_batch=4, fail_prefill=lambda jobs: len(jobs) > 1)
+    results = drive(engine, {0: [lambda: Job("running", *requests[0], params)],
+                             2: [lambda i=i: Job(f"new{i}", *requests[i], params) for i in (1, 2)]})
+    assert results["new1"] == [("", "failed")] and results["new2"] == [("", "failed")]
+    _, reason, text = alone(model, processor, *requests[0], params[0])
+    assert results["running"] == [(text, reason)] and engine.stats["failed_rows"] == 2
+
+
 def test_static_batching_admits_only_between_batches(served):
     """continuous=False (the comparison baseline): a request that arrives while a batch runs waits for its end."""
     model, processor = served

@@ -133,7 +133,12 @@ class RunningBatch:
         same rows can run again (the cache slot a failed forward wrote to is past `length`, and is written again)."""
         mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=-1)
         forward = self.model._decode_step or self.model  # compiled when the model is (MultimodalLM.compile)
-        logits = forward(self.tokens[:, None], mask, position_ids=self.positions, cache=self.cache).logits[:, -1]
+        length = self.cache.length
+        try:
+            logits = forward(self.tokens[:, None], mask, position_ids=self.positions, cache=self.cache).logits[:, -1]
+        except BaseException:  # the decoder counts the new slot before its final norm and head, which may fail
+            self.cache.length = length
+            raise
         self.mask, self.positions, self.logits, self.tokens = mask, self.positions + 1, logits, None
 
 

@@ -256,7 +256,13 @@ class Engine:
     def _admit(self, jobs: list[Job]) -> None:
         if not jobs:
             return
-        newcomers = self._prefill(jobs)
+        try:
+            newcomers = self._prefill(jobs)
+        except Exception as e:  # e.g. merging the bisected halves: out of the queue and not yet running, these jobs
+            log.exception("admitting %d requests failed", len(jobs))  # would otherwise never hear back
+            for job in jobs:
+                self._fail(job, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+            return
         if newcomers is None:
             return
         if self._batch is not None:
