@@ -122,6 +122,40 @@ def test_a_stop_while_a_step_is_applied_saves_weights_only_and_resume_takes_the_
     assert [r[2] for r in _records(tmp_path / "run")] == list(range(1, 12))
 
 
+def test_resume_does_not_silently_continue_an_older_run_and_draws_the_run_it_trained(shapes, tmp_path, monkeypatch):
+    """Run 1 stops with resumable checkpoints; run 2, a new run into the same OUT, stops while applying a step, so
+    it leaves none. --resume must not take run 1's checkpoint for "the newest" without a word; --resume-from it does
+    continue run 1, and loss.png then draws run 1, not the abandoned run 2."""
+    config = _config(shapes, tmp_path / "run")
+    undo = _stop_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config)  # run 1: steps 1-3 recorded, stage-0-text and interrupted resumable
+    undo()
+    apply, calls = torch.optim.AdamW.step, []
+
+    def applying(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", applying)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config)  # run 2: step 1 recorded, stopped applying step 2 (weights only)
+    monkeypatch.setattr(torch.optim.AdamW, "step", apply)
+    newest = tmp_path / "run/checkpoints/stage-0-text"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"run 2 left no resumable checkpoint (its metrics are in metrics.jsonl); the newest one, {newest}, is "
+            f"of run 1. Expected --resume-from {newest} to continue run 1 anyway, or a new run")):
+        _train(config, resume=True)
+    from matplotlib.axes import Axes
+
+    drawn, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, **kwargs: drawn.extend(x) or plot(self, x, y, **kwargs))
+    _train(config, resume=newest)
+    assert sorted(drawn) == list(range(1, 12))  # run 1's steps, resumed after its step 2; not run 2's step 1
+
+
 def test_a_run_resumed_after_its_last_stage_has_nothing_left_to_train(shapes, tmp_path):
     config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
     first = _train(config)

@@ -297,15 +297,17 @@ def drop_metrics_after(metrics_path: Path, run: int, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> Path:
+def plot_losses(metrics_path: Path, png_path: Path, run: int | None = None) -> Path:
+    """The loss curve of run `run` of metrics.jsonl (default: the latest), one line per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    latest = max(r.get("run", 1) for r in records)  # earlier runs into the same directory are not drawn
-    records = [r for r in records if r.get("run", 1) == latest]
+    if run is None:  # earlier runs into the same directory are not drawn
+        run = max(r.get("run", 1) for r in records)
+    records = [r for r in records if r.get("run", 1) == run]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for stage in dict.fromkeys(r["stage"] for r in records):
         points = [(r["step"], r["loss"]) for r in records if r["stage"] == stage]

@@ -15,7 +15,7 @@ import torch
 from tessera.checkpoint import load_weights
 from tessera.config import ModelConfig
 from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
-from tessera.errors import ConfigError, DataError, TrainingError
+from tessera.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
@@ -140,6 +140,12 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     stages = build_stages(run)
     source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
     resumed = load_state(source) if source else None
+    if resume is True:  # "the newest" must not silently mean an older run than the last one started
+        later = [r["run"] for r in read_metrics(out / "metrics.jsonl") if r.get("run", 1) > resumed.run]
+        if later:
+            raise CheckpointError(f"{out}: run {max(later)} left no resumable checkpoint (its metrics are in "
+                                  f"metrics.jsonl); the newest one, {source}, is of run {resumed.run}. Expected "
+                                  f"--resume-from {source} to continue run {resumed.run} anyway, or a new run")
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
                         f"(or set llm_checkpoint to start from a trained LLM)")
@@ -244,7 +250,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         shutil.rmtree(out / "interrupted")
         log(f"removed {out / 'interrupted'}, left by a run that stopped; this run finished: {out / 'checkpoint'}")
     if step:
-        plot_losses(metrics_path, out / "loss.png")
+        plot_losses(metrics_path, out / "loss.png", settings.run)  # a resumed run may not be the latest
     return {"model": model, "processor": processor, "train_examples": train_examples, "text_examples": text_examples,
             "steps": step, "resumed_at": resumed_at, "final_losses": stage_losses,
             "text_loss_before": text_loss.get("before"), "text_loss_after": text_loss.get("after"),
