@@ -272,7 +272,7 @@ def test_jsonl_text_with_unicode_line_separators_stays_one_record(tmp_path, proc
         load_examples(path, processor, strict=True)
 
 
-@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".JSONL"])  # the suffix's case does not matter
 def test_a_data_file_starting_with_a_utf8_bom_is_read(tmp_path, processor, suffix):
     # Windows editors and PowerShell's Out-File write one; json.loads refuses it
     record = {"id": "bom", "messages": [{"role": "user", "content": "What colour?"},

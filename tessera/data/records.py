@@ -88,7 +88,7 @@ def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
         raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason}, byte {e.start}); expected a UTF-8 "
                         f"JSON or JSONL file") from None
     text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors write, which json.loads refuses
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":  # DATA.JSONL too
         pairs = []
         # only "\n" ends a JSONL line: str.splitlines would also split at U+2028, U+0085, … that JSON strings may
         # hold raw, cutting a record in two invalid halves
