@@ -131,6 +131,7 @@ def allowed_dir(tmp_path_factory) -> Path:
     (root / "allowed").mkdir()
     Image.fromarray(_noise(20, 12, seed=3)).save(root / "allowed" / "a.png")
     Image.fromarray(_noise(20, 12, seed=4)).save(root / "secret.png")
+    (root / "allowed" / "link.png").symlink_to(root / "secret.png")  # inside by name, outside in fact
     return root / "allowed"
 
 
@@ -447,6 +448,7 @@ BAD_REQUESTS = [
      "remote image URLs are disabled"),
     ("local file outside the allowed dir", "secret", 400, URL, "outside the allowed local directory"),
     ("local file escaping with ..", "escape", 400, URL, "outside the allowed local directory"),
+    ("local symlink leading outside", "link", 400, URL, "link.png is outside the allowed local directory"),
     ("local file URL with a host", _one_image("file://example.com/a.png"), 400, URL, "expected file:///"),
     ("local file URL with a NUL byte", "nul", 400, URL, "the file URL's path contains a NUL byte (%00)"),
     ("local file name too long", "long", 400, URL, "(File name too long)"),
@@ -489,7 +491,11 @@ def test_bad_request_gets_its_status_and_error_object(server, allowed_dir, case)
         body = _one_image(f"file://{allowed_dir}/a%00.png")
     elif body == "long":
         body = _one_image(f"file://{allowed_dir}/{'a' * 300}.png")
-    assert_error(_post(server, body), status, param, words)
+    elif body == "link":
+        body = _one_image((allowed_dir / "link.png").as_uri())
+    error = assert_error(_post(server, body), status, param, words)
+    if case[1] == "link":
+        assert "secret" not in error["message"]  # where a symlink leads is not the client's to learn
 
 
 def test_auth_size_and_routing_errors(server):

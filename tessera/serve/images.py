@@ -129,16 +129,17 @@ def _local_file_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
         raise APIError(400, f"{param}: the file URL's path contains a NUL byte (%00); expected a file name", param)
     root = policy.allowed_local_dir.resolve()
     path = Path(local).resolve()  # resolves .. and symlinks before the containment check
+    # messages name the file as the client wrote it: where a symlink leads is the server's business
     if not path.is_relative_to(root):
-        raise APIError(400, f"{param}: {path} is outside the allowed local directory {root}", param)
+        raise APIError(400, f"{param}: {local} is outside the allowed local directory {root}", param)
     try:
         if not path.is_file():
-            raise APIError(400, f"{param}: no such file {path}", param)
+            raise APIError(400, f"{param}: no such file {local}", param)
         if path.stat().st_size > policy.max_bytes:
-            raise APIError(400, f"{param}: {path} is larger than {policy.max_bytes} bytes", param)
+            raise APIError(400, f"{param}: {local} is larger than {policy.max_bytes} bytes", param)
         return path.read_bytes()
     except OSError as e:  # a name too long, no permission, …
-        raise APIError(400, f"{param}: cannot read {path} ({e.strerror})", param) from None
+        raise APIError(400, f"{param}: cannot read {local} ({e.strerror})", param) from None
 
 
 def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
