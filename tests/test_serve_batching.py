@@ -352,6 +352,15 @@ def test_a_row_whose_token_cannot_be_chosen_fails_alone(served, monkeypatch):
     for i in (0, 1):
         _, reason, text = alone(model, processor, *requests[i], greedy[0])
         assert results[f"job{i}"] == [(text, reason)]
+    # a request with two choices, the second failing: the first, chosen before it in the same step, is not decoded
+    # any further for a request that has already had its 500
+    engine = SpyEngine(model, processor, max_batch=4)
+    results = drive(engine, {0: [lambda: Job("job0", *requests[0], greedy)],
+                             2: [lambda: Job("bad", *requests[2], greedy + poisoned)]})
+    assert results["bad"] == [("", "failed"), ("", "failed")] and engine.stats["failed_rows"] == 2
+    assert set(engine.batch_sizes) == {1}  # every decode step ran job0 alone, the step of the failure too
+    _, reason, text = alone(model, processor, *requests[0], greedy[0])
+    assert results["job0"] == [(text, reason)]
 
     def broken(self, keep):
         raise RuntimeError("a bug")

@@ -228,6 +228,8 @@ class Engine:
                 self._record(job, row.choice, piece.finish_reason, stream.tokens)
             else:
                 keep.append(i)
+        # a row kept before a later choice of its request failed goes too: its request has had its 500
+        keep = [i for i in keep if batch.rows[i].choice not in batch.rows[i].job.recorded]
         if len(keep) < len(batch):
             batch = batch.select(keep) if keep else None
         self._batch = self._decode(batch) if batch is not None else None
