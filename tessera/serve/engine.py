@@ -41,6 +41,10 @@ from tessera.serve.protocol import APIError
 log = logging.getLogger("tessera.serve")
 
 
+def generation_failed(e: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}")
+
+
 @dataclass
 class Piece:
     """New text of one choice; finish_reason is set on its last piece ("stop", "length")."""
@@ -190,8 +194,7 @@ class Engine:
                 except Exception as e:  # a bug outside the model's runs, which have their own handling: the
                     log.exception("the batching engine failed")  # running rows fail, the worker goes on
                     batch, self._batch = self._batch, None
-                    for job in {id(row.job): row.job for row in (batch.rows if batch else [])}.values():
-                        self._fail(job, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+                    self._fail_all([row.job for row in batch.rows] if batch else [], e)
 
     def _wait_for_work(self) -> bool:
         """Block while there is nothing to do; False once the engine is stopping."""
@@ -219,7 +222,7 @@ class Engine:
                 continue
             if isinstance(token, Exception):  # e.g. sampling from logits that hold NaN
                 log.error("choosing a token failed for request %s", job.id, exc_info=token)
-                self._fail(job, APIError(500, f"generation failed: {type(token).__name__}: {token}"))
+                self._fail(job, generation_failed(token))
                 continue
             piece = stream.add(token)
             if piece is not None:
@@ -260,24 +263,17 @@ class Engine:
             return
         try:
             newcomers = self._prefill(jobs)
-        except Exception as e:  # e.g. merging the bisected halves: out of the queue and not yet running, these jobs
-            log.exception("admitting %d requests failed", len(jobs))  # would otherwise never hear back
-            for job in jobs:
-                self._fail(job, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
-            return
-        if newcomers is None:
+            if newcomers is None:
+                return
+            merged = newcomers if self._batch is None else self._batch.merge(newcomers)
+        except Exception as e:  # e.g. out of memory for the larger cache, or merging a bisected prefill's halves:
+            # out of the queue and not yet running, these jobs would otherwise never hear back; the running rows go on
+            log.exception("admitting %d requests failed", len(jobs))
+            self._fail_all(jobs, e)
             return
         if self._batch is not None:
-            try:
-                merged = self._batch.merge(newcomers)
-            except Exception as e:  # e.g. out of memory for the larger cache: the newcomers fail, not the others
-                log.exception("admitting %d requests failed", len(jobs))
-                for job in {id(row.job): row.job for row in newcomers.rows}.values():
-                    self._fail(job, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
-                return
             self.stats["joined_rows"] += len(newcomers)
-            newcomers = merged
-        self._batch = newcomers
+        self._batch = merged
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._batch))
 
     def _prefill(self, jobs: list[Job]) -> RunningBatch | None:
@@ -289,7 +285,7 @@ class Engine:
             return self._prefill_batch(jobs)
         except Exception as e:
             self.stats["failed_runs"] += 1
-            error = APIError(500, f"generation failed: {type(e).__name__}: {e}")
+            error = generation_failed(e)
             if len(jobs) == 1:
                 log.exception("generation failed for request %s", jobs[0].id)
                 self._fail(jobs[0], error)
@@ -322,7 +318,7 @@ class Engine:
             return batch
         except Exception as e:
             self.stats["failed_runs"] += 1
-            error = APIError(500, f"generation failed: {type(e).__name__}: {e}")
+            error = generation_failed(e)
             if len(batch) == 1:
                 log.exception("generation failed for request %s", batch.rows[0].job.id)
                 self._fail(batch.rows[0].job, error)
@@ -344,6 +340,10 @@ class Engine:
             if done is not None:
                 merged = done if merged is None else merged.merge(done)
         return merged
+
+    def _fail_all(self, jobs: list[Job], e: Exception) -> None:
+        for job in jobs:  # a job listed twice (one row per choice) is answered once: _fail skips it then
+            self._fail(job, generation_failed(e))
 
     def _fail(self, job: Job, error: APIError) -> None:
         """The 500 for a job a failed run leaves unanswered (nobody waits for a cancelled one, nor for one whose
