@@ -33,6 +33,7 @@ from PIL import Image
 from tessera import ModelConfig, MultimodalLM, Processor, TextConfig, VisionConfig, train_tokenizer
 from tessera.errors import ConfigError
 from tessera.generation import SamplingParams, TokenChooser
+import tessera.serve.app
 from tessera.serve import ServeSettings, create_app
 from tessera.serve.app import LOAD_FAILED, load_checkpoint
 from tessera.serve.protocol import parse_chat_request
@@ -475,7 +476,8 @@ def assert_error(response: httpx.Response, status: int, param=None, words: str =
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == (code or status)
     assert error["type"] == (type or {400: "invalid_request_error", 401: "authentication_error",
                                       404: "not_found_error", 405: "invalid_request_error",
-                                      413: "invalid_request_error", 503: "unavailable_error"}[status])
+                                      413: "invalid_request_error", 500: "server_error",
+                                      503: "unavailable_error"}[status])
     assert error["param"] == param and words in error["message"], error
     return error
 
@@ -893,6 +895,24 @@ def test_cors_origins_may_call_the_api_from_a_browser(checkpoint):
         assert _preflight(s, "https://anywhere.example").headers["access-control-allow-origin"] == "*"
         answer = httpx.get(f"{s.url}/v1/models", headers={"Origin": "https://anywhere.example"})
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_server_bug_is_answered_with_a_500_a_page_can_read(checkpoint, monkeypatch, caplog):
+    """An unhandled exception is OpenAI's 500 error object, logged with its traceback, and carries the CORS
+    header (Starlette's own catch-all answers outside the CORS middleware, so a page saw a network error)."""
+    def bug(*args):
+        raise KeyError("a bug")
+    monkeypatch.setattr(tessera.serve.app, "prepare", bug)
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                      cors_origins=[APP_ORIGIN])) as s:
+        # uvicorn sets its logger up as it starts, not to propagate
+        monkeypatch.setattr(tessera.serve.app.log, "handlers", [caplog.handler])
+        response = _post(s, _chat(), headers={"Origin": APP_ORIGIN})
+        assert_error(response, 500, words="internal server error: KeyError")
+        assert response.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert _post(s, _chat(), headers={"Origin": "https://evil.example.com"}).headers.get(
+            "access-control-allow-origin") is None
+    assert "unhandled error on POST /v1/chat/completions" in caplog.text and "KeyError: 'a bug'" in caplog.text
 
 
 @pytest.mark.parametrize("origin", ["https://app.example.com/", "app.example.com", "https://App.example.com",

@@ -149,6 +149,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
 
     app = FastAPI(title="tessera", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tessera = state  # tests read the engine and its statistics here
+    app.add_middleware(InternalErrors)  # added first, so inside the CORS middleware: a 500 carries its header too
     if settings.cors_origins:
         # Starlette answers the browser's preflight OPTIONS here, before authorize() (a preflight carries no API
         # key), and adds Access-Control-Allow-Origin to responses, errors included, so that pages can read them.
@@ -184,11 +185,6 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse(APIError(400, str(error)).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(APIError(500, f"internal server error: {type(error).__name__}").body(), status_code=500)
 
     # --- routes --------------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -238,6 +234,35 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         return await complete(job, chat, completion, len(prompt_ids), request)
 
     return app
+
+
+class InternalErrors:
+    """Answers an unhandled exception (a server bug) with OpenAI's 500 error object. Starlette's own catch-all
+    (`exception_handler(Exception)`) answers outside every middleware, so its 500 carried no CORS header and a page
+    on an allowed origin saw only a network error; this one sits inside the CORS middleware. A response already
+    under way (a stream) cannot be replaced: its exception goes on to uvicorn, which closes the connection."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as error:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            body = APIError(500, f"internal server error: {type(error).__name__}").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
 def prepare(chat: ChatRequest, engine: Engine, policy: ImagePolicy):
