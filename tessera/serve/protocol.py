@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tessera.errors import DataError
-from tessera.text.tokenizer import IMAGE, SPECIAL_TOKENS
+from tessera.text.tokenizer import special_token_texts
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
@@ -246,25 +246,27 @@ def _check_text(text: str, param: str) -> None:
     except UnicodeEncodeError as e:  # JSON's "\ud800" escape parses to a lone surrogate, which no tokenizer takes
         raise APIError(400, f"{param}: the text is not valid Unicode ({text[e.start]!r} at character {e.start} is a "
                             f"lone surrogate); expected UTF-8 text", param) from None
-    for token in SPECIAL_TOKENS:
-        # the image token is the processor's (tessera's <image> or an imported model's): _refuse_image_token
-        if token != IMAGE and token in text:
-            raise APIError(400, f"{param} contains the special token {token!r}; the chat template adds the role "
-                                f"and sequence tokens itself", param)
 
 
-def _refuse_image_token(messages: list[dict[str, Any]], token: str) -> None:
-    """The processor's image token ("<image>" for tessera's, "<|image|>" for Llama 3.2 Vision) typed as text would
-    stand for an image that was never sent."""
+def _refuse_special_tokens(messages: list[dict[str, Any]], processor) -> None:
+    """A special token of the model's tokenizer typed as text would be read as that token, not as its characters:
+    the image token ("<image>" for tessera's, "<|image|>" for Llama 3.2 Vision) would stand for an image that was
+    never sent, and a role or end-of-turn token would let one message forge the turns around it. The chat template
+    adds those itself. Another model's tokens (tessera's "<|user|>" to an imported tokenizer) are plain text."""
+    image = processor.image_token
+    special = sorted(special_token_texts(processor.tokenizer) - {image})
     for i, message in enumerate(messages):
         content = message["content"]
         texts = [(f"messages[{i}].content", content)] if isinstance(content, str) else [
             (f"messages[{i}].content[{j}].text", part["text"]) for j, part in enumerate(content)
             if part["type"] == "text"]
         for param, text in texts:
-            if token in text:
-                raise APIError(400, f"{param} contains the image token {token!r}, which stands for an image; send "
+            if image in text:
+                raise APIError(400, f"{param} contains the image token {image!r}, which stands for an image; send "
                                     f"images as image_url parts, not as text", param)
+            if token := next((t for t in special if t in text), None):
+                raise APIError(400, f"{param} contains the special token {token!r}; the chat template adds the role "
+                                    f"and sequence tokens itself", param)
 
 
 def _schema_error(error: ValidationError) -> APIError:
@@ -304,9 +306,9 @@ def encode_prompt(request: ChatRequest, processor, context_length: int) -> tuple
     before any image is decoded. max_tokens defaults to the rest of the context.
 
     What would fail later, in the model, is refused here as a 400 for this request alone (not a 500 for its whole
-    batch): the processor's image token typed as text, a chat template refusing the conversation, a prompt whose
+    batch): the tokenizer's special tokens typed as text, a chat template refusing the conversation, a prompt whose
     image tokens do not match its images."""
-    _refuse_image_token(request.messages, processor.image_token)
+    _refuse_special_tokens(request.messages, processor)
     try:
         ids, _, _ = processor.encode(request.messages, add_generation_prompt=True)
     except DataError as e:  # e.g. a template's raise_exception("Conversation roles must alternate …")

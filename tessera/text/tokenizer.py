@@ -32,6 +32,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tokenizer
 
 
+def special_token_texts(tokenizer: Tokenizer) -> set[str]:
+    """The texts the tokenizer reads as special tokens wherever they appear (tessera's role, image and sequence
+    tokens; an imported model's BOS, EOS, header and image tokens)."""
+    return {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+
+
 def load_tokenizer(path: str | Path, required_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
     """A tokenizer.json holding `required_tokens` (tessera's special tokens; an imported checkpoint's tokenizer
     brings its own)."""
