@@ -13,15 +13,21 @@ NUMBER_WORDS = {word: str(n) for n, word in enumerate(
     ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))} | {"none": "0"}
 
 
-def normalize_answer(text: str) -> str:
+def normalize_answer(text: str, keep_articles: bool = False) -> str:
     """Lowercase, punctuation and articles removed, number words as digits, whitespace collapsed:
-    "The Red circle." → "red circle", "Two." → "2"."""
-    text = ARTICLES.sub(" ", text.lower().translate(PUNCTUATION))
+    "The Red circle." → "red circle", "Two." → "2". keep_articles=True keeps them."""
+    text = text.lower().translate(PUNCTUATION)
+    if not keep_articles:
+        text = ARTICLES.sub(" ", text)
     return " ".join(NUMBER_WORDS.get(word, word) for word in text.split())
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(reference)
+    ours, theirs = normalize_answer(prediction), normalize_answer(reference)
+    if not ours or not theirs:  # an answer that is all articles ("A", a choice's letter): they are its content, or
+        # an empty prediction would match it
+        return normalize_answer(prediction, keep_articles=True) == normalize_answer(reference, keep_articles=True)
+    return ours == theirs
 
 
 def caption_scores(references: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
