@@ -38,3 +38,17 @@ def test_an_answer_of_articles_only_is_compared_by_its_words(prediction, referen
     """VQA's normalisation drops articles, so the answer "A" became "" and matched an empty prediction (or "the")."""
     assert exact_match(prediction, reference) is same
 
+
+@pytest.mark.parametrize("records, skipped", [
+    ([], 0),
+    ([{"id": "lost", "image": "images/none.png",
+       "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}], 1),
+])
+def test_evaluating_a_file_without_a_usable_record_is_a_data_error_naming_it(shapes, tmp_path, records, skipped):
+    """It printed a table of dashes ("0 questions") and `tessera eval` exited 0, as if it had evaluated something."""
+    model, processor, _, _ = _model_and_data(shapes, "unified")
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=re.escape(f"{data}: no usable record to evaluate ({skipped} skipped)")):
+        evaluate(model, processor, data)
+

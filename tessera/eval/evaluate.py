@@ -87,6 +87,9 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
     examples, report = load_examples(data, processor, strict=strict)
     if report.skipped:
         print(report.summary())
+    if not examples:  # scores of nothing would print as dashes and pass for an evaluation
+        raise DataError(f"{data}: no usable record to evaluate ({report.skipped} skipped); expected records with a "
+                        f"question and its reference answer")
     text_examples = None
     if text_data is not None:  # read before answering, so that an unusable file fails at once
         text_examples, text_report = load_examples(text_data, processor, strict=strict, text_only=True)
