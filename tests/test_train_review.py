@@ -52,3 +52,12 @@ def test_evaluating_a_file_without_a_usable_record_is_a_data_error_naming_it(sha
     with pytest.raises(DataError, match=re.escape(f"{data}: no usable record to evaluate ({skipped} skipped)")):
         evaluate(model, processor, data)
 
+
+def test_lr_scale_for_a_component_the_stage_does_not_train_is_refused_naming_the_key(tmp_path):
+    """align trains the projector only: a scale for its llm changed nothing, silently."""
+    with pytest.raises(ConfigError, match=re.escape(
+            "lr_scale.align.llm: stage 'align' does not train llm (it trains projector)")):
+        RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "lr_scale": {"align": {"llm": 0.1}}})
+    run = RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "lr_scale": {"instruct": {"llm": 0.1}}})
+    assert {s.name: s.lr_scale for s in build_stages(run)}["instruct"] == {"llm": 0.1}
+

@@ -51,6 +51,10 @@ class Stage:
         unknown = set(self.lr_scale) - set(COMPONENTS)
         if unknown:
             raise ConfigError(f"stage {self.name!r}: lr_scale has unknown component {sorted(unknown)[0]!r}")
+        idle = [c for c in self.lr_scale if c not in self.train]  # its rate would change nothing, silently
+        if idle:
+            raise ConfigError(f"lr_scale.{self.name}.{idle[0]}: stage {self.name!r} does not train {idle[0]} (it "
+                              f"trains {', '.join(self.train)}); expected a component the stage trains")
 
     @property
     def frozen(self) -> tuple[str, ...]:
