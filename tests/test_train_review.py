@@ -61,3 +61,24 @@ def test_lr_scale_for_a_component_the_stage_does_not_train_is_refused_naming_the
     run = RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "lr_scale": {"instruct": {"llm": 0.1}}})
     assert {s.name: s.lr_scale for s in build_stages(run)}["instruct"] == {"llm": 0.1}
 
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_weight_decay_spares_biases_norms_and_gates(shapes, tmp_path, fusion):
+    """As transformers' Trainer does (no decay for biases and norm weights): decay pulled RMSNorm scales and Method
+    B's tanh gates towards 0, closing the very gates the stage trains. With every gradient zeroed, AdamW moves a
+    weight only by its decay, so what moved is exactly what decays."""
+    model, processor, examples, _ = _model_and_data(shapes, fusion)
+    train = ("vision", "projector", "llm") + (("cross_attention",) if fusion == "cross" else ())
+    for p in model.parameters():
+        p.register_hook(torch.zeros_like)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stage = Stage("joint", train, "mix", steps=1, lr=0.1)
+    train_stage(model, processor, stage, examples, TrainSettings(batch_size=4, progress=False, weight_decay=0.5),
+                tmp_path, tmp_path / "m.jsonl", log=lambda *_: None)
+    decayed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    one_dimensional = {n for n, p in model.named_parameters() if p.dim() < 2}
+    assert decayed == set(before) - one_dimensional
+    assert any(n.endswith("_gate") for n in one_dimensional) == (fusion == "cross")
+    for n in decayed:
+        torch.testing.assert_close(dict(model.named_parameters())[n], before[n] * (1 - 0.1 * 0.5))
+

@@ -54,7 +54,7 @@ class RunConfig:
     decay: float = 0.2
     min_lr_ratio: float = 0.1
     clip: float = 1.0  # the gradient norm is clipped to this; 0: no clipping
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's, on tensors of 2+ dims: biases, norm scales, gates never decay
     gate_lr_scale: float = 1.0
     checkpoint_every: int = 0
     group_by_length: bool = False  # batch records of similar length together (less padding; see TrainSettings)
