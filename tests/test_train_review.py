@@ -15,7 +15,7 @@ from tessera.eval.metrics import exact_match
 from tessera.train.loop import TrainSettings, drop_metrics_after, read_metrics, train_stage
 from tessera.train.recipes import Stage
 from tessera.train.run import RunConfig, build_stages
-from tessera.train.state import latest_resumable, save_state
+from tessera.train.state import StageState, TrainingState, latest_resumable, save_state
 from tests.test_train import _model_and_data
 
 
@@ -81,4 +81,52 @@ def test_weight_decay_spares_biases_norms_and_gates(shapes, tmp_path, fusion):
     assert any(n.endswith("_gate") for n in one_dimensional) == (fusion == "cross")
     for n in decayed:
         torch.testing.assert_close(dict(model.named_parameters())[n], before[n] * (1 - 0.1 * 0.5))
+
+
+def _cut_short(monkeypatch, name):
+    """A kill while `name` is being written: half of it reaches the disk."""
+    write = Path.write_text
+
+    def cut(self, text, *args, **kwargs):
+        if self.name.endswith(name) or self.name.endswith(name + ".tmp"):
+            write(self, text[:len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", cut)
+
+
+def test_a_kill_while_metrics_jsonl_is_rewritten_on_resume_loses_no_record(tmp_path, monkeypatch):
+    """The resume that drops the records of steps it takes again rewrote metrics.jsonl in place: a stop then lost
+    every earlier run's records with it."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"run": run, "stage": "text", "step": step, "loss": 1.0}) + "\n"
+                               for run in (1, 2) for step in range(1, 6)))
+    original = metrics.read_text()
+    _cut_short(monkeypatch, "metrics.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        drop_metrics_after(metrics, 2, 3)
+    monkeypatch.undo()
+    assert metrics.read_text() == original and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert drop_metrics_after(metrics, 2, 3) == 2 and len(read_metrics(metrics)) == 8
+
+
+def test_a_kill_while_a_training_state_is_written_leaves_the_earlier_checkpoints_resumable(tmp_path, monkeypatch):
+    """A half-written training_state.json made every --resume fail ("not valid JSON") instead of taking the
+    checkpoint before it."""
+    out = tmp_path / "run"
+
+    def save(step):
+        directory = out / f"checkpoints/step-{step:06d}"
+        directory.mkdir(parents=True)
+        stage = StageState(step, rng=torch.get_rng_state())
+        save_state(directory, TrainingState(run=1, step=step, stage=0, stage_name="text", text_loss_before=None,
+                                            fingerprint={"seed": 0}, stage_state=stage))
+
+    save(2)
+    _cut_short(monkeypatch, "training_state.json")
+    with pytest.raises(KeyboardInterrupt):
+        save(4)
+    monkeypatch.undo()
+    assert latest_resumable(out) == out / "checkpoints/step-000002"
 

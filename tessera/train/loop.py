@@ -23,7 +23,7 @@ from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
-from tessera.train.state import StageState, TrainingState, remove_state, save_state
+from tessera.train.state import StageState, TrainingState, remove_state, save_state, write_atomic
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 
@@ -304,7 +304,7 @@ def drop_metrics_after(metrics_path: Path, run: int, step: int) -> int:
     lines = list(_metrics_lines(metrics_path))
     kept = [line for line, record in lines if not (record.get("run", 1) == run and record.get("step", 0) > step)]
     if metrics_path.is_file():
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,19 @@ def save_state(directory: Path, state: TrainingState) -> None:
     position = {"format": FORMAT, "run": state.run, "step": state.step, "stage": state.stage,
                 "stage_name": state.stage_name, "stage_step": stage.step, "text_loss_before": state.text_loss_before,
                 "fingerprint": state.fingerprint}
-    (directory / STATE_JSON).write_text(json.dumps(position, indent=1) + "\n")
+    write_atomic(directory / STATE_JSON, json.dumps(position, indent=1) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a run stopped mid-write leaves the file as it was (a half-written
+    training_state.json made every --resume fail; a half-rewritten metrics.jsonl lost the earlier runs' records)."""
+    partial = path.with_name(f".{path.name}.tmp")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def remove_state(directory: Path) -> None:
