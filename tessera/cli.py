@@ -27,9 +27,19 @@ def _quickstart(args: argparse.Namespace) -> None:
     quickstart(args.out, args.fusion, progress=not args.no_progress, precision=args.precision)
 
 
+def _check_at_least(minimum: int, *flags: tuple[str, int | None]) -> None:
+    """Integer flags out of range are one-line errors naming the flag, before anything is loaded or written."""
+    for flag, value in flags:
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag} {value}: expected an integer >= {minimum}")
+
+
 def _data(args: argparse.Namespace) -> None:
     from tessera.data.shapes import make_shapes_dataset
 
+    _check_at_least(0, ("--train", args.train), ("--test", args.test), ("--text-train", args.text_train),
+                    ("--text-test", args.text_test))
+    _check_at_least(1, ("--image-size", args.image_size))
     summary = make_shapes_dataset(args.out, train=args.train, test=args.test, seed=args.seed,
                                   image_size=args.image_size, text_train=args.text_train, text_test=args.text_test,
                                   all_questions=args.all_questions)
@@ -52,10 +62,8 @@ def _eval(args: argparse.Namespace) -> None:
     from tessera.eval.evaluate import evaluate
     from tessera.eval.report import metrics_table
 
-    for flag, value in ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens), \
-            ("--batch-size", args.batch_size):
-        if value is not None and value < 1:  # before the model loads
-            raise ConfigError(f"{flag} {value}: expected an integer >= 1")
+    _check_at_least(1, ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
+                    ("--batch-size", args.batch_size))
     model, processor = _load(args.checkpoint, args.dtype)
     data = Path(args.data)
     text_data = args.text_data

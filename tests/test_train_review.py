@@ -130,3 +130,18 @@ def test_a_kill_while_a_training_state_is_written_leaves_the_earlier_checkpoints
     monkeypatch.undo()
     assert latest_resumable(out) == out / "checkpoints/step-000002"
 
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--train", -3, "--train -3: expected an integer >= 0"),
+    ("--test", -1, "--test -1: expected an integer >= 0"),
+    ("--text-train", -2, "--text-train -2: expected an integer >= 0"),
+    ("--text-test", -2, "--text-test -2: expected an integer >= 0"),
+    ("--image-size", 0, "--image-size 0: expected an integer >= 1"),
+])
+def test_data_shapes_refuses_negative_counts_and_sizes_naming_the_flag(tmp_path, capsys, flag, value, words):
+    """--train -3 wrote an empty training set and reported "-3 text_train records"; --image-size 0 failed with PIL's
+    "cannot write empty image"."""
+    assert main(["data", "shapes", "--out", str(tmp_path / "data"), "--train", "2", "--test", "1",
+                 flag, str(value)]) == 2
+    assert capsys.readouterr().err.strip() == f"tessera data: error: {words}"
+    assert not (tmp_path / "data").exists()
