@@ -145,3 +145,25 @@ def test_data_shapes_refuses_negative_counts_and_sizes_naming_the_flag(tmp_path,
                  flag, str(value)]) == 2
     assert capsys.readouterr().err.strip() == f"tessera data: error: {words}"
     assert not (tmp_path / "data").exists()
+
+
+def test_a_fusion_method_in_the_model_mapping_that_is_not_the_run_s_is_refused():
+    """model.fusion.method was overwritten by the run's fusion without a word: {fusion: {method: cross}} under
+    llava trained Method A."""
+    for model in ({"preset": "tiny", "fusion": {"method": "cross"}}, {"fusion": {"method": "cross"}}):
+        with pytest.raises(ConfigError, match=re.escape(
+                "model.fusion.method='cross': the method is the run's fusion ('unified' here, the recipe "
+                "llava's); expected fusion: cross beside recipe, or no model.fusion.method")):
+            RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "model": model})
+    RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "model": {"fusion": {"method": "unified"}}})
+    RunConfig.from_dict({"recipe": "llama3.2", "data": "somewhere", "model": {"fusion": {"method": "cross"}}})
+
+
+def test_gate_lr_scale_without_gates_is_refused():
+    """Method A has no gates: gate_lr_scale changed nothing there, silently."""
+    with pytest.raises(ConfigError, match=re.escape(
+            "gate_lr_scale=100.0: fusion 'unified' has no gates (only cross-attention blocks do); expected "
+            "fusion: cross, or no gate_lr_scale")):
+        RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "gate_lr_scale": 100})
+    RunConfig.from_dict({"recipe": "llama3.2", "data": "somewhere", "gate_lr_scale": 100})
+    RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "gate_lr_scale": 1})

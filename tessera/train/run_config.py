@@ -96,6 +96,10 @@ class RunConfig:
         self.clip = _number("clip", self.clip, "a maximum gradient norm > 0, or 0 for no clipping", lambda x: x >= 0)
         self.weight_decay = _number("weight_decay", self.weight_decay, "a number >= 0", lambda x: x >= 0)
         self.gate_lr_scale = _number("gate_lr_scale", self.gate_lr_scale, "a number > 0", lambda x: x > 0)
+        fusion = self.fusion or get_recipe(self.recipe).fusion
+        if self.gate_lr_scale != 1 and fusion != "cross":  # it would change nothing, silently
+            raise ConfigError(f"gate_lr_scale={self.gate_lr_scale}: fusion {fusion!r} has no gates (only "
+                              f"cross-attention blocks do); expected fusion: cross, or no gate_lr_scale")
         self.steps = {stage: _integer(f"steps.{stage}", value, minimum=0)
                       for stage, value in _mapping("steps", self.steps, "steps: {instruct: 200}").items()}
         self.lr = {stage: _number(f"lr.{stage}", value, "a number >= 0", lambda x: x >= 0)
@@ -250,6 +254,11 @@ def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
         if not isinstance(fields.get("fusion", {}), dict):
             raise ConfigError(f"model.fusion={fields['fusion']!r}: expected a mapping of FusionConfig fields (the "
                               f"method is the run's fusion)")
+        method = fields.get("fusion", {}).get("method", fusion)
+        if method != fusion:  # it would be overwritten by the run's, silently
+            whose = "" if run.fusion else f", the recipe {run.recipe}'s"
+            raise ConfigError(f"model.fusion.method={method!r}: the method is the run's fusion ({fusion!r} "
+                              f"here{whose}); expected fusion: {method} beside recipe, or no model.fusion.method")
         try:
             config = ModelConfig.from_dict({**fields, "fusion": {**fields.get("fusion", {}), "method": fusion}})
         except ConfigError as e:
