@@ -167,3 +167,26 @@ def test_gate_lr_scale_without_gates_is_refused():
         RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "gate_lr_scale": 100})
     RunConfig.from_dict({"recipe": "llama3.2", "data": "somewhere", "gate_lr_scale": 100})
     RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "gate_lr_scale": 1})
+
+
+def test_a_tokenizer_other_than_the_llm_checkpoint_s_is_refused(shapes, tmp_path):
+    """The pretrained LLM's embeddings are indexed by its own tokenizer's ids: `tokenizer:` beside `llm_checkpoint:`
+    won over the checkpoint's tokenizer.json, and a different one trained the LLM on ids that mean other words."""
+    from tessera import train_tokenizer
+    from tessera.train.run import dataset_texts, run_training
+    from tests.test_train import TINY_MODEL
+
+    model, processor, _, _ = _model_and_data(shapes, "unified")  # its tokenizer: 400 tokens from the dataset
+    model.save_pretrained(tmp_path / "llm")
+    processor.save_pretrained(tmp_path / "llm")
+    train_tokenizer(dataset_texts(shapes), vocab_size=300).save(str(tmp_path / "other.json"))
+    config = {"recipe": "molmo", "data": str(shapes), "out": str(tmp_path / "run"), "batch_size": 4,
+              "llm_checkpoint": str(tmp_path / "llm"), "steps": {"train": 1},
+              "model": {**TINY_MODEL, "text": {**TINY_MODEL["text"], "vocab_size": 448}}}
+    with pytest.raises(ConfigError, match=re.escape(
+            f"tokenizer {tmp_path / 'other.json'}: not the tokenizer of llm_checkpoint {tmp_path / 'llm'}")):
+        run_training(RunConfig.from_dict({**config, "tokenizer": str(tmp_path / "other.json")}),
+                     log=lambda *_: None, progress=False)
+    assert not (tmp_path / "run/metrics.jsonl").exists()
+    same = RunConfig.from_dict({**config, "tokenizer": str(tmp_path / "llm/tokenizer.json")})
+    assert run_training(same, log=lambda *_: None, progress=False)["steps"] == 1

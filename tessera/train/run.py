@@ -76,6 +76,16 @@ def check_same_llm(checkpoint: ModelConfig, ours: ModelConfig, path: str) -> Non
                           f"expected the run's model text fields to match the checkpoint's config.json")
 
 
+def check_same_tokenizer(path: str, llm_checkpoint: str) -> None:
+    """A pretrained LLM's embeddings are indexed by its own tokenizer's ids: another tokenizer would feed it ids
+    that mean other words, and nothing would fail."""
+    theirs = load_tokenizer(Path(llm_checkpoint) / "tokenizer.json").get_vocab(with_added_tokens=True)
+    if load_tokenizer(path).get_vocab(with_added_tokens=True) != theirs:
+        raise ConfigError(f"tokenizer {path}: not the tokenizer of llm_checkpoint {llm_checkpoint} (their "
+                          f"vocabularies differ), whose LLM reads its own tokenizer's ids; expected no tokenizer (the "
+                          f"checkpoint's tokenizer.json is used) or that one")
+
+
 RECORD_KINDS = {
     "text": "text-only conversations",
     "captions": "caption records (\"type\": \"caption\")",
@@ -153,6 +163,8 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         # not an error: an untrained LLM can be the experiment
         log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
+    if run.llm_checkpoint and run.tokenizer:
+        check_same_tokenizer(run.tokenizer, run.llm_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint else None)
     if source:  # the tokenizer the run has been training with, not one trained anew
