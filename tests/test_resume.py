@@ -228,3 +228,37 @@ def test_a_run_drawing_from_torch_s_rng_resumes_with_the_numbers_it_would_have_d
     resumed = _train(interrupted, resume=True)
     assert _records(tmp_path / "interrupted") == _records(tmp_path / "straight")
     assert all(torch.equal(v, resumed["model"].state_dict()[k]) for k, v in straight["model"].state_dict().items())
+
+
+def _step_checkpoints(out):
+    return sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+
+
+def test_keep_checkpoints_keeps_the_newest_step_checkpoints_of_the_run(shapes, tmp_path):
+    """Steps 2, 4, …, 10 each write a checkpoint (11 steps in all); with keep_checkpoints 2 the last two stay, and
+    the end-of-stage ones too. A second run into the same directory leaves the first run's alone, and the run can
+    be resumed with another keep_checkpoints."""
+    config = _config(shapes, tmp_path / "run", checkpoint_every=2, keep_checkpoints=2)
+    _train(config)
+    assert _step_checkpoints(tmp_path / "run") == ["step-000008", "step-000010"]
+    assert len(list((tmp_path / "run/checkpoints").glob("stage-*"))) == 4
+    # run 2 into the same directory, with its checkpoints written under other names (every 3 steps)
+    _train({**config, "checkpoint_every": 3, "keep_checkpoints": 1})
+    assert _step_checkpoints(tmp_path / "run") == ["step-000008", "step-000009", "step-000010"]
+    assert json.loads((tmp_path / "run/checkpoints/step-000009/training_state.json").read_text())["run"] == 2
+    _train({**config, "keep_checkpoints": 0}, resume=tmp_path / "run/checkpoints/step-000009")  # may change
+
+
+def test_after_resuming_from_an_earlier_step_the_steps_taken_again_are_kept(shapes, tmp_path, monkeypatch):
+    """keep_checkpoints keeps the most recently written, not the highest steps: continued from step 4 and stopped in
+    step 7, the run's new step 6 is kept over the step 8 of the branch it left."""
+    config = _config(shapes, tmp_path / "run", checkpoint_every=2, steps={"text": 2, "encoder_pretrain": 4,
+                                                                       "align": 2, "instruct": 0})
+    _train(config)
+    assert _step_checkpoints(tmp_path / "run") == ["step-000002", "step-000004", "step-000006", "step-000008"]
+    rewritten = tmp_path / "run/checkpoints/step-000006/training_state.json"
+    before = rewritten.stat().st_mtime_ns
+    _stop_at(monkeypatch, 3)  # the third step it takes: run step 7
+    with pytest.raises(KeyboardInterrupt):
+        _train({**config, "keep_checkpoints": 1}, resume=tmp_path / "run/checkpoints/step-000004")
+    assert _step_checkpoints(tmp_path / "run") == ["step-000006"] and rewritten.stat().st_mtime_ns > before

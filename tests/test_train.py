@@ -433,6 +433,7 @@ def test_run_config_overrides_and_validation(tmp_path):
     ("pretrain_encoder=1", "pretrain_encoder=1: expected true, false or auto"),
     ("warmup=100", "warmup=100: expected a fraction of each stage's steps in [0, 1), e.g. 0.05 (not a step count)"),
     ("checkpoint_every=-5", "checkpoint_every=-5: expected an integer >= 0"),
+    ("keep_checkpoints=-1", "keep_checkpoints=-1: expected an integer >= 0"),
     ("checkpoint_every=often", "checkpoint_every='often': expected an integer >= 0"),
     ("threads=two", "threads='two': expected a positive integer"),
     ("seed=abc", "seed='abc': expected an integer >= 0"),

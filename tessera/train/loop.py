@@ -23,7 +23,8 @@ from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
-from tessera.train.state import StageState, TrainingState, remove_state, save_state, write_atomic
+from tessera.train.state import (StageState, TrainingState, prune_step_checkpoints, remove_state, save_state,
+                                 write_atomic)
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 
@@ -51,6 +52,7 @@ class TrainSettings:
     clip: float = 1.0
     weight_decay: float = 0.0  # AdamW's, on tensors of 2+ dims: biases, norm scales, gates never decay
     checkpoint_every: int = 0  # steps; 0 = only at the end of each stage
+    keep_checkpoints: int = 0  # the newest step checkpoints of the run kept (resumable ones only); 0 = all
     # Method B's tanh gates start at 0, so the blocks behind them get no signal until the gates open; a larger
     # learning rate lets a short run open them (at the base rate they stay near 0 for thousands of steps).
     gate_lr_scale: float = 1.0
@@ -230,6 +232,10 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                     metrics.flush()  # a resumed run goes on from the checkpoint's step: its records are on disk
                     save_checkpoint(model, processor, out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}",
                                     checkpoint_state and checkpoint_state(current()))
+                    if settings.keep_checkpoints:  # only once the new one is whole
+                        for old in prune_step_checkpoints(out_dir / "checkpoints", settings.run,
+                                                          settings.keep_checkpoints):
+                            log(f"removed {old} (keep_checkpoints: {settings.keep_checkpoints})")
     except BaseException:
         if not state.mid_update:  # what the continuation needs, before the finally puts components back
             current()

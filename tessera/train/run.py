@@ -203,7 +203,8 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     settings = TrainSettings(batch_size=run.batch_size, grad_accum=run.grad_accum, warmup=run.warmup,
                              decay=run.decay, min_lr_ratio=run.min_lr_ratio,
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
-                             checkpoint_every=run.checkpoint_every, group_by_length=run.group_by_length,
+                             checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
+                             group_by_length=run.group_by_length,
                              seed=run.seed, progress=progress, precision=training_precision(run.precision))
     log(f"precision: {settings.precision}" + (f" (asked for {run.precision})" if run.precision == "auto" else ""))
     held_out = []

@@ -57,6 +57,7 @@ class RunConfig:
     weight_decay: float = 0.0  # AdamW's, on tensors of 2+ dims: biases, norm scales, gates never decay
     gate_lr_scale: float = 1.0
     checkpoint_every: int = 0
+    keep_checkpoints: int = 0
     group_by_length: bool = False  # batch records of similar length together (less padding; see TrainSettings)
     precision: str = "fp32"  # fp32 | bf16-mixed | auto (bf16-mixed where the CPU has native bf16 matmuls)
     seed: int = 0
@@ -80,7 +81,7 @@ class RunConfig:
                               f"ModelConfig fields")
         for name in ("batch_size", "grad_accum", "vocab_size", "max_length"):
             setattr(self, name, _integer(name, getattr(self, name), minimum=1))
-        for name in ("checkpoint_every", "seed"):
+        for name in ("checkpoint_every", "keep_checkpoints", "seed"):
             setattr(self, name, _integer(name, getattr(self, name), minimum=0))
         if self.threads is not None:
             self.threads = _integer("threads", self.threads, minimum=1)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from tessera.errors import CheckpointError, ConfigError
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.pt"
 FORMAT = 1
-# run-config fields that may change between a run and its continuation: where it writes, how often it saves, how
-# many threads compute it, how it treats bad records (the records it keeps are compared through the data files)
-MAY_CHANGE = ("out", "data", "checkpoint_every", "threads", "strict")
+# run-config fields that may change between a run and its continuation: where it writes, how often it saves and how
+# many of those saves it keeps, how many threads compute it, how it treats bad records (the records it keeps are
+# compared through the data files)
+MAY_CHANGE = ("out", "data", "checkpoint_every", "keep_checkpoints", "threads", "strict")
 
 
 @dataclass
@@ -125,6 +127,24 @@ def load_state(directory: Path) -> TrainingState:
     return TrainingState(run=position["run"], step=position["step"], stage=position["stage"],
                          stage_name=position.get("stage_name"), text_loss_before=position.get("text_loss_before"),
                          fingerprint=position["fingerprint"], stage_state=stage)
+
+
+def prune_step_checkpoints(checkpoints: Path, run: int, keep: int) -> list[Path]:
+    """Delete all but the `keep` most recently written step checkpoints (step-*) of run `run` under `checkpoints`,
+    and return them. Each holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
+    Most recently written, not highest step: after `--resume-from` an earlier step, the steps the run then takes
+    again are the ones to keep. End-of-stage checkpoints, other runs' and weights-only ones are left alone."""
+    written = []
+    for directory in checkpoints.glob("step-*"):
+        try:
+            if read_position(directory)["run"] == run:
+                written.append(((directory / STATE_JSON).stat().st_mtime_ns, directory.name, directory))
+        except (CheckpointError, OSError):  # not a resumable checkpoint of a run: not ours to delete
+            continue
+    doomed = [directory for *_, directory in sorted(written)[:max(len(written) - keep, 0)]]
+    for directory in doomed:
+        shutil.rmtree(directory)
+    return doomed
 
 
 def latest_resumable(out: Path) -> Path:
