@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tessera import CheckpointError, ConfigError
+from tessera.errors import TrainingError
 from tessera.data.shapes import make_shapes_dataset
 from tessera.train.run import RunConfig, run_training
 from tests.test_train import TINY_MODEL
@@ -262,3 +263,20 @@ def test_after_resuming_from_an_earlier_step_the_steps_taken_again_are_kept(shap
     with pytest.raises(KeyboardInterrupt):
         _train({**config, "keep_checkpoints": 1}, resume=tmp_path / "run/checkpoints/step-000004")
     assert _step_checkpoints(tmp_path / "run") == ["step-000006"] and rewritten.stat().st_mtime_ns > before
+
+
+def test_an_optimizer_state_of_other_parameter_groups_is_named(shapes, tmp_path):
+    """A checkpoint saved before biases, norms and gates were spared weight decay holds one optimizer group per
+    component, not two: its resume is an error that says so, not torch's bare "different number of groups"."""
+    config = _config(shapes, tmp_path / "run", checkpoint_every=5, weight_decay=0.1)
+    _train(config)
+    checkpoint = tmp_path / "run/checkpoints/step-000005"  # inside encoder_pretrain
+    tensors = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    groups = tensors["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["vision", "vision.no_decay", "projector", "projector.no_decay", "llm",
+                                           "llm.no_decay"]
+    tensors["optimizer"]["param_groups"] = groups[::2]  # one per component, as the older tessera saved it
+    torch.save(tensors, checkpoint / "training_state.pt")
+    with pytest.raises(TrainingError, match=r"stage 'encoder_pretrain': the checkpoint's optimizer state has 3 "
+                                            r"parameter groups where this stage has 6; with weight_decay > 0"):
+        _train(config, resume=checkpoint)

@@ -175,6 +175,13 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         stage.steps, settings.warmup, settings.min_lr_ratio, stage.schedule, settings.decay))
     if state.optimizer is not None:  # a resumed stage: the moments and the schedule where they were
+        saved = len(state.optimizer.get("param_groups", ()))
+        if saved != len(groups):  # torch's own error would name neither cause
+            raise TrainingError(
+                f"stage {stage.name!r}: the checkpoint's optimizer state has {saved} parameter groups where this "
+                f"stage has {len(groups)}; with weight_decay > 0 a checkpoint saved before biases, norm scales and "
+                f"gates were spared weight decay (two groups per component since) cannot be continued: start a new "
+                f"run, or continue it with the tessera that saved it")
         optimizer.load_state_dict(state.optimizer)
         schedule.load_state_dict(state.schedule)
     trainable = [p for group in groups for p in group["params"]]
