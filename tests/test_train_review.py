@@ -53,6 +53,16 @@ def test_evaluating_a_file_without_a_usable_record_is_a_data_error_naming_it(sha
         evaluate(model, processor, data)
 
 
+@pytest.mark.parametrize("setting", [{"limit": 0}, {"limit": -1}, {"batch_size": 0}, {"max_new_tokens": 0},
+                                     {"limit": 2.5}])
+def test_evaluate_refuses_counts_below_one(shapes, setting):
+    """limit=0 evaluated every record (0 read as "no limit"); the CLI refused it, the function did not."""
+    model, processor, _, _ = _model_and_data(shapes, "unified")
+    (name, value), = setting.items()
+    with pytest.raises(ConfigError, match=re.escape(f"{name}={value!r}: expected an integer >= 1")):
+        evaluate(model, processor, shapes / "test.json", **setting)
+
+
 def test_lr_scale_for_a_component_the_stage_does_not_train_is_refused_naming_the_key(tmp_path):
     """align trains the projector only: a scale for its llm changed nothing, silently."""
     with pytest.raises(ConfigError, match=re.escape(

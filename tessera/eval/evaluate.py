@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tessera.data.records import EncodedExample, load_examples
-from tessera.errors import DataError
+from tessera.errors import ConfigError, DataError
 from tessera.eval.metrics import caption_scores, exact_match
 from tessera.model import MultimodalLM
 from tessera.processor import IGNORE_INDEX, Processor
@@ -84,6 +84,10 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
              max_new_tokens: int = 48) -> tuple[dict, list[dict]]:
     """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given).
     limit: the first `limit` records only; max_new_tokens: longer answers are cut there and scored as cut."""
+    for name, value in ("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name}={value!r}: expected an integer >= 1" + (", or None for every record"
+                                                                              if name == "limit" else ""))
     examples, report = load_examples(data, processor, strict=strict)
     if report.skipped:
         print(report.summary())
