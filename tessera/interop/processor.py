@@ -103,6 +103,7 @@ class HubProcessor(Processor):
         if image_processing.kind != expected_kind:
             raise ConfigError(f"{where}: image_processor_type={image_settings.get('image_processor_type')!r} does not "
                               f"fit a {family} model")
+        check_fits_model(image_processing, model_config, str(where))
         special = {key: _token_text(tokenizer_config.get(key)) for key in SPECIAL_TOKEN_KEYS
                    if tokenizer_config.get(key) is not None}
         image_token = processor_config.get("image_token") or tokenizer_config.get("image_token") or (
@@ -240,6 +241,23 @@ def hub_processor(directory: Path) -> HubProcessor | None:
         return None
     return HubProcessor.from_pretrained(directory) if isinstance(settings, dict) and settings.get("kind") == KIND \
         else None
+
+
+def check_fits_model(image_processing: ImageProcessing, model_config: ModelConfig, where: str) -> None:
+    """The images (or tiles) must be the encoder's size, and as many tiles as it has positions for: the model reads
+    a fixed number of image tokens per image, and other sizes would fill them with a part of the features."""
+    vision = model_config.vision
+    try:
+        height, width = image_processing.output_size
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if (height, width) != (vision.image_size, vision.image_size):
+        raise ConfigError(f"{where}: the image processor makes {width}x{height} images but config.json's "
+                          f"vision_config.image_size={vision.image_size}; expected its size (and crop_size) to give "
+                          f"{vision.image_size}x{vision.image_size}")
+    if image_processing.kind == "tiles" and image_processing.max_image_tiles != vision.max_num_tiles:
+        raise ConfigError(f"{where}: max_image_tiles={image_processing.max_image_tiles} but config.json's "
+                          f"vision_config.max_num_tiles={vision.max_num_tiles}; expected them to agree")
 
 
 def load_hf_tokenizer(path: Path) -> Tokenizer:

@@ -1,0 +1,48 @@
+"""Hugging Face interop, reviewed: settings transformers honours (or refuses) that an import must not drop in
+silence. Uses the tiny random checkpoints of tests/test_interop.py (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tessera import ConfigError, MultimodalLM, Processor  # noqa: E402
+from tessera.interop.convert import convert  # noqa: E402
+from tests.test_interop import _copy_checkpoint, families, hf_tokenizer, imported  # noqa: E402,F401
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+# --- the image processor must give the images the model was built for -----------------------------------------
+@pytest.mark.parametrize("name, edit, words", [
+    # LLaVA: 12x12 crops give 36 patches where the model's 8x8 images give 16 image tokens
+    ("llava-clip-llama", lambda c: c["image_processor"].update(size={"shortest_edge": 12},
+                                                               crop_size={"height": 12, "width": 12}),
+     ["processor_config.json", "12x12", "vision_config.image_size=8"]),
+    ("llava-siglip-qwen2", lambda c: c["image_processor"].update(size={"height": 6, "width": 6}),
+     ["processor_config.json", "6x6", "vision_config.image_size=8"]),
+    ("mllama", lambda c: c["image_processor"].update(size={"height": 20, "width": 20}),
+     ["processor_config.json", "20x20", "vision_config.image_size=16"]),
+    ("mllama", lambda c: c["image_processor"].update(max_image_tiles=2),
+     ["processor_config.json", "max_image_tiles=2", "vision_config.max_num_tiles=4"]),
+])
+def test_an_image_processor_that_does_not_fit_the_model_is_named(name, edit, words, families, tmp_path):
+    """Before: the processor made 12x12 images, the encoder interpolated its positions to 36 patches and the model
+    wrote the first 16 of them into its 16 image tokens — an answer about a third of the image, with no error
+    (transformers' CLIP refuses the size)."""
+    directory = _copy_checkpoint(families[name].directory, tmp_path / "hf")
+    _edit_json(directory / "processor_config.json", edit)
+    for load in (Processor.from_pretrained, lambda d: convert(d, tmp_path / "converted")):
+        with pytest.raises(ConfigError) as error:
+            load(directory)
+        message = str(error.value)
+        assert all(word in message for word in words), message
