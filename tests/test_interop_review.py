@@ -46,3 +46,19 @@ def test_an_image_processor_that_does_not_fit_the_model_is_named(name, edit, wor
             load(directory)
         message = str(error.value)
         assert all(word in message for word in words), message
+
+
+# --- labels: the answer as the template writes it ---------------------------------------------------------------
+@pytest.mark.parametrize("answer", ["a red square\n", "  a red square", "a red square "])
+def test_an_answer_the_template_trims_is_still_learned(answer, imported):
+    """Llama 3's template writes `content | trim`, and answers in data often end in a newline. Before, such an
+    answer was not found verbatim in the prompt and got no labels: the record was dropped as "answer cut off by
+    the length limit", or, with several answers, trained on the others only."""
+    _, processor = imported["mllama"]
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                    {"role": "user", "content": "And now?"},
+                    {"role": "assistant", "content": answer}]
+    ids, labels, _ = processor.encode(conversation)
+    learned = [i for i, label in zip(ids, labels) if label != -100]
+    assert processor.decode(learned) == "a red squarea red square"

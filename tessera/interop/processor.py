@@ -318,13 +318,17 @@ def _answer_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, 
 
     Each text part is looked for on its own, after the previous one: a template writes parts with separators (and
     image tokens) between them, so their concatenation is often not in the prompt; had the search not moved past
-    such a message, an answer word that also occurs in the question would have been found there."""
+    such a message, an answer word that also occurs in the question would have been found there. A piece not
+    found verbatim is looked for without its surrounding whitespace, which many templates trim (Llama 3's)."""
     spans, cursor = [], 0
     for message in messages:
         content = message["content"]
         pieces = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
         for piece in filter(None, pieces):
             at = text.find(piece, cursor)
+            if at < 0 and piece.strip():
+                piece = piece.strip()
+                at = text.find(piece, cursor)
             if at < 0:
                 continue
             if message["role"] == "assistant":
