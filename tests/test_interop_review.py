@@ -62,3 +62,31 @@ def test_an_answer_the_template_trims_is_still_learned(answer, imported):
     ids, labels, _ = processor.encode(conversation)
     learned = [i for i, label in zip(ids, labels) if label != -100]
     assert processor.decode(learned) == "a red squarea red square"
+
+
+# --- image processing: every size transformers honours ------------------------------------------------------------
+@pytest.mark.parametrize("size", [(3, 7), (9, 40), (17, 64), (100, 5), (20, 13), (8, 8)])
+def test_a_longest_edge_bound_is_honoured_as_transformers_does(size):
+    """size={"shortest_edge": s, "longest_edge": l} resizes the short side to s unless that makes the long side
+    longer than l (transformers' get_size_with_aspect_ratio). Before, longest_edge was dropped in silence and a
+    thin image came out as a different crop."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from tessera.interop.image_processing import ImageProcessing
+
+    theirs = CLIPImageProcessorPil(size={"shortest_edge": 8, "longest_edge": 12}, crop_size={"height": 8, "width": 8})
+    ours = ImageProcessing.from_hf(theirs.to_dict(), "preprocessor_config.json")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    expected = theirs(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours(image)[0], expected, atol=1e-6, rtol=0)
+    assert ours.largest_step(*size)[1] == tuple(reversed(ours._resized_size(size[1], size[0])))
+
+
+def test_a_longest_edge_alone_is_refused():
+    from tessera.interop.image_processing import ImageProcessing
+
+    with pytest.raises(ConfigError, match=r"preprocessor_config.json.size=\{'longest_edge': 12\}"):
+        ImageProcessing.from_hf({"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 12}},
+                                "preprocessor_config.json")

@@ -131,11 +131,20 @@ class ImageProcessing:
         return max(steps, key=lambda step: step[1][0] * step[1][1])
 
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
-        if "shortest_edge" in self.size:  # transformers' get_resize_output_image_size(default_to_square=False)
-            short, long = (width, height) if width <= height else (height, width)
-            new_short, new_long = self.size["shortest_edge"], int(self.size["shortest_edge"] * long / short)
-            return (new_long, new_short) if width <= height else (new_short, new_long)
-        return self.size["height"], self.size["width"]
+        if "shortest_edge" not in self.size:
+            return self.size["height"], self.size["width"]
+        # transformers' get_resize_output_image_size(default_to_square=False), or with a longest_edge its
+        # get_size_with_aspect_ratio: the short side shrinks below shortest_edge if the long one would pass the bound
+        short, long = (width, height) if width <= height else (height, width)
+        new_short = self.size["shortest_edge"]
+        new_long = int(new_short * long / short)
+        bound = self.size.get("longest_edge")
+        if bound is not None and long / short * new_short > bound:
+            raw_short = bound * short / long
+            new_short, new_long = int(round(raw_short)), int(raw_short * long / short)
+        if short == new_short:  # get_size_with_aspect_ratio keeps such an image as it is
+            new_long = long
+        return (new_long, new_short) if width <= height else (new_short, new_long)
 
     def _scale(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W, C) uint8 → (C, H, W) float32, rescaled and normalised as transformers does."""
@@ -230,7 +239,8 @@ def _size(value: Any, shortest_edge_default: bool, where: str) -> dict[str, int]
         return {"shortest_edge": value} if shortest_edge_default else {"height": value, "width": value}
     if isinstance(value, dict) and ("shortest_edge" in value or {"height", "width"} <= set(value)):
         if "shortest_edge" in value:
-            return {"shortest_edge": int(value["shortest_edge"])}
+            bound = {"longest_edge": int(value["longest_edge"])} if value.get("longest_edge") is not None else {}
+            return {"shortest_edge": int(value["shortest_edge"]), **bound}
         return {"height": int(value["height"]), "width": int(value["width"])}
     raise ConfigError(f"{where}={value!r}: expected {{'shortest_edge': n}} or {{'height': h, 'width': w}}")
 
