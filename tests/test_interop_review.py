@@ -90,3 +90,25 @@ def test_a_longest_edge_alone_is_refused():
     with pytest.raises(ConfigError, match=r"preprocessor_config.json.size=\{'longest_edge': 12\}"):
         ImageProcessing.from_hf({"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 12}},
                                 "preprocessor_config.json")
+
+
+# --- chat templates: the variables transformers gives them ---------------------------------------------------------
+def test_a_chat_template_sees_every_special_token_transformers_gives_it(families, tmp_path):
+    """transformers renders a template with its tokenizer's special_tokens_map: bos/eos/unk/sep/pad/cls/mask, every
+    other `*_token` entry of tokenizer_config.json and its named extra_special_tokens. Before, only bos, eos, unk
+    and pad were passed, so `{{ image_token }}` or `{{ sep_token }}` rendered as nothing: another prompt."""
+    from transformers import AutoProcessor
+
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    _edit_json(directory / "tokenizer_config.json", lambda c: c.update(
+        sep_token="</s>", cls_token="<s>", mask_token={"content": "<pad>", "lstrip": False, "__type": "AddedToken"},
+        image_token="<image>", extra_special_tokens={"video_token": "<pad>"}, add_bos_token=True))
+    (directory / "chat_template.jinja").write_text(
+        "[{{ bos_token }}|{{ eos_token }}|{{ sep_token }}|{{ cls_token }}|{{ mask_token }}|{{ image_token }}|"
+        "{{ video_token }}|{{ add_bos_token }}]{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    conversation = [{"role": "user", "content": "hi"}]
+    expected = AutoProcessor.from_pretrained(directory).apply_chat_template(conversation)
+    assert expected == "[<s>|</s>|</s>|<s>|<pad>|<image>|<pad>|]hi"
+    assert Processor.from_pretrained(directory).apply_chat_template(conversation) == expected
+    converted = convert(directory, tmp_path / "converted")
+    assert Processor.from_pretrained(converted).apply_chat_template(conversation) == expected

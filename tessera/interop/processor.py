@@ -30,7 +30,6 @@ from tessera.text.tokenizer import load_tokenizer
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, load_image, naming
 
 FAMILIES = ("llava", "mllama")
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 KIND = "hf"  # processor_config.json "kind" of a HubProcessor (tessera's own processor has none)
 
 
@@ -104,8 +103,7 @@ class HubProcessor(Processor):
             raise ConfigError(f"{where}: image_processor_type={image_settings.get('image_processor_type')!r} does not "
                               f"fit a {family} model")
         check_fits_model(image_processing, model_config, str(where))
-        special = {key: _token_text(tokenizer_config.get(key)) for key in SPECIAL_TOKEN_KEYS
-                   if tokenizer_config.get(key) is not None}
+        special = template_tokens(tokenizer_config)
         image_token = processor_config.get("image_token") or tokenizer_config.get("image_token") or (
             "<|image|>" if family == "mllama" else None)
         if image_token is None:
@@ -287,6 +285,21 @@ def find_chat_template(directory: Path, processor_config: dict[str, Any], tokeni
 def _token_text(token: Any) -> str:
     """tokenizer_config.json writes a special token as a string or as {"content": …, …}."""
     return token.get("content") if isinstance(token, dict) else token
+
+
+def template_tokens(tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    """What transformers' tokenizer.special_tokens_map gives a chat template: every `*_token` entry holding a
+    token (bos, eos, unk, sep, pad, cls, mask and model-specific ones such as image_token) and the named
+    extra_special_tokens."""
+    def is_token(value: Any) -> bool:
+        return isinstance(_token_text(value), str)
+
+    tokens = {key: _token_text(value) for key, value in tokenizer_config.items()
+              if key.endswith("_token") and is_token(value)}
+    extra = tokenizer_config.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        tokens.update({key: _token_text(value) for key, value in extra.items() if is_token(value)})
+    return tokens
 
 
 def _template_content(message: dict[str, Any]) -> tuple[Any, list[Any]]:
