@@ -112,3 +112,48 @@ def test_a_chat_template_sees_every_special_token_transformers_gives_it(families
     assert Processor.from_pretrained(directory).apply_chat_template(conversation) == expected
     converted = convert(directory, tmp_path / "converted")
     assert Processor.from_pretrained(converted).apply_chat_template(conversation) == expected
+
+
+# --- malformed hub files: one error naming the file and the field ------------------------------------------------
+@pytest.mark.parametrize("settings, words", [
+    ({"resample": "bicubic"}, "preprocessor_config.json.resample='bicubic': expected one of PIL's filter numbers"),
+    ({"resample": 9}, "preprocessor_config.json.resample=9"),
+    ({"size": {"height": "a", "width": 8}}, "preprocessor_config.json.size={'height': 'a', 'width': 8}"),
+    ({"size": {"height": 0, "width": 8}}, "preprocessor_config.json.size={'height': 0, 'width': 8}"),
+    ({"image_mean": [0.5, 0.5]}, "preprocessor_config.json.image_mean=[0.5, 0.5]: expected 3 numbers"),
+    ({"image_std": "x"}, "preprocessor_config.json.image_std='x'"),
+    ({"image_std": [0.5, 0, 0.5]}, "preprocessor_config.json.image_std=[0.5, 0, 0.5]"),
+    ({"rescale_factor": "x"}, "preprocessor_config.json.rescale_factor='x'"),
+    ({"do_center_crop": True, "crop_size": {"shortest_edge": 8}}, "preprocessor_config.json.crop_size="),
+    ({"image_processor_type": 5}, "preprocessor_config.json.image_processor_type=5"),
+])
+def test_a_malformed_image_processor_setting_is_named(settings, words):
+    """Before: ValueError("invalid literal for int() with base 10: 'bicubic'"), a numpy broadcasting error at the
+    first image, or a KeyError — none saying which file or field."""
+    from tessera.interop.image_processing import ImageProcessing
+
+    with pytest.raises(ConfigError) as error:
+        ImageProcessing.from_hf({"image_processor_type": "SiglipImageProcessor", "size": {"height": 8, "width": 8},
+                                 **settings}, "preprocessor_config.json")
+    assert words in str(error.value)
+
+
+def test_non_square_llama_vision_tiles_are_refused():
+    """transformers' MllamaImageProcessor refuses height != width; tessera cut tiles by the height alone."""
+    from tessera.interop.image_processing import ImageProcessing
+
+    with pytest.raises(ConfigError, match=r"size=\{'height': 16, 'width': 8\}: .*square tiles"):
+        ImageProcessing.from_hf({"image_processor_type": "MllamaImageProcessor", "size": {"height": 16, "width": 8}},
+                                "preprocessor_config.json")
+
+
+@pytest.mark.parametrize("weight_map", [{"a.weight": 5}, {"a.weight": None}, {"a.weight": ["x"]}])
+def test_a_malformed_shard_index_is_named(weight_map, tmp_path):
+    from tessera import CheckpointError
+    from tessera.interop.hub_files import read_weights
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError) as error:
+        read_weights(tmp_path)
+    message = str(error.value)
+    assert "model.safetensors.index.json" in message and "'a.weight'" in message and "shard file name" in message

@@ -59,6 +59,9 @@ def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
         weight_map = (read_json(index) or {}).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map'; expected tensor name → shard file")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CheckpointError(f"{index}: weight_map[{name!r}]={shard!r}; expected a shard file name")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             path = directory / shard

@@ -24,6 +24,7 @@ from tessera.errors import ConfigError
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, check_preprocessed_size, to_rgb
 
 KINDS = ("resize", "tiles")
+PIL_FILTERS = (0, 1, 2, 3, 4, 5)  # nearest, lanczos, bilinear, bicubic, box, hamming
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # processor class → (kind, default settings) of the pinned transformers version
@@ -66,23 +67,48 @@ class ImageProcessing:
     def from_hf(cls, settings: dict[str, Any], where: str) -> ImageProcessing:
         """transformers' preprocessor settings (preprocessor_config.json, or processor_config.json's
         "image_processor") → ImageProcessing; settings tessera can't honour raise ConfigError."""
-        name = settings.get("image_processor_type", "CLIPImageProcessor").removesuffix("Fast").removesuffix("Pil")
+        name = settings.get("image_processor_type", "CLIPImageProcessor")
+        name = name.removesuffix("Fast").removesuffix("Pil") if isinstance(name, str) else name
         if name not in PROCESSOR_DEFAULTS:
-            raise ConfigError(f"{where}: image_processor_type={name!r}; tessera reproduces "
+            raise ConfigError(f"{where}.image_processor_type={name!r}: tessera reproduces "
                               f"{', '.join(PROCESSOR_DEFAULTS)}")
         kind, defaults = PROCESSOR_DEFAULTS[name]
         s = {**defaults, **{k: v for k, v in settings.items() if v is not None}}
         for flag in ("do_resize", "do_convert_rgb"):
             if s.get(flag) is False:
                 raise ConfigError(f"{where}: {flag}=false is not supported; expected true")
+
+        def setting(key: str, default: Any, parse, expected: str) -> Any:
+            """s[key] parsed, or a ConfigError naming the file and the field."""
+            value = s.get(key, default)
+            parsed = parse(value)
+            if parsed is None:
+                raise ConfigError(f"{where}.{key}={value!r}: expected {expected}")
+            return parsed
+
         shortest_edge_default = name in ("CLIPImageProcessor", "LlavaImageProcessor")
         size = _size(s["size"], shortest_edge_default, f"{where}.size")
-        crop = _size(s["crop_size"], False, f"{where}.crop_size") if s.get("do_center_crop") else None
-        return cls(kind=kind, size=size, resample=int(s["resample"]), crop_size=crop,
-                   do_rescale=bool(s.get("do_rescale", True)), rescale_factor=float(s.get("rescale_factor", 1 / 255)),
-                   do_normalize=bool(s.get("do_normalize", True)), image_mean=_per_channel(s["image_mean"]),
-                   image_std=_per_channel(s["image_std"]), pad_to_square=bool(s.get("do_pad")) and kind == "resize",
-                   max_image_tiles=int(s.get("max_image_tiles", 4)), source=dict(settings))
+        if kind == "tiles" and size.get("height") != size.get("width"):
+            raise ConfigError(f"{where}.size={s['size']!r}: Llama 3.2 Vision cuts square tiles; expected height = width")
+        crop = None
+        if s.get("do_center_crop"):
+            crop = _size(s["crop_size"], False, f"{where}.crop_size")
+            if "height" not in crop:
+                raise ConfigError(f"{where}.crop_size={s['crop_size']!r}: expected {{'height': h, 'width': w}}")
+        channels = "3 numbers (one per RGB channel) or one"
+        return cls(kind=kind, size=size, crop_size=crop,
+                   resample=setting("resample", None, lambda v: v if _is_int(v) and v in PIL_FILTERS else None,
+                                    f"one of PIL's filter numbers {', '.join(map(str, PIL_FILTERS))}"),
+                   do_rescale=bool(s.get("do_rescale", True)),
+                   rescale_factor=setting("rescale_factor", 1 / 255, _positive, "a positive number"),
+                   do_normalize=bool(s.get("do_normalize", True)),
+                   image_mean=setting("image_mean", None, lambda v: _per_channel(v, lambda x: True), channels),
+                   image_std=setting("image_std", None, lambda v: _per_channel(v, lambda x: x != 0),
+                                     f"{channels}, none zero"),
+                   pad_to_square=bool(s.get("do_pad")) and kind == "resize",
+                   max_image_tiles=setting("max_image_tiles", 4, lambda v: v if _is_int(v) and v > 0 else None,
+                                           "a positive integer"),
+                   source=dict(settings))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,15 +261,29 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _size(value: Any, shortest_edge_default: bool, where: str) -> dict[str, int]:
-    if isinstance(value, int):  # older configs: one number
-        return {"shortest_edge": value} if shortest_edge_default else {"height": value, "width": value}
+    if _is_int(value):  # older configs: one number
+        value = {"shortest_edge": value} if shortest_edge_default else {"height": value, "width": value}
     if isinstance(value, dict) and ("shortest_edge" in value or {"height", "width"} <= set(value)):
-        if "shortest_edge" in value:
-            bound = {"longest_edge": int(value["longest_edge"])} if value.get("longest_edge") is not None else {}
-            return {"shortest_edge": int(value["shortest_edge"]), **bound}
-        return {"height": int(value["height"]), "width": int(value["width"])}
-    raise ConfigError(f"{where}={value!r}: expected {{'shortest_edge': n}} or {{'height': h, 'width': w}}")
+        keys = ("shortest_edge", "longest_edge") if "shortest_edge" in value else ("height", "width")
+        size = {key: value[key] for key in keys if value.get(key) is not None}
+        if all(_is_int(n) and n > 0 for n in size.values()):
+            return size
+    raise ConfigError(f"{where}={value!r}: expected {{'shortest_edge': n}} (and optionally 'longest_edge') or "
+                      f"{{'height': h, 'width': w}}, in positive integers")
 
 
-def _per_channel(value: Any) -> tuple[float, ...]:
-    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def _per_channel(value: Any, valid) -> tuple[float, ...] | None:
+    """One number per RGB channel (one number: the same for all), each passing `valid`; None if not."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values *= 3
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return tuple(numbers) if len(numbers) == len(values) == 3 and all(map(valid, numbers)) else None
