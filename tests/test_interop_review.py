@@ -157,3 +157,41 @@ def test_a_malformed_shard_index_is_named(weight_map, tmp_path):
         read_weights(tmp_path)
     message = str(error.value)
     assert "model.safetensors.index.json" in message and "'a.weight'" in message and "shard file name" in message
+
+
+# --- writing: never over the source, never beside stale weights ----------------------------------------------------
+def test_convert_or_export_into_its_own_source_is_refused(families, tmp_path, capsys):
+    """`tessera convert DIR DIR` wrote tessera's config.json and weights over the Hugging Face checkpoint (and
+    `tessera export CK CK` over the tessera one): the source was gone, with no error."""
+    from tessera.cli import main
+
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+    assert main(["convert", str(directory), str(directory / ".." / "hf")]) == 2
+    assert "is the checkpoint being converted" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before
+    converted = convert(directory, tmp_path / "ck")
+    before = {path.name: path.read_bytes() for path in converted.iterdir()}
+    assert main(["export", str(converted), str(converted)]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in converted.iterdir()} == before
+
+
+def test_weights_written_over_an_older_layout_replace_it(tmp_path):
+    """A directory holding model.safetensors from an earlier (smaller) export, now written as shards: both
+    transformers and tessera read model.safetensors first, so they loaded the OLD weights in silence. The other
+    layout's files are now removed (as transformers' save_pretrained does)."""
+    from tessera.interop.hub_files import read_weights, write_weights
+
+    old = {"w": torch.zeros(4, 4)}
+    new = {"w": torch.ones(4, 4), "v": torch.full((4, 4), 2.0)}
+    write_weights(old, tmp_path)
+    write_weights(new, tmp_path, max_shard_bytes=64)
+    assert not (tmp_path / "model.safetensors").exists()
+    tensors, _ = read_weights(tmp_path)
+    assert tensors.keys() == new.keys() and all(torch.equal(tensors[k], new[k]) for k in new)
+    stale_shard = tmp_path / "model-00003-of-00003.safetensors"  # a shard a three-shard export had left
+    stale_shard.write_bytes(b"old")
+    write_weights(old, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert torch.equal(read_weights(tmp_path)[0]["w"], old["w"])

@@ -17,7 +17,7 @@ import torch
 from tessera.checkpoint import parameters_on_meta
 from tessera.errors import CheckpointError, ConfigError
 from tessera.interop import llava, mllama
-from tessera.interop.hub_files import CONFIG_NAME, read_json, read_weights
+from tessera.interop.hub_files import CONFIG_NAME, check_output_dir, read_json, read_weights
 from tessera.interop.name_map import import_weights
 from tessera.model import MultimodalLM
 
@@ -72,6 +72,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None =
     Face checkpoint."""
     from tessera.interop.processor import HubProcessor
 
+    check_output_dir(out_dir, hf_dir, "converted")
     model = load_hf_model(hf_dir, dtype)
     processor = HubProcessor.from_hf_dir(hf_dir, model.config)
     out = model.save_pretrained(out_dir)

@@ -18,7 +18,7 @@ import torch
 
 from tessera.config import ModelConfig
 from tessera.interop import llava, mllama
-from tessera.interop.hub_files import write_json, write_weights
+from tessera.interop.hub_files import check_output_dir, write_json, write_weights
 from tessera.interop.name_map import export_weights
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
@@ -39,6 +39,7 @@ TESSERA_CHAT_TEMPLATE = (
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write `checkpoint` (tessera's, or one converted from Hugging Face) in transformers' layout."""
+    check_output_dir(out_dir, checkpoint, "exported")
     model = MultimodalLM.from_pretrained(checkpoint)
     processor = Processor.from_pretrained(checkpoint)
     out = Path(out_dir)

@@ -85,8 +85,18 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def check_output_dir(out: str | Path, source: str | Path, verb: str) -> None:
+    """Writing a checkpoint into the directory it is read from would replace it file by file."""
+    if Path(out).exists() and Path(out).resolve() == Path(source).resolve():
+        raise ConfigError(f"{out}: is the checkpoint being {verb}; expected another output directory")
+
+
 def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """One model.safetensors, or model-0000k-of-0000n.safetensors shards plus the index when it is too large."""
+    """One model.safetensors, or model-0000k-of-0000n.safetensors shards plus the index when it is too large.
+    Weight files of an earlier write are removed first: a model.safetensors left beside a new index would be read
+    instead of it (by transformers too), and a shard of an earlier index is dead weight."""
+    for stale in [directory / WEIGHTS_NAME, directory / INDEX_NAME, *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
