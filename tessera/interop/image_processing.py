@@ -89,7 +89,8 @@ class ImageProcessing:
         shortest_edge_default = name in ("CLIPImageProcessor", "LlavaImageProcessor")
         size = _size(s["size"], shortest_edge_default, f"{where}.size")
         if kind == "tiles" and size.get("height") != size.get("width"):
-            raise ConfigError(f"{where}.size={s['size']!r}: Llama 3.2 Vision cuts square tiles; expected height = width")
+            raise ConfigError(f"{where}.size={s['size']!r}: Llama 3.2 Vision cuts square tiles; expected "
+                              f"height = width")
         crop = None
         if s.get("do_center_crop"):
             crop = _size(s["crop_size"], False, f"{where}.crop_size")
