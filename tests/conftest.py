@@ -24,6 +24,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def poisoned_cache(monkeypatch):
+    """KV caches whose storage starts as NaN: a slot read before it is written turns the answer into NaN."""
+    import tessera.text.cache
+
+    monkeypatch.setattr(tessera.text.cache, "unzeroed",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
 @pytest.fixture(params=["default", "onednn"])
 def linear_route(request, monkeypatch):
     """Runs a test twice: with tessera.linear's size thresholds as shipped (the tiny test models stay with PyTorch's

@@ -146,7 +146,7 @@ def _generation_batch(fusion: str):
 
 
 @pytest.mark.parametrize("fusion", ["unified", "cross"])
-def test_kv_cache_equals_recomputing(fusion, linear_route):
+def test_kv_cache_equals_recomputing(fusion, linear_route, poisoned_cache):
     model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[0, 2])).eval()
     _open_gates(model, 0.7)
     _, ids, mask, pixels, counts = _generation_batch(fusion)

@@ -135,7 +135,9 @@ def scenario(model, processor, seed: int, count: int = 12):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_requests_joining_and_leaving_answer_as_alone(served, seed):
+def test_requests_joining_and_leaving_answer_as_alone(served, seed, poisoned_cache):
+    """Every row answers as its request alone does. The caches start as NaN (poisoned_cache): merging batches
+    must zero the padding it puts in front of the shorter side, which attention reads with weight zero."""
     model, processor = served
     specs, cancelled = scenario(model, processor, seed)
     engine = SpyEngine(model, processor, max_batch=6)

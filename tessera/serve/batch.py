@@ -82,8 +82,10 @@ class RunningBatch:
         start = 0
         for part in parts:
             end, offset = start + len(part), length - part.length
-            cache.keys[:, start:end, :, offset:length] = part.cache.keys[:, :, :, :part.length]
-            cache.values[:, start:end, :, offset:length] = part.cache.values[:, :, :, :part.length]
+            for new, old in (cache.keys, part.cache.keys), (cache.values, part.cache.values):
+                new[:, start:end, :, offset:length] = old[:, :, :, :part.length]
+                # padding in front: masked, but attention still multiplies it by a zero weight, so never NaN
+                new[:, start:end, :, :offset] = 0
             start = end
         cache.length = length
         cache.cross = _merge_cross([part.cache.cross for part in parts], [len(part) for part in parts])
@@ -104,8 +106,13 @@ class RunningBatch:
         length = self.length - first
         picked = [self.params[i] for i in keep], [self.generated[i] for i in keep]
         cache = _new_cache(self.model, len(keep), length + _room_for(*picked))
-        cache.keys[:, :, :, :length] = self.cache.keys[:, index, :, first:self.length]
-        cache.values[:, :, :, :length] = self.cache.values[:, index, :, first:self.length]
+        # run by run of consecutive rows: indexing by a list would gather into a temporary first (a second copy)
+        start = 0
+        for run_start, run_end in _runs(keep):
+            end = start + run_end - run_start
+            for new, old in (cache.keys, self.cache.keys), (cache.values, self.cache.values):
+                new[:, start:end, :, :length] = old[:, run_start:run_end, :, first:self.length]
+            start = end
         cache.length = length
         cache.cross = _select_cross(self.cache.cross, index)
         return RunningBatch(self.model, [self.rows[i] for i in keep], picked[0],
@@ -144,6 +151,17 @@ class RunningBatch:
 
 def _new_cache(model, rows: int, max_length: int) -> KVCache:
     return KVCache(model.config.text, rows, max_length, model.dtype, model.device)
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive stretches of `indices`, as [start, end) pairs: [0, 1, 2, 5, 6] → [(0, 3), (5, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _room_for(params: Sequence[SamplingParams], generated: Sequence[int]) -> int:
