@@ -5,6 +5,7 @@ safetensors only — a checkpoint is data, never code, so nothing here unpickles
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,11 +59,26 @@ def assign_weights(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         setattr(module.get_submodule(owner), attribute, module.get_parameter(source))
 
 
+@contextmanager
+def written_whole(path: Path):
+    """Yields a temporary path beside `path` to write to; it replaces `path` only once the write has finished, so a
+    run stopped mid-write leaves the file as it was (a half-written model.safetensors or training_state.json made
+    the checkpoint unreadable)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def save_weights(module: nn.Module, directory: Path) -> Path:
     skip = tied_names(module)
     tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items() if name not in skip}
     path = directory / WEIGHTS_NAME
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    with written_whole(path) as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
     return path
 
 

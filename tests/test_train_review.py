@@ -98,7 +98,7 @@ def _cut_short(monkeypatch, name):
     write = Path.write_text
 
     def cut(self, text, *args, **kwargs):
-        if self.name.endswith(name) or self.name.endswith(name + ".tmp"):
+        if self.name.endswith(name) or self.name.endswith(name + ".partial"):
             write(self, text[:len(text) // 2], *args, **kwargs)
             raise KeyboardInterrupt
         return write(self, text, *args, **kwargs)
@@ -200,3 +200,28 @@ def test_a_tokenizer_other_than_the_llm_checkpoint_s_is_refused(shapes, tmp_path
     assert not (tmp_path / "run/metrics.jsonl").exists()
     same = RunConfig.from_dict({**config, "tokenizer": str(tmp_path / "llm/tokenizer.json")})
     assert run_training(same, log=lambda *_: None, progress=False)["steps"] == 1
+
+
+def test_a_kill_while_weights_are_written_leaves_the_earlier_weights(shapes, tmp_path, monkeypatch):
+    """model.safetensors was written in place: a run killed while saving OUT/checkpoint again left half a file, and
+    the checkpoint could no longer be loaded."""
+    import tessera.checkpoint
+    from tessera.checkpoint import WEIGHTS_NAME, load_weights, save_weights
+
+    model, _, _, _ = _model_and_data(shapes, "unified")
+    save_weights(model, tmp_path)
+    saved = (tmp_path / WEIGHTS_NAME).read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    write = tessera.checkpoint.save_file
+
+    def killed(tensors, filename, metadata=None):
+        write(tensors, filename, metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:1000])  # half of it reached the disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tessera.checkpoint, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_weights(model, tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == [WEIGHTS_NAME]
+    load_weights(model, tmp_path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tessera.checkpoint import written_whole
 from tessera.errors import CheckpointError, ConfigError
 
 STATE_JSON = "training_state.json"
@@ -72,13 +72,8 @@ def save_state(directory: Path, state: TrainingState) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` whole or not at all: a run stopped mid-write leaves the file as it was (a half-written
     training_state.json made every --resume fail; a half-rewritten metrics.jsonl lost the earlier runs' records)."""
-    partial = path.with_name(f".{path.name}.tmp")
-    try:
+    with written_whole(path) as partial:
         partial.write_text(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def remove_state(directory: Path) -> None:
