@@ -5,14 +5,18 @@ the weighted sum cost 4·q·k·d per layer (counted in full, causal or not); a t
 (backward = twice the forward) for every part that runs, except the patch embedding: the pixels take no gradient,
 so its backward is the weight gradient alone (2× its forward). The LM head is counted only where a label needs its
 logits, and so is the last decoder layer's work past its keys and values (its queries, attention, output
-projection and MLP), which no later layer reads; the ViT's blocks only up to the deepest selected feature. These
-are the FLOPs a step must spend, whatever an implementation spends on top.
+projection and MLP), which no later layer reads — unless a cross-attention block replaces that last layer
+(`cross_attention_placement="replace"`): the block then reads every row. A replaced layer is no self-attention
+layer. The ViT's blocks only up to the deepest selected feature; the tiled encoder's local and global blocks all
+run, over every tile slot of an image, each tile padded to a multiple of 8 tokens (real tokens attend to the
+padding). These are the FLOPs a step must spend, whatever an implementation spends on top.
 """
 
 from __future__ import annotations
 
 from tessera.config import ModelConfig
 from tessera.vision.encoder import deepest_layer
+from tessera.vision.tiled import PAD_TO_MULTIPLE
 
 TRAIN = 3  # forward + backward
 
@@ -23,11 +27,25 @@ def patch_flops(config: ModelConfig, images: int, patches_per_image: int) -> flo
     return images * patches_per_image * 2 * (v.num_channels * v.patch_size**2) * v.hidden_size
 
 
-def vision_block_flops(config: ModelConfig, images: int, tokens_per_image: int) -> float:
-    """Forward FLOPs of the ViT's blocks over `images` images of `tokens_per_image` positions (CLS included),
-    through the deepest block a selected feature needs (LLaVA's default, the penultimate, leaves the last unread)."""
+def vision_tokens(config: ModelConfig) -> tuple[int, int]:
+    """(patches, positions) of one image: what the patch embedding projects, and what the encoder's blocks run
+    over (CLS included; the tiled encoder's every tile slot, padded)."""
     v = config.vision
-    layers = deepest_layer(config.fusion.feature_layers, v.num_layers)
+    if v.encoder == "tiled":
+        per_tile = v.num_patches + 1
+        return v.max_num_tiles * v.num_patches, v.max_num_tiles * (per_tile + (-per_tile) % PAD_TO_MULTIPLE)
+    return v.num_patches, v.num_patches + int(v.use_cls_token)
+
+
+def vision_block_flops(config: ModelConfig, images: int, tokens_per_image: int) -> float:
+    """Forward FLOPs of the encoder's blocks over `images` images of `tokens_per_image` positions (CLS included),
+    through the deepest block a selected feature needs (LLaVA's default, the penultimate, leaves the last unread);
+    the tiled encoder runs all its local blocks, then its global ones."""
+    v = config.vision
+    if v.encoder == "tiled":
+        layers = v.num_layers + v.num_global_layers
+    else:
+        layers = deepest_layer(config.fusion.feature_layers, v.num_layers)
     per_token = 2 * (3 * v.hidden_size**2 + v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     attention = 4 * tokens_per_image**2 * v.hidden_size
     return images * layers * (tokens_per_image * per_token + attention)
@@ -67,15 +85,18 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
 
     image_tokens: tokens per image as the LLM sees them; text_tokens: text tokens per sample; labelled_tokens:
     tokens per sample whose next token is a label (the LM head's work)."""
-    keep_cls = config.vision.use_cls_token
-    vit_tokens = config.vision.num_patches + int(keep_cls) if config.vision.encoder == "vit" else image_tokens
+    patches, vit_tokens = vision_tokens(config)
     forward = vision_block_flops(config, batch, vit_tokens) + projector_flops(config, batch * image_tokens)
     t = config.text
     sequence = image_tokens + text_tokens if config.fusion.method == "unified" else text_tokens
-    forward += (t.num_layers - 1) * batch * decoder_layer_flops(config, sequence, sequence)
-    forward += batch * decoder_layer_flops(config, sequence, sequence, outputs=labelled_tokens)
+    replaced = config.cross_attention_layers if config.fusion.cross_attention_placement == "replace" else []
+    last_trimmed = t.num_layers - 1 not in replaced  # a block in the last layer's place reads every row
+    full_layers = t.num_layers - len(replaced) - int(last_trimmed)
+    forward += full_layers * batch * decoder_layer_flops(config, sequence, sequence)
+    if last_trimmed:
+        forward += batch * decoder_layer_flops(config, sequence, sequence, outputs=labelled_tokens)
     if config.fusion.method != "unified":
         forward += len(config.cross_attention_layers) * batch * cross_block_flops(config, text_tokens, image_tokens)
     forward += batch * labelled_tokens * 2 * t.hidden_size * t.vocab_size
     # the pixels take no gradient: the patch embedding's backward is its weight gradient alone
-    return TRAIN * forward + 2 * patch_flops(config, batch, vit_tokens - int(keep_cls))
+    return TRAIN * forward + 2 * patch_flops(config, batch, patches)
