@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tessera.memory import available_memory
 
@@ -168,6 +169,18 @@ PACKING_HINT = 8  # the row count oneDNN tunes the blocked layout for
 PACKING_MEMORY_RESERVE = 0.25
 PACKING_RETRY_SECONDS = 60.0  # after a refusal, measure again no sooner than this (a measurement reads /proc, /sys)
 
+# Fused optimizers (AdamW(fused=True), tessera's trainer's) write the weights without moving their version counter,
+# so a packed copy cannot tell that the step changed them; every optimizer step counts here and retires the copies
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
 
 def room_for_a_packed_copy(weight: torch.Tensor) -> bool:
     """Whether a blocked copy of `weight` leaves at least PACKING_MEMORY_RESERVE of the memory available (the
@@ -202,17 +215,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict), multiplying through `linear`."""
 
-    _packed: tuple[tuple[int, int], torch.Tensor | None, float] | None = None  # (key, copy, retry after)
+    _packed: tuple[tuple[int, int, int], torch.Tensor | None, float] | None = None  # (key, copy, retry after)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, packed=self.packed_weight)
 
     def packed_weight(self) -> torch.Tensor | None:
-        """The weight in oneDNN's blocked layout, made on first use and kept until the weight changes (an
-        optimizer step or a load bumps its version) or `train()`/`eval()` is called. It is a second copy: decoding
-        holds the LLM's linear weights twice. None when memory has no room for it (see PACKING_MEMORY_RESERVE);
-        memory is measured again after PACKING_RETRY_SECONDS (a server's first batch may meet a passing shortage)."""
-        key = (self.weight.data_ptr(), self.weight._version)
+        """The weight in oneDNN's blocked layout, made on first use and kept until the weight changes (a load or
+        an in-place write bumps its version; any optimizer step, fused ones included, retires every copy), the
+        layer moves (`.to`) or `train()`/`eval()` is called. Writes through `.data` go unseen: call `eval()` after
+        them. It is a second copy: decoding holds the LLM's linear weights twice. None when memory has no room for
+        it (see PACKING_MEMORY_RESERVE); memory is measured again after PACKING_RETRY_SECONDS (a server's first
+        batch may meet a passing shortage)."""
+        key = (self.weight.data_ptr(), self.weight._version, _optimizer_steps)
         cached = self._packed
         if cached is not None and cached[0] == key and (cached[1] is not None or time.monotonic() < cached[2]):
             return cached[1]
@@ -225,6 +240,10 @@ class Linear(nn.Linear):
     def __getstate__(self) -> dict:
         # the packed copy is an opaque oneDNN tensor that can be neither copied nor pickled; it is rebuilt on use
         return {**super().__getstate__(), "_packed": None}
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # `.to(dtype or device)` makes new weights: the copy of the old ones would only take memory
+        return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> Linear:
         # training changes the weight every step, so the copy would only take memory; and eval() is where to

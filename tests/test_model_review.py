@@ -64,3 +64,44 @@ def test_analytic_flops_count_replaced_layers_and_the_tiled_encoder(fusion, visi
                                    + (sequence - labelled - 1) * 2 * t.hidden_size * t.num_heads * t.head_dim)
     analytic = training_step_flops(config, batch, image_tokens, sequence, labelled)
     assert counter.get_total_flops() == analytic + surplus
+
+
+# --- linear.py: the packed copy for batched decoding must follow the weight -------------------------------------
+def _packed_layer():
+    import tessera.linear as linear_module
+
+    if linear_module.backend() != "onednn":
+        pytest.skip("this torch build has no oneDNN linear")
+    layer = linear_module.Linear(512, 640).eval()
+    with torch.no_grad():
+        layer(torch.randn(4, 512))
+    assert layer._packed is not None and layer._packed[1] is not None
+    return layer
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_packed_weight_follows_an_optimizer_step_in_eval_mode(fused, monkeypatch):
+    """A model without dropout may well train in eval mode, decoding batches between steps. A fused AdamW step
+    (tessera's own trainer's optimizer) writes the weights without moving their version counter: the packed copy
+    was kept, and decoding multiplied by the weights of before the step."""
+    import tessera.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "available_memory", lambda: (1 << 40, 1 << 41))
+    layer = _packed_layer()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused, foreach=None if fused else False)
+    layer(torch.randn(8, 512)).square().sum().backward()
+    optimizer.step()
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_moving_a_layer_drops_its_packed_copy(monkeypatch):
+    """`.to(dtype)` or `.to(device)` makes new weights; the copy of the old ones would only take memory."""
+    import tessera.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "available_memory", lambda: (1 << 40, 1 << 41))
+    layer = _packed_layer()
+    layer.to(torch.bfloat16)
+    assert layer._packed is None
