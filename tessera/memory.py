@@ -56,7 +56,7 @@ def _directories(root: Path, path: str) -> list[Path]:
     """root/path and every directory above it up to root, those that exist; just root when the path is not visible
     from here (inside a cgroup namespace the process's own cgroup is mounted as the root)."""
     here = root / path.strip("/")
-    found = [d for d in (here, *here.parents) if d.is_relative_to(root) and d.is_dir()]
+    found = [d for d in (here, *here.parents) if d.is_relative_to(root) and _is_dir(d)]
     return found if found and found[0] == here else [root]
 
 
@@ -64,7 +64,7 @@ def _cgroup_limits() -> list[Figures | None]:
     paths = _own_cgroups()
     v2 = [_v2(d) for d in _directories(CGROUP_ROOT, paths.get("v2", "/"))]
     memory_v1 = CGROUP_ROOT / "memory"
-    v1 = [_v1(_directories(memory_v1, paths.get("v1", "/"))[0])] if memory_v1.is_dir() else []
+    v1 = [_v1(_directories(memory_v1, paths.get("v1", "/"))[0])] if _is_dir(memory_v1) else []
     return v2 + v1
 
 
@@ -93,6 +93,14 @@ def _headroom(directory: Path, limits: list[str], usage_file: str, reclaimable_k
     except ValueError:
         return None
     return max(limit - usage + _stat(directory, reclaimable_key), 0), limit
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, but False where even a stat is denied (a sandbox may deny /sys): Path.is_dir raises then."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _read(path: Path) -> str | None:

@@ -105,3 +105,32 @@ def test_moving_a_layer_drops_its_packed_copy(monkeypatch):
     layer = _packed_layer()
     layer.to(torch.bfloat16)
     assert layer._packed is None
+
+
+# --- memory.py: what cannot be read counts as no limit -------------------------------------------------------------
+def test_a_cgroup_directory_that_cannot_be_looked_at_counts_as_no_limit(tmp_path, monkeypatch):
+    """A sandbox (AppArmor, gVisor) may deny even a stat of /sys/fs/cgroup's directories. Path.is_dir raises
+    PermissionError for that (it only swallows 'no such file'), and available_memory — asked before every packed
+    copy a decode step makes — raised with it instead of leaving the machine's figures."""
+    from pathlib import Path
+
+    from tessera import memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemAvailable:    600 kB\n")
+    (tmp_path / "self_cgroup").write_text("4:memory:/job\n0::/system.slice/job\n")
+    denied = tmp_path / "cgroup"
+    (denied / "system.slice" / "job").mkdir(parents=True)
+    (denied / "memory").mkdir()
+    monkeypatch.setattr(memory, "MEMINFO", meminfo)
+    monkeypatch.setattr(memory, "PROC_CGROUP", tmp_path / "self_cgroup")
+    monkeypatch.setattr(memory, "CGROUP_ROOT", denied)
+    stat = Path.stat
+
+    def refusing(path, *args, **kwargs):
+        if path.is_relative_to(denied) and path != denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refusing)
+    assert memory.available_memory() == (600 * 1024, 1000 * 1024)
