@@ -157,11 +157,13 @@ class VisionConfig:
         if bad:
             raise ConfigError(f"vision.intermediate_layers={self.intermediate_layers!r}: index {bad[0]!r} is out of "
                               f"range; expected local block indices in 0..{self.num_layers - 1}")
-        ratios = self.aspect_ratios
-        if any(len(r) != 2 or not all(isinstance(n, int) and n > 0 for n in r) or r[0] * r[1] > self.max_num_tiles
-               for r in ratios):
-            raise ConfigError(f"vision.supported_aspect_ratios={self.supported_aspect_ratios!r}: expected "
-                              f"[rows, columns] pairs of at most max_num_tiles={self.max_num_tiles} tiles")
+        ratios = self.supported_aspect_ratios
+        if ratios is not None and (
+                not isinstance(ratios, (list, tuple)) or not ratios
+                or any(not isinstance(r, (list, tuple)) or len(r) != 2 or not all(_integer(n) and n > 0 for n in r)
+                       or r[0] * r[1] > self.max_num_tiles for r in ratios)):
+            raise ConfigError(f"vision.supported_aspect_ratios={ratios!r}: expected a non-empty list of [rows, "
+                              f"columns] pairs of at most max_num_tiles={self.max_num_tiles} tiles, or null")
 
     @property
     def aspect_ratios(self) -> list[list[int]]:
@@ -239,10 +241,14 @@ class TextConfig:
             raise ConfigError(f"text.rope_scaling={scaling!r}: expected null or an object with 'rope_type'")
         _choice("text", "rope_scaling.rope_type", scaling.get("rope_type"), ROPE_TYPES)
         if scaling["rope_type"] == "llama3":
-            missing = [key for key in LLAMA3_ROPE_KEYS if not isinstance(scaling.get(key), (int, float))]
+            missing = [key for key in LLAMA3_ROPE_KEYS if key not in scaling]
             if missing:
                 raise ConfigError(f"text.rope_scaling: rope_type 'llama3' needs a number for {missing[0]!r}; "
                                   f"expected all of {', '.join(LLAMA3_ROPE_KEYS)}")
+            for key in LLAMA3_ROPE_KEYS:  # a factor of 0 makes every frequency infinite: NaN rotations, silently
+                value = scaling[key]
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                    raise ConfigError(f"text.rope_scaling.{key}={value!r}: expected a positive finite number")
 
     @property
     def embedding_rows(self) -> int:
@@ -330,6 +336,9 @@ class ModelConfig:
             self.fusion = FusionConfig(method=self.fusion)
         elif isinstance(self.fusion, dict):
             self.fusion = _build(FusionConfig, self.fusion, "fusion")
+        for name, part in (("vision", VisionConfig), ("text", TextConfig), ("fusion", FusionConfig)):
+            if not isinstance(getattr(self, name), part):  # "fusion": null in a hand-edited config.json
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected an object of {part.__name__} fields")
         for name in ("image_token_id", "pad_token_id", "eos_token_id"):
             value = getattr(self, name)
             # eos must be predictable; the image and pad tokens only need an embedding row

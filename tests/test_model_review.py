@@ -134,3 +134,46 @@ def test_a_cgroup_directory_that_cannot_be_looked_at_counts_as_no_limit(tmp_path
 
     monkeypatch.setattr(Path, "stat", refusing)
     assert memory.available_memory() == (600 * 1024, 1000 * 1024)
+
+
+# --- config.py: a bad value is a ConfigError naming the field --------------------------------------------------------
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("key, value", [("factor", 0), ("factor", -2.0), ("factor", float("nan")), ("factor", True),
+                                        ("low_freq_factor", float("inf")), ("original_max_position_embeddings", 0)])
+def test_llama3_rope_scaling_needs_positive_finite_numbers(key, value):
+    """factor 0 made every frequency infinite: cos and sin NaN at every position, and the model still returned
+    finite (meaningless) logits."""
+    from tessera.config import TextConfig
+    from tessera.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"text\.rope_scaling\.{key}=.*expected a positive finite number"):
+        TextConfig(rope_scaling={**LLAMA3, key: value})
+    TextConfig(rope_scaling=LLAMA3)  # the valid one still loads
+
+
+@pytest.mark.parametrize("ratios", [5, [[1, 2], 3], [[1, True]], [], [[1, 2, 3]], [[0, 1]], [[2, 3]]])
+def test_supported_aspect_ratios_of_the_wrong_shape_name_the_field(ratios):
+    """A lone number or a non-pair item failed as "'int' object is not iterable"; [] or a bool passed."""
+    from tessera.config import VisionConfig
+    from tessera.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"vision\.supported_aspect_ratios=.*expected a non-empty list of \[rows, "
+                                          r"columns\] pairs"):
+        VisionConfig(encoder="tiled", max_num_tiles=4, supported_aspect_ratios=ratios)
+
+
+@pytest.mark.parametrize("part, value", [("fusion", None), ("vision", None), ("text", [1]), ("vision", 3)])
+def test_a_config_part_of_the_wrong_type_names_it(part, value, tmp_path):
+    """A hand-edited config.json with "fusion": null crashed with AttributeError deep in validation."""
+    import json
+    import re
+
+    from tessera.errors import ConfigError
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({part: value}))
+    with pytest.raises(ConfigError, match=re.escape(f"config.json: {part}={value!r}: expected an object")):
+        ModelConfig.load(path)
