@@ -190,6 +190,9 @@ class MultimodalLM(nn.Module):
                     "silent 0; expected at least one supervised token (was the answer cut off by the length limit?)"
                 )
             num_items_in_batch = num_tokens
+        elif num_items_in_batch <= 0:  # the divisor: 0 would make the loss inf, or NaN (0/0), silently
+            raise ValueError(f"num_items_in_batch={num_items_in_batch}: expected the positive count of supervised "
+                             f"tokens over the accumulated step")
         if supervised is not None:
             loss = F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
             return ModelOutput(None, loss / num_items_in_batch, num_tokens)

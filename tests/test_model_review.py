@@ -177,3 +177,16 @@ def test_a_config_part_of_the_wrong_type_names_it(part, value, tmp_path):
     path.write_text(json.dumps({part: value}))
     with pytest.raises(ConfigError, match=re.escape(f"config.json: {part}={value!r}: expected an object")):
         ModelConfig.load(path)
+
+
+# --- model.py ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", [0, -3])
+def test_a_non_positive_num_items_in_batch_is_an_error_not_an_inf_or_nan_loss(count):
+    """The loss is divided by num_items_in_batch: 0 gave inf (or 0/0 = NaN) silently."""
+    from tests.conftest import tiny_config
+
+    model = MultimodalLM(tiny_config())
+    ids = torch.tensor([[1, 5, 6]])
+    with pytest.raises(ValueError, match=f"num_items_in_batch={count}: expected the positive count"):
+        model(ids, labels=ids, num_items_in_batch=count)
+    assert model(ids, labels=torch.full_like(ids, -100), num_items_in_batch=4).loss.item() == 0  # a micro-batch
