@@ -226,7 +226,10 @@ class Linear(nn.Linear):
         layer moves (`.to`) or `train()`/`eval()` is called. Writes through `.data` go unseen: call `eval()` after
         them. It is a second copy: decoding holds the LLM's linear weights twice. None when memory has no room for
         it (see PACKING_MEMORY_RESERVE); memory is measured again after PACKING_RETRY_SECONDS (a server's first
-        batch may meet a passing shortage)."""
+        batch may meet a passing shortage). None for weights made under torch.inference_mode: they have no
+        version counter, so a copy could not tell an in-place load from none."""
+        if self.weight.is_inference():
+            return None
         key = (self.weight.data_ptr(), self.weight._version, _optimizer_steps)
         cached = self._packed
         if cached is not None and cached[0] == key and (cached[1] is not None or time.monotonic() < cached[2]):

@@ -190,3 +190,24 @@ def test_a_non_positive_num_items_in_batch_is_an_error_not_an_inf_or_nan_loss(co
     with pytest.raises(ValueError, match=f"num_items_in_batch={count}: expected the positive count"):
         model(ids, labels=ids, num_items_in_batch=count)
     assert model(ids, labels=torch.full_like(ids, -100), num_items_in_batch=4).loss.item() == 0  # a micro-batch
+
+
+def test_a_model_loaded_under_inference_mode_decodes_a_batch(tmp_path, monkeypatch):
+    """Weights made under torch.inference_mode() are inference tensors, which have no version counter: the packed
+    copy's key read it, and every batched decode step raised "Inference tensors do not track version counter"."""
+    import tessera.linear as linear_module
+    from tests.conftest import tiny_config
+
+    if linear_module.backend() != "onednn":
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(linear_module, "MIN_WEIGHT_ELEMENTS", 0)  # the tiny model's products take the packed route
+    monkeypatch.setattr(linear_module, "MIN_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(linear_module, "available_memory", lambda: (1 << 40, 1 << 41))
+    MultimodalLM(tiny_config()).save_pretrained(tmp_path)
+    prompts = torch.tensor([[1, 5, 6], [1, 7, 8]])
+    expected = MultimodalLM.from_pretrained(tmp_path).generate(prompts, max_new_tokens=4).sequences
+    with torch.inference_mode():
+        model = MultimodalLM.from_pretrained(tmp_path)
+        assert model.generate(prompts, max_new_tokens=4).sequences == expected
+        layer = model.llm.layers[0].attn.qkv
+        assert layer.packed_weight() is None  # unversioned weights: no copy that could go stale
