@@ -131,8 +131,10 @@ class MultimodalLM(nn.Module):
                 image_counts = infer_image_counts(input_ids, self.config.image_token_id, per_image) \
                     if num_images else [0] * input_ids.shape[0]
             image_counts = [int(c) for c in image_counts]
-            check_image_token_counts(input_ids, self.config.image_token_id, per_image, image_counts, num_images)
-            if num_images and self.config.fusion.method == "unified":
+            unified = num_images and self.config.fusion.method == "unified"
+            check_image_token_counts(input_ids, self.config.image_token_id, per_image, image_counts, num_images,
+                                     image_features.shape[1] if unified else None)
+            if unified:
                 inputs_embeds = merge_image_features(inputs_embeds, input_ids, image_features,
                                                      self.config.image_token_id)
         if self.config.fusion.method == "cross":

@@ -211,3 +211,20 @@ def test_a_model_loaded_under_inference_mode_decodes_a_batch(tmp_path, monkeypat
         assert model.generate(prompts, max_new_tokens=4).sequences == expected
         layer = model.llm.layers[0].attn.qkv
         assert layer.packed_weight() is None  # unversioned weights: no copy that could go stale
+
+
+@pytest.mark.parametrize("side", [20, 12])
+def test_unified_images_of_another_size_are_refused_not_misplaced(side):
+    """A 20 px image in a 16 px model gives 25 features for 16 slots: the counts of image tokens still matched,
+    and masked_scatter filled image 1's slots with image 0's leftover features, silently (a 12 px one failed with
+    "Number of elements of source < number of ones in mask")."""
+    from tessera import ImageTokenMismatchError
+    from tests.conftest import tiny_config
+
+    model = MultimodalLM(tiny_config()).eval()
+    ids = torch.tensor([[1] + [IMG] * 16 + [5] + [IMG] * 16 + [6]])
+    features = (side // 4) ** 2
+    with pytest.raises(ImageTokenMismatchError, match=f"each image gives {features} image features but the text "
+                                                      f"holds 16 image tokens per image"):
+        model(ids, pixel_values=torch.randn(2, 3, side, side))
+    assert model(ids, pixel_values=torch.randn(2, 3, 16, 16)).logits.shape == (1, 35, 96)

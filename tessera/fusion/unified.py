@@ -9,8 +9,16 @@ from tessera.errors import ImageTokenMismatchError
 
 
 def check_image_token_counts(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int,
-                             image_counts: torch.Tensor | list[int], num_images: int) -> None:
-    """Every sample must hold exactly image_count × tokens_per_image image tokens."""
+                             image_counts: torch.Tensor | list[int], num_images: int,
+                             features_per_image: int | None = None) -> None:
+    """Every sample must hold exactly image_count × tokens_per_image image tokens; and each image must give
+    tokens_per_image features when features_per_image (the encoder's count) is given — pixels of another size
+    give another count, and the features would fill the slots of the wrong images."""
+    if features_per_image is not None and features_per_image != tokens_per_image:
+        raise ImageTokenMismatchError(
+            f"each image gives {features_per_image} image features but the text holds {tokens_per_image} image "
+            f"tokens per image; expected pixel_values of the encoder's vision.image_size"
+        )
     counts = [int(c) for c in image_counts]
     if len(counts) != input_ids.shape[0]:
         raise ImageTokenMismatchError(
