@@ -78,16 +78,29 @@ class MultimodalLM(nn.Module):
         """(N, C, H, W) pixels → (N, S, text width) projected image features. A tiled encoder takes
         (N, max_num_tiles, C, H, W) tiles and each image's aspect-ratio id, and gives S = tiles × tokens per tile."""
         if self.config.vision.encoder == "tiled":
-            if aspect_ratio_ids is None:
-                raise DataError("aspect_ratio_ids: the tiled encoder needs each image's aspect-ratio id; expected "
-                                "the processor's aspect_ratio_ids beside pixel_values")
-            features = self.vision(pixel_values.to(self.dtype), aspect_ratio_ids.reshape(-1))
+            ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, pixel_values.shape[0])
+            features = self.vision(pixel_values.to(self.dtype), ratio_ids)
             return self.projector(features).flatten(1, 2)
         fusion, layers = self.config.fusion, self.config.fusion.feature_layers
         num_layers = self.config.vision.num_layers
         hidden = self.vision(pixel_values.to(self.dtype), up_to_layer=deepest_layer(layers, num_layers))
         drop_cls = fusion.vision_feature_select_strategy == "default"
         return self.projector(select_image_features(hidden, layers, num_layers, drop_cls))
+
+    def _aspect_ratio_ids(self, aspect_ratio_ids: torch.Tensor | None, num_images: int) -> torch.Tensor:
+        """The tiled encoder's aspect-ratio ids, one per image, checked: a missing, miscounted or unknown id would
+        otherwise fail deep inside (or, one too many, mark the wrong tiles real without a word)."""
+        if aspect_ratio_ids is None:
+            raise DataError("aspect_ratio_ids: the tiled encoder needs each image's aspect-ratio id; expected "
+                            "the processor's aspect_ratio_ids beside pixel_values (or image_features)")
+        ids = aspect_ratio_ids.reshape(-1)
+        if ids.numel() != num_images:
+            raise DataError(f"aspect_ratio_ids holds {ids.numel()} ids for {num_images} images; expected one per "
+                            f"image")
+        most = len(self.config.vision.aspect_ratios)
+        if ids.numel() and not bool(((ids >= 0) & (ids <= most)).all()):
+            raise DataError(f"aspect_ratio_ids={ids.tolist()}: expected ids in 0..{most} (vision.aspect_ratios)")
+        return ids
 
     # --- forward -----------------------------------------------------------------------------------------------
     def forward(
@@ -164,7 +177,8 @@ class MultimodalLM(nn.Module):
             visible = image_visibility(input_ids, self.config.image_token_id, images.shape[1],
                                        self.config.fusion.cross_attention_scope) & real[:, None, :]
             if self.config.vision.encoder == "tiled":  # a token sees the real tiles of the images it sees
-                tiles, _ = pack_images(self.vision.tile_mask(aspect_ratio_ids.reshape(-1)), image_counts)
+                ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, image_features.shape[0])
+                tiles, _ = pack_images(self.vision.tile_mask(ratio_ids), image_counts)
                 visible = (visible[..., None] & tiles[:, None]).flatten(2)
                 real = real.repeat_interleave(tiles.shape[-1], dim=-1)  # every tile of a real image
             keys_values = {int(i): block.image_keys_values(images) for i, block in self.cross_attention.items()}

@@ -228,3 +228,32 @@ def test_unified_images_of_another_size_are_refused_not_misplaced(side):
                                                       f"holds 16 image tokens per image"):
         model(ids, pixel_values=torch.randn(2, 3, side, side))
     assert model(ids, pixel_values=torch.randn(2, 3, 16, 16)).logits.shape == (1, 35, 96)
+
+
+def _tiled_model() -> MultimodalLM:
+    return MultimodalLM(ModelConfig.from_dict({
+        "vision": {"encoder": "tiled", "image_size": 8, "patch_size": 4, "hidden_size": 16, "num_layers": 2,
+                   "num_heads": 2, "intermediate_size": 32, "max_num_tiles": 4, "num_global_layers": 1,
+                   "intermediate_layers": [0]},
+        "text": {"vocab_size": 96, "hidden_size": 32, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+                 "intermediate_size": 64, "max_position_embeddings": 64},
+        "fusion": {"method": "cross", "cross_attention_layers": [1, 3]}})).eval()
+
+
+@pytest.mark.parametrize("given, ratio_ids, message", [
+    ("features", None, "the tiled encoder needs each image's aspect-ratio id"),  # was AttributeError on None
+    ("pixels", [1], "aspect_ratio_ids holds 1 ids for 2 images"),  # was a RuntimeError from a view
+    ("features", [1, 2, 3], "aspect_ratio_ids holds 3 ids for 2 images"),  # was accepted: the wrong tiles real
+    ("pixels", [1, 99], r"aspect_ratio_ids=\[1, 99\]: expected ids in 0..8"),  # was 'index out of range in self'
+])
+def test_the_tiled_encoders_aspect_ratio_ids_are_checked(given, ratio_ids, message):
+    from tessera import DataError
+
+    model = _tiled_model()
+    pixels = torch.randn(2, 4, 3, 8, 8)
+    inputs = {"pixel_values": pixels} if given == "pixels" else {
+        "image_features": model.encode_images(pixels, torch.tensor([1, 2]))}
+    if ratio_ids is not None:
+        inputs["aspect_ratio_ids"] = torch.tensor(ratio_ids)
+    with torch.no_grad(), pytest.raises(DataError, match=message):
+        model(torch.tensor([[1, IMG, 5, IMG, 6]]), **inputs)
