@@ -112,7 +112,7 @@ def preprocess_image(image: Image.Image, size: int, mean: tuple[float, ...], std
     image = to_rgb(image)
     if resize_mode == "pad" and image.width != image.height:
         side = max(image.size)
-        fill = tuple(int(round(m * 255)) for m in mean)
+        fill = tuple(int(m * 255) for m in mean)  # truncated, as LLaVA's expand2square and transformers' do_pad
         square = Image.new("RGB", (side, side), fill)
         square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         image = square
