@@ -195,3 +195,29 @@ def test_weights_written_over_an_older_layout_replace_it(tmp_path):
     write_weights(old, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     assert torch.equal(read_weights(tmp_path)[0]["w"], old["w"])
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"image_processor_type": ["CLIPImageProcessor"]}, "preprocessor_config.json.image_processor_type=["),
+    ({"image_processor_type": {"name": "CLIPImageProcessor"}}, "preprocessor_config.json.image_processor_type={"),
+    # SigLIP has no default crop size: a centre crop needs one (transformers refuses it too)
+    ({"image_processor_type": "SiglipImageProcessor", "size": {"height": 8, "width": 8}, "do_center_crop": True},
+     "preprocessor_config.json.crop_size=None: expected"),
+])
+def test_a_malformed_image_processor_setting_is_a_config_error_not_a_crash(settings, words):
+    """An unhashable image_processor_type raised TypeError ("unhashable type: 'list'"), and do_center_crop without
+    a crop_size KeyError('crop_size'): neither named the file or the field."""
+    from tessera.interop.image_processing import ImageProcessing
+
+    with pytest.raises(ConfigError) as error:
+        ImageProcessing.from_hf(settings, "preprocessor_config.json")
+    assert words in str(error.value)
+
+
+@pytest.mark.parametrize("settings", ["CLIPImageProcessor", ["size", 8], 5])
+def test_image_processor_settings_that_are_not_an_object_are_named(settings):
+    """processor_config.json {"image_processor": "CLIPImageProcessor"} failed with AttributeError."""
+    from tessera.interop.image_processing import ImageProcessing
+
+    with pytest.raises(ConfigError, match=r"processor_config.json: .*expected an object of image processor"):
+        ImageProcessing.from_hf(settings, "processor_config.json")

@@ -67,9 +67,12 @@ class ImageProcessing:
     def from_hf(cls, settings: dict[str, Any], where: str) -> ImageProcessing:
         """transformers' preprocessor settings (preprocessor_config.json, or processor_config.json's
         "image_processor") → ImageProcessing; settings tessera can't honour raise ConfigError."""
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where}: the image processor settings are {settings!r}; expected an object of image "
+                              f"processor fields")
         name = settings.get("image_processor_type", "CLIPImageProcessor")
         name = name.removesuffix("Fast").removesuffix("Pil") if isinstance(name, str) else name
-        if name not in PROCESSOR_DEFAULTS:
+        if not isinstance(name, str) or name not in PROCESSOR_DEFAULTS:  # (a list or dict is not even hashable)
             raise ConfigError(f"{where}.image_processor_type={name!r}: tessera reproduces "
                               f"{', '.join(PROCESSOR_DEFAULTS)}")
         kind, defaults = PROCESSOR_DEFAULTS[name]
@@ -93,7 +96,7 @@ class ImageProcessing:
                               f"height = width")
         crop = None
         if s.get("do_center_crop"):
-            crop = _size(s["crop_size"], False, f"{where}.crop_size")
+            crop = _size(s.get("crop_size"), False, f"{where}.crop_size")  # SigLIP's defaults have none
             if "height" not in crop:
                 raise ConfigError(f"{where}.crop_size={s['crop_size']!r}: expected {{'height': h, 'width': w}}")
         channels = "3 numbers (one per RGB channel) or one"
