@@ -280,3 +280,30 @@ def test_an_optimizer_state_of_other_parameter_groups_is_named(shapes, tmp_path)
     with pytest.raises(TrainingError, match=r"stage 'encoder_pretrain': the checkpoint's optimizer state has 3 "
                                             r"parameter groups where this stage has 6; with weight_decay > 0"):
         _train(config, resume=checkpoint)
+
+
+def test_keep_checkpoints_never_removes_the_checkpoint_it_has_just_written(shapes, tmp_path, monkeypatch):
+    """Which checkpoints are newest is read off their files' mtimes. When the clock is stepped back after the first
+    checkpoint (NTP correcting a VM's clock, or a run directory copied from a machine whose clock is ahead), every
+    later checkpoint looks older than that one: keep_checkpoints 1 removed each new checkpoint right after writing
+    it and kept run step 2, so a crash lost every step since."""
+    import os
+
+    import tessera.train.loop
+
+    save_state, stepped = tessera.train.loop.save_state, []
+
+    def save_then_step_the_clock_back(directory, state):
+        save_state(directory, state)
+        written = directory / "training_state.json"
+        if not directory.name.startswith("step-"):
+            return
+        if stepped:  # from the second checkpoint on, the clock reads an hour earlier than when the first was written
+            os.utime(written, ns=(written.stat().st_atime_ns, written.stat().st_mtime_ns - 3600 * 10**9))
+        stepped.append(directory.name)
+
+    monkeypatch.setattr(tessera.train.loop, "save_state", save_then_step_the_clock_back)
+    _train(_config(shapes, tmp_path / "run", checkpoint_every=2, keep_checkpoints=1,
+                   steps={"text": 2, "encoder_pretrain": 4, "align": 0, "instruct": 0}))
+    assert stepped[:3] == ["step-000002", "step-000004", "step-000006"]
+    assert _step_checkpoints(tmp_path / "run") == ["step-000006"]

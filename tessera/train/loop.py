@@ -237,11 +237,12 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
                 if settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0:
                     metrics.flush()  # a resumed run goes on from the checkpoint's step: its records are on disk
-                    save_checkpoint(model, processor, out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}",
-                                    checkpoint_state and checkpoint_state(current()))
+                    written = save_checkpoint(model, processor,
+                                              out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}",
+                                              checkpoint_state and checkpoint_state(current()))
                     if settings.keep_checkpoints:  # only once the new one is whole
                         for old in prune_step_checkpoints(out_dir / "checkpoints", settings.run,
-                                                          settings.keep_checkpoints):
+                                                          settings.keep_checkpoints, written):
                             log(f"removed {old} (keep_checkpoints: {settings.keep_checkpoints})")
     except BaseException:
         if not state.mid_update:  # what the continuation needs, before the finally puts components back

@@ -124,19 +124,23 @@ def load_state(directory: Path) -> TrainingState:
                          fingerprint=position["fingerprint"], stage_state=stage)
 
 
-def prune_step_checkpoints(checkpoints: Path, run: int, keep: int) -> list[Path]:
+def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path) -> list[Path]:
     """Delete all but the `keep` most recently written step checkpoints (step-*) of run `run` under `checkpoints`,
     and return them. Each holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
     Most recently written, not highest step: after `--resume-from` an earlier step, the steps the run then takes
-    again are the ones to keep. End-of-stage checkpoints, other runs' and weights-only ones are left alone."""
-    written = []
+    again are the ones to keep. `written`, the checkpoint just saved, counts as the newest whatever its mtime says
+    (a clock stepped back, or a run directory copied from a machine whose clock is ahead, would otherwise make it
+    the oldest, and it would be deleted as soon as written). End-of-stage checkpoints, other runs' and weights-only
+    ones are left alone."""
+    found = []
     for directory in checkpoints.glob("step-*"):
         try:
             if read_position(directory)["run"] == run:
-                written.append(((directory / STATE_JSON).stat().st_mtime_ns, directory.name, directory))
+                newest = directory.name == written.name
+                found.append((newest, (directory / STATE_JSON).stat().st_mtime_ns, directory.name, directory))
         except (CheckpointError, OSError):  # not a resumable checkpoint of a run: not ours to delete
             continue
-    doomed = [directory for *_, directory in sorted(written)[:max(len(written) - keep, 0)]]
+    doomed = [directory for *_, directory in sorted(found)[:max(len(found) - keep, 0)]]
     for directory in doomed:
         shutil.rmtree(directory)
     return doomed
