@@ -307,3 +307,22 @@ def test_keep_checkpoints_never_removes_the_checkpoint_it_has_just_written(shape
                    steps={"text": 2, "encoder_pretrain": 4, "align": 0, "instruct": 0}))
     assert stepped[:3] == ["step-000002", "step-000004", "step-000006"]
     assert _step_checkpoints(tmp_path / "run") == ["step-000006"]
+
+
+def test_a_step_checkpoint_that_cannot_be_removed_is_a_warning_not_a_stop(shapes, tmp_path, monkeypatch):
+    """keep_checkpoints is housekeeping: a checkpoint that will not go (permissions, a busy network file) is named
+    in a warning and the run goes on to its end."""
+    import tessera.train.state
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(tessera.train.state.shutil, "rmtree", refuse)
+    lines = []
+    config = RunConfig.from_dict(_config(shapes, tmp_path / "run", checkpoint_every=2, keep_checkpoints=1))
+    run_training(config, log=lines.append, progress=False)
+    assert (tmp_path / "run/checkpoint/model.safetensors").is_file()  # it trained to its end
+    assert _step_checkpoints(tmp_path / "run") == [f"step-{s:06d}" for s in (2, 4, 6, 8, 10)]
+    warnings = [line for line in lines if line.startswith("warning: could not remove")]
+    # each later checkpoint tries the older ones again: 1 + 2 + 3 + 4
+    assert len(warnings) == 10 and "step-000002 (keep_checkpoints: 1): [Errno 13] Permission denied" in warnings[0]

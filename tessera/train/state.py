@@ -124,9 +124,10 @@ def load_state(directory: Path) -> TrainingState:
                          fingerprint=position["fingerprint"], stage_state=stage)
 
 
-def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path) -> list[Path]:
-    """Delete all but the `keep` most recently written step checkpoints (step-*) of run `run` under `checkpoints`,
-    and return them. Each holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
+def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path
+                           ) -> list[tuple[Path, OSError | None]]:
+    """Delete all but the `keep` most recently written step checkpoints (step-*) of run `run` under `checkpoints`;
+    returns each with the error deleting it raised, or None (a file that will not go must not stop a run). Each holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
     Most recently written, not highest step: after `--resume-from` an earlier step, the steps the run then takes
     again are the ones to keep. `written`, the checkpoint just saved, counts as the newest whatever its mtime says
     (a clock stepped back, or a run directory copied from a machine whose clock is ahead, would otherwise make it
@@ -140,10 +141,14 @@ def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path
                 found.append((newest, (directory / STATE_JSON).stat().st_mtime_ns, directory.name, directory))
         except (CheckpointError, OSError):  # not a resumable checkpoint of a run: not ours to delete
             continue
-    doomed = [directory for *_, directory in sorted(found)[:max(len(found) - keep, 0)]]
-    for directory in doomed:
-        shutil.rmtree(directory)
-    return doomed
+    outcomes = []
+    for *_, directory in sorted(found)[:max(len(found) - keep, 0)]:
+        try:
+            shutil.rmtree(directory)
+            outcomes.append((directory, None))
+        except OSError as e:
+            outcomes.append((directory, e))
+    return outcomes
 
 
 def latest_resumable(out: Path) -> Path:
