@@ -62,8 +62,9 @@ def assign_weights(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 @contextmanager
 def written_whole(path: Path):
     """Yields a temporary path beside `path` to write to; it replaces `path` only once the write has finished, so a
-    run stopped mid-write leaves the file as it was (a half-written model.safetensors or training_state.json made
-    the checkpoint unreadable)."""
+    run stopped mid-write leaves the file as it was. Every file of a checkpoint is written so: a half-written
+    model.safetensors, config.json or training_state.json made the checkpoint unreadable, and a half-rewritten
+    metrics.jsonl lost the earlier runs' records."""
     partial = path.with_name(f".{path.name}.partial")
     try:
         yield partial
@@ -71,6 +72,12 @@ def written_whole(path: Path):
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (see `written_whole`)."""
+    with written_whole(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def save_weights(module: nn.Module, directory: Path) -> Path:

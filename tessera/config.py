@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tessera.checkpoint import write_whole
 from tessera.errors import ConfigError
 
 FUSION_METHODS = ("unified", "cross")
@@ -424,7 +425,7 @@ class ModelConfig:
         return _build(cls, data, source)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_whole(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from tessera.checkpoint import write_whole, written_whole
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError, DataError
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, load_tokenizer
@@ -221,8 +222,9 @@ class Processor:
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / TOKENIZER_NAME))
-        (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        with written_whole(directory / TOKENIZER_NAME) as partial:
+            self.tokenizer.save(str(partial))
+        write_whole(directory / PROCESSOR_CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
         return directory
 
     @classmethod

@@ -225,3 +225,22 @@ def test_a_kill_while_weights_are_written_leaves_the_earlier_weights(shapes, tmp
         save_weights(model, tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == [WEIGHTS_NAME]
     load_weights(model, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "processor_config.json"])
+def test_a_kill_while_a_checkpoint_is_saved_again_leaves_its_files_whole(shapes, tmp_path, monkeypatch, name):
+    """config.json and processor_config.json were rewritten in place too: half a file, and the final checkpoint
+    of a run saved again could no longer be loaded."""
+    from tessera import MultimodalLM, Processor
+
+    model, processor, _, _ = _model_and_data(shapes, "unified")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _cut_short(monkeypatch, name)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path)
+        processor.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    MultimodalLM.from_pretrained(tmp_path), Processor.from_pretrained(tmp_path)

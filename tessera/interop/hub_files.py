@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tessera.checkpoint import write_whole
 from tessera.errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
@@ -37,7 +38,7 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_whole(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def is_hf_checkpoint(directory: str | Path) -> bool:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from tessera.checkpoint import written_whole
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError, DataError
 from tessera.interop.chat_template import render
@@ -205,7 +206,8 @@ class HubProcessor(Processor):
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / TOKENIZER_NAME))
+        with written_whole(directory / TOKENIZER_NAME) as partial:
+            self.tokenizer.save(str(partial))
         settings = {"kind": KIND, "pad_token_id": self.pad_token_id, **asdict(self.config)}
         write_json(directory / PROCESSOR_CONFIG_NAME, settings)
         return directory

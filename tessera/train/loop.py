@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tessera.checkpoint import write_whole
 from tessera.data.records import EncodedExample
 from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
-from tessera.train.state import (StageState, TrainingState, prune_step_checkpoints, remove_state, save_state,
-                                 write_atomic)
+from tessera.train.state import StageState, TrainingState, prune_step_checkpoints, remove_state, save_state
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 
@@ -320,7 +320,7 @@ def drop_metrics_after(metrics_path: Path, run: int, step: int) -> int:
     lines = list(_metrics_lines(metrics_path))
     kept = [line for line, record in lines if not (record.get("run", 1) == run and record.get("step", 0) > step)]
     if metrics_path.is_file():
-        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+        write_whole(metrics_path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tessera.checkpoint import written_whole
+from tessera.checkpoint import write_whole
 from tessera.errors import CheckpointError, ConfigError
 
 STATE_JSON = "training_state.json"
@@ -66,14 +66,7 @@ def save_state(directory: Path, state: TrainingState) -> None:
     position = {"format": FORMAT, "run": state.run, "step": state.step, "stage": state.stage,
                 "stage_name": state.stage_name, "stage_step": stage.step, "text_loss_before": state.text_loss_before,
                 "fingerprint": state.fingerprint}
-    write_atomic(directory / STATE_JSON, json.dumps(position, indent=1) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all: a run stopped mid-write leaves the file as it was (a half-written
-    training_state.json made every --resume fail; a half-rewritten metrics.jsonl lost the earlier runs' records)."""
-    with written_whole(path) as partial:
-        partial.write_text(text)
+    write_whole(directory / STATE_JSON, json.dumps(position, indent=1) + "\n")
 
 
 def remove_state(directory: Path) -> None:
