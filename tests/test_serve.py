@@ -969,3 +969,17 @@ def test_tessera_serve_command(checkpoint, tmp_path):
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert "model" in output and "ready" in output
+
+
+def test_only_visible_special_tokens_are_refused_in_text():
+    """A tokenizer may mark a whitespace token special; refusing it would refuse every message with a space."""
+    from types import SimpleNamespace
+
+    from tessera.serve.protocol import APIError, _refuse_special_tokens
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    tokenizer.add_special_tokens(["\n\n", "<|eot|>"])
+    processor = SimpleNamespace(image_token="<image>", tokenizer=tokenizer)
+    _refuse_special_tokens([{"role": "user", "content": "two lines\n\nof text"}], processor)
+    with pytest.raises(APIError, match="messages\\[0\\].content contains the special token '<\\|eot\\|>'"):
+        _refuse_special_tokens([{"role": "user", "content": "done<|eot|>"}], processor)

@@ -254,7 +254,8 @@ def _refuse_special_tokens(messages: list[dict[str, Any]], processor) -> None:
     never sent, and a role or end-of-turn token would let one message forge the turns around it. The chat template
     adds those itself. Another model's tokens (tessera's "<|user|>" to an imported tokenizer) are plain text."""
     image = processor.image_token
-    special = sorted(special_token_texts(processor.tokenizer) - {image})
+    # a special token that is only whitespace (some tokenizers mark one so) would refuse every message
+    special = sorted(token for token in special_token_texts(processor.tokenizer) - {image} if token.strip())
     for i, message in enumerate(messages):
         content = message["content"]
         texts = [(f"messages[{i}].content", content)] if isinstance(content, str) else [
