@@ -35,7 +35,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _positive(owner: str, **values: Any) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_integer(value) or value <= 0:
             raise ConfigError(f"{owner}.{name}={value!r}: expected a positive integer")
 
 
@@ -60,8 +60,12 @@ def _flags(owner: str, config: Any, *names: str) -> None:
             raise ConfigError(f"{owner}.{name}={value!r}: expected true or false")
 
 
-def _integer(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a config
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _sequence(field_name: str, value: Any, expected: str) -> list:
@@ -129,7 +133,7 @@ class VisionConfig:
         _positive("vision", image_size=self.image_size, patch_size=self.patch_size,
                   num_channels=self.num_channels, hidden_size=self.hidden_size,
                   num_heads=self.num_heads, intermediate_size=self.intermediate_size)
-        if not _integer(self.num_layers) or self.num_layers < 0:
+        if not is_integer(self.num_layers) or self.num_layers < 0:
             raise ConfigError(f"vision.num_layers={self.num_layers!r}: expected an integer >= 0")
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -147,21 +151,21 @@ class VisionConfig:
 
     def _check_tiling(self) -> None:
         _positive("vision", max_num_tiles=self.max_num_tiles)
-        if not _integer(self.num_global_layers) or self.num_global_layers < 0:
+        if not is_integer(self.num_global_layers) or self.num_global_layers < 0:
             raise ConfigError(f"vision.num_global_layers={self.num_global_layers!r}: expected an integer >= 0")
         if not self.use_cls_token:
             raise ConfigError("vision.use_cls_token=False: the tiled encoder puts a CLS token on every tile; "
                               "expected True")
         self.intermediate_layers = _sequence("vision.intermediate_layers", self.intermediate_layers,
                                              "a list of local block indices")
-        bad = [i for i in self.intermediate_layers if not _integer(i) or not 0 <= i < self.num_layers]
+        bad = [i for i in self.intermediate_layers if not is_integer(i) or not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"vision.intermediate_layers={self.intermediate_layers!r}: index {bad[0]!r} is out of "
                               f"range; expected local block indices in 0..{self.num_layers - 1}")
         ratios = self.supported_aspect_ratios
         if ratios is not None and (
                 not isinstance(ratios, (list, tuple)) or not ratios
-                or any(not isinstance(r, (list, tuple)) or len(r) != 2 or not all(_integer(n) and n > 0 for n in r)
+                or any(not isinstance(r, (list, tuple)) or len(r) != 2 or not all(is_integer(n) and n > 0 for n in r)
                        or r[0] * r[1] > self.max_num_tiles for r in ratios)):
             raise ConfigError(f"vision.supported_aspect_ratios={ratios!r}: expected a non-empty list of [rows, "
                               f"columns] pairs of at most max_num_tiles={self.max_num_tiles} tiles, or null")
@@ -228,7 +232,7 @@ class TextConfig:
             raise ConfigError(f"text.hidden_size / text.num_heads = {self.head_dim}: RoPE needs an even head size")
         if self.sliding_window is not None:
             _positive("text", sliding_window=self.sliding_window)
-        if not _integer(self.num_extra_embeddings) or self.num_extra_embeddings < 0:
+        if not is_integer(self.num_extra_embeddings) or self.num_extra_embeddings < 0:
             raise ConfigError(f"text.num_extra_embeddings={self.num_extra_embeddings!r}: expected an integer >= 0")
         if self.tie_word_embeddings and self.num_extra_embeddings:
             raise ConfigError("text.tie_word_embeddings=True with text.num_extra_embeddings > 0: a tied LM head must "
@@ -248,7 +252,7 @@ class TextConfig:
                                   f"expected all of {', '.join(LLAMA3_ROPE_KEYS)}")
             for key in LLAMA3_ROPE_KEYS:  # a factor of 0 makes every frequency infinite: NaN rotations, silently
                 value = scaling[key]
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                if not is_number(value) or not 0 < value < math.inf:
                     raise ConfigError(f"text.rope_scaling.{key}={value!r}: expected a positive finite number")
 
     @property
@@ -296,15 +300,15 @@ class FusionConfig:
         _choice("fusion", "cross_attention_blind_rows", self.cross_attention_blind_rows, CROSS_ATTENTION_BLIND_ROWS)
         layers = self.vision_feature_layer
         if isinstance(layers, (list, tuple)):
-            if not layers or not all(_integer(i) for i in layers):
+            if not layers or not all(is_integer(i) for i in layers):
                 raise ConfigError(f"fusion.vision_feature_layer={layers!r}: expected an int or a non-empty list of ints")
             self.vision_feature_layer = list(layers)
-        elif not isinstance(layers, int) or isinstance(layers, bool):
+        elif not is_integer(layers):
             raise ConfigError(f"fusion.vision_feature_layer={layers!r}: expected an int or a non-empty list of ints")
         if self.cross_attention_layers is not None:
             layers = _sequence("fusion.cross_attention_layers", self.cross_attention_layers,
                                "a list of layer indices or null")
-            if not all(_integer(i) for i in layers):
+            if not all(is_integer(i) for i in layers):
                 raise ConfigError(
                     f"fusion.cross_attention_layers={self.cross_attention_layers!r}: expected a list of layer indices"
                 )
@@ -344,14 +348,14 @@ class ModelConfig:
             value = getattr(self, name)
             # eos must be predictable; the image and pad tokens only need an embedding row
             rows = self.text.vocab_size if name == "eos_token_id" else self.text.embedding_rows
-            if not _integer(value) or not 0 <= value < rows:
+            if not is_integer(value) or not 0 <= value < rows:
                 raise ConfigError(f"{name}={value!r}: expected a token id in 0..{rows - 1}")
         for name in ("pad_token_id", "eos_token_id"):  # an image token that is also pad or EOS miscounts images
             if getattr(self, name) == self.image_token_id:
                 raise ConfigError(f"{name}={getattr(self, name)} is also image_token_id: the image token marks where "
                                   f"image features go, so it must be a token of its own")
         self.stop_token_ids = _sequence("stop_token_ids", self.stop_token_ids, "a list of token ids")
-        bad = [i for i in self.stop_token_ids if not _integer(i) or not 0 <= i < self.text.vocab_size]
+        bad = [i for i in self.stop_token_ids if not is_integer(i) or not 0 <= i < self.text.vocab_size]
         if bad:
             raise ConfigError(f"stop_token_ids={self.stop_token_ids!r}: {bad[0]!r} is not a token id in "
                               f"0..{self.text.vocab_size - 1}")

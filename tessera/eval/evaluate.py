@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from tessera.config import is_integer
 from tessera.data.records import EncodedExample, load_examples
 from tessera.errors import ConfigError, DataError
 from tessera.eval.metrics import caption_scores, exact_match
@@ -85,7 +86,7 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
     """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given).
     limit: the first `limit` records only; max_new_tokens: longer answers are cut there and scored as cut."""
     for name, value in ("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not is_integer(value) or value < 1):
             raise ConfigError(f"{name}={value!r}: expected an integer >= 1" + (", or None for every record"
                                                                               if name == "limit" else ""))
     examples, report = load_examples(data, processor, strict=strict)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tessera.config import is_integer, is_number
 from tessera.errors import ConfigError
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, check_preprocessed_size, to_rgb
 
@@ -101,7 +102,7 @@ class ImageProcessing:
                 raise ConfigError(f"{where}.crop_size={s['crop_size']!r}: expected {{'height': h, 'width': w}}")
         channels = "3 numbers (one per RGB channel) or one"
         return cls(kind=kind, size=size, crop_size=crop,
-                   resample=setting("resample", None, lambda v: v if _is_int(v) and v in PIL_FILTERS else None,
+                   resample=setting("resample", None, lambda v: v if is_integer(v) and v in PIL_FILTERS else None,
                                     f"one of PIL's filter numbers {', '.join(map(str, PIL_FILTERS))}"),
                    do_rescale=bool(s.get("do_rescale", True)),
                    rescale_factor=setting("rescale_factor", 1 / 255, _positive, "a positive number"),
@@ -110,7 +111,7 @@ class ImageProcessing:
                    image_std=setting("image_std", None, lambda v: _per_channel(v, lambda x: x != 0),
                                      f"{channels}, none zero"),
                    pad_to_square=bool(s.get("do_pad")) and kind == "resize",
-                   max_image_tiles=setting("max_image_tiles", 4, lambda v: v if _is_int(v) and v > 0 else None,
+                   max_image_tiles=setting("max_image_tiles", 4, lambda v: v if is_integer(v) and v > 0 else None,
                                            "a positive integer"),
                    source=dict(settings))
 
@@ -265,23 +266,19 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _size(value: Any, shortest_edge_default: bool, where: str) -> dict[str, int]:
-    if _is_int(value):  # older configs: one number
+    if is_integer(value):  # older configs: one number
         value = {"shortest_edge": value} if shortest_edge_default else {"height": value, "width": value}
     if isinstance(value, dict) and ("shortest_edge" in value or {"height", "width"} <= set(value)):
         keys = ("shortest_edge", "longest_edge") if "shortest_edge" in value else ("height", "width")
         size = {key: value[key] for key in keys if value.get(key) is not None}
-        if all(_is_int(n) and n > 0 for n in size.values()):
+        if all(is_integer(n) and n > 0 for n in size.values()):
             return size
     raise ConfigError(f"{where}={value!r}: expected {{'shortest_edge': n}} (and optionally 'longest_edge') or "
                       f"{{'height': h, 'width': w}}, in positive integers")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _positive(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+    return float(value) if is_number(value) and value > 0 else None
 
 
 def _per_channel(value: Any, valid) -> tuple[float, ...] | None:
@@ -289,5 +286,5 @@ def _per_channel(value: Any, valid) -> tuple[float, ...] | None:
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if len(values) == 1:
         values *= 3
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numbers = [float(v) for v in values if is_number(v)]
     return tuple(numbers) if len(numbers) == len(values) == 3 and all(map(valid, numbers)) else None
