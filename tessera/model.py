@@ -236,12 +236,15 @@ class MultimodalLM(nn.Module):
         use_cache: bool = True,
         aspect_ratio_ids: torch.Tensor | None = None,
         suppress_token_ids: Sequence[int] | None = None,
+        streamer=None,
         **ignored,
     ) -> GenerationOutput:
         """Continue each (left-padded) prompt. temperature 0 is greedy; seed makes sampling reproducible.
         tokenizer (anything with .decode(ids)) is needed for stop_strings and to return texts.
         suppress_token_ids: tokens never generated; None means the image and pad tokens, () none at all (as
-        transformers' generate)."""
+        transformers' generate).
+        streamer: anything with put(ids) and end(), as transformers' streamers (TextStreamer, TextIteratorStreamer):
+        it gets the prompt's ids, then every step's new tokens as they are chosen, then end()."""
         ignored.pop("labels", None)  # a training batch may be passed as **batch
         if ignored:
             raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(ignored))}")
@@ -252,12 +255,18 @@ class MultimodalLM(nn.Module):
         checker = StopChecker(input_ids.shape[0], params, decode)
         steps = self.stream_tokens(input_ids, attention_mask, pixel_values, image_counts, params, use_cache,
                                    aspect_ratio_ids=aspect_ratio_ids)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         for tokens in steps:
+            if streamer is not None:
+                streamer.put(tokens.cpu())
             checker.add(tokens.tolist())
             if checker.all_done:
                 break
         steps.close()
         checker.finish()
+        if streamer is not None:
+            streamer.end()
         texts = [checker.text(i) for i in range(len(checker.tokens))] if decode else None
         return GenerationOutput(checker.tokens, checker.finish_reasons, texts)
 

@@ -240,6 +240,39 @@ def test_eos_stop_strings_and_seeded_sampling():
     assert not {0, IMG} & set(a.sequences[0] + c.sequences[0])
 
 
+def test_a_streamer_gets_the_prompt_then_each_step_as_transformers_streamers_expect():
+    model = MultimodalLM(tiny_config("unified")).eval()
+    _, ids, mask, pixels, counts = _generation_batch("unified")
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ends = [], 0
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ends += 1
+
+    recorder = Recorder()
+    result = model.generate(ids, mask, pixels, counts, max_new_tokens=6, eos_token_id=[], streamer=recorder)
+    assert torch.equal(recorder.puts[0], ids) and recorder.ends == 1
+    assert torch.stack(recorder.puts[1:], dim=1).tolist() == result.sequences
+
+    # transformers' own streamer, fed by tessera's generate, yields the text generate returns
+    streamers = pytest.importorskip("transformers.generation.streamers")
+
+    class Digits:
+        def decode(self, ids, **options):
+            return "".join(f" {i}" for i in ids)
+
+    one = ids[:1, mask[0].bool()]
+    streamer = streamers.TextIteratorStreamer(Digits(), skip_prompt=True)
+    result = model.generate(one, None, pixels[:counts[0]], counts[:1], max_new_tokens=6, eos_token_id=[],
+                            streamer=streamer, tokenizer=Digits())
+    assert "".join(streamer) == result.texts[0]
+
+
 def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
     from tessera.generation import SamplingParams, next_tokens
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])

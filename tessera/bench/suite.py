@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tessera.bench.flops import training_step_flops
-from tessera.bench.timing import interleaved
+from tessera.bench.timing import DecodeClock, interleaved
 from tessera.errors import TesseraError
 from tessera.linear import backend as linear_backend
 from tessera.linear import linear
@@ -58,8 +58,6 @@ class Sizes:
 
 
 FULL = Sizes()
-# --quick decodes 32 tokens, not fewer: decode speed is (full generation − prefill), and with a handful of tokens a
-# noisy prefill on a busy machine outweighed the decode steps (a negative tokens/s was reported)
 QUICK = Sizes(vision_width=64, vision_layers=2, vision_heads=2, text_width=64, text_layers=2, heads=4, kv_heads=2,
               vocab=512, image_tokens=16, text_tokens=16, prompt_tokens=8, new_tokens=32, train_batch=2,
               decode_batches=(1, 2), scaling_image_tokens=(16, 64), mllama_image_tokens=16, matmul_size=1024,
@@ -166,28 +164,35 @@ def compare_with_transformers(s: Sizes, compile: bool = False) -> dict[str, Any]
     times = interleaved(_generators(ours, theirs, prompt, 1), s.repeats)
     results["prefill"] = {name: {"seconds": t} for name, t in times.items()}
 
-    # greedy decode: tokens/s over new_tokens, the prefill's time taken out
+    # greedy decode: tokens/s over the new tokens after the first, timed inside each call (the prefill left out)
     results["decode"] = {}
     for b in s.decode_batches:
         prompts = llava_batch(s, b, s.prompt_tokens, labelled=False)
-        first = interleaved(_generators(ours, theirs, prompts, 1), s.repeats)
-        full = interleaved(_generators(ours, theirs, prompts, s.new_tokens), s.repeats)
-        results["decode"][b] = {name: {"tokens_per_s": b * (s.new_tokens - 1) / (full[name] - first[name]),
-                                       "seconds": full[name]} for name in full}
+        seconds = interleaved(_generators(ours, theirs, prompts, s.new_tokens, timed=True), s.repeats,
+                              self_timed=True)
+        results["decode"][b] = {name: {"tokens_per_s": b * (s.new_tokens - 1) / t, "seconds": t}
+                                for name, t in seconds.items()}
     return results
 
 
-def _generators(ours, theirs, prompt: dict[str, torch.Tensor], new_tokens: int) -> dict[str, Any]:
+def _generators(ours, theirs, prompt: dict[str, torch.Tensor], new_tokens: int,
+                timed: bool = False) -> dict[str, Any]:
+    """One generation per call by each side; with timed, each call returns its decoding's seconds (DecodeClock)."""
     counts = [1] * prompt["input_ids"].shape[0]
 
     def tessera():
-        out = ours.generate(**prompt, image_counts=counts, max_new_tokens=new_tokens, eos_token_id=[])
+        clock = DecodeClock() if timed else None
+        out = ours.generate(**prompt, image_counts=counts, max_new_tokens=new_tokens, eos_token_id=[],
+                            streamer=clock)
         assert all(len(seq) == new_tokens for seq in out.sequences)
+        return clock.seconds if timed else None
 
     @torch.no_grad()
     def transformers():
-        out = theirs.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+        clock = DecodeClock() if timed else None
+        out = theirs.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
         assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
+        return clock.seconds if timed else None
 
     return {"tessera": tessera, "transformers": transformers}
 
