@@ -265,6 +265,31 @@ def test_after_resuming_from_an_earlier_step_the_steps_taken_again_are_kept(shap
     assert _step_checkpoints(tmp_path / "run") == ["step-000006"] and rewritten.stat().st_mtime_ns > before
 
 
+def test_resume_continues_where_the_run_stopped_last_not_at_the_abandoned_branch_s_furthest_step(
+        shapes, tmp_path, monkeypatch):
+    """Continued from step 4 and stopped in step 7, the run's newest state is OUT/interrupted at step 6. --resume
+    took the furthest checkpoint instead, the end-of-stage one at step 8 of the branch the user left, and trained
+    on from there."""
+    config = _config(shapes, tmp_path / "run", checkpoint_every=2, steps={"text": 2, "encoder_pretrain": 4,
+                                                                       "align": 2, "instruct": 0})
+    _train(config)
+    restore = _stop_at(monkeypatch, 3)  # the third step it takes: run step 7
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, resume=tmp_path / "run/checkpoints/step-000004")
+    restore()
+    assert json.loads((tmp_path / "run/interrupted/training_state.json").read_text())["step"] == 6
+    assert _train(config, resume=True)["resumed_at"] == 6
+    # the finished run's last save is its final stage's; one written before save numbers existed ranks below
+    # every numbered one
+    from tessera.train.state import latest_resumable
+    assert latest_resumable(tmp_path / "run") == tmp_path / "run/checkpoints/stage-3-instruct"
+    legacy = tmp_path / "run/checkpoints/stage-3-instruct/training_state.json"
+    position = json.loads(legacy.read_text())
+    del position["saved"]
+    legacy.write_text(json.dumps(position))
+    assert latest_resumable(tmp_path / "run") == tmp_path / "run/checkpoints/stage-2-align"
+
+
 def test_an_optimizer_state_of_other_parameter_groups_is_named(shapes, tmp_path):
     """A checkpoint saved before biases, norms and gates were spared weight decay holds one optimizer group per
     component, not two: its resume is an error that says so, not torch's bare "different number of groups"."""
@@ -293,8 +318,8 @@ def test_keep_checkpoints_never_removes_the_checkpoint_it_has_just_written(shape
 
     save_state, stepped = tessera.train.loop.save_state, []
 
-    def save_then_step_the_clock_back(directory, state):
-        save_state(directory, state)
+    def save_then_step_the_clock_back(directory, state, out):
+        save_state(directory, state, out)
         written = directory / "training_state.json"
         if not directory.name.startswith("step-"):
             return

@@ -131,7 +131,7 @@ def test_a_kill_while_a_training_state_is_written_leaves_the_earlier_checkpoints
         directory.mkdir(parents=True)
         stage = StageState(step, rng=torch.get_rng_state())
         save_state(directory, TrainingState(run=1, step=step, stage=0, stage_name="text", text_loss_before=None,
-                                            fingerprint={"seed": 0}, stage_state=stage))
+                                            fingerprint={"seed": 0}, stage_state=stage), out)
 
     save(2)
     _cut_short(monkeypatch, "training_state.json")

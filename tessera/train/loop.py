@@ -239,7 +239,7 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                     metrics.flush()  # a resumed run goes on from the checkpoint's step: its records are on disk
                     written = save_checkpoint(model, processor,
                                               out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}",
-                                              checkpoint_state and checkpoint_state(current()))
+                                              checkpoint_state and checkpoint_state(current()), out_dir)
                     if settings.keep_checkpoints:  # only once the new one is whole
                         for old, error in prune_step_checkpoints(out_dir / "checkpoints", settings.run,
                                                                  settings.keep_checkpoints, written):
@@ -265,28 +265,29 @@ def copy_components(model: MultimodalLM, names) -> dict[str, dict[str, torch.Ten
 
 
 def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
-                    state: TrainingState | None = None) -> Path:
+                    state: TrainingState | None = None, out: Path | None = None) -> Path:
     """The weights, tokenizer and processor settings; with `state`, the training state that makes the checkpoint
-    resumable (see tessera.train.state)."""
+    resumable (see tessera.train.state), numbered after the other resumable checkpoints of `out`, the run's OUT."""
     remove_state(directory)  # written last, so a save cut short leaves no state beside half-written weights
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     if state is not None:
-        save_state(directory, state)
+        save_state(directory, state, out)
     return directory
 
 
-def save_interrupted(model: MultimodalLM, processor: Processor, directory: Path, log, where: str,
+def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, log, where: str,
                      state: TrainingState | None = None) -> None:
-    """Save the model of a run that stops mid-stage, so the steps since the last checkpoint are not lost — unless
+    """Save into OUT/interrupted the model of a run that stops mid-stage, so the steps since the last checkpoint are not lost — unless
     its weights are no longer finite (they would only hide the good checkpoints) — with the training state, unless
     it stopped while a step was being applied."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         log(f"{where}; its weights are no longer finite, so they were not saved")
         return
     resumable = state is not None and not state.stage_state.mid_update
+    directory = out / "interrupted"
     try:
-        save_checkpoint(model, processor, directory, state if resumable else None)
+        save_checkpoint(model, processor, directory, state if resumable else None, out)
     except Exception as e:  # the error that stopped the run matters more than this one
         log(f"{where}; saving the model to {directory} failed too: {e}")
         return

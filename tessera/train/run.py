@@ -246,7 +246,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         except BaseException as e:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
             # (not weights that just gave a non-finite loss: they would only pass for good ones)
             if stage_start + state.step and not isinstance(e, TrainingError):
-                save_interrupted(model, processor, out / "interrupted", log,
+                save_interrupted(model, processor, out, log,
                                  f"stopped in stage {stage.name!r} after {state.step} of its {stage.steps} steps "
                                  f"(run step {stage_start + state.step})",
                                  training_state(index, stage_start, state))
@@ -254,7 +254,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         step = stage_start + state.step
         stage_losses[stage.name] = done[-1] if done else None
         save_checkpoint(model, processor, out / "checkpoints" / f"stage-{index}-{stage.name}",
-                        training_state(index + 1, step, StageState(rng=torch.get_rng_state())))
+                        training_state(index + 1, step, StageState(rng=torch.get_rng_state())), out)
     if held_out:
         text_loss["after"] = text_lm_loss(model, processor, held_out)
         log(f"held-out text loss after training: {text_loss['after']:.4f}")

@@ -3,7 +3,9 @@
 A resumable checkpoint is an ordinary checkpoint directory (config.json, model.safetensors, tokenizer.json, …) with
 
     training_state.json   the position — run number, run step, stage and step within it — the held-out text loss
-                          measured before the multimodal stages, and the run-config values the continuation depends on
+                          measured before the multimodal stages, the run-config values the continuation depends on,
+                          and the save number: one more than any resumable checkpoint's under OUT when it was
+                          written, so "the checkpoint written last" does not depend on the clock
     training_state.pt     tensors: AdamW's and the LR schedule's state, the weights a `keep` stage puts back at its
                           end, torch's RNG state; loaded with weights_only=True, so nothing in it runs as code
 
@@ -59,13 +61,15 @@ class TrainingState:
     stage_state: StageState = field(default_factory=StageState)
 
 
-def save_state(directory: Path, state: TrainingState) -> None:
+def save_state(directory: Path, state: TrainingState, out: Path) -> None:
+    """Write `state` into the checkpoint `directory` of the run writing into `out`."""
+    saved = 1 + max((save_number(position) for position, _ in resumable_checkpoints(out)), default=0)
     stage = state.stage_state
     torch.save({"optimizer": stage.optimizer, "schedule": stage.schedule, "restore": stage.restore,
                 "in_progress": stage.in_progress, "rng": stage.rng}, directory / STATE_TENSORS)
     position = {"format": FORMAT, "run": state.run, "step": state.step, "stage": state.stage,
                 "stage_name": state.stage_name, "stage_step": stage.step, "text_loss_before": state.text_loss_before,
-                "fingerprint": state.fingerprint}
+                "fingerprint": state.fingerprint, "saved": saved}
     write_whole(directory / STATE_JSON, json.dumps(position, indent=1) + "\n")
 
 
@@ -121,17 +125,18 @@ def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path
                            ) -> list[tuple[Path, OSError | None]]:
     """Delete all but the `keep` most recently written step checkpoints (step-*) of run `run` under `checkpoints`;
     returns each with the error deleting it raised, or None (a file that will not go must not stop a run). Each holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
-    Most recently written, not highest step: after `--resume-from` an earlier step, the steps the run then takes
-    again are the ones to keep. `written`, the checkpoint just saved, counts as the newest whatever its mtime says
-    (a clock stepped back, or a run directory copied from a machine whose clock is ahead, would otherwise make it
-    the oldest, and it would be deleted as soon as written). End-of-stage checkpoints, other runs' and weights-only
+    Most recently written (by save number, then mtime for checkpoints saved before save numbers), not highest step:
+    after `--resume-from` an earlier step, the steps the run then takes again are the ones to keep. `written`, the
+    checkpoint just saved, counts as the newest whatever else says otherwise. End-of-stage checkpoints, other runs' and weights-only
     ones are left alone."""
     found = []
     for directory in checkpoints.glob("step-*"):
         try:
-            if read_position(directory)["run"] == run:
+            position = read_position(directory)
+            if position["run"] == run:
                 newest = directory.name == written.name
-                found.append((newest, (directory / STATE_JSON).stat().st_mtime_ns, directory.name, directory))
+                found.append((newest, save_number(position), (directory / STATE_JSON).stat().st_mtime_ns,
+                              directory.name, directory))
         except (CheckpointError, OSError):  # not a resumable checkpoint of a run: not ours to delete
             continue
     outcomes = []
@@ -144,14 +149,32 @@ def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path
     return outcomes
 
 
-def latest_resumable(out: Path) -> Path:
-    """The resumable checkpoint under OUT furthest into the latest run: OUT/interrupted or OUT/checkpoints/*."""
-    candidates = [out / "interrupted"] + sorted((out / "checkpoints").glob("*"))
+def save_number(position: dict) -> int:
+    """The order checkpoints were saved in under one OUT (0 for those from before save numbers were written)."""
+    saved = position.get("saved", 0)
+    return saved if isinstance(saved, int) and not isinstance(saved, bool) else 0
+
+
+def resumable_checkpoints(out: Path, strict: bool = False) -> list[tuple[dict, Path]]:
+    """(position, directory) of every resumable checkpoint under OUT: OUT/interrupted and OUT/checkpoints/*. One
+    whose training state cannot be read is an error with `strict`, and left out without."""
     found = []
-    for directory in candidates:
+    for directory in [out / "interrupted", *sorted((out / "checkpoints").glob("*"))]:
         if (directory / STATE_JSON).is_file():
-            position = read_position(directory)
-            found.append(((position["run"], position["step"], position["stage"]), directory))
+            try:
+                found.append((read_position(directory), directory))
+            except CheckpointError:
+                if strict:
+                    raise
+    return found
+
+
+def latest_resumable(out: Path) -> Path:
+    """The resumable checkpoint under OUT written last. Not the furthest step: after `--resume-from` an earlier
+    step, the abandoned branch's later checkpoints are not where the run stopped. Checkpoints from before save
+    numbers were written come first, the furthest into the latest run last."""
+    found = [((save_number(position), position["run"], position["step"], position["stage"]), directory)
+             for position, directory in resumable_checkpoints(out, strict=True)]
     if not found:
         raise CheckpointError(f"{out}: no resumable checkpoint (OUT/interrupted or OUT/checkpoints/*/{STATE_JSON}); "
                               f"expected a run into {out} that saved one (every checkpoint_every steps, at each "
