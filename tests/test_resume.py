@@ -308,10 +308,10 @@ def test_an_optimizer_state_of_other_parameter_groups_is_named(shapes, tmp_path)
 
 
 def test_keep_checkpoints_never_removes_the_checkpoint_it_has_just_written(shapes, tmp_path, monkeypatch):
-    """Which checkpoints are newest is read off their files' mtimes. When the clock is stepped back after the first
-    checkpoint (NTP correcting a VM's clock, or a run directory copied from a machine whose clock is ahead), every
-    later checkpoint looks older than that one: keep_checkpoints 1 removed each new checkpoint right after writing
-    it and kept run step 2, so a crash lost every step since."""
+    """Which checkpoints are newest was read off their files' mtimes (now their save numbers). When the clock is
+    stepped back after the first checkpoint (NTP correcting a VM's clock, or a run directory copied from a machine
+    whose clock is ahead), every later checkpoint looks older than that one: keep_checkpoints 1 removed each new
+    checkpoint right after writing it and kept run step 2, so a crash lost every step since."""
     import os
 
     import tessera.train.loop
