@@ -469,6 +469,17 @@ def test_integers_written_as_floats_count_and_model_overrides_change_the_preset(
         assert model_config(run, 512) == dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, num_layers=2))
 
 
+
+def test_a_model_mapping_without_a_vocab_size_gets_the_tokenizer_s_as_a_preset_does(tmp_path):
+    """It got ModelConfig's default, 8192 rows, whatever the tokenizer's size: an LM head mostly of rows no token
+    uses, that generation could still pick."""
+    run = RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "model": TINY_MODEL})
+    assert model_config(run, 448).text.vocab_size == 448
+    given = {**TINY_MODEL, "text": {**TINY_MODEL["text"], "vocab_size": 1024}}
+    assert model_config(RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "model": given}),
+                        448).text.vocab_size == 1024
+
+
 @pytest.mark.parametrize("recipe", [name for name, r in RECIPES.items() if r.fusion == "unified"])
 def test_cross_fusion_under_a_recipe_that_never_trains_cross_attention_is_refused(recipe):
     """Its gates would stay at 0: the projector would get no gradient and the model would learn to ignore images."""

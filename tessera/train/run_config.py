@@ -252,6 +252,8 @@ def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
         fields = {k: v for k, v in run.model.items() if k != "preset"}
         if "preset" in run.model:  # a preset with some fields changed
             fields = _merged(_preset(run.model["preset"], fusion, vocab_size, "model.preset").to_dict(), fields)
+        elif isinstance(fields.get("text", {}), dict):  # the tokenizer's vocabulary, as a preset gets, unless given
+            fields["text"] = {"vocab_size": vocab_size, **fields.get("text", {})}
         if not isinstance(fields.get("fusion", {}), dict):
             raise ConfigError(f"model.fusion={fields['fusion']!r}: expected a mapping of FusionConfig fields (the "
                               f"method is the run's fusion)")
