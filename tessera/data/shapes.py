@@ -41,11 +41,6 @@ QUESTION_TYPES = ("colour", "shape", "count", "exists", "position")
 TASK_TYPES = ("caption",) + QUESTION_TYPES
 
 
-def with_article(words: str) -> str:
-    """"a red circle", "an orange square"."""
-    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
-
-
 @dataclass(frozen=True, order=True)
 class Shape:
     cell: int  # 0..8, row-major on the 3×3 grid
@@ -54,7 +49,8 @@ class Shape:
     size: str
 
     def phrase(self) -> str:
-        return with_article(f"{'small ' if self.size == 'small' else ''}{self.colour} {self.shape}")  # large: unmarked
+        words = f"{'small ' if self.size == 'small' else ''}{self.colour} {self.shape}"  # large is unmarked
+        return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
     @property
     def position(self) -> str:
@@ -139,8 +135,7 @@ def questions(scene: Scene, rng: random.Random, every: bool = False) -> list[tup
         asked = [(rng.choice(sorted(present)), "yes")]
     else:
         asked = [(rng.choice(absent), "no")]
-    found += [("exists", f"Is there {with_article(f'{colour} {shape}')}?", answer)
-              for (colour, shape), answer in asked]
+    found += [("exists", f"Is there a {colour} {shape}?", answer) for (colour, shape), answer in asked]
     if unique_shapes:
         found += [("position", f"Where is the {s.shape}?", s.position) for s in some(unique_shapes)]
     return found
