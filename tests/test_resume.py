@@ -157,6 +157,21 @@ def test_resume_does_not_silently_continue_an_older_run_and_draws_the_run_it_tra
     assert sorted(drawn) == list(range(1, 12))  # run 1's steps, resumed after its step 2; not run 2's step 1
 
 
+def test_resume_after_going_back_to_an_older_run_continues_that_run(shapes, tmp_path):
+    """Run 2 saved checkpoints; then run 1 was continued with --resume-from, so run 1's are the latest written.
+    --resume refused, saying run 2 left no resumable checkpoint, which was not so."""
+    config = _config(shapes, tmp_path / "run", checkpoint_every=2)
+    _train(config)  # run 1: step checkpoints every 2 steps
+    _train({**config, "checkpoint_every": 3})  # run 2, a new run: its step-3 and step-9 survive what follows
+    run_1 = tmp_path / "run/checkpoints/step-000004"
+    assert json.loads((run_1 / "training_state.json").read_text())["run"] == 1
+    _train(config, resume=run_1)
+    result = _train(config, resume=True)  # run 1's end: nothing left to train
+    assert result["resumed_at"] == 11 and result["steps"] == 11
+    assert {json.loads(p.read_text())["run"]
+            for p in (tmp_path / "run/checkpoints").glob("step-*/training_state.json")} == {1, 2}
+
+
 def test_a_run_resumed_after_its_last_stage_has_nothing_left_to_train(shapes, tmp_path):
     config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
     first = _train(config)

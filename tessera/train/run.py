@@ -25,7 +25,7 @@ from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, 
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
 from tessera.train.state import StageState, TrainingState, check_same_run, latest_resumable, load_state, \
-    run_fingerprint
+    resumable_checkpoints, run_fingerprint
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -150,8 +150,10 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     stages = build_stages(run)
     source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
     resumed = load_state(source) if source else None
-    if resume is True:  # "the newest" must not silently mean an older run than the last one started
-        later = [r["run"] for r in read_metrics(out / "metrics.jsonl") if r.get("run", 1) > resumed.run]
+    if resume is True:  # "the newest" must not silently mean an older run than a later one that saved nothing
+        saved = {position["run"] for position, _ in resumable_checkpoints(out)}
+        later = [r["run"] for r in read_metrics(out / "metrics.jsonl") if r.get("run", 1) > resumed.run
+                 and r.get("run", 1) not in saved]
         if later:
             raise CheckpointError(f"{out}: run {max(later)} left no resumable checkpoint (its metrics are in "
                                   f"metrics.jsonl); the newest one, {source}, is of run {resumed.run}. Expected "

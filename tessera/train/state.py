@@ -124,11 +124,12 @@ def load_state(directory: Path) -> TrainingState:
 def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path
                            ) -> list[tuple[Path, OSError | None]]:
     """Delete all but the `keep` most recently written step checkpoints (step-*) of run `run` under `checkpoints`;
-    returns each with the error deleting it raised, or None (a file that will not go must not stop a run). Each holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
+    returns each with the error deleting it raised, or None (a file that will not go must not stop a run). Each
+    holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
     Most recently written (by save number, then mtime for checkpoints saved before save numbers), not highest step:
     after `--resume-from` an earlier step, the steps the run then takes again are the ones to keep. `written`, the
-    checkpoint just saved, counts as the newest whatever else says otherwise. End-of-stage checkpoints, other runs' and weights-only
-    ones are left alone."""
+    checkpoint just saved, counts as the newest whatever else says. End-of-stage checkpoints, other runs' and
+    weights-only ones are left alone."""
     found = []
     for directory in checkpoints.glob("step-*"):
         try:
