@@ -244,7 +244,8 @@ class MultimodalLM(nn.Module):
         suppress_token_ids: tokens never generated; None means the image and pad tokens, () none at all (as
         transformers' generate).
         streamer: anything with put(ids) and end(), as transformers' streamers (TextStreamer, TextIteratorStreamer):
-        it gets the prompt's ids, then every step's new tokens as they are chosen, then end()."""
+        it gets the prompt's ids, then every step's new tokens as they are chosen (pad_token_id for a row that has
+        stopped), then end()."""
         ignored.pop("labels", None)  # a training batch may be passed as **batch
         if ignored:
             raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(ignored))}")
@@ -258,8 +259,9 @@ class MultimodalLM(nn.Module):
         if streamer is not None:
             streamer.put(input_ids.cpu())
         for tokens in steps:
-            if streamer is not None:
-                streamer.put(tokens.cpu())
+            if streamer is not None:  # as transformers' generate: a row that has stopped gets pad tokens
+                stopped = torch.tensor([reason is not None for reason in checker.finish_reasons])
+                streamer.put(tokens.cpu().masked_fill(stopped, self.config.pad_token_id))
             checker.add(tokens.tolist())
             if checker.all_done:
                 break

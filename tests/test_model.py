@@ -273,6 +273,36 @@ def test_a_streamer_gets_the_prompt_then_each_step_as_transformers_streamers_exp
     assert "".join(streamer) == result.texts[0]
 
 
+def test_a_row_that_has_stopped_streams_pad_tokens_as_in_transformers():
+    """transformers' generate puts pad_token_id for a row once it has finished; tessera went on streaming the
+    tokens that row would have had, which generate never returns (a batch streamer showed text past the EOS)."""
+    model = MultimodalLM(tiny_config("unified")).eval()
+    _, ids, mask, pixels, counts = _generation_batch("unified")
+    free = model.generate(ids, mask, pixels, counts, max_new_tokens=6, eos_token_id=[]).sequences
+    # an EOS that ends row 0 at its first token and no other row before its third
+    eos = free[0][0]
+    assert all(eos not in row[:3] for row in free[1:]), "the example needs rows that stop at different steps"
+
+    class Recorder:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            pass
+
+    recorder = Recorder()
+    result = model.generate(ids, mask, pixels, counts, max_new_tokens=6, eos_token_id=[eos], streamer=recorder)
+    streamed = list(zip(*recorder.puts[1:]))  # per row, the tokens it was given
+    pad = model.config.pad_token_id
+    assert result.sequences[0] == [] and len(streamed[0]) >= 3
+    assert list(streamed[0]) == [eos] + [pad] * (len(streamed[0]) - 1)
+    for row, sequence in zip(streamed[1:], result.sequences[1:]):
+        assert list(row[:len(sequence)]) == sequence
+
+
 def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
     from tessera.generation import SamplingParams, next_tokens
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
