@@ -172,6 +172,34 @@ def test_resume_after_going_back_to_an_older_run_continues_that_run(shapes, tmp_
             for p in (tmp_path / "run/checkpoints").glob("step-*/training_state.json")} == {1, 2}
 
 
+def test_resume_after_going_back_refuses_the_abandoned_branch_when_the_new_one_saved_nothing(
+        shapes, tmp_path, monkeypatch):
+    """Taken back to step 4 with --resume-from and stopped while applying its first step (weights only), the run
+    has no newer resumable checkpoint than the abandoned branch's. --resume took that branch's end, run step 11,
+    while metrics.jsonl, cut back to step 4 by the --resume-from, went on from there: steps 5-11 missing from it,
+    and weights of the branch the user had left."""
+    config = _config(shapes, tmp_path / "run", checkpoint_every=2)
+    _train(config)
+    apply = torch.optim.AdamW.step
+
+    def applying(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", applying)
+    went_back = tmp_path / "run/checkpoints/step-000004"
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, resume=went_back)
+    monkeypatch.setattr(torch.optim.AdamW, "step", apply)
+    assert not (tmp_path / "run/interrupted/training_state.json").exists()
+    abandoned = tmp_path / "run/checkpoints/stage-3-instruct"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"the newest resumable checkpoint, {abandoned}, is at run step 11 of run 1, but metrics.jsonl records "
+            f"that run only up to step 4")):
+        _train(config, resume=True)
+    assert _train(config, resume=went_back)["resumed_at"] == 4
+    assert [r[2] for r in _records(tmp_path / "run")] == list(range(1, 12))
+
+
 def test_a_run_resumed_after_its_last_stage_has_nothing_left_to_train(shapes, tmp_path):
     config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
     first = _train(config)
