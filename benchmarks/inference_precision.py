@@ -19,7 +19,7 @@ import sys
 import torch
 
 from tessera.bench.suite import FULL, QUICK, llava_batch, tessera_config
-from tessera.bench.timing import interleaved
+from tessera.bench.timing import DecodeClock, interleaved
 from tessera.model import MultimodalLM
 
 
@@ -41,14 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     models = {"float32": MultimodalLM(tessera_config(sizes, "unified")).eval()}
     models["bfloat16"] = copy.deepcopy(models["float32"]).to(torch.bfloat16)
 
-    def generation(batch: int, new_tokens: int):
+    def generation(batch: int, new_tokens: int, timed: bool = False):
+        """One generation per call by each precision; with timed, each call returns its decoding's seconds."""
         prompt = llava_batch(sizes, batch, sizes.prompt_tokens, labelled=False)
 
         def run(model, dtype):
             pixels = prompt["pixel_values"].to(dtype)
+            clock = DecodeClock() if timed else None
             out = model.generate(prompt["input_ids"], prompt["attention_mask"], pixels, [1] * batch,
-                                 max_new_tokens=new_tokens, eos_token_id=[])
+                                 max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
             assert all(len(tokens) == new_tokens for tokens in out.sequences)
+            return clock.seconds if timed else None
 
         return {dtype: (lambda m=model, d=getattr(torch, dtype): run(m, d)) for dtype, model in models.items()}
 
@@ -58,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{f'prefill, 1 image + {sizes.prompt_tokens}-token prompt, ms':38s} {first['float32'] * 1e3:9.1f} "
           f"{first['bfloat16'] * 1e3:9.1f} {first['float32'] / first['bfloat16']:14.2f}×", flush=True)
     for batch in sizes.decode_batches:
-        first = interleaved(generation(batch, 1), repeats)
-        full = interleaved(generation(batch, new_tokens), repeats)
-        speed = {d: batch * (new_tokens - 1) / (full[d] - first[d]) for d in full}
+        seconds = interleaved(generation(batch, new_tokens, timed=True), repeats, self_timed=True)
+        speed = {d: batch * (new_tokens - 1) / t for d, t in seconds.items()}
         print(f"{f'decode, batch {batch}, tokens/s':38s} {speed['float32']:9.1f} {speed['bfloat16']:9.1f} "
               f"{speed['bfloat16'] / speed['float32']:14.2f}×", flush=True)
     return 0

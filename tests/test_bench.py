@@ -118,3 +118,28 @@ def test_a_missed_target_never_reads_as_met():
     assert report.target_value(0.712, 0.5) == "71.2%"
     assert report.target_value(0.49996, 0.5) == "49.99%"  # not "50.0%"
     assert report.target_value(None, 1.5) == "—"
+
+
+def test_the_decode_clock_times_from_the_first_new_token_to_the_end(monkeypatch):
+    """Decode speed is read off one generation, not the difference of two (which a slow prefill drove negative)."""
+    from tessera.bench import timing
+
+    now = iter([10.0, 10.5, 99.0])  # the first new token at 10.0, the end at 10.5; nothing else reads the clock
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(now))
+    clock = timing.DecodeClock()
+    clock.put([[1, 2, 3]])  # the prompt: not timed
+    for token in ([7], [8], [9]):
+        clock.put(token)
+    clock.end()
+    assert clock.seconds == 0.5
+    with pytest.raises(RuntimeError, match="before its first new token"):
+        timing.DecodeClock().end()
+
+
+def test_self_timed_contenders_report_the_median_of_what_they_return():
+    from tessera.bench.timing import interleaved
+
+    returned = {"a": iter([9.0, 3.0, 1.0, 2.0]), "b": iter([9.0, 5.0, 7.0, 6.0])}  # the first is the warm-up
+    medians = interleaved({name: (lambda n=name: next(returned[n])) for name in returned}, repeats=3,
+                          self_timed=True)
+    assert medians == {"a": 2.0, "b": 6.0}

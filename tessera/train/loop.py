@@ -268,6 +268,8 @@ def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
                     state: TrainingState | None = None, out: Path | None = None) -> Path:
     """The weights, tokenizer and processor settings; with `state`, the training state that makes the checkpoint
     resumable (see tessera.train.state), numbered after the other resumable checkpoints of `out`, the run's OUT."""
+    if state is not None and out is None:
+        raise ValueError(f"{directory}: a resumable checkpoint needs the run's OUT, which numbers its saves")
     remove_state(directory)  # written last, so a save cut short leaves no state beside half-written weights
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -278,9 +280,9 @@ def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
 
 def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, log, where: str,
                      state: TrainingState | None = None) -> None:
-    """Save into OUT/interrupted the model of a run that stops mid-stage, so the steps since the last checkpoint are not lost — unless
-    its weights are no longer finite (they would only hide the good checkpoints) — with the training state, unless
-    it stopped while a step was being applied."""
+    """Save into OUT/interrupted the model of a run that stops mid-stage, so the steps since the last checkpoint
+    are not lost — unless its weights are no longer finite (they would only hide the good checkpoints) — with the
+    training state, unless it stopped while a step was being applied."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         log(f"{where}; its weights are no longer finite, so they were not saved")
         return
