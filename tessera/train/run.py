@@ -132,6 +132,30 @@ def metrics_run(metrics_path: Path, resumed: TrainingState | None, source: Path 
     return run
 
 
+def check_the_newest_is_where_the_run_left_off(out: Path, source: Path, resumed: TrainingState) -> None:
+    """--resume takes the resumable checkpoint written last (`source`). metrics.jsonl says when that is not where
+    the run left off: a later run saved nothing, or the run was taken back to an earlier step and has saved nothing
+    since."""
+    # "the newest" must not silently mean an older run than a later one that saved nothing
+    records = read_metrics(out / "metrics.jsonl")
+    saved = {position["run"] for position, _ in resumable_checkpoints(out)}
+    later = [r["run"] for r in records if r.get("run", 1) > resumed.run and r.get("run", 1) not in saved]
+    if later:
+        raise CheckpointError(f"{out}: run {max(later)} left no resumable checkpoint (its metrics are in "
+                              f"metrics.jsonl); the newest one, {source}, is of run {resumed.run}. Expected "
+                              f"--resume-from {source} to continue run {resumed.run} anyway, or a new run")
+    # nor the branch a --resume-from an earlier step left: that cut the run's records back to its step, and
+    # every checkpoint is saved after the records of its steps
+    recorded = [r.get("step", 0) for r in records if r.get("run", 1) == resumed.run]
+    if recorded and max(recorded) < resumed.step:
+        raise CheckpointError(f"{out}: the newest resumable checkpoint, {source}, is at run step {resumed.step} "
+                              f"of run {resumed.run}, but metrics.jsonl records that run only up to step "
+                              f"{max(recorded)}: the run was taken back to an earlier step after it was saved "
+                              f"(--resume-from), and has saved no resumable checkpoint since. Expected "
+                              f"--resume-from the checkpoint it was taken back to, or --resume-from {source} to "
+                              f"go on with the steps it left")
+
+
 def run_training(run: RunConfig, log=print, progress: bool = True,
                  resume: str | Path | bool | None = None) -> dict[str, Any]:
     """Train every stage of the run; returns the model, processor, per-stage final losses and the held-out text
@@ -150,24 +174,8 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     stages = build_stages(run)
     source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
     resumed = load_state(source) if source else None
-    if resume is True:  # "the newest" must not silently mean an older run than a later one that saved nothing
-        records = read_metrics(out / "metrics.jsonl")
-        saved = {position["run"] for position, _ in resumable_checkpoints(out)}
-        later = [r["run"] for r in records if r.get("run", 1) > resumed.run and r.get("run", 1) not in saved]
-        if later:
-            raise CheckpointError(f"{out}: run {max(later)} left no resumable checkpoint (its metrics are in "
-                                  f"metrics.jsonl); the newest one, {source}, is of run {resumed.run}. Expected "
-                                  f"--resume-from {source} to continue run {resumed.run} anyway, or a new run")
-        # nor the branch a --resume-from an earlier step left: that cut the run's records back to its step, and
-        # every checkpoint is saved after the records of its steps
-        recorded = [r.get("step", 0) for r in records if r.get("run", 1) == resumed.run]
-        if recorded and max(recorded) < resumed.step:
-            raise CheckpointError(f"{out}: the newest resumable checkpoint, {source}, is at run step {resumed.step} "
-                                  f"of run {resumed.run}, but metrics.jsonl records that run only up to step "
-                                  f"{max(recorded)}: the run was taken back to an earlier step after it was saved "
-                                  f"(--resume-from), and has saved no resumable checkpoint since. Expected "
-                                  f"--resume-from the checkpoint it was taken back to, or --resume-from {source} to "
-                                  f"go on with the steps it left")
+    if resume is True:
+        check_the_newest_is_where_the_run_left_off(out, source, resumed)
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
                         f"(or set llm_checkpoint to start from a trained LLM)")
