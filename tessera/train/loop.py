@@ -241,8 +241,8 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                                               out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}",
                                               checkpoint_state and checkpoint_state(current()), out_dir)
                     if settings.keep_checkpoints:  # only once the new one is whole
-                        for old, error in prune_step_checkpoints(out_dir / "checkpoints", settings.run,
-                                                                 settings.keep_checkpoints, written):
+                        for old, error in prune_step_checkpoints(out_dir, settings.run, settings.keep_checkpoints,
+                                                                 written):
                             log(f"removed {old} (keep_checkpoints: {settings.keep_checkpoints})" if error is None
                                 else f"warning: could not remove {old} (keep_checkpoints: "
                                      f"{settings.keep_checkpoints}): {error}; training goes on")

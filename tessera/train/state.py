@@ -121,9 +121,8 @@ def load_state(directory: Path) -> TrainingState:
                          fingerprint=position["fingerprint"], stage_state=stage)
 
 
-def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path
-                           ) -> list[tuple[Path, OSError | None]]:
-    """Delete all but the `keep` most recently written step checkpoints (step-*) of run `run` under `checkpoints`;
+def prune_step_checkpoints(out: Path, run: int, keep: int, written: Path) -> list[tuple[Path, OSError | None]]:
+    """Delete all but the `keep` most recently written step checkpoints (OUT/checkpoints/step-*) of run `run`;
     returns each with the error deleting it raised, or None (a file that will not go must not stop a run). Each
     holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
     Most recently written (by save number, then mtime for checkpoints saved before save numbers), not highest step:
@@ -131,15 +130,13 @@ def prune_step_checkpoints(checkpoints: Path, run: int, keep: int, written: Path
     checkpoint just saved, counts as the newest whatever else says. End-of-stage checkpoints, other runs' and
     weights-only ones are left alone."""
     found = []
-    for directory in checkpoints.glob("step-*"):
-        try:
-            position = read_position(directory)
-            if position["run"] == run:
-                newest = directory.name == written.name
-                found.append((newest, save_number(position), (directory / STATE_JSON).stat().st_mtime_ns,
-                              directory.name, directory))
-        except (CheckpointError, OSError):  # not a resumable checkpoint of a run: not ours to delete
-            continue
+    for position, directory in resumable_checkpoints(out):  # unreadable ones are not ours to delete
+        if directory.name.startswith("step-") and position["run"] == run:
+            try:
+                mtime = (directory / STATE_JSON).stat().st_mtime_ns
+            except OSError:
+                continue
+            found.append((directory.name == written.name, save_number(position), mtime, directory.name, directory))
     outcomes = []
     for *_, directory in sorted(found)[:max(len(found) - keep, 0)]:
         try:
@@ -164,7 +161,7 @@ def resumable_checkpoints(out: Path, strict: bool = False) -> list[tuple[dict, P
         if (directory / STATE_JSON).is_file():
             try:
                 found.append((read_position(directory), directory))
-            except CheckpointError:
+            except (CheckpointError, OSError):
                 if strict:
                     raise
     return found
