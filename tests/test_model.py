@@ -249,15 +249,20 @@ def test_a_streamer_gets_the_prompt_then_each_step_as_transformers_streamers_exp
             self.puts, self.ends = [], 0
 
         def put(self, value):
-            self.puts.append(value.clone())
+            self.puts.append(value)
 
         def end(self):
             self.ends += 1
 
-    recorder = Recorder()
+    recorder, modes = Recorder(), []
+    model.llm.register_forward_pre_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
     result = model.generate(ids, mask, pixels, counts, max_new_tokens=6, eos_token_id=[], streamer=recorder)
     assert torch.equal(recorder.puts[0], ids) and recorder.ends == 1
     assert torch.stack(recorder.puts[1:], dim=1).tolist() == result.sequences
+    # generate decodes under inference_mode, but what a streamer keeps are ordinary tensors: writable in place
+    assert modes and all(modes)
+    assert not any(t.is_inference() for t in recorder.puts)
+    recorder.puts[-1].add_(1)
 
     # transformers' own streamer, fed by tessera's generate, yields the text generate returns
     streamers = pytest.importorskip("transformers.generation.streamers")
