@@ -390,6 +390,28 @@ def test_rope_frequencies_stay_float32_in_a_bf16_model():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gives_the_same_bits_at_inference_as_with_gradients_and_as_llama(dtype):
+    """Inference takes PyTorch's one-call rms_norm in float32 (see RMSNorm.forward); it must round exactly as the
+    written-out norm that training differentiates, and as transformers' LlamaRMSNorm."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from tessera.text.norm import RMSNorm
+
+    torch.manual_seed(0)
+    for shape in [(1, 1, 512), (8, 1, 512), (2, 37, 64)]:
+        norm = RMSNorm(shape[-1], 1e-6)
+        reference = llama.LlamaRMSNorm(shape[-1], 1e-6)
+        with torch.no_grad():
+            norm.weight.normal_()
+            reference.weight.copy_(norm.weight)
+        norm, reference = norm.to(dtype), reference.to(dtype)
+        x = (3 * torch.randn(shape)).to(dtype)
+        with torch.inference_mode():
+            at_inference, want = norm(x), reference(x)
+        with_gradients = norm(x.requires_grad_())
+        assert torch.equal(at_inference, want) and torch.equal(with_gradients.detach(), want)
+
+
 def test_loading_a_missing_or_misshapen_tensor_names_it(tmp_path):
     from safetensors.torch import load_file, save_file
     MultimodalLM(tiny_config()).save_pretrained(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,7 +16,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is self.weight.dtype is torch.float32 and not self._needs_gradients(x):
+            # Inference in float32: PyTorch's rms_norm does the same arithmetic in one call where the lines below
+            # dispatch eight operators, and a batch-1 decode step runs 17 norms (measured: 12.9 → 12.0 ms a step
+            # on the benchmark LLM). Not with gradients (its backward made a training step ~2% slower) and not in
+            # bf16, where it applies the weight before rounding to bf16 and Llama after.
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def _needs_gradients(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
