@@ -206,8 +206,8 @@ def test_train_and_eval_drop_the_packed_copy(switch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("case", ["one row", "gradients", "many rows"])
-def test_no_packed_copy_outside_batched_decoding(case):
+@pytest.mark.parametrize("case", ["one row", "gradients"])
+def test_no_packed_copy_for_one_row_or_with_gradients(case):
     layer = Linear(512, 640)
     if case == "gradients":
         x = torch.randn(8, 512, requires_grad=True)
@@ -215,8 +215,19 @@ def test_no_packed_copy_outside_batched_decoding(case):
         assert x.grad is not None and layer.weight.grad is not None
     else:
         with torch.no_grad():
-            layer(torch.randn(1 if case == "one row" else 300, 512))
+            layer(torch.randn(1, 512))
     assert layer._packed is None
+
+
+@needs_onednn
+def test_a_float32_prefill_multiplies_by_the_packed_weight(onednn_calls):
+    layer = Linear(512, 640)
+    x = torch.randn(2, 150, 512)  # 300 rows: a prompt, not a decode step
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._packed is not None and layer._packed[1] is not None
+    assert onednn_calls == [(2, 150, 512)]
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
 @needs_bf16_packing
