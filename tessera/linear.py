@@ -31,7 +31,6 @@ compare).
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -146,30 +145,18 @@ def _rerouted(x: torch.Tensor, weight: torch.Tensor) -> bool:
 MATRIX_VECTOR_BLOCKS = (64, 32, 16, 8)  # rows per block, the first that divides the output size
 
 
-@functools.cache
-def _block_rows(out_features: int) -> int | None:
-    return next((b for b in MATRIX_VECTOR_BLOCKS if out_features % b == 0), None)
-
-
 def matrix_vector(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x @ weightᵀ + bias for a single row x, as a batch of (block, in) · (in, 1) products; None when no block
-    size divides the output size or the weight is not contiguous (the caller then multiplies as usual).
-
-    A decode step makes 33 of these calls, so the operators around the product count: this way takes three
-    (8 µs a call before the product; 16–25 µs with the column made by reshape, transpose and expand)."""
+    size divides the output size or the weight is not contiguous (the caller then multiplies as usual)."""
     out_features, in_features = weight.shape
-    block = _block_rows(out_features)
+    block = next((b for b in MATRIX_VECTOR_BLOCKS if out_features % b == 0), None)
     if block is None or not weight.is_contiguous():
         return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    count = out_features // block
-    blocks = weight.view(count, block, in_features)
-    # every block multiplies the same column: x seen as a (count, in, 1) batch of column-major columns (strides 0,
-    # 1, in), which takes bmm's batched BLAS path without a copy; the same column with row-major strides took
-    # another path, 4× slower
-    column = x.as_strided((count, in_features, 1), (0, 1, in_features))
-    y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(count, block, 1), blocks, column)
+    blocks = weight.view(out_features // block, block, in_features)
+    # every block multiplies the same column. Laid out as an (in, 1) column-major matrix (strides 1, in) it takes
+    # bmm's batched BLAS path without a copy; the same column with row-major strides took another path, 4× slower
+    column = x.reshape(1, in_features).t().expand(len(blocks), -1, -1)
+    y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(-1, block, 1), blocks, column)
     return y.view(*x.shape[:-1], out_features)
 
 
