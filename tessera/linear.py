@@ -16,7 +16,8 @@ interop, optimizers and `state_dict` see nothing new. What changes is only which
 - batched decoding (no gradients, 2–64 rows): oneDNN with the weight reordered once into its blocked layout,
   which multiplies a few rows about 1.5× as fast as the plain layout (see `Linear.packed_weight`);
 - float32 prefill (no gradients, more rows): the same blocked copy. It made no difference on the AVX-512 machine
-  but multiplied a prefill's products 3–8% faster than the plain layout on an AVX2-only one (see MAX_PACKED_BF16_ROWS);
+  but multiplied a prefill's products 2–16% faster than the plain layout on an AVX2-only one
+  (see MAX_PACKED_BF16_ROWS);
 - a bfloat16 model's batched decoding (no gradients, 2–64 rows): the same blocked layout. `F.linear` already
   sends bf16 to oneDNN, but in the plain layout it read the benchmark LLM's bf16 weights at 13 GB/s, the blocked
   one at 18. Not at one row, although it is faster there too (a decode step 155 against 113 tokens/s): the copy
@@ -162,10 +163,10 @@ def matrix_vector(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 # Batched decoding: a handful of rows through every weight. Measured on the benchmark LLM's weights (108 MB), the
 # blocked layout took 5.0–5.6 ms against 7.4–8.2 ms for 4–8 rows, and 8.0 against 11.3 for 16; for 1 row it
-# made no difference. Prefills (hundreds of rows) gained nothing from it on the AVX-512 machine, but on an AVX2-only
-# one (Zen 3) the benchmark's prefill products ran 3–8% faster blocked than plain, and 2–17% faster than MKL, from 257
-# to 2312 rows; the whole prefill took 5% less (207 against 219 ms, interleaved medians). So float32 takes it for any
-# row count from 2, bf16 up to 64 (bf16 prefills were not measured)
+# made no difference. Prefills (hundreds of rows) gained nothing from it on the AVX-512 machine, but on an
+# AVX2-only one (Zen 3) the benchmark's prefill products ran 2–16% faster blocked than plain, shape by shape and
+# interleaved, from 257 to 2312 rows; the whole prefill 0–8% faster over three rounds of interleaved pairs, on a
+# noisy machine. So float32 takes it for any row count from 2, bf16 up to 64 (bf16 prefills were not measured)
 MAX_PACKED_BF16_ROWS = 64
 PACKING_HINT = 8  # the row count oneDNN tunes the blocked layout for
 # The blocked copy doubles a layer's weight memory. A big model (a 7B in bf16 is 14 GB) must not be pushed out of
