@@ -65,7 +65,7 @@ def score_answers(examples: list[EncodedExample], answers: list[str]) -> dict:
     return result
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as generate: no autograd bookkeeping; only a float leaves
 def text_lm_loss(model: MultimodalLM, processor: Processor, examples: list[EncodedExample],
                  batch_size: int = 64) -> float:
     """Mean next-token loss over every token of held-out text-only conversations."""
