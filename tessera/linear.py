@@ -135,7 +135,7 @@ def _rerouted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = _rows(x)
     if rows == 0 or (weight.numel() < MIN_WEIGHT_ELEMENTS and rows * weight.numel() < MIN_MULTIPLY_ADDS):
         return False
-    return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    return not torch.is_autocast_enabled("cpu")
 
 
 # Batch-1 decoding multiplies one vector by every weight: the time is the time to read the weights from memory.
@@ -207,6 +207,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled()
     rows = _rows(x)
+    if torch.compiler.is_compiling():
+        # inductor picks its own kernels, except for one float32 row: there it took MKL's matrix-vector product,
+        # which reads the weights at half the speed of row blocks, and the compiled batch-1 decode step of the
+        # benchmark LLM was slower than eager (61 against 73 tokens/s). The row blocks are a plain bmm in the graph
+        if rows == 1 and not grad and x.dtype is torch.float32 and (y := matrix_vector(x, weight, bias)) is not None:
+            return y
+        return F.linear(x, weight, bias)
     blocked_rows = rows >= 2 and (x.dtype is torch.float32 or rows <= MAX_PACKED_BF16_ROWS)
     if packed is not None and not grad and blocked_rows and (blocked := packed()) is not None:
         return _matmul(x, blocked, bias)  # batched decoding (float32 or bf16) or a float32 prefill
