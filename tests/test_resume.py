@@ -36,6 +36,20 @@ def _records(out):
             for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
+def _resume_and_stop_applying_the_first_step(config, checkpoint, monkeypatch):
+    """--resume-from `checkpoint`, stopped (Ctrl-C) while its first step is applied: it saves weights only, and
+    writes no record."""
+    apply = torch.optim.AdamW.step
+
+    def applying(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", applying)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, resume=checkpoint)
+    monkeypatch.setattr(torch.optim.AdamW, "step", apply)
+
+
 def _stop_at(monkeypatch, run_step):
     """Ctrl-C in the middle of run step `run_step` (its gradient computed, nothing applied)."""
     clip, calls = torch.nn.utils.clip_grad_norm_, []
@@ -180,16 +194,8 @@ def test_resume_after_going_back_refuses_the_abandoned_branch_when_the_new_one_s
     and weights of the branch the user had left."""
     config = _config(shapes, tmp_path / "run", checkpoint_every=2)
     _train(config)
-    apply = torch.optim.AdamW.step
-
-    def applying(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", applying)
     went_back = tmp_path / "run/checkpoints/step-000004"
-    with pytest.raises(KeyboardInterrupt):
-        _train(config, resume=went_back)
-    monkeypatch.setattr(torch.optim.AdamW, "step", apply)
+    _resume_and_stop_applying_the_first_step(config, went_back, monkeypatch)
     assert not (tmp_path / "run/interrupted/training_state.json").exists()
     abandoned = tmp_path / "run/checkpoints/stage-3-instruct"
     with pytest.raises(CheckpointError, match=re.escape(
@@ -198,6 +204,34 @@ def test_resume_after_going_back_refuses_the_abandoned_branch_when_the_new_one_s
         _train(config, resume=True)
     assert _train(config, resume=went_back)["resumed_at"] == 4
     assert [r[2] for r in _records(tmp_path / "run")] == list(range(1, 12))
+
+
+def test_resume_refuses_another_run_than_the_latest_session_that_saved_nothing(shapes, tmp_path, monkeypatch):
+    """Runs 1 and 2 saved checkpoints; then run 1 was continued with --resume-from and stopped while applying its
+    first step: no record, no resumable checkpoint. The newest checkpoint is run 2's, but the training last done
+    into OUT was run 1's, and --resume took run 2's without a word."""
+    config = _config(shapes, tmp_path / "run", checkpoint_every=2)
+    _train(config)  # run 1
+    _train({**config, "checkpoint_every": 3})  # run 2: its checkpoints are written after run 1's
+    went_back = tmp_path / "run/checkpoints/step-000004"
+    _resume_and_stop_applying_the_first_step(config, went_back, monkeypatch)
+    newest = tmp_path / "run/checkpoints/stage-3-instruct"
+    assert json.loads((newest / "training_state.json").read_text())["run"] == 2
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"the latest training session into it continued run 1 from run step 4 and saved no resumable "
+            f"checkpoint; the newest one, {newest}, is of run 2. Expected --resume-from {went_back} to try that "
+            f"again, or --resume-from {newest} to continue run 2 anyway")):
+        _train(config, resume=True)
+    assert _train(config, resume=went_back)["resumed_at"] == 4
+    assert _train(config, resume=True)["resumed_at"] == 11  # run 1's end now: its session saved
+
+
+def test_an_unreadable_session_record_is_named(shapes, tmp_path):
+    config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    _train(config)
+    (tmp_path / "run/session.json").write_text('{"run": 1, "st')  # as a disk that filled up might leave it
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run/session.json'}: unreadable")):
+        _train(config, resume=True)
 
 
 def test_a_run_resumed_after_its_last_stage_has_nothing_left_to_train(shapes, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import shutil
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tessera.checkpoint import load_weights
+from tessera.checkpoint import load_weights, write_whole
 from tessera.config import ModelConfig
 from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
 from tessera.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -132,10 +133,34 @@ def metrics_run(metrics_path: Path, resumed: TrainingState | None, source: Path 
     return run
 
 
+SESSION_FILE = "session.json"  # under OUT: which run the latest training session into OUT trained, from which step
+
+
+def record_session(out: Path, run: int, step: int, source: Path | None) -> None:
+    """Written as a session starts, before its first step: a session killed before its first record or checkpoint
+    leaves nothing else behind, and --resume must still know it ran."""
+    write_whole(out / SESSION_FILE, json.dumps({"run": run, "step": step,
+                                                "resumed_from": str(source) if source else None}) + "\n")
+
+
+def last_session(out: Path) -> dict | None:
+    path = out / SESSION_FILE
+    if not path.is_file():
+        return None  # an OUT written before sessions were recorded
+    try:
+        session = json.loads(path.read_text())
+        int(session["run"]), int(session["step"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); expected the JSON a training session writes there, "
+                              f"{{\"run\": N, \"step\": N, \"resumed_from\": ...}}, which --resume checks. "
+                              f"--resume-from DIR continues a checkpoint without it") from None
+    return session
+
+
 def check_the_newest_is_where_the_run_left_off(out: Path, source: Path, resumed: TrainingState) -> None:
-    """--resume takes the resumable checkpoint written last (`source`). metrics.jsonl says when that is not where
-    the run left off: a later run saved nothing, or the run was taken back to an earlier step and has saved nothing
-    since."""
+    """--resume takes the resumable checkpoint written last (`source`). metrics.jsonl and the session record say
+    when that is not where the training left off: the latest session trained another run and saved nothing, a
+    later run saved nothing, or the run was taken back to an earlier step and has saved nothing since."""
     # "the newest" must not silently mean an older run than a later one that saved nothing
     records = read_metrics(out / "metrics.jsonl")
     saved = {position["run"] for position, _ in resumable_checkpoints(out)}
@@ -144,6 +169,18 @@ def check_the_newest_is_where_the_run_left_off(out: Path, source: Path, resumed:
         raise CheckpointError(f"{out}: run {max(later)} left no resumable checkpoint (its metrics are in "
                               f"metrics.jsonl); the newest one, {source}, is of run {resumed.run}. Expected "
                               f"--resume-from {source} to continue run {resumed.run} anyway, or a new run")
+    # nor another run than the latest session's, which may have died before its first record: had that session
+    # saved a resumable checkpoint, the newest would be it
+    session = last_session(out)
+    if session is not None and session["run"] != resumed.run:
+        if session["resumed_from"]:
+            began, again = (f"continued run {session['run']} from run step {session['step']}",
+                            f"--resume-from {session['resumed_from']} to try that again")
+        else:
+            began, again = f"began run {session['run']}", "a new run"
+        raise CheckpointError(f"{out}: the latest training session into it {began} and saved no resumable "
+                              f"checkpoint; the newest one, {source}, is of run {resumed.run}. Expected {again}, "
+                              f"or --resume-from {source} to continue run {resumed.run} anyway")
     # nor the branch a --resume-from an earlier step left: that cut the run's records back to its step, and
     # every checkpoint is saved after the records of its steps
     recorded = [r.get("step", 0) for r in records if r.get("run", 1) == resumed.run]
@@ -236,6 +273,7 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     text_loss = {"before": resumed.text_loss_before} if resumed and resumed.text_loss_before is not None else {}
     metrics_path = out / "metrics.jsonl"
     settings.run = metrics_run(metrics_path, resumed, source, log)
+    record_session(out, settings.run, resumed.step if resumed else 0, source)
 
     def training_state(index: int, stage_start: int, stage_state: StageState) -> TrainingState:
         """What resumes the run in stage `index` (len(stages) when every stage is done), which started at run step
