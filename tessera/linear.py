@@ -32,6 +32,7 @@ compare).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -125,14 +126,13 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.numel() else 0
 
 
-def _rerouted(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this product may leave `F.linear` for tessera's kernels (see the module docstring): float32 or
-    bfloat16, CPU, eager, big enough."""
+def _rerouted(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Whether this product of `rows` rows may leave `F.linear` for tessera's kernels (see the module docstring):
+    float32 or bfloat16, CPU, eager, big enough."""
     if _OP is None or not x.is_cpu or x.dtype not in ROUTED_DTYPES or weight.dtype is not x.dtype:
         return False
     if x.dtype is torch.bfloat16 and not BF16_PACKING:
         return False
-    rows = _rows(x)
     if rows == 0 or (weight.numel() < MIN_WEIGHT_ELEMENTS and rows * weight.numel() < MIN_MULTIPLY_ADDS):
         return False
     return not torch.is_autocast_enabled("cpu")
@@ -150,15 +150,23 @@ def matrix_vector(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x @ weightᵀ + bias for a single row x, as a batch of (block, in) · (in, 1) products; None when no block
     size divides the output size or the weight is not contiguous (the caller then multiplies as usual)."""
     out_features, in_features = weight.shape
-    block = next((b for b in MATRIX_VECTOR_BLOCKS if out_features % b == 0), None)
+    block = _row_block(out_features)
     if block is None or not weight.is_contiguous():
         return None
-    blocks = weight.view(out_features // block, block, in_features)
+    count = out_features // block
+    blocks = weight.view(count, block, in_features)
     # every block multiplies the same column. Laid out as an (in, 1) column-major matrix (strides 1, in) it takes
-    # bmm's batched BLAS path without a copy; the same column with row-major strides took another path, 4× slower
-    column = x.reshape(1, in_features).t().expand(len(blocks), -1, -1)
+    # bmm's batched BLAS path without a copy; the same column with row-major strides took another path, 4× slower.
+    # One as_strided view of the row, not reshape-transpose-expand: a decode step makes 33 of these columns
+    column = x.as_strided((count, in_features, 1), (0, x.stride(-1), in_features))
     y = torch.bmm(blocks, column) if bias is None else torch.baddbmm(bias.view(-1, block, 1), blocks, column)
-    return y.view(*x.shape[:-1], out_features)
+    return y.view(x.shape[:-1] + (out_features,))
+
+
+@functools.cache
+def _row_block(out_features: int) -> int | None:
+    """Rows per block for `matrix_vector`: the first of MATRIX_VECTOR_BLOCKS that divides the output size."""
+    return next((b for b in MATRIX_VECTOR_BLOCKS if out_features % b == 0), None)
 
 
 # Batched decoding: a handful of rows through every weight. Measured on the benchmark LLM's weights (108 MB), the
@@ -203,16 +211,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, through oneDNN or row blocks where they are faster (see the module docstring). packed: gives the
     weight in oneDNN's blocked layout for decoding, or None when memory has no room for it (`Linear` passes its
     cached copy)."""
-    if not _rerouted(x, weight):
+    rows = _rows(x)
+    if not _rerouted(x, weight, rows):
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled()
-    rows = _rows(x)
-    if torch.compiler.is_compiling():
-        # inductor picks its own kernels, except for one float32 row: there it took MKL's matrix-vector product,
-        # which reads the weights at half the speed of row blocks, and the compiled batch-1 decode step of the
-        # benchmark LLM took 20.8 against 12.1 ms eager (now about eager's). The row blocks are a plain bmm
-        if rows == 1 and not grad and x.dtype is torch.float32 and (y := matrix_vector(x, weight, bias)) is not None:
-            return y
+    if rows == 1 and not grad and x.dtype is torch.float32 and (y := matrix_vector(x, weight, bias)) is not None:
+        # batch-1 decoding, eager or compiled, checked first: a decode step makes 33 of these calls, and with the
+        # routing below skipped and `matrix_vector`'s column one view, the step took 2–4% less. Compiled, inductor would take MKL's matrix-vector product, which
+        # reads the weights at half the speed of row blocks (the compiled batch-1 decode step of the benchmark LLM
+        # took 20.8 against 12.1 ms eager); the row blocks are a plain bmm in the graph
+        return y
+    if torch.compiler.is_compiling():  # otherwise inductor picks its own kernels
         return F.linear(x, weight, bias)
     blocked_rows = rows >= 2 and (x.dtype is torch.float32 or rows <= MAX_PACKED_BF16_ROWS)
     if packed is not None and not grad and blocked_rows and (blocked := packed()) is not None:
