@@ -392,8 +392,8 @@ def test_rope_frequencies_stay_float32_in_a_bf16_model():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_gives_the_same_bits_at_inference_as_with_gradients_and_as_llama(dtype):
-    """Inference takes PyTorch's one-call rms_norm in float32 (see RMSNorm.forward); it must round exactly as the
-    written-out norm that training differentiates, and as transformers' LlamaRMSNorm."""
+    """Inference writes the norm into the tensors it makes (see RMSNorm.forward); it must round exactly as the
+    norm that training differentiates and as transformers' LlamaRMSNorm, and leave its input and weight alone."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     from tessera.text.norm import RMSNorm
 
@@ -406,10 +406,15 @@ def test_rms_norm_gives_the_same_bits_at_inference_as_with_gradients_and_as_llam
             reference.weight.copy_(norm.weight)
         norm, reference = norm.to(dtype), reference.to(dtype)
         x = (3 * torch.randn(shape)).to(dtype)
+        x_before, weight_before = x.clone(), norm.weight.detach().clone()
         with torch.inference_mode():
             at_inference, want = norm(x), reference(x)
+        with torch.no_grad():
+            without_gradients = norm(x)
+        assert torch.equal(x, x_before) and torch.equal(norm.weight, weight_before)
         with_gradients = norm(x.requires_grad_())
-        assert torch.equal(at_inference, want) and torch.equal(with_gradients.detach(), want)
+        for got in (at_inference, without_gradients, with_gradients.detach()):
+            assert got.dtype == dtype and torch.equal(got, want)
 
 
 def test_loading_a_missing_or_misshapen_tensor_names_it(tmp_path):

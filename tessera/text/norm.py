@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,16 +15,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is self.weight.dtype is torch.float32 and not self._needs_gradients(x):
-            # Inference in float32: PyTorch's rms_norm does the same arithmetic in one call where the lines below
-            # dispatch eight operators, and a batch-1 decode step runs 17 norms (measured on the benchmark LLM:
-            # 4–9% off a decode step). Not with gradients (its backward made a training step ~2% slower) and not
-            # in bf16, where it applies the weight before rounding to bf16 and Llama after.
-            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         dtype = x.dtype
+        if self._needs_gradients(x) or self.weight.dtype is not dtype:
+            x = x.float()
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * x.to(dtype)
+        # Inference: the same arithmetic, bit for bit, but written into the tensors it has just made instead of
+        # allocating three more. A batch-1 decode step runs 17 norms, and this took 2.5% off it against PyTorch's
+        # `F.rms_norm` (which dispatches about ten operators, two of them copies) and 1–2% against the lines above
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return (x * variance.add_(self.eps).rsqrt_()).to(dtype).mul_(self.weight)
 
     def _needs_gradients(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
