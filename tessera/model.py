@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -260,19 +261,29 @@ class MultimodalLM(nn.Module):
         checker = StopChecker(input_ids.shape[0], params, decode)
         steps = self.stream_tokens(input_ids, attention_mask, pixel_values, image_counts, params, use_cache,
                                    aspect_ratio_ids=aspect_ratio_ids)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        for tokens in steps:
-            if streamer is not None:  # as transformers' generate: a row that has stopped gets pad tokens
-                stopped = torch.tensor([reason is not None for reason in checker.finish_reasons])
-                # made outside inference mode, an ordinary tensor: an inference tensor refuses in-place writes
-                # and autograd there, so a streamer that kept it could not use it as any other tensor
-                with torch.inference_mode(False):
-                    streamer.put(tokens.cpu().masked_fill(stopped, self.config.pad_token_id))
-            checker.add(tokens.tolist())
-            if checker.all_done:
-                break
-        steps.close()
+        try:
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            for tokens in steps:
+                if streamer is not None:  # as transformers' generate: a row that has stopped gets pad tokens
+                    stopped = torch.tensor([reason is not None for reason in checker.finish_reasons])
+                    # made outside inference mode, an ordinary tensor: an inference tensor refuses in-place writes
+                    # and autograd there, so a streamer that kept it could not use it as any other tensor
+                    with torch.inference_mode(False):
+                        streamer.put(tokens.cpu().masked_fill(stopped, self.config.pad_token_id))
+                checker.add(tokens.tolist())
+                if checker.all_done:
+                    break
+        except BaseException:
+            # the streamer still ends, so a consumer waiting on it (a TextIteratorStreamer's thread, a server's
+            # response) finishes with what was streamed instead of waiting forever; transformers' generate leaves
+            # it waiting. The error raised is generation's own, not one the streamer's end() may add
+            if streamer is not None:
+                with contextlib.suppress(Exception):
+                    streamer.end()
+            raise
+        finally:
+            steps.close()
         checker.finish()
         if streamer is not None:
             streamer.end()

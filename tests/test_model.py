@@ -1,6 +1,8 @@
 """Properties of the model core: the LLM left untouched by zero gates, who sees which image, cache = no cache,
 batched = one by one, checkpoints, freezing."""
 
+import threading
+
 import pytest
 import torch
 
@@ -276,6 +278,49 @@ def test_a_streamer_gets_the_prompt_then_each_step_as_transformers_streamers_exp
     result = model.generate(one, None, pixels[:counts[0]], counts[:1], max_new_tokens=6, eos_token_id=[],
                             streamer=streamer, tokenizer=Digits())
     assert "".join(streamer) == result.texts[0]
+
+
+def test_a_generation_that_fails_still_ends_its_streamer_and_raises_its_own_error():
+    """A consumer reading a TextIteratorStreamer in another thread would wait forever for the end of a generation
+    that raised; it gets what was streamed, then the end, and the caller gets generation's error."""
+    streamers = pytest.importorskip("transformers.generation.streamers")
+    model = MultimodalLM(tiny_config("unified")).eval()
+    _, ids, mask, pixels, counts = _generation_batch("unified")
+    calls = []
+
+    def fail_at_the_third_forward(*_):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the model broke")
+
+    model.llm.register_forward_pre_hook(fail_at_the_third_forward)
+
+    class Digits:
+        def decode(self, ids, **options):
+            return "".join(f" {i}" for i in ids)
+
+    streamer = streamers.TextIteratorStreamer(Digits(), skip_prompt=True, timeout=30)
+    received = []
+    consumer = threading.Thread(target=lambda: received.extend(streamer))
+    consumer.start()
+    one = ids[:1, mask[0].bool()]
+    with pytest.raises(RuntimeError, match="the model broke"):
+        model.generate(one, None, pixels[:counts[0]], counts[:1], max_new_tokens=6, eos_token_id=[],
+                       streamer=streamer)
+    consumer.join(timeout=30)
+    assert not consumer.is_alive()
+    assert len("".join(received).split()) == 2  # the prefill's token and one step's, then the end
+
+    class EndsBadly:  # an end() that raises must not hide the error that stopped the generation
+        def put(self, value):
+            pass
+
+        def end(self):
+            raise ValueError("no tokens")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="the model broke"):
+        model.generate(one, None, pixels[:counts[0]], counts[:1], max_new_tokens=6, streamer=EndsBadly())
 
 
 def test_a_row_that_has_stopped_streams_pad_tokens_as_in_transformers():
