@@ -183,7 +183,7 @@ def test_resume_after_going_back_to_an_older_run_continues_that_run(shapes, tmp_
     result = _train(config, resume=True)  # run 1's end: nothing left to train
     assert result["resumed_at"] == 11 and result["steps"] == 11
     assert {json.loads(p.read_text())["run"]
-            for p in (tmp_path / "run/checkpoints").glob("step-*/training_state.json")} == {1, 2}
+            for p in (tmp_path / "run/checkpoints").glob("*step-*/training_state.json")} == {1, 2}
 
 
 def test_resume_after_going_back_refuses_the_abandoned_branch_when_the_new_one_saved_nothing(
@@ -215,7 +215,7 @@ def test_resume_refuses_another_run_than_the_latest_session_that_saved_nothing(s
     _train({**config, "checkpoint_every": 3})  # run 2: its checkpoints are written after run 1's
     went_back = tmp_path / "run/checkpoints/step-000004"
     _resume_and_stop_applying_the_first_step(config, went_back, monkeypatch)
-    newest = tmp_path / "run/checkpoints/stage-3-instruct"
+    newest = tmp_path / "run/checkpoints/run-2-stage-3-instruct"
     assert json.loads((newest / "training_state.json").read_text())["run"] == 2
     with pytest.raises(CheckpointError, match=re.escape(
             f"the latest training session into it continued run 1 from run step 4 and saved no resumable "
@@ -309,7 +309,7 @@ def test_a_run_drawing_from_torch_s_rng_resumes_with_the_numbers_it_would_have_d
 
 
 def _step_checkpoints(out):
-    return sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    return sorted(p.name for p in (out / "checkpoints").glob("*step-*"))
 
 
 def test_keep_checkpoints_keeps_the_newest_step_checkpoints_of_the_run(shapes, tmp_path):
@@ -320,11 +320,11 @@ def test_keep_checkpoints_keeps_the_newest_step_checkpoints_of_the_run(shapes, t
     _train(config)
     assert _step_checkpoints(tmp_path / "run") == ["step-000008", "step-000010"]
     assert len(list((tmp_path / "run/checkpoints").glob("stage-*"))) == 4
-    # run 2 into the same directory, with its checkpoints written under other names (every 3 steps)
+    # run 2 into the same directory, saving every 3 steps
     _train({**config, "checkpoint_every": 3, "keep_checkpoints": 1})
-    assert _step_checkpoints(tmp_path / "run") == ["step-000008", "step-000009", "step-000010"]
-    assert json.loads((tmp_path / "run/checkpoints/step-000009/training_state.json").read_text())["run"] == 2
-    _train({**config, "keep_checkpoints": 0}, resume=tmp_path / "run/checkpoints/step-000009")  # may change
+    assert _step_checkpoints(tmp_path / "run") == ["run-2-step-000009", "step-000008", "step-000010"]
+    assert json.loads((tmp_path / "run/checkpoints/run-2-step-000009/training_state.json").read_text())["run"] == 2
+    _train({**config, "keep_checkpoints": 0}, resume=tmp_path / "run/checkpoints/run-2-step-000009")  # may change
 
 
 def test_after_resuming_from_an_earlier_step_the_steps_taken_again_are_kept(shapes, tmp_path, monkeypatch):
@@ -428,3 +428,63 @@ def test_a_step_checkpoint_that_cannot_be_removed_is_a_warning_not_a_stop(shapes
     warnings = [line for line in lines if line.startswith("warning: could not remove")]
     # each later checkpoint tries the older ones again: 1 + 2 + 3 + 4
     assert len(warnings) == 10 and "step-000002 (keep_checkpoints: 1): [Errno 13] Permission denied" in warnings[0]
+
+
+def _checkpoint_files(out):
+    """Each directory under OUT/checkpoints → its files' bytes."""
+    return {d.name: {f.name: f.read_bytes() for f in d.iterdir()} for d in sorted((out / "checkpoints").iterdir())}
+
+
+def test_a_second_run_into_the_same_out_keeps_the_first_run_s_checkpoints_and_each_resumes_under_its_own_names(
+        shapes, tmp_path):
+    """Checkpoints were named by step or stage only: run 2 into the same OUT overwrote run 1's of the same names
+    (and one killed while saving left neither). Run N > 1's are named run-N-…, and a resumed run keeps its own."""
+    from tessera.train.state import latest_resumable
+
+    out = tmp_path / "run"
+    run_1 = _config(shapes, out, checkpoint_every=2, steps={"text": 2, "encoder_pretrain": 2, "align": 1,
+                                                            "instruct": 1})
+    run_2 = {**run_1, "seed": 1}  # other weights than run 1's
+    names = ["stage-0-text", "stage-1-encoder_pretrain", "stage-2-align", "stage-3-instruct", "step-000002",
+             "step-000004", "step-000006"]
+    _train(run_1)
+    first = _checkpoint_files(out)
+    assert sorted(first) == names
+    _train(run_2)
+    both = _checkpoint_files(out)
+    assert {name: both[name] for name in names} == first  # byte for byte
+    assert sorted(both) == sorted(names + [f"run-2-{name}" for name in names])
+    assert {json.loads(both[f"run-2-{name}"]["training_state.json"])["run"] for name in names} == {2}
+    assert latest_resumable(out) == out / "checkpoints/run-2-stage-3-instruct"
+    assert _train(run_2, resume=True)["resumed_at"] == 6
+    # each run goes on under its own names, and leaves the other's alone
+    _train(run_2, resume=out / "checkpoints/run-2-step-000002")
+    again = _checkpoint_files(out)
+    assert {name: again[name] for name in names} == first and sorted(again) == sorted(both)
+    assert _train(run_1, resume=out / "checkpoints/step-000002")["resumed_at"] == 2
+    last = _checkpoint_files(out)
+    assert sorted(last) == sorted(both)
+    assert {name: files for name, files in last.items() if name.startswith("run-2-")} == \
+           {name: files for name, files in again.items() if name.startswith("run-2-")}
+    for name in names:  # run 1's again, as it computed them the first time, saved anew
+        assert last[name]["model.safetensors"] == first[name]["model.safetensors"]
+        assert json.loads(last[name]["training_state.json"])["run"] == 1
+    assert latest_resumable(out) == out / "checkpoints/stage-3-instruct"
+
+
+def test_keep_checkpoints_removes_only_the_step_checkpoints_of_its_own_run(shapes, tmp_path):
+    """Run 2 with keep_checkpoints 1 overwrote run 1's step checkpoints of the same steps, then removed them as its
+    own: run 1 was left with none."""
+    out = tmp_path / "run"
+    config = _config(shapes, out, checkpoint_every=2, steps={"text": 2, "encoder_pretrain": 4, "align": 0,
+                                                             "instruct": 0})
+    _train(config)
+    first = _checkpoint_files(out)
+    _train({**config, "keep_checkpoints": 1})
+    second = _checkpoint_files(out)
+    assert {name: second[name] for name in first} == first
+    assert _step_checkpoints(out) == ["run-2-step-000006", "step-000002", "step-000004", "step-000006"]
+    # run 1 continued with keep_checkpoints 1: its own step checkpoints go, run 2's stays
+    _train({**config, "keep_checkpoints": 1}, resume=out / "checkpoints/step-000002")
+    assert _step_checkpoints(out) == ["run-2-step-000006", "step-000006"]
+    assert _checkpoint_files(out)["run-2-step-000006"] == second["run-2-step-000006"]

@@ -24,7 +24,8 @@ from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
-from tessera.train.state import StageState, TrainingState, prune_step_checkpoints, remove_state, save_state
+from tessera.train.state import StageState, TrainingState, checkpoint_name, prune_step_checkpoints, \
+    remove_state, save_state
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 
@@ -237,8 +238,8 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
                 if settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0:
                     metrics.flush()  # a resumed run goes on from the checkpoint's step: its records are on disk
-                    written = save_checkpoint(model, processor,
-                                              out_dir / "checkpoints" / f"step-{first_step + step + 1:06d}",
+                    name = checkpoint_name(settings.run, f"step-{first_step + step + 1:06d}")
+                    written = save_checkpoint(model, processor, out_dir / "checkpoints" / name,
                                               checkpoint_state and checkpoint_state(current()), out_dir)
                     if settings.keep_checkpoints:  # only once the new one is whole
                         for old, error in prune_step_checkpoints(out_dir, settings.run, settings.keep_checkpoints,

@@ -25,8 +25,8 @@ from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, 
                                 save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
-from tessera.train.state import StageState, TrainingState, check_same_run, latest_resumable, load_state, \
-    resumable_checkpoints, run_fingerprint
+from tessera.train.state import StageState, TrainingState, check_same_run, checkpoint_name, latest_resumable, \
+    load_state, resumable_checkpoints, run_fingerprint
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -209,10 +209,6 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     data_dir, out = Path(run.data), Path(run.out)
     train_file = split_file(data_dir, "train")
     stages = build_stages(run)
-    source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
-    resumed = load_state(source) if source else None
-    if resume is True:
-        check_the_newest_is_where_the_run_left_off(out, source, resumed)
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
                         f"(or set llm_checkpoint to start from a trained LLM)")
@@ -223,6 +219,16 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     if run.llm_checkpoint and run.tokenizer:
         check_same_tokenizer(run.tokenizer, run.llm_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
+    return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started)
+
+
+def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Path, stages: list[Stage], log,
+                      progress: bool, resume: str | Path | bool | None, started: float) -> dict[str, Any]:
+    """run_training's work in OUT."""
+    source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
+    resumed = load_state(source) if source else None
+    if resume is True:
+        check_the_newest_is_where_the_run_left_off(out, source, resumed)
     tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint else None)
     if source:  # the tokenizer the run has been training with, not one trained anew
         tokenizer_file = source / "tokenizer.json"
@@ -311,7 +317,8 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
             raise
         step = stage_start + state.step
         stage_losses[stage.name] = done[-1] if done else None
-        save_checkpoint(model, processor, out / "checkpoints" / f"stage-{index}-{stage.name}",
+        name = checkpoint_name(settings.run, f"stage-{index}-{stage.name}")
+        save_checkpoint(model, processor, out / "checkpoints" / name,
                         training_state(index + 1, step, StageState(rng=torch.get_rng_state())), out)
     if held_out:
         text_loss["after"] = text_lm_loss(model, processor, held_out)

@@ -84,11 +84,12 @@ def read_position(directory: Path) -> dict:
     path = directory / STATE_JSON
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory; expected a resumable checkpoint "
-                              f"(OUT/interrupted or OUT/checkpoints/step-* or stage-*)")
+                              f"(OUT/interrupted or OUT/checkpoints/step-* or stage-*, run-N-step-* or "
+                              f"run-N-stage-* of run N > 1)")
     if not path.is_file():
         raise CheckpointError(f"{directory}: a weights-only checkpoint (no {STATE_JSON}), so the run cannot continue "
-                              f"from it; expected OUT/interrupted or OUT/checkpoints/step-* or stage-* of a run that "
-                              f"saves its training state")
+                              f"from it; expected OUT/interrupted or OUT/checkpoints/step-* or stage-* (run-N-step-* "
+                              f"or run-N-stage-* of run N > 1) of a run that saves its training state")
     try:
         position = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -121,17 +122,24 @@ def load_state(directory: Path) -> TrainingState:
                          fingerprint=position["fingerprint"], stage_state=stage)
 
 
+def checkpoint_name(run: int, name: str) -> str:
+    """Run N > 1's checkpoints carry "run-N-": a later run into the same OUT must not overwrite an earlier run's."""
+    return name if run == 1 else f"run-{run}-{name}"
+
+
 def prune_step_checkpoints(out: Path, run: int, keep: int, written: Path) -> list[tuple[Path, OSError | None]]:
-    """Delete all but the `keep` most recently written step checkpoints (OUT/checkpoints/step-*) of run `run`;
-    returns each with the error deleting it raised, or None (a file that will not go must not stop a run). Each
-    holds the optimizer's moments too, about 3× the model, so a long run's would fill the disk.
+    """Delete all but the `keep` most recently written step checkpoints (OUT/checkpoints/step-*, run-N-step-* of
+    run N > 1: see checkpoint_name) of run `run`; returns each with the error deleting it raised, or None (a file
+    that will not go must not stop a run). Each holds the optimizer's moments too, about 3× the model, so a long
+    run's would fill the disk.
     Most recently written (by save number, then mtime for checkpoints saved before save numbers), not highest step:
     after `--resume-from` an earlier step, the steps the run then takes again are the ones to keep. `written`, the
     checkpoint just saved, counts as the newest whatever else says. End-of-stage checkpoints, other runs' and
     weights-only ones are left alone."""
     found = []
     for position, directory in resumable_checkpoints(out):  # unreadable ones are not ours to delete
-        if directory.name.startswith("step-") and position["run"] == run:
+        # step-* too for run N > 1: its step checkpoints from before they were named run-N-step-*
+        if directory.name.startswith(("step-", checkpoint_name(run, "step-"))) and position["run"] == run:
             try:
                 mtime = (directory / STATE_JSON).stat().st_mtime_ns
             except OSError:
