@@ -488,3 +488,36 @@ def test_keep_checkpoints_removes_only_the_step_checkpoints_of_its_own_run(shape
     _train({**config, "keep_checkpoints": 1}, resume=out / "checkpoints/step-000002")
     assert _step_checkpoints(out) == ["run-2-step-000006", "step-000006"]
     assert _checkpoint_files(out)["run-2-step-000006"] == second["run-2-step-000006"]
+
+
+def test_a_second_training_session_into_an_out_in_use_is_refused_and_writes_nothing(shapes, tmp_path):
+    """Two sessions into one OUT at once interleaved metrics.jsonl, shared save numbers and pruned each other's
+    checkpoints. The second is refused at once, naming OUT and the holder's PID; the lock dies with its holder."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")  # Windows: no lock to test
+    out = tmp_path / "run"
+    config = _config(shapes, out, steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    _train(config)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(out / '.train.lock')!r}, 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "f.truncate(0); f.write(f'{os.getpid()}\\n'); f.flush()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        for resume in (None, True):
+            with pytest.raises(ConfigError, match=re.escape(
+                    f"{out}: another training session (PID {holder.pid}) is writing into it; expected that session "
+                    f"to finish first, or another out")):
+                _train(config, resume=resume)
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        holder.kill()  # as a killed session would be: the kernel lets go of its lock
+        holder.wait()
+    assert _train(config, resume=True)["resumed_at"] == 4
+    assert _train(config)["steps"] == 4  # run 2

@@ -3,9 +3,11 @@ stages → checkpoints, metrics JSONL and a loss-curve PNG."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +29,11 @@ from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
 from tessera.train.state import StageState, TrainingState, check_same_run, checkpoint_name, latest_resumable, \
     load_state, resumable_checkpoints, run_fingerprint
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so sessions into one OUT go unguarded there
+    fcntl = None
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -157,6 +164,45 @@ def last_session(out: Path) -> dict | None:
     return session
 
 
+LOCK_FILE = ".train.lock"  # under OUT: locked by the training session writing into OUT, which writes its PID in it
+
+
+@contextlib.contextmanager
+def training_lock(out: Path, log):
+    """Held while a session writes into OUT: two at once would interleave their metrics.jsonl records, share save
+    numbers and prune each other's checkpoints. A second session is refused at once."""
+    if fcntl is None:
+        yield
+        return
+    path = out / LOCK_FILE
+    with path.open("a+") as f:  # not "w": that would erase the holder's PID before we know there is one
+        try:
+            # flock's lock belongs to the open file, which the kernel closes when its process dies, however it dies
+            # (kill -9 too): a killed session leaves no stale lock
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            pid = f" (PID {holder})" if holder.isdigit() else ""
+            raise ConfigError(f"{out}: another training session{pid} is writing into it; expected that session to "
+                              f"finish first, or another out for this one") from None
+        except OSError as e:  # a file system without locks: better unguarded than no training at all
+            log(f"warning: could not lock {path} ({e}); nothing stops another training session into {out} meanwhile")
+            locked = False
+        if locked:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                f.truncate(0)  # a refused session must not name a process that has let go
+                # (closing the file would unlock too, but not while a child forked meanwhile holds it open)
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def check_the_newest_is_where_the_run_left_off(out: Path, source: Path, resumed: TrainingState) -> None:
     """--resume takes the resumable checkpoint written last (`source`). metrics.jsonl and the session record say
     when that is not where the training left off: the latest session trained another run and saved nothing, a
@@ -219,12 +265,14 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
     if run.llm_checkpoint and run.tokenizer:
         check_same_tokenizer(run.tokenizer, run.llm_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started)
+    # from before the session reads OUT (another session may be writing into it) until it returns or raises
+    with training_lock(out, log):
+        return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started)
 
 
 def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Path, stages: list[Stage], log,
                       progress: bool, resume: str | Path | bool | None, started: float) -> dict[str, Any]:
-    """run_training's work in OUT."""
+    """run_training's work in OUT, under its lock."""
     source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
     resumed = load_state(source) if source else None
     if resume is True:
