@@ -217,9 +217,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     grad = torch.is_grad_enabled()
     if rows == 1 and not grad and x.dtype is torch.float32 and (y := matrix_vector(x, weight, bias)) is not None:
         # batch-1 decoding, eager or compiled, checked first: a decode step makes 33 of these calls, and with the
-        # routing below skipped and `matrix_vector`'s column one view, the step took 2–4% less. Compiled, inductor would take MKL's matrix-vector product, which
-        # reads the weights at half the speed of row blocks (the compiled batch-1 decode step of the benchmark LLM
-        # took 20.8 against 12.1 ms eager); the row blocks are a plain bmm in the graph
+        # routing below skipped and `matrix_vector`'s column one view, the step took 2–4% less. Compiled, inductor
+        # would take MKL's matrix-vector product, which reads the weights at half the speed of row blocks (the
+        # compiled batch-1 decode step of the benchmark LLM took 20.8 against 12.1 ms eager); row blocks are a bmm
         return y
     if torch.compiler.is_compiling():  # otherwise inductor picks its own kernels
         return F.linear(x, weight, bias)
