@@ -264,6 +264,11 @@ def test_resuming_a_different_run_is_refused_naming_what_differs(shapes, tmp_pat
 
 def test_a_checkpoint_without_a_readable_training_state_is_refused_naming_the_file(shapes, tmp_path):
     config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run'}: no such directory, so no resumable "
+                                                        f"checkpoint in it")):
+        _train(config, resume=True)
+    assert not (tmp_path / "run").exists()  # a mistyped OUT is not made
+    (tmp_path / "run").mkdir()
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run'}: no resumable checkpoint")):
         _train(config, resume=True)
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'elsewhere'}: no such checkpoint directory")):

@@ -264,6 +264,9 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
     if run.llm_checkpoint and run.tokenizer:
         check_same_tokenizer(run.tokenizer, run.llm_checkpoint)
+    if resume is True and not out.is_dir():  # a mistyped OUT: no directory made for it before saying so
+        raise CheckpointError(f"{out}: no such directory, so no resumable checkpoint in it; expected the out of a "
+                              f"run that saved one")
     out.mkdir(parents=True, exist_ok=True)
     # from before the session reads OUT (another session may be writing into it) until it returns or raises
     with training_lock(out, log):
