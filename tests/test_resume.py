@@ -158,7 +158,10 @@ def test_resume_does_not_silently_continue_an_older_run_and_draws_the_run_it_tra
     with pytest.raises(KeyboardInterrupt):
         _train(config)  # run 2: step 1 recorded, stopped applying step 2 (weights only)
     monkeypatch.setattr(torch.optim.AdamW, "step", apply)
-    newest = tmp_path / "run/checkpoints/stage-0-text"
+    # run 2's stop went to its own slot, weights only; run 1's, resumable, is the newest resumable checkpoint
+    assert not (tmp_path / "run/run-2-interrupted/training_state.json").exists()
+    assert (tmp_path / "run/run-2-interrupted/model.safetensors").is_file()
+    newest = tmp_path / "run/interrupted"
     with pytest.raises(CheckpointError, match=re.escape(
             f"run 2 left no resumable checkpoint (its metrics are in metrics.jsonl); the newest one, {newest}, is "
             f"of run 1. Expected --resume-from {newest} to continue run 1 anyway, or a new run")):
@@ -168,7 +171,7 @@ def test_resume_does_not_silently_continue_an_older_run_and_draws_the_run_it_tra
     drawn, plot = [], Axes.plot
     monkeypatch.setattr(Axes, "plot", lambda self, x, y, **kwargs: drawn.extend(x) or plot(self, x, y, **kwargs))
     _train(config, resume=newest)
-    assert sorted(drawn) == list(range(1, 12))  # run 1's steps, resumed after its step 2; not run 2's step 1
+    assert sorted(drawn) == list(range(1, 12))  # run 1's steps, resumed after its step 3; not run 2's step 1
 
 
 def test_resume_after_going_back_to_an_older_run_continues_that_run(shapes, tmp_path):
@@ -526,3 +529,26 @@ def test_a_second_training_session_into_an_out_in_use_is_refused_and_writes_noth
         holder.wait()
     assert _train(config, resume=True)["resumed_at"] == 4
     assert _train(config)["steps"] == 4  # run 2
+
+
+def test_a_new_run_stopped_in_the_same_out_keeps_the_earlier_run_s_stop(shapes, tmp_path, monkeypatch):
+    """OUT/interrupted was one slot for every run: a new run started without --resume and stopped replaced the
+    earlier run's stop — its only copy of the steps since its last checkpoint — and one that finished removed it.
+    Run N > 1 stops into OUT/run-N-interrupted; a run finishing removes only its own."""
+    out = tmp_path / "run"
+    config = _config(shapes, out)
+    undo = _stop_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config)  # run 1 stops in run step 5: OUT/interrupted holds steps 3-4, past stage-0-text
+    undo()
+    run_1_stop = {f.name: f.read_bytes() for f in (out / "interrupted").iterdir()}
+    undo = _stop_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config)  # run 2, by mistake: stopped in its run step 2
+    undo()
+    assert {f.name: f.read_bytes() for f in (out / "interrupted").iterdir()} == run_1_stop
+    assert json.loads((out / "run-2-interrupted/training_state.json").read_text())["run"] == 2
+    assert _train(config, resume=True)["resumed_at"] == 1  # the newest: run 2's stop
+    assert not (out / "run-2-interrupted").exists() and (out / "interrupted").is_dir()
+    assert _train(config, resume=out / "interrupted")["resumed_at"] == 4  # run 1 goes on from its own stop
+    assert not (out / "interrupted").exists()

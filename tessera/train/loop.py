@@ -24,8 +24,8 @@ from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
-from tessera.train.state import StageState, TrainingState, checkpoint_name, prune_step_checkpoints, \
-    remove_state, save_state
+from tessera.train.state import StageState, TrainingState, checkpoint_name, interrupted_directory, \
+    prune_step_checkpoints, remove_state, save_state
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 
@@ -279,16 +279,16 @@ def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
     return directory
 
 
-def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, log, where: str,
+def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, run: int, log, where: str,
                      state: TrainingState | None = None) -> None:
-    """Save into OUT/interrupted the model of a run that stops mid-stage, so the steps since the last checkpoint
-    are not lost — unless its weights are no longer finite (they would only hide the good checkpoints) — with the
-    training state, unless it stopped while a step was being applied."""
+    """Save into OUT/interrupted (OUT/run-N-interrupted for run N > 1) the model of a run that stops mid-stage, so
+    the steps since the last checkpoint are not lost — unless its weights are no longer finite (they would only
+    hide the good checkpoints) — with the training state, unless it stopped while a step was being applied."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         log(f"{where}; its weights are no longer finite, so they were not saved")
         return
     resumable = state is not None and not state.stage_state.mid_update
-    directory = out / "interrupted"
+    directory = interrupted_directory(out, run)
     try:
         save_checkpoint(model, processor, directory, state if resumable else None, out)
     except Exception as e:  # the error that stopped the run matters more than this one

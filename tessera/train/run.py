@@ -27,8 +27,8 @@ from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, 
                                 save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
-from tessera.train.state import StageState, TrainingState, check_same_run, checkpoint_name, latest_resumable, \
-    load_state, resumable_checkpoints, run_fingerprint
+from tessera.train.state import StageState, TrainingState, check_same_run, checkpoint_name, \
+    interrupted_directory, latest_resumable, load_state, resumable_checkpoints, run_fingerprint
 
 try:
     import fcntl
@@ -361,7 +361,7 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         except BaseException as e:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
             # (not weights that just gave a non-finite loss: they would only pass for good ones)
             if stage_start + state.step and not isinstance(e, TrainingError):
-                save_interrupted(model, processor, out, log,
+                save_interrupted(model, processor, out, settings.run, log,
                                  f"stopped in stage {stage.name!r} after {state.step} of its {stage.steps} steps "
                                  f"(run step {stage_start + state.step})",
                                  training_state(index, stage_start, state))
@@ -375,9 +375,10 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         text_loss["after"] = text_lm_loss(model, processor, held_out)
         log(f"held-out text loss after training: {text_loss['after']:.4f}")
     save_checkpoint(model, processor, out / "checkpoint")
-    if (out / "interrupted").is_dir():  # a stopped run's, superseded now that this one has finished
-        shutil.rmtree(out / "interrupted")
-        log(f"removed {out / 'interrupted'}, left by a run that stopped; this run finished: {out / 'checkpoint'}")
+    leftover = interrupted_directory(out, settings.run)
+    if leftover.is_dir():  # where this run stopped before, superseded now that it has finished; other runs' stay
+        shutil.rmtree(leftover)
+        log(f"removed {leftover}, left when this run stopped; it has finished: {out / 'checkpoint'}")
     if step:
         plot_losses(metrics_path, out / "loss.png", settings.run)  # a resumed run may not be the latest
     return {"model": model, "processor": processor, "train_examples": train_examples, "text_examples": text_examples,

@@ -84,12 +84,13 @@ def read_position(directory: Path) -> dict:
     path = directory / STATE_JSON
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory; expected a resumable checkpoint "
-                              f"(OUT/interrupted or OUT/checkpoints/step-* or stage-*, run-N-step-* or "
-                              f"run-N-stage-* of run N > 1)")
+                              f"(OUT/interrupted or OUT/checkpoints/step-* or stage-*; OUT/run-N-interrupted, "
+                              f"run-N-step-* or run-N-stage-* of run N > 1)")
     if not path.is_file():
         raise CheckpointError(f"{directory}: a weights-only checkpoint (no {STATE_JSON}), so the run cannot continue "
-                              f"from it; expected OUT/interrupted or OUT/checkpoints/step-* or stage-* (run-N-step-* "
-                              f"or run-N-stage-* of run N > 1) of a run that saves its training state")
+                              f"from it; expected OUT/interrupted or OUT/checkpoints/step-* or stage-* (OUT/run-N-"
+                              f"interrupted, run-N-step-* or run-N-stage-* of run N > 1) of a run that saves its "
+                              f"training state")
     try:
         position = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -127,6 +128,12 @@ def checkpoint_name(run: int, name: str) -> str:
     return name if run == 1 else f"run-{run}-{name}"
 
 
+def interrupted_directory(out: Path, run: int) -> Path:
+    """Where run `run` saves the model when it stops mid-stage: OUT/interrupted, OUT/run-N-interrupted for run
+    N > 1. One per run, so a new run started by mistake (no --resume) and stopped cannot replace an earlier run's."""
+    return out / checkpoint_name(run, "interrupted")
+
+
 def prune_step_checkpoints(out: Path, run: int, keep: int, written: Path) -> list[tuple[Path, OSError | None]]:
     """Delete all but the `keep` most recently written step checkpoints (OUT/checkpoints/step-*, run-N-step-* of
     run N > 1: see checkpoint_name) of run `run`; returns each with the error deleting it raised, or None (a file
@@ -162,10 +169,11 @@ def save_number(position: dict) -> int:
 
 
 def resumable_checkpoints(out: Path, strict: bool = False) -> list[tuple[dict, Path]]:
-    """(position, directory) of every resumable checkpoint under OUT: OUT/interrupted and OUT/checkpoints/*. One
-    whose training state cannot be read is an error with `strict`, and left out without."""
+    """(position, directory) of every resumable checkpoint under OUT: OUT/interrupted, OUT/run-N-interrupted and
+    OUT/checkpoints/*. One whose training state cannot be read is an error with `strict`, and left out without."""
     found = []
-    for directory in [out / "interrupted", *sorted((out / "checkpoints").glob("*"))]:
+    for directory in [out / "interrupted", *sorted(out.glob("run-*-interrupted")),
+                      *sorted((out / "checkpoints").glob("*"))]:
         if (directory / STATE_JSON).is_file():
             try:
                 found.append((read_position(directory), directory))
@@ -182,7 +190,8 @@ def latest_resumable(out: Path) -> Path:
     found = [((save_number(position), position["run"], position["step"], position["stage"]), directory)
              for position, directory in resumable_checkpoints(out, strict=True)]
     if not found:
-        raise CheckpointError(f"{out}: no resumable checkpoint (OUT/interrupted or OUT/checkpoints/*/{STATE_JSON}); "
+        raise CheckpointError(f"{out}: no resumable checkpoint (OUT/interrupted, OUT/run-N-interrupted or "
+                              f"OUT/checkpoints/*/{STATE_JSON}); "
                               f"expected a run into {out} that saved one (every checkpoint_every steps, at each "
                               f"stage's end, or when stopped)")
     return max(found)[1]
