@@ -230,7 +230,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if grad and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDNNLinear.apply(x, weight, bias)
-    if rows == 1 and (y := matrix_vector(x, weight, bias)) is not None:
+    # gradients on but none needed (a frozen model evaluated outside no_grad): without gradients it was tried above
+    if rows == 1 and grad and (y := matrix_vector(x, weight, bias)) is not None:
         return y
     return _matmul(x, weight, bias)
 
