@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from tokenizers import Tokenizer
 from tessera.checkpoint import write_whole, written_whole
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError, DataError
-from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, load_tokenizer
+from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, MessageTextEncoder, load_tokenizer
 from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, RESIZE_MODES, check_preprocessed_size, largest_step,
                                       load_image, naming, preprocess_image)
 
@@ -139,10 +140,16 @@ class Processor:
             labels.append(IGNORE_INDEX)
         return ids, labels, images
 
+    @cached_property
+    def text_encoder(self) -> MessageTextEncoder:
+        """Reads the special tokens typed in a message as text, the image token aside."""
+        return MessageTextEncoder(self.tokenizer, self.image_token)
+
     def _text_ids(self, text: str) -> list[int]:
+        typed = [(0, len(text))] if self.text_encoder.typed_special_token(text) else []
         ids = []
-        for token_id in self.tokenizer.encode(text, add_special_tokens=False).ids:
-            ids += [token_id] * (self.config.image_seq_length if token_id == self.image_token_id else 1)
+        for token in self.text_encoder.encode(text, typed):
+            ids += [token.id] * (self.config.image_seq_length if token.id == self.image_token_id else 1)
         return ids
 
     def user_message(self, text: str, num_images: int) -> Message:

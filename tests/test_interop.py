@@ -474,11 +474,12 @@ def _ask(server, messages) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
 
 
-def test_serve_refuses_special_tokens_typed_as_text(families):
+def test_serve_refuses_the_image_token_typed_as_text_and_reads_other_special_tokens_as_text(families):
     """The processor's image token typed as text ("<|image|>" for Llama 3.2 Vision) is a 400 naming the message,
     found before the request reaches the model, instead of a 500 for it and every request batched with it; in the
-    words tessera's own "<image>" gets (test_serve). So is any other special token of the imported tokenizer (its
-    EOS here), which would be read as that token and could forge a turn; tessera's own tokens are plain text."""
+    words tessera's own "<image>" gets (test_serve). Any other special token of the imported tokenizer (its EOS
+    here: an HTML strikethrough closes with it) is read as the characters it is, so it can neither end the turn nor
+    forge another; tessera's own tokens are plain text to this tokenizer anyway."""
     from tessera.serve import ServeSettings
     from tests.test_serve import assert_error, data_url, png_bytes, running_server
 
@@ -490,11 +491,13 @@ def test_serve_refuses_special_tokens_typed_as_text(families):
         both = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}},
                                              {"type": "text", "text": "<|image|> what?"}]}]
         assert_error(_ask(s, both), 400, "messages[0].content[1].text", "the image token '<|image|>'")
-        assert_error(_ask(s, [{"role": "user", "content": "hi</s> and then"}]), 400, "messages[0].content",
-                     "messages[0].content contains the special token '</s>'; the chat template adds the role and "
-                     "sequence tokens itself")
         assert s.engine.stats["prefills"] == 0  # nothing reached the model
-        # tessera's own role token is plain text to this tokenizer
+        typed = [{"role": "user", "content": "is <s>this</s> struck?"}]
+        response = _ask(s, typed)
+        assert response.status_code == 200, response.text
+        ids, _, _ = s.engine.processor.encode(typed, add_generation_prompt=True)
+        eos = s.engine.processor.end_token_id
+        assert response.json()["usage"]["prompt_tokens"] == len(ids) and eos not in ids
         assert _ask(s, [{"role": "user", "content": "what is <|user|> this?"}]).status_code == 200
 
 

@@ -539,3 +539,143 @@ def test_hub_processor_labels_the_answer_not_the_same_word_in_a_question_of_seve
     assert ids.count(red) == 2  # once in the question, once as the answer
     assert [i for i, label in enumerate(labels) if label != IGNORE_INDEX] == [len(ids) - 1]
     assert ids[-1] == red
+
+
+# --- special tokens typed in a message: read as text ---------------------------------------------------------
+def _llama2_like_tokenizer() -> Tokenizer:
+    """Llama 2's layout: a "▁" prepended to each stretch between added tokens, BOS added by the post-processor,
+    and an added token that swallows the spaces around it."""
+    from tokenizers import AddedToken, normalizers, processors
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<image>"],
+                                  show_progress=False)
+    tokenizer.train_from_iterator([s.replace(" ", "▁") for s in SENTENCES] + ["<b>s</b>▁html▁USER:▁ASSISTANT:"] * 3,
+                                   trainer=trainer)
+    tokenizer.add_special_tokens([AddedToken("<sep>", lstrip=True, rstrip=True)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("layout", ["byte-level", "llama2"])
+def test_a_typed_special_token_is_read_as_text_and_the_rest_of_the_prompt_as_the_tokenizer_reads_it(layout,
+                                                                                                      tokenizer):
+    from tessera.text.tokenizer import MessageTextEncoder
+
+    tok = tokenizer if layout == "byte-level" else _llama2_like_tokenizer()
+    if layout == "byte-level":
+        tok = Tokenizer.from_str(tok.to_str())
+        tok.add_special_tokens(["</s>"])
+        from tokenizers import AddedToken
+        tok.add_special_tokens([AddedToken("<sep>", lstrip=True, rstrip=True)])
+    encoder = MessageTextEncoder(tok, "<image>")
+    message = "What is <s> in html? </s> ends it"
+    prompt = f"<s>The circle is red. <sep> <image>{message}</s> hello"
+    start = prompt.index(message)
+    typed = [(start, start + len(message))]
+    for add in (False, True):
+        normal = tok.encode(prompt, add_special_tokens=add)
+        # no message holds a special token: the tokenizer's own tokens, ids and spans
+        assert [t.id for t in encoder.encode(prompt, [], add)] == normal.ids
+        assert [t.span for t in encoder.encode(prompt, [], add)] == normal.offsets
+        # a span that holds none changes nothing either (the cutting reproduces the tokenizer's)
+        plain_span = [(prompt.index("The"), prompt.index("The") + 5)]
+        assert [t.id for t in encoder.encode(prompt, plain_span, add)] == normal.ids
+
+        tokens = encoder.encode(prompt, typed, add)
+        ids = [t.id for t in tokens]
+        inside = [t.id for t in tokens if start <= t.span[0] and t.span[1] <= start + len(message)]
+        assert tok.token_to_id("</s>") not in inside and tok.token_to_id("<s>") not in inside
+        assert tok.decode(inside, skip_special_tokens=False).strip() == message
+        # outside the message: the same tokens as the tokenizer's, the BOS it adds included
+        before = [t.id for t in tokens if t.added or t.span[1] <= start]
+        after = [t.id for t in tokens if not t.added and t.span[0] >= start + len(message)]
+        assert before == [i for i, (a, b), s in zip(normal.ids, normal.offsets, normal.sequence_ids)
+                          if s is None or b <= start]
+        assert after == [tok.token_to_id("</s>"), *tok.encode(" hello", add_special_tokens=False).ids] == \
+            normal.ids[-len(after):]
+        assert ids == before + inside + after
+
+
+def test_a_whitespace_special_token_stays_the_token_beside_a_typed_one(tokenizer):
+    """A tokenizer may mark whitespace special: it is how the tokenizer reads that whitespace anywhere, so a message
+    holding it stays as it was, and beside a typed token it is still the token."""
+    from tessera.text.tokenizer import MessageTextEncoder
+
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.add_special_tokens(["\n\n", "<|eot|>"])
+    encoder = MessageTextEncoder(tok, "<image>")
+    assert encoder.typed_special_token("two lines\n\nof text") is None
+    text = "two lines\n\nof text<|eot|>"
+    assert encoder.typed_special_token(text) == "<|eot|>"
+    ids = [t.id for t in encoder.encode(text, [(0, len(text))])]
+    assert tok.token_to_id("\n\n") in ids and tok.token_to_id("<|eot|>") not in ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_processor_reads_special_tokens_typed_in_a_message_as_text(processor, tokenizer):
+    """A role or end token typed in a message (pasted from a chat log, or a question about the format) would
+    otherwise end the turn there and forge the next one; the image token still places an image."""
+    text = "What is <|end|><|assistant|> in a prompt?"
+    ids, labels, _ = processor.encode([{"role": "user", "content": f"<image>\n{text}"},
+                                       {"role": "assistant", "content": "The <|end|> token."}])
+    specials = {processor.end_token_id, *processor.role_token_ids.values()}
+    # the template's own: begin, user, end, assistant, end; nothing from the typed text
+    assert [i for i in ids if i in specials | {processor.begin_token_id}] == [
+        processor.begin_token_id, processor.role_token_ids["user"], processor.end_token_id,
+        processor.role_token_ids["assistant"], processor.end_token_id]
+    assert ids.count(processor.image_token_id) == processor.config.image_seq_length
+    assert processor.decode(ids) == f"\n{text}The <|end|> token."
+    answer = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert processor.decode(answer, skip_special_tokens=False) == "The <|end|> token.<|end|>"
+    # text without one is tokenized as before
+    plain, _, _ = processor.encode([{"role": "user", "content": "What colour is the circle?"}])
+    assert plain == [processor.begin_token_id, processor.role_token_ids["user"],
+                     *text_ids(tokenizer, "What colour is the circle?"), processor.end_token_id]
+
+
+def test_hub_processor_reads_special_tokens_typed_in_a_message_as_text(tmp_path):
+    """An HTML question holding Llama 2's `<s>` and `</s>`, through a template that trims the text (Llama 3's
+    way); a template that rewrites the text cannot keep a typed token as text, and says so."""
+    from tessera.interop.image_processing import ImageProcessing
+    from tessera.interop.processor import HubProcessor, HubProcessorConfig
+
+    tokenizer = _llama2_like_tokenizer()
+    trimming = ("{% for message in messages %}{{ message['role'].upper() + ': ' + message['content'] | trim + ' ' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    config = HubProcessorConfig(family="llava", image_token="<image>", image_seq_length=1,
+                                image_processing=ImageProcessing(kind="resize", size={"height": 8, "width": 8}),
+                                chat_template=trimming,
+                                special_tokens={"pad_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"})
+    hub = HubProcessor(tokenizer, config)
+    question = "  What does <s>old</s> do in html?  "
+    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": "The circle is red."}]
+    ids, labels, _ = hub.encode(conversation, add_generation_prompt=False)
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    assert ids[0] == bos and bos not in ids[1:] and eos not in ids
+    assert hub.decode(ids) == f"USER: {question.strip()} ASSISTANT: The circle is red. "
+    assert hub.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX]) == "The circle is red."
+    # the same conversation without the typed tokens: exactly the tokenizer's reading of the rendered prompt
+    clean = [{"role": "user", "content": "What does it do in html?"}, conversation[1]]
+    assert hub.encode(clean)[0] == tokenizer.encode(hub.apply_chat_template(clean)).ids
+
+    hub.config.chat_template = trimming.replace("| trim", "| e")  # HTML-escaped: "&lt;s&gt;"
+    with pytest.raises(DataError, match=r"messages\[0\]: its text holds the special token '<s>', which is read as "
+                                        r"text only where the chat template copies the text into the prompt as it "
+                                        r"is; this template changed it"):
+        hub.encode(conversation)
+    assert hub.encode(clean)[0]  # text without one still goes through that template
+
+    # in a data file, that record is skipped (or, --strict, named) and the others are kept
+    from tessera.data.records import load_examples
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"id": str(i), "messages": messages})
+                              for i, messages in enumerate([clean, conversation, clean])) + "\n")
+    kept, report = load_examples(data, hub)
+    assert [e.example.id for e in kept] == ["0", "2"] and report.reasons == {"refused by the chat template": 1}
+    with pytest.raises(DataError, match=rf"{data}: record 1 \(line 2\): refused by the chat template: messages\[0\]: its "
+                                        rf"text holds the special token '<s>'"):
+        load_examples(data, hub, strict=True)

@@ -253,7 +253,10 @@ def _image(cache: dict, path: Path, processor: Processor) -> torch.Tensor:
 
 
 def _encode(processor: Processor, example: Example) -> tuple[list[int], list[int]]:
-    ids, labels, _ = processor.encode(example.messages)
+    try:
+        ids, labels, _ = processor.encode(example.messages)
+    except DataError as e:  # an imported chat template refusing the conversation, or rewriting a typed token
+        raise RecordError("refused by the chat template", str(e)) from None
     answers = [m for m in example.messages if m["role"] == "assistant"]
     for answer in answers:
         if not processor.tokenizer.encode(answer["content"], add_special_tokens=False).ids:

@@ -11,7 +11,7 @@ after any leading `<|image|>` tokens when the prompt has none, and cut every ima
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -126,7 +126,10 @@ class HubProcessor(Processor):
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         return self._render(messages, add_generation_prompt)[0]
 
-    def _render(self, messages, add_generation_prompt) -> tuple[str, list[tuple[int, int]], list[Any]]:
+    def _render(self, messages, add_generation_prompt
+                ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]], list[Any]]:
+        """The prompt, its answers' character spans, the spans of the message texts that hold a special token
+        (read as text; see `MessageTextEncoder`) and the images."""
         if self.config.chat_template is None:
             raise ConfigError("this checkpoint has no chat template (chat_template.jinja, chat_template.json, "
                               "processor_config.json or tokenizer_config.json); expected one to build prompts")
@@ -139,13 +142,28 @@ class HubProcessor(Processor):
                              **self.config.special_tokens)
         if not spans:
             spans = _answer_spans(text, template_messages)
-        return text, spans, images
+        return text, spans, self._typed_spans(text, template_messages), images
+
+    def _typed_spans(self, text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        if not any(self.text_encoder.typed_special_token(piece) for _, piece in _text_pieces(messages)):
+            return []
+        typed = []
+        for index, piece, span in _located_pieces(text, messages):
+            token = self.text_encoder.typed_special_token(piece)
+            if token is None:
+                continue
+            if span is None or token not in text[span[0]:span[1]]:
+                raise DataError(f"messages[{index}]: its text holds the special token {token!r}, which is read as "
+                                f"text only where the chat template copies the text into the prompt as it is; this "
+                                f"template changed it. Expected the text without {token!r}")
+            typed.append(span)
+        return typed
 
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
                ) -> tuple[list[int], list[int], list[Any]]:
         """Token ids, labels (the assistant answers; the template's {% generation %} blocks when it has them) and
         the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
-        text, spans, images = self._render(messages, add_generation_prompt)
+        text, spans, typed, images = self._render(messages, add_generation_prompt)
         add_special_tokens = not (self.bos_token and text.startswith(self.bos_token))
         if self.config.family == "mllama" and self.bos_token and self.bos_token not in text:
             # MllamaProcessor: BOS goes after any leading <|image|> tokens
@@ -153,10 +171,10 @@ class HubProcessor(Processor):
             while text.startswith(image, lead):
                 lead += len(image)
             text = text[:lead] + self.bos_token + text[lead:]
-            spans = [(a + len(self.bos_token), b + len(self.bos_token)) for a, b in spans]
-        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            spans, typed = ([(a + len(self.bos_token), b + len(self.bos_token)) for a, b in spans_]
+                            for spans_ in (spans, typed))
         ids, labels, in_answer = [], [], False
-        for token_id, (start, end), special in zip(encoding.ids, encoding.offsets, encoding.special_tokens_mask):
+        for token_id, (start, end), special in self.text_encoder.encode(text, typed, add_special_tokens):
             # an answer token lies inside an answer span; the EOS right after an answer is learned too
             closes_answer = in_answer and token_id == self.end_token_id
             in_answer = not special and any(start < b and end > a for a, b in spans)  # overlaps, as transformers
@@ -329,24 +347,34 @@ def _template_content(message: dict[str, Any]) -> tuple[Any, list[Any]]:
 
 
 def _answer_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Without {% generation %} tags: each assistant message's text where it appears in the rendered prompt.
+    """Without {% generation %} tags: each assistant message's text where it appears in the rendered prompt."""
+    return [span for index, _, span in _located_pieces(text, messages)
+            if span is not None and messages[index]["role"] == "assistant"]
+
+
+def _text_pieces(messages: list[dict[str, Any]]) -> Iterator[tuple[int, str]]:
+    """(message index, text) for every non-empty text of the messages, in order."""
+    for index, message in enumerate(messages):
+        content = message["content"]
+        pieces = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+        yield from ((index, piece) for piece in pieces if piece)
+
+
+def _located_pieces(text: str, messages: list[dict[str, Any]]) -> Iterator[tuple[int, str, tuple[int, int] | None]]:
+    """(message index, text, its character span in the rendered prompt or None) for every message text.
 
     Each text part is looked for on its own, after the previous one: a template writes parts with separators (and
     image tokens) between them, so their concatenation is often not in the prompt; had the search not moved past
     such a message, an answer word that also occurs in the question would have been found there. A piece not
     found verbatim is looked for without its surrounding whitespace, which many templates trim (Llama 3's)."""
-    spans, cursor = [], 0
-    for message in messages:
-        content = message["content"]
-        pieces = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
-        for piece in filter(None, pieces):
+    cursor = 0
+    for index, piece in _text_pieces(messages):
+        at = text.find(piece, cursor)
+        if at < 0 and piece.strip():
+            piece = piece.strip()
             at = text.find(piece, cursor)
-            if at < 0 and piece.strip():
-                piece = piece.strip()
-                at = text.find(piece, cursor)
-            if at < 0:
-                continue
-            if message["role"] == "assistant":
-                spans.append((at, at + len(piece)))
-            cursor = at + len(piece)
-    return spans
+        if at < 0:
+            yield index, piece, None
+            continue
+        yield index, piece, (at, at + len(piece))
+        cursor = at + len(piece)

@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tessera.errors import DataError
-from tessera.text.tokenizer import special_token_texts
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
@@ -248,14 +247,11 @@ def _check_text(text: str, param: str) -> None:
                             f"lone surrogate); expected UTF-8 text", param) from None
 
 
-def _refuse_special_tokens(messages: list[dict[str, Any]], processor) -> None:
-    """A special token of the model's tokenizer typed as text would be read as that token, not as its characters:
-    the image token ("<image>" for tessera's, "<|image|>" for Llama 3.2 Vision) would stand for an image that was
-    never sent, and a role or end-of-turn token would let one message forge the turns around it. The chat template
-    adds those itself. Another model's tokens (tessera's "<|user|>" to an imported tokenizer) are plain text."""
+def _refuse_image_tokens(messages: list[dict[str, Any]], processor) -> None:
+    """The image token typed as text ("<image>" for tessera's, "<|image|>" for Llama 3.2 Vision) would stand for
+    an image that was never sent: refused here, as a 400 for this request alone. Every other special token typed
+    is read as the characters it is (see `MessageTextEncoder`)."""
     image = processor.image_token
-    # a special token that is only whitespace (some tokenizers mark one so) would refuse every message
-    special = sorted(token for token in special_token_texts(processor.tokenizer) - {image} if token.strip())
     for i, message in enumerate(messages):
         content = message["content"]
         texts = [(f"messages[{i}].content", content)] if isinstance(content, str) else [
@@ -265,9 +261,6 @@ def _refuse_special_tokens(messages: list[dict[str, Any]], processor) -> None:
             if image in text:
                 raise APIError(400, f"{param} contains the image token {image!r}, which stands for an image; send "
                                     f"images as image_url parts, not as text", param)
-            if token := next((t for t in special if t in text), None):
-                raise APIError(400, f"{param} contains the special token {token!r}; the chat template adds the role "
-                                    f"and sequence tokens itself", param)
 
 
 def _schema_error(error: ValidationError) -> APIError:
@@ -307,9 +300,9 @@ def encode_prompt(request: ChatRequest, processor, context_length: int) -> tuple
     before any image is decoded. max_tokens defaults to the rest of the context.
 
     What would fail later, in the model, is refused here as a 400 for this request alone (not a 500 for its whole
-    batch): the tokenizer's special tokens typed as text, a chat template refusing the conversation, a prompt whose
-    image tokens do not match its images."""
-    _refuse_special_tokens(request.messages, processor)
+    batch): the image token typed as text, a chat template refusing the conversation, a prompt whose image tokens
+    do not match its images."""
+    _refuse_image_tokens(request.messages, processor)
     try:
         ids, _, _ = processor.encode(request.messages, add_generation_prompt=True)
     except DataError as e:  # e.g. a template's raise_exception("Conversation roles must alternate …")

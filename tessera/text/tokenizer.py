@@ -7,7 +7,9 @@ The special tokens come first, so their ids are fixed and match `ModelConfig`'s 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -36,6 +38,72 @@ def special_token_texts(tokenizer: Tokenizer) -> set[str]:
     """The texts the tokenizer reads as special tokens wherever they appear (tessera's role, image and sequence
     tokens; an imported model's BOS, EOS, header and image tokens)."""
     return {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+
+
+class Token(NamedTuple):
+    id: int
+    span: tuple[int, int]  # its characters in the text
+    added: bool  # added around the text by the tokenizer's post-processor (BOS), not read from it
+
+
+class MessageTextEncoder:
+    """Encodes prompts so that a special token typed inside a message (an HTML `</s>` to a Llama 2 tokenizer, a
+    role token pasted into a chat) is read as the characters it is, as a model's other text is; read as the token,
+    it would end or forge a turn. Only the image token stays a token there: text places images with it.
+
+    Where no message text holds a special token, the prompt is tokenized exactly as the tokenizer does it alone."""
+
+    def __init__(self, tokenizer: Tokenizer, image_token: str):
+        self.tokenizer = tokenizer
+        # a whitespace-only special token (some tokenizers mark one so) stays the token: it is how the tokenizer
+        # reads that whitespace anywhere
+        self.typeable = sorted(t for t in special_token_texts(tokenizer) - {image_token} if t.strip())
+        self.typeable_ids = {tokenizer.token_to_id(t) for t in self.typeable}
+        self.added_ids = set(tokenizer.get_added_tokens_decoder())
+
+    @cached_property
+    def plain(self) -> Tokenizer:
+        """A copy of the tokenizer that reads special tokens' characters as text (made on first need: copying a
+        large vocabulary takes a while)."""
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def typed_special_token(self, text: str) -> str | None:
+        """The special token (the image token aside) whose characters come first in `text`, if any."""
+        found = [(text.find(token), token) for token in self.typeable if token in text]
+        return min(found)[1] if found else None
+
+    def encode(self, text: str, typed: Sequence[tuple[int, int]] = (), add_special_tokens: bool = False
+               ) -> list[Token]:
+        """The tokens of `text`, with the special tokens inside the character spans `typed` (the message texts
+        that hold one) read as text.
+
+        The tokenizer cuts a text at its added tokens and tokenizes each stretch between them on its own. So
+        does this, but without cutting at a typed special token: the stretch around it is tokenized by a copy of
+        the tokenizer that reads special tokens as text. Every other stretch comes out as it did."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        tokens = [Token(i, span, sequence is None)
+                  for i, span, sequence in zip(encoding.ids, encoding.offsets, encoding.sequence_ids)]
+        if not typed:
+            return tokens
+        body = [n for n, token in enumerate(tokens) if not token.added]
+        first, last = (body[0], body[-1] + 1) if body else (len(tokens), len(tokens))
+        out, start = tokens[:first], 0
+        for token in tokens[first:last]:
+            typed_here = token.id in self.typeable_ids and any(a <= token.span[0] and token.span[1] <= b
+                                                               for a, b in typed)
+            if token.id in self.added_ids and not typed_here:  # a cut the tokenizer made: keep it
+                out += self._plain_stretch(text, start, token.span[0])
+                out.append(token)
+                start = token.span[1]
+        return out + self._plain_stretch(text, start, len(text)) + tokens[last:]
+
+    def _plain_stretch(self, text: str, start: int, end: int) -> list[Token]:
+        if start >= end:
+            return []
+        encoding = self.plain.encode(text[start:end], add_special_tokens=False)
+        return [Token(i, (a + start, b + start), False) for i, (a, b) in zip(encoding.ids, encoding.offsets)]
 
 
 def load_tokenizer(path: str | Path, required_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
