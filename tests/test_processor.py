@@ -552,8 +552,8 @@ def _llama2_like_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<image>"],
                                   show_progress=False)
-    tokenizer.train_from_iterator([s.replace(" ", "▁") for s in SENTENCES] + ["<b>s</b>▁html▁USER:▁ASSISTANT:"] * 3,
-                                   trainer=trainer)
+    corpus = [s.replace(" ", "▁") for s in SENTENCES] + ["<b>s</b>▁html▁USER:▁ASSISTANT:"] * 3
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     tokenizer.add_special_tokens([AddedToken("<sep>", lstrip=True, rstrip=True)])
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tokenizer
@@ -676,6 +676,6 @@ def test_hub_processor_reads_special_tokens_typed_in_a_message_as_text(tmp_path)
                               for i, messages in enumerate([clean, conversation, clean])) + "\n")
     kept, report = load_examples(data, hub)
     assert [e.example.id for e in kept] == ["0", "2"] and report.reasons == {"refused by the chat template": 1}
-    with pytest.raises(DataError, match=rf"{data}: record 1 \(line 2\): refused by the chat template: messages\[0\]: its "
-                                        rf"text holds the special token '<s>'"):
+    with pytest.raises(DataError, match=rf"{data}: record 1 \(line 2\): refused by the chat template: "
+                                        rf"messages\[0\]: its text holds the special token '<s>'"):
         load_examples(data, hub, strict=True)
