@@ -163,7 +163,79 @@ def test_requests_joining_and_leaving_answer_as_alone(served, seed, poisoned_cac
     assert 6 >= engine.stats["largest_batch"] >= max(engine.batch_sizes) > 2
     # rows really joined running batches: some decode step had more rows than the step before it
     assert any(b > a for a, b in zip(engine.batch_sizes, engine.batch_sizes[1:]))
+    # and most joined in place (every row left in place): the storage had room, so the running rows were not copied
+    assert engine.stats["cache_copies"] < engine.stats["joined_rows"] / 2
     assert engine.stats["steps"] == len(engine.batch_sizes)
+
+
+def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache):
+    """Rows join into the spare rows of the longer batch's storage, and leave by moving a later row into their
+    place: the other rows are not copied. A join with no room left copies both batches into new storage. Either
+    way, each row answers as alone (the caches start as NaN: every slot read was written)."""
+    from tessera.serve.batch import RunningBatch
+
+    model, processor = served
+    params = model.sampling_params(max_new_tokens=14, eos_token_id=[])  # every row runs its 14 tokens
+
+    def request(index, images, characters):
+        content = [{"type": "image"}] * images + [{"type": "text", "text": (CORPUS[index] * 9)[:characters]}]
+        ids = processor.encode([{"role": "user", "content": content}], add_generation_prompt=True)[0]
+        return ids, [processor.preprocess_image(Image.fromarray(_noise(12 + k, 20, seed=index * 10 + k)))
+                     for k in range(images)]
+
+    requests = {"a": request(0, 1, 40), "b": request(1, 0, 8), "c": request(2, 2, 160), "d": request(3, 0, 20),
+                "e": request(0, 1, 30)}
+    expected = {name: alone(model, processor, *request, params)[0] for name, request in requests.items()}
+    answers = {name: [] for name in requests}
+
+    def prefill(*names, capacity=4):
+        inputs = processor.pad_batch([(requests[n][0], requests[n][0]) for n in names],
+                                     [requests[n][1] for n in names], padding_side="left")
+        return RunningBatch.prefill(model, list(names), [params] * len(names), inputs, capacity=capacity)
+
+    def steps(batch, count):
+        for _ in range(count):
+            for name, token in zip(batch.rows, batch.choose()):
+                answers[name].append(token)
+            batch.step()
+        return batch
+
+    def finish(batch):  # as the engine does: a row that has its tokens leaves
+        while batch is not None:
+            for name, token in zip(batch.rows, batch.choose()):
+                answers[name].append(token)
+            keep = [i for i, name in enumerate(batch.rows) if len(answers[name]) < params.max_new_tokens]
+            batch = batch.select(keep, in_place=True) if keep else None
+            if batch is not None:
+                batch.step()
+
+    a = steps(prefill("a"), 3)  # a: image + prompt, 3 tokens in; b's prompt is shorter: b joins into a's storage
+    b = prefill("b")
+    assert b.length < a.length
+    storage = a.storage
+    joined = a.merge(b)
+    assert not joined.copied and joined.rows == ["a", "b"] and joined.storage is storage
+    with pytest.raises(RuntimeError, match="handed in place to a batch made from it"):
+        a.merge(prefill("d"))
+    steps(joined, 2)
+    c = prefill("c")  # two images: longer than the running rows, so they join into c's storage
+    assert c.length > joined.length
+    storage = c.storage
+    joined = joined.merge(c)
+    assert not joined.copied and joined.rows == ["c", "a", "b"] and joined.storage is storage
+    steps(joined, 2)
+    joined = joined.merge(prefill("d", "e", capacity=0))  # 5 rows: more than the storage holds
+    assert joined.copied and joined.rows == ["c", "a", "b", "d", "e"] and joined.capacity == 5
+    steps(joined, 1)
+    left = joined.select([1, 2, 4], in_place=True)  # c and d leave: e moves into c's row, the others stay
+    assert not left.copied and left.rows == ["e", "a", "b"] and joined.storage is None
+    with pytest.raises(RuntimeError, match="handed in place"):
+        joined.select([0])
+    finish(left)
+    for name in "eab":
+        assert answers[name] == expected[name], name
+    for name in "cd":  # they left early: what they had is a prefix of their answers alone
+        assert answers[name] == expected[name][:len(answers[name])], name
 
 
 def test_a_newcomer_that_fails_its_prefill_leaves_the_running_rows_alone(served):

@@ -156,7 +156,8 @@ class Engine:
         # for tests and logs, each row counted once: rows admitted, joined_rows (admitted into a running batch),
         # prefills (groups of jobs admitted together), steps (decode steps), largest_batch (most rows in the running
         # batch), retries (runs of part of a failed prefill or step), failed_runs (retries included), failed_rows
-        # (a 500), cancelled_rows
+        # (a 500), cancelled_rows, cache_copies (joins that copied the running rows' KV cache, its storage having
+        # no room; leaves never copy, see tessera/serve/batch.py)
         self.stats: Counter[str] = Counter()
         # every row's outcome, once: (job id, choice, reason: stop | length | cancelled | failed, tokens)
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
@@ -234,7 +235,7 @@ class Engine:
         # a row kept before a later choice of its request failed goes too: its request has had its 500
         keep = [i for i in keep if batch.rows[i].choice not in batch.rows[i].job.recorded]
         if len(keep) < len(batch):
-            batch = batch.select(keep) if keep else None
+            batch = batch.select(keep, in_place=True) if keep else None  # the batch before is not used again
         self._batch = self._decode(batch) if batch is not None else None
 
     def _take_waiting(self) -> list[Job]:
@@ -273,6 +274,8 @@ class Engine:
             return
         if self._batch is not None:
             self.stats["joined_rows"] += len(newcomers)
+            if merged.copied:
+                self.stats["cache_copies"] += 1
         self._batch = merged
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._batch))
 
@@ -306,7 +309,8 @@ class Engine:
                 for job in jobs for choice in range(job.rows)]
         inputs = self.processor.pad_batch([(row.job.prompt_ids, row.job.prompt_ids) for row in rows],  # labels: unused
                                           [row.job.pixel_values for row in rows], padding_side="left")
-        return RunningBatch.prefill(self.model, rows, [row.job.params[row.choice] for row in rows], inputs)
+        return RunningBatch.prefill(self.model, rows, [row.job.params[row.choice] for row in rows], inputs,
+                                    capacity=self.max_batch)
 
     def _decode(self, batch: RunningBatch) -> RunningBatch | None:
         """One decode step of the batch. If it fails, each half of the batch runs the step again (and so on): the

@@ -5,9 +5,10 @@ layer instead of concatenating (which would copy the whole cache every step). Me
 cross-attention block's image keys/values here, computed once at prefill.
 
 The storage is not zeroed: attention reads only the slots below `length`, and each of those is written first (a
-prefill writes every prompt slot, padding included; a step its own). Zeroing cost more than copying a cache: a
-server's running batch is copied into a new cache whenever rows join or leave (tessera/serve/batch.py, which
-zeroes the padding slots it adds itself), and zeros took 56 ms of a 100 MB cache against 32 ms for the copy.
+prefill writes every prompt slot, padding included; a step its own). Zeroing would cost more than it saves: zeros
+took 56 ms of a 100 MB cache against 32 ms for a copy. A server's running batch zeroes the padding slots it adds
+itself, when rows join it (tessera/serve/batch.py). Untouched, the storage past the written slots takes no memory,
+so that batch can keep room to grow in.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class KVCache:
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def view(self, rows: int, start: int = 0, length: int = 0) -> KVCache:
+        """A cache over the first `rows` rows of this one's storage, from slot `start` on, holding `length` tokens:
+        the same memory, not a copy. A server's running batch keeps spare rows and slots in its storage, so that
+        rows join and leave without copying the rest (tessera/serve/batch.py)."""
+        view = object.__new__(KVCache)
+        view.keys, view.values = (t[:, :rows, :, start:] for t in (self.keys, self.values))
+        view.max_length, view.length, view.cross = self.max_length - start, length, CrossAttentionState()
+        return view
 
     def advance(self, num_tokens: int) -> None:
         """Called once per forward, after every layer has stored its new entries."""
