@@ -100,3 +100,12 @@ def test_continuous_batching(capsys):
                              "throughput tokens/s", "decode steps", "largest batch", "rows joined a running batch"]
     assert all(len(cells) == 2 and all(float(c) >= 0 for c in cells) for cells in figures.values())
     assert figures["rows joined a running batch"][0] == "0"  # static batching admits only between batches
+
+
+def test_join_cost(capsys):
+    assert _script("join_cost").main(["--quick", "--rows", "2", "--tokens", "60", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    figures = {line[:36].strip(): line[36:].split() for line in lines[2:]}
+    assert list(figures) == [f"{what}, {how}" for what in ("join", "decode step after the join", "leave")
+                             for how in ("in place", "copied")]
+    assert all(len(cells) == 1 and float(cells[0]) >= 0 for cells in figures.values())
