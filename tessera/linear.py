@@ -150,7 +150,8 @@ def matrix_vector(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x @ weightᵀ + bias for a single row x, as a batch of (block, in) · (in, 1) products; None when no block
     size divides the output size or the weight is not contiguous (the caller then multiplies as usual)."""
     out_features, in_features = weight.shape
-    block = _row_block(out_features)
+    # compiled, the cache would be traced through anyway (and dynamo warns about it)
+    block = _row_block.__wrapped__(out_features) if torch.compiler.is_compiling() else _row_block(out_features)
     if block is None or not weight.is_contiguous():
         return None
     count = out_features // block
