@@ -552,3 +552,18 @@ def test_a_new_run_stopped_in_the_same_out_keeps_the_earlier_run_s_stop(shapes, 
     assert not (out / "run-2-interrupted").exists() and (out / "interrupted").is_dir()
     assert _train(config, resume=out / "interrupted")["resumed_at"] == 4  # run 1 goes on from its own stop
     assert not (out / "interrupted").exists()
+
+
+def test_a_run_s_stop_saved_in_the_old_shared_slot_is_removed_when_that_run_finishes(shapes, tmp_path, monkeypatch):
+    """Before run N > 1 had OUT/run-N-interrupted, every run stopped into OUT/interrupted. Such an OUT holding run 2's
+    stop there: run 2 resumes from it and, finished, removes it as its own (run 1's own stop would stay)."""
+    out = tmp_path / "run"
+    config = _config(shapes, out)
+    _train(config)  # run 1 finishes
+    undo = _stop_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config)  # run 2 stops in its run step 3
+    undo()
+    (out / "run-2-interrupted").rename(out / "interrupted")  # where that stop lay before
+    result = _train(config, resume=True)
+    assert result["resumed_at"] == 2 and not (out / "interrupted").exists()

@@ -28,7 +28,7 @@ from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, 
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
 from tessera.train.state import StageState, TrainingState, check_same_run, checkpoint_name, \
-    interrupted_directory, latest_resumable, load_state, resumable_checkpoints, run_fingerprint
+    latest_resumable, load_state, own_stops, resumable_checkpoints, run_fingerprint
 
 try:
     import fcntl
@@ -375,8 +375,7 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         text_loss["after"] = text_lm_loss(model, processor, held_out)
         log(f"held-out text loss after training: {text_loss['after']:.4f}")
     save_checkpoint(model, processor, out / "checkpoint")
-    leftover = interrupted_directory(out, settings.run)
-    if leftover.is_dir():  # where this run stopped before, superseded now that it has finished; other runs' stay
+    for leftover in own_stops(out, settings.run):  # superseded now that this run has finished; other runs' stay
         shutil.rmtree(leftover)
         log(f"removed {leftover}, left when this run stopped; it has finished: {out / 'checkpoint'}")
     if step:

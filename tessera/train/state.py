@@ -128,6 +128,20 @@ def checkpoint_name(run: int, name: str) -> str:
     return name if run == 1 else f"run-{run}-{name}"
 
 
+def own_stops(out: Path, run: int) -> list[Path]:
+    """Where run `run` stopped and saved, if it did: its own slot (`interrupted_directory`), and OUT/interrupted when
+    that holds run `run` > 1's stop — every run stopped there before run N > 1 had a slot of its own."""
+    stops = [interrupted_directory(out, run)]
+    shared = out / "interrupted"
+    if run > 1 and (shared / STATE_JSON).is_file():
+        try:
+            if read_position(shared)["run"] == run:
+                stops.append(shared)
+        except (CheckpointError, OSError):
+            pass  # unreadable: not known to be this run's, so it stays
+    return [stop for stop in stops if stop.is_dir()]
+
+
 def interrupted_directory(out: Path, run: int) -> Path:
     """Where run `run` saves the model when it stops mid-stage: OUT/interrupted, OUT/run-N-interrupted for run
     N > 1. One per run, so a new run started by mistake (no --resume) and stopped cannot replace an earlier run's."""
