@@ -664,7 +664,7 @@ def test_hub_processor_reads_special_tokens_typed_in_a_message_as_text(tmp_path)
     hub.config.chat_template = trimming.replace("| trim", "| e")  # HTML-escaped: "&lt;s&gt;"
     with pytest.raises(DataError, match=r"messages\[0\]: its text holds the special token '<s>', which is read as "
                                         r"text only where the chat template copies the text into the prompt as it "
-                                        r"is; this template changed it"):
+                                        r"is \(or trimmed\); this template changed it"):
         hub.encode(conversation)
     assert hub.encode(clean)[0]  # text without one still goes through that template
 
@@ -679,3 +679,98 @@ def test_hub_processor_reads_special_tokens_typed_in_a_message_as_text(tmp_path)
     with pytest.raises(DataError, match=rf"{data}: record 1 \(line 2\): refused by the chat template: "
                                         rf"messages\[0\]: its text holds the special token '<s>'"):
         load_examples(data, hub, strict=True)
+
+
+def _hub(tokenizer, template, **special):
+    from tessera.interop.image_processing import ImageProcessing
+    from tessera.interop.processor import HubProcessor, HubProcessorConfig
+
+    return HubProcessor(tokenizer, HubProcessorConfig(
+        family="llava", image_token="<image>", image_seq_length=1, chat_template=template,
+        image_processing=ImageProcessing(kind="resize", size={"height": 8, "width": 8}),
+        special_tokens={"pad_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", **special}))
+
+
+LLAVA_LIKE = ("{% for message in messages %}{{ message['role'].upper() + ': ' + message['content'] + ' ' }}"
+              "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_a_typed_token_is_found_where_the_template_wrote_the_message_not_where_its_characters_come_first():
+    """A user typing `</s>` after an assistant turn: the template's EOS closing that turn comes first in the prompt,
+    and must stay the token; the user's is text."""
+    tokenizer = _llama2_like_tokenizer()
+    hub, eos = _hub(tokenizer, LLAVA_LIKE), tokenizer.token_to_id("</s>")
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"},
+                    {"role": "user", "content": "</s>"}, {"role": "assistant", "content": "blue"}]
+    ids, labels, _ = hub.encode(conversation)
+    assert ids.count(eos) == 2  # the EOS closing each answer, not the typed one
+    assert "USER: </s> ASSISTANT:" in hub.decode(ids)
+    # the answers are learned as without the typed token
+    clean = [{**message, "content": "<b>"} if message["content"] == "</s>" else message for message in conversation]
+    clean_ids, clean_labels, _ = hub.encode(clean)
+    assert [label for label in labels if label != IGNORE_INDEX] == \
+        [label for label in clean_labels if label != IGNORE_INDEX]
+
+
+def test_a_typed_token_that_strips_spaces_is_text_at_the_start_and_end_of_a_message():
+    """An added token with lstrip/rstrip takes the spaces the template writes around the message into its span."""
+    tokenizer = _llama2_like_tokenizer()
+    hub, sep = _hub(tokenizer, LLAVA_LIKE), tokenizer.token_to_id("<sep>")
+    for message in ["<sep> is the circle red?", "is the circle red? <sep>", "is the <sep> red?", "<sep>"]:
+        ids, _, _ = hub.encode([{"role": "user", "content": message}], add_generation_prompt=True)
+        assert sep not in ids, message
+        assert message in hub.decode(ids), message
+
+
+def test_a_typed_bos_leaves_the_prompt_s_own_bos_alone():
+    """A prompt is taken to hold BOS already when it starts with its characters: typed ones do not count."""
+    tokenizer = _llama2_like_tokenizer()
+    bos = tokenizer.token_to_id("<s>")
+    system_first = "{% for message in messages %}{{ message['content'] + ' ' }}{% endfor %}"
+    for system in ("<b>old</b> is bold", "<s>old</s> is struck"):
+        ids, _, _ = _hub(tokenizer, system_first).encode([{"role": "system", "content": system},
+                                                          {"role": "user", "content": "hi"}])
+        assert ids[0] == bos and ids.count(bos) == 1, system
+
+
+def test_a_template_that_moves_a_message_still_reads_its_typed_token_as_text():
+    """Mistral-Instruct's layout writes the system message into the last user turn: after the messages before it.
+    Every text is copied as it is, so the typed token is found there and read as text."""
+    tokenizer = _llama2_like_tokenizer()
+    template = ("{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+                "{% set loop_messages = messages[1:] if system else messages %}{{ bos_token }}"
+                "{% for m in loop_messages %}{% if m['role'] == 'user' %}"
+                "{% if loop.last and system %}{{ '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}"
+                "{% else %}{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}"
+                "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+    hub = _hub(tokenizer, template)
+    conversation = [{"role": "system", "content": "Say <s> less."}, {"role": "user", "content": "What is <s>?"},
+                    {"role": "assistant", "content": "The circle."}, {"role": "user", "content": "And </s> blue?"}]
+    ids, _, _ = hub.encode(conversation)
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    assert ids.count(bos) == 1 and ids.count(eos) == 1  # the template's own: BOS, the EOS after the answer
+    assert all(text in hub.decode(ids) for text in ("Say <s> less.", "What is <s>?", "And </s> blue?"))
+
+
+def test_a_typed_token_in_a_metaspace_first_tokenizer_changes_only_its_own_stretch():
+    """Llama 2 and Mistral as transformers converts them now: a Metaspace pre-tokenizer that puts "▁" only before
+    the text's first word. A stretch read again must not gain one, and the other stretches keep their tokens."""
+    from tokenizers import processors
+
+    from tessera.text.tokenizer import MessageTextEncoder
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator([s.replace(" ", "▁") for s in SENTENCES] + ["[INST]<s>▁is"] * 3, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    encoder = MessageTextEncoder(tokenizer, "<image>")
+    prompt = "[INST]The circle</s>[INST]is <s>red</s>"
+    typed = [(prompt.index("is <s>"), prompt.index("red") + 3)]
+    tokens = [tokenizer.id_to_token(t.id) for t in encoder.encode(prompt, typed, add_special_tokens=True)]
+    normal = tokenizer.encode(prompt).tokens
+    cut = normal.index("is▁")
+    assert tokens[:cut + 1] == normal[:cut + 1] and tokens[-1] == "</s>"
+    assert "".join(tokens[cut:-1]).replace("▁", " ") == "is <s>red" and "<s>" not in tokens[1:]

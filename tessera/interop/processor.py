@@ -11,6 +11,7 @@ after any leading `<|image|>` tokens when the prompt has none, and cut every ima
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ from tessera.text.tokenizer import load_tokenizer
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, load_image, naming
 
 FAMILIES = ("llava", "mllama")
+# A message text's place holder when the template renders again to find it (see HubProcessor._typed_spans):
+# private-use characters no template writes
+_MARK, _MARK_END = "\U0010fff0", "\U0010fff1"
 KIND = "hf"  # processor_config.json "kind" of a HubProcessor (tessera's own processor has none)
 
 
@@ -127,9 +131,8 @@ class HubProcessor(Processor):
         return self._render(messages, add_generation_prompt)[0]
 
     def _render(self, messages, add_generation_prompt
-                ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]], list[Any]]:
-        """The prompt, its answers' character spans, the spans of the message texts that hold a special token
-        (read as text; see `MessageTextEncoder`) and the images."""
+                ) -> tuple[str, list[tuple[int, int]], list[Any], list[dict[str, Any]]]:
+        """The prompt, its answers' character spans, the images and the messages as the template saw them."""
         if self.config.chat_template is None:
             raise ConfigError("this checkpoint has no chat template (chat_template.jinja, chat_template.json, "
                               "processor_config.json or tokenizer_config.json); expected one to build prompts")
@@ -142,30 +145,58 @@ class HubProcessor(Processor):
                              **self.config.special_tokens)
         if not spans:
             spans = _answer_spans(text, template_messages)
-        return text, spans, self._typed_spans(text, template_messages), images
+        return text, spans, images, template_messages
 
-    def _typed_spans(self, text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
-        if not any(self.text_encoder.typed_special_token(piece) for _, piece in _text_pieces(messages)):
+    def _typed_spans(self, text: str, messages: list[dict[str, Any]], add_generation_prompt: bool
+                     ) -> list[tuple[int, int]]:
+        """Where the prompt `text` holds the message texts that hold a special token (read as text; see
+        `MessageTextEncoder`). The template renders again with each such text replaced by a marker, so a text is
+        found where the template wrote it — not where the same characters happen to come first (the EOS closing an
+        earlier turn, for a typed `</s>`), in whatever order the template writes the messages. The marker keeps the
+        text's surrounding whitespace, which a template may trim; a template that changes a text in another way
+        (escapes it, say) leaves the typed token's characters where nobody can tell them from its own, and the
+        conversation is refused."""
+        typed = {(index, part): piece for index, part, piece in _text_parts(messages)
+                 if self.text_encoder.typed_special_token(piece)}
+        if not typed:
             return []
-        typed = []
-        for index, piece, span in _located_pieces(text, messages):
+        cores, marked_messages = {}, []
+        for index, message in enumerate(messages):
+            content = message["content"]
+            pieces = [content] if isinstance(content, str) else [part.get("text") for part in content]
+            for part, piece in enumerate(pieces):
+                if (index, part) in typed:
+                    marker = f"{_MARK}{len(cores)}{_MARK_END}"
+                    cores[marker] = piece.strip()
+                    pieces[part] = piece[:len(piece) - len(piece.lstrip())] + marker + piece[len(piece.rstrip()):]
+            marked_messages.append({**message, "content": pieces[0] if isinstance(content, str) else [
+                {**part, "text": piece} if piece is not None else part for part, piece in zip(content, pieces)]})
+        marked, _ = render(self.config.chat_template, marked_messages, add_generation_prompt,
+                           **self.config.special_tokens)
+        rebuilt, spans, length, cursor = [], [], 0, 0
+        for found in re.finditer(f"{_MARK}[0-9]+{_MARK_END}", marked):
+            between = marked[cursor:found.start()]
+            core = cores.get(found.group(), found.group())
+            spans.append((length + len(between), length + len(between) + len(core)))
+            rebuilt += [between, core]
+            length, cursor = length + len(between) + len(core), found.end()
+        if "".join(rebuilt) + marked[cursor:] != text:
+            index, piece = next(((index, piece) for (index, _), piece in typed.items()))
             token = self.text_encoder.typed_special_token(piece)
-            if token is None:
-                continue
-            if span is None or token not in text[span[0]:span[1]]:
-                raise DataError(f"messages[{index}]: its text holds the special token {token!r}, which is read as "
-                                f"text only where the chat template copies the text into the prompt as it is; this "
-                                f"template changed it. Expected the text without {token!r}")
-            typed.append(span)
-        return typed
+            raise DataError(f"messages[{index}]: its text holds the special token {token!r}, which is read as text "
+                            f"only where the chat template copies the text into the prompt as it is (or trimmed); "
+                            f"this template changed it. Expected the text without {token!r}")
+        return spans
 
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
                ) -> tuple[list[int], list[int], list[Any]]:
         """Token ids, labels (the assistant answers; the template's {% generation %} blocks when it has them) and
         the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
-        text, spans, typed, images = self._render(messages, add_generation_prompt)
-        add_special_tokens = not (self.bos_token and text.startswith(self.bos_token))
-        if self.config.family == "mllama" and self.bos_token and self.bos_token not in text:
+        text, spans, images, template_messages = self._render(messages, add_generation_prompt)
+        typed = self._typed_spans(text, template_messages, add_generation_prompt)
+        # BOS typed in a message is text: only the template's own counts as the prompt having one
+        add_special_tokens = not (self.bos_token and _first_outside(text, self.bos_token, typed) == 0)
+        if self.config.family == "mllama" and self.bos_token and _first_outside(text, self.bos_token, typed) < 0:
             # MllamaProcessor: BOS goes after any leading <|image|> tokens
             image, lead = self.config.image_token, 0
             while text.startswith(image, lead):
@@ -352,12 +383,21 @@ def _answer_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, 
             if span is not None and messages[index]["role"] == "assistant"]
 
 
-def _text_pieces(messages: list[dict[str, Any]]) -> Iterator[tuple[int, str]]:
-    """(message index, text) for every non-empty text of the messages, in order."""
+def _text_parts(messages: list[dict[str, Any]]) -> Iterator[tuple[int, int, str]]:
+    """(message index, part index, text) for every non-empty text of the messages, in order (part 0 for a string
+    content)."""
     for index, message in enumerate(messages):
         content = message["content"]
         pieces = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
-        yield from ((index, piece) for piece in pieces if piece)
+        yield from ((index, part, piece) for part, piece in enumerate(pieces) if piece)
+
+
+def _first_outside(text: str, token: str, spans: list[tuple[int, int]]) -> int:
+    """Where `token` first occurs in `text` outside the spans, or -1."""
+    at = text.find(token)
+    while at >= 0 and any(a <= at < b for a, b in spans):
+        at = text.find(token, at + 1)
+    return at
 
 
 def _located_pieces(text: str, messages: list[dict[str, Any]]) -> Iterator[tuple[int, str, tuple[int, int] | None]]:
@@ -368,7 +408,7 @@ def _located_pieces(text: str, messages: list[dict[str, Any]]) -> Iterator[tuple
     such a message, an answer word that also occurs in the question would have been found there. A piece not
     found verbatim is looked for without its surrounding whitespace, which many templates trim (Llama 3's)."""
     cursor = 0
-    for index, piece in _text_pieces(messages):
+    for index, _, piece in _text_parts(messages):
         at = text.find(piece, cursor)
         if at < 0 and piece.strip():
             piece = piece.strip()

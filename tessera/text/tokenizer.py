@@ -6,6 +6,7 @@ The special tokens come first, so their ids are fixed and match `ModelConfig`'s 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -58,16 +59,22 @@ class MessageTextEncoder:
         # a whitespace-only special token (some tokenizers mark one so) stays the token: it is how the tokenizer
         # reads that whitespace anywhere
         self.typeable = sorted(t for t in special_token_texts(tokenizer) - {image_token} if t.strip())
-        self.typeable_ids = {tokenizer.token_to_id(t) for t in self.typeable}
-        self.added_ids = set(tokenizer.get_added_tokens_decoder())
+        self.typeable_ids = {tokenizer.token_to_id(t): t for t in self.typeable}
+        self.added = {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()}
 
     @cached_property
     def plain(self) -> Tokenizer:
         """A copy of the tokenizer that reads special tokens' characters as text (made on first need: copying a
         large vocabulary takes a while)."""
-        plain = Tokenizer.from_str(self.tokenizer.to_str())
-        plain.encode_special_tokens = True
-        return plain
+        return _plain_copy(json.loads(self.tokenizer.to_str()))
+
+    @cached_property
+    def plain_inside(self) -> Tokenizer:
+        """The same, for a stretch that does not start the text: a Metaspace pre-tokenizer that puts its "▁" only
+        before the text's first word (prepend_scheme "first", Llama 2 and Mistral as transformers converts them
+        now) must not put one before the stretch."""
+        config = json.loads(self.tokenizer.to_str())
+        return _plain_copy(config) if _prepend_only_first_never(config) else self.plain
 
     def typed_special_token(self, text: str) -> str | None:
         """The special token (the image token aside) whose characters come first in `text`, if any."""
@@ -76,34 +83,68 @@ class MessageTextEncoder:
 
     def encode(self, text: str, typed: Sequence[tuple[int, int]] = (), add_special_tokens: bool = False
                ) -> list[Token]:
-        """The tokens of `text`, with the special tokens inside the character spans `typed` (the message texts
-        that hold one) read as text.
+        """The tokens of `text`, with the special tokens whose characters lie inside the character spans `typed`
+        (the message texts that hold one) read as text.
 
-        The tokenizer cuts a text at its added tokens and tokenizes each stretch between them on its own. So
-        does this, but without cutting at a typed special token: the stretch around it is tokenized by a copy of
-        the tokenizer that reads special tokens as text. Every other stretch comes out as it did."""
+        The tokenizer cuts a text at its added tokens and tokenizes each stretch between them on its own. A stretch
+        that holds a typed token is tokenized again, whole, by a copy of the tokenizer that reads special tokens as
+        text; every other token is the tokenizer's own."""
         encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         tokens = [Token(i, span, sequence is None)
                   for i, span, sequence in zip(encoding.ids, encoding.offsets, encoding.sequence_ids)]
+        body = [n for n, token in enumerate(tokens) if not token.added]  # not the post-processor's BOS or EOS
+        if not typed or not body:
+            return tokens
+        out, stretch, typed_in_stretch, start = tokens[:body[0]], [], False, 0
+        for token in tokens[body[0]:body[-1] + 1]:
+            content = self.added.get(token.id)
+            # where the token's own characters are: its span may hold whitespace it strips (lstrip/rstrip), and an
+            # id the model produced (an unknown character's <unk>) is no added token here at all
+            at = text.find(content, *token.span) if content else -1
+            if at >= 0 and token.id in self.typeable_ids and any(a <= at and at + len(content) <= b
+                                                                  for a, b in typed):
+                typed_in_stretch = True
+                stretch.append(token)
+            elif at >= 0:  # a cut the tokenizer made, kept
+                out += self._stretch(text, start, token.span[0], stretch, typed_in_stretch)
+                out.append(token)
+                stretch, typed_in_stretch, start = [], False, token.span[1]
+            else:
+                stretch.append(token)
+        return out + self._stretch(text, start, len(text), stretch, typed_in_stretch) + tokens[body[-1] + 1:]
+
+    def _stretch(self, text: str, start: int, end: int, tokens: list[Token], typed: bool) -> list[Token]:
+        """The tokens of the text between two cuts: the tokenizer's own, or, when a typed token is among them, the
+        stretch read again with special tokens as text."""
         if not typed:
             return tokens
-        body = [n for n, token in enumerate(tokens) if not token.added]
-        first, last = (body[0], body[-1] + 1) if body else (len(tokens), len(tokens))
-        out, start = tokens[:first], 0
-        for token in tokens[first:last]:
-            typed_here = token.id in self.typeable_ids and any(a <= token.span[0] and token.span[1] <= b
-                                                               for a, b in typed)
-            if token.id in self.added_ids and not typed_here:  # a cut the tokenizer made: keep it
-                out += self._plain_stretch(text, start, token.span[0])
-                out.append(token)
-                start = token.span[1]
-        return out + self._plain_stretch(text, start, len(text)) + tokens[last:]
-
-    def _plain_stretch(self, text: str, start: int, end: int) -> list[Token]:
-        if start >= end:
-            return []
-        encoding = self.plain.encode(text[start:end], add_special_tokens=False)
+        encoding = (self.plain if start == 0 else self.plain_inside).encode(text[start:end], add_special_tokens=False)
         return [Token(i, (a + start, b + start), False) for i, (a, b) in zip(encoding.ids, encoding.offsets)]
+
+
+def _plain_copy(config: dict) -> Tokenizer:
+    plain = Tokenizer.from_str(json.dumps(config))
+    plain.encode_special_tokens = True
+    return plain
+
+
+def _prepend_only_first_never(config: dict) -> bool:
+    """Turns every Metaspace pre-tokenizer's prepend_scheme "first" into "never"; whether there was one."""
+    found = False
+
+    def visit(node):
+        nonlocal found
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                node["prepend_scheme"], found = "never", True
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config.get("pre_tokenizer"))
+    return found
 
 
 def load_tokenizer(path: str | Path, required_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
