@@ -170,8 +170,9 @@ def test_requests_joining_and_leaving_answer_as_alone(served, seed, poisoned_cac
 
 def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache):
     """Rows join into the spare rows of the longer batch's storage, and leave by moving a later row into their
-    place: the other rows are not copied. A join with no room left copies both batches into new storage. Either
-    way, each row answers as alone (the caches start as NaN: every slot read was written)."""
+    place: the other rows are not copied. A join with no room left copies both batches into new storage, and so
+    does a leave that keeps a quarter of the rows or fewer. Either way, each row answers as alone (the caches
+    start as NaN: every slot read was written)."""
     from tessera.serve.batch import RunningBatch
 
     model, processor = served
@@ -218,11 +219,11 @@ def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache
     with pytest.raises(RuntimeError, match="handed in place to a batch made from it"):
         a.merge(prefill("d"))
     steps(joined, 2)
-    c = prefill("c")  # two images: longer than the running rows, so they join into c's storage
+    c = prefill("c")  # two images: longer than the running rows, so they are copied into c's storage
     assert c.length > joined.length
     storage = c.storage
     joined = joined.merge(c)
-    assert not joined.copied and joined.rows == ["c", "a", "b"] and joined.storage is storage
+    assert joined.copied and joined.rows == ["c", "a", "b"] and joined.storage is storage
     steps(joined, 2)
     joined = joined.merge(prefill("d", "e", capacity=0))  # 5 rows: more than the storage holds
     assert joined.copied and joined.rows == ["c", "a", "b", "d", "e"] and joined.capacity == 5
@@ -231,11 +232,38 @@ def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache
     assert not left.copied and left.rows == ["e", "a", "b"] and joined.storage is None
     with pytest.raises(RuntimeError, match="handed in place"):
         joined.select([0])
+    alone_left = left.select([1], in_place=True)  # a quarter of the rows or fewer: copied, giving memory back
+    assert alone_left.copied and alone_left.rows == ["a"] and left.storage is not None
     finish(left)
     for name in "eab":
         assert answers[name] == expected[name], name
     for name in "cd":  # they left early: what they had is a prefix of their answers alone
         assert answers[name] == expected[name][:len(answers[name])], name
+
+
+def test_the_storage_takes_room_only_where_memory_could_fill_it(served, monkeypatch):
+    """Room for --max-batch rows is address space until written, but one allocation of more address space than the
+    machine could back may be refused: then, and when memory is short, the storage is just what is needed."""
+    import tessera.serve.batch as batch
+    from tessera.text.cache import KVCache
+
+    model = served[0]
+
+    def shape(storage):  # rows, slots
+        return storage.keys.shape[1], storage.max_length
+
+    assert shape(batch._new_storage(model, 2, 10, capacity=8)) == (8, 15)
+    monkeypatch.setattr(batch, "available_memory", lambda: (1000, 10**9))  # 1 kB available
+    assert shape(batch._new_storage(model, 2, 10, capacity=8)) == (2, 10)
+    monkeypatch.setattr(batch, "available_memory", lambda: None)  # unknown: try, and fall back if refused
+
+    def refusing(config, rows, *args, **kwargs):
+        if rows > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return KVCache(config, rows, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "KVCache", refusing)
+    assert shape(batch._new_storage(model, 2, 10, capacity=8)) == (2, 10)
 
 
 def test_a_newcomer_that_fails_its_prefill_leaves_the_running_rows_alone(served):

@@ -13,11 +13,14 @@ window, counted in slots, spans the same tokens as alone).
   for the server's whole `--max-batch` and half as many slots again as first needed: the shorter side's rows are
   written into the longer side's spare rows, and the running rows are not copied. Only when the storage has no
   room are both sides copied into new storage. (Copying had cost a join about two decode steps: 37–40 ms for 8 rows
-  of 789 tokens of the benchmark model, against 16–17 ms a step.)
+  of 789 tokens of the benchmark model, against 16–17 ms a step.) The room is not reserved where the memory
+  available could not fill it (see `_new_storage`).
 - select: rows that finished or were cancelled leave (every per-row tensor and list keeps the chosen rows). A kept
   row past the new row count moves into a row that was left; the others stay where they are. Leading slots that
   have become padding for every row left are cut by starting the view later, so the cache is never longer than
-  the longest row in it.
+  the longest row in it. Once a quarter of the storage's rows or fewer are left, they are copied into new storage,
+  and the memory the others had written is given back.
+- Method B's image keys and values (below) are still copied at every join and leave.
 - step: each row's chosen token goes through the model, giving each row's next logits.
 
 Each row chooses its tokens from its own logits with its own SamplingParams and seeded generator, consumed once per
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.generation import SamplingParams, next_tokens
+from tessera.memory import available_memory
 from tessera.text.cache import CrossAttentionState, KVCache
 
 
@@ -55,7 +59,7 @@ class RunningBatch:
         # slots past it are room for rows to join without a copy
         self.storage, self.start = storage, start
         self.cache = storage.view(len(rows), start, length)
-        self.copied = False  # whether making this batch copied rows of another batch's cache (for the stats)
+        self.copied = False  # whether making this batch copied the rows of the batch it was made from (stats)
         self.mask = mask  # (rows, cache.length): 1 for a real token, 0 for padding
         self.positions = positions  # (rows, 1): the position of each row's next token
         self.logits = logits  # (rows, vocab) or None
@@ -76,8 +80,8 @@ class RunningBatch:
         storage for `capacity` rows (the most the batch may grow to)."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         params = list(params)
-        storage = _new_storage(model, max(len(rows), capacity),
-                               input_ids.shape[1] + max(p.max_new_tokens for p in params))
+        storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
+                               capacity)
         cache = storage.view(len(rows))
         logits = model(input_ids, attention_mask, pixel_values=inputs["pixel_values"],
                        image_counts=inputs["image_counts"], cache=cache, logits_to_keep=1,
@@ -103,7 +107,7 @@ class RunningBatch:
             parts, storage, start = (host, guest), host.storage, host.start
         else:
             parts, start = (self, other), 0
-            storage = _new_storage(self.model, max(rows, self.capacity, other.capacity), slots)
+            storage = _new_storage(self.model, rows, slots, max(self.capacity, other.capacity))
         first_row = len(host) if in_place else 0
         for part in parts[1:] if in_place else parts:
             end_row, offset = first_row + len(part), length - part.length
@@ -118,7 +122,7 @@ class RunningBatch:
                               torch.cat([F.pad(part.mask, (length - part.length, 0)) for part in parts]),
                               torch.cat([a.positions, b.positions]), _cat(a.logits, b.logits), _cat(a.tokens, b.tokens))
         merged.cache.cross = _merge_cross([part.cache.cross for part in parts], [len(part) for part in parts])
-        merged.copied = not in_place
+        merged.copied = not (in_place and host is self)
         if in_place:
             host.storage = None  # its rows belong to the merged batch now (only once all of it has succeeded)
         return merged
@@ -129,10 +133,14 @@ class RunningBatch:
 
         in_place: the kept rows stay in this batch's storage (it is then used up) and a kept row past the new row
         count moves into a row that was left, so only those rows are copied; the new batch's rows are in that
-        order, not `keep`'s. Otherwise the kept rows are copied into new storage, in `keep`'s order (two batches
-        selected from one, as a failed step's halves are, must not share storage)."""
+        order, not `keep`'s. Not when a quarter of the storage's rows or fewer are kept: those few are copied into
+        new storage, which gives back the memory the others' rows had taken. Otherwise the kept rows are copied into
+        new storage, in `keep`'s order (two batches selected from one, as a failed step's halves are, must not share
+        storage). `copied` on the new batch says which happened."""
         self._check_usable()
         keep = list(keep)
+        # a quarter of the rows or fewer left: copied, so that the memory the others' rows took is given back
+        in_place = in_place and 4 * len(keep) > self.capacity
         if in_place:
             kept, count = set(keep), len(keep)
             movers = iter(i for i in keep if i >= count)
@@ -151,7 +159,7 @@ class RunningBatch:
                 for old_row, new_row in moves:
                     t[:, new_row, :, slots] = t[:, old_row, :, slots]
         else:
-            storage, start = _new_storage(self.model, max(len(keep), self.capacity), length + _room_for(*picked)), 0
+            storage, start = _new_storage(self.model, len(keep), length + _room_for(*picked), self.capacity), 0
             # run by run of consecutive rows: indexing by a list would gather into a temporary first (a second copy)
             row = 0
             for run_start, run_end in _runs(keep):
@@ -208,10 +216,22 @@ class RunningBatch:
         self.mask, self.positions, self.logits, self.tokens = mask, self.positions + 1, logits, None
 
 
-def _new_storage(model, rows: int, slots: int) -> KVCache:
-    """KV storage for `rows` rows with half as many slots again as needed now: room for later rows to join without
-    a copy. Pages never written are never touched, so the room costs address space, not memory."""
-    return KVCache(model.config.text, rows, slots + slots // 2, model.dtype, model.device)
+def _new_storage(model, rows: int, slots: int, capacity: int = 0) -> KVCache:
+    """KV storage for `rows` rows and `slots` slots — with room for up to `capacity` rows and half as many slots
+    again, so that later rows join without a copy. Pages never written are never touched: the room takes address
+    space, not memory. Less room is taken where so much address space may be refused: when the room would be more
+    than half the memory available now, or the allocation fails, the storage is just what is needed."""
+    text = model.config.text
+    roomy = max(rows, capacity), slots + slots // 2
+    size = (2 * text.num_layers * roomy[0] * text.num_kv_heads * roomy[1] * text.head_dim
+            * torch.empty((), dtype=model.dtype).element_size())
+    memory = available_memory()
+    if memory is None or size <= memory[0] // 2:
+        try:
+            return KVCache(text, *roomy, model.dtype, model.device)
+        except RuntimeError:  # e.g. "DefaultCPUAllocator: can't allocate memory" for the address space
+            pass
+    return KVCache(text, rows, slots, model.dtype, model.device)
 
 
 def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:

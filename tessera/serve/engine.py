@@ -156,8 +156,8 @@ class Engine:
         # for tests and logs, each row counted once: rows admitted, joined_rows (admitted into a running batch),
         # prefills (groups of jobs admitted together), steps (decode steps), largest_batch (most rows in the running
         # batch), retries (runs of part of a failed prefill or step), failed_runs (retries included), failed_rows
-        # (a 500), cancelled_rows, cache_copies (joins that copied the running rows' KV cache, its storage having
-        # no room; leaves never copy, see tessera/serve/batch.py)
+        # (a 500), cancelled_rows, cache_copies (joins and leaves that copied the running rows' KV cache: a join
+        # when its storage had no room, a leave when few rows stay; see tessera/serve/batch.py)
         self.stats: Counter[str] = Counter()
         # every row's outcome, once: (job id, choice, reason: stop | length | cancelled | failed, tokens)
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
@@ -236,6 +236,8 @@ class Engine:
         keep = [i for i in keep if batch.rows[i].choice not in batch.rows[i].job.recorded]
         if len(keep) < len(batch):
             batch = batch.select(keep, in_place=True) if keep else None  # the batch before is not used again
+            if batch is not None and batch.copied:
+                self.stats["cache_copies"] += 1
         self._batch = self._decode(batch) if batch is not None else None
 
     def _take_waiting(self) -> list[Job]:
