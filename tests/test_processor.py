@@ -774,3 +774,42 @@ def test_a_typed_token_in_a_metaspace_first_tokenizer_changes_only_its_own_stret
     cut = normal.index("is▁")
     assert tokens[:cut + 1] == normal[:cut + 1] and tokens[-1] == "</s>"
     assert "".join(tokens[cut:-1]).replace("▁", " ") == "is <s>red" and "<s>" not in tokens[1:]
+
+
+def test_a_special_token_split_over_a_message_s_text_parts_is_text():
+    """A template that writes a message's text parts back to back joins them: a token split over two parts would
+    be read as the token. A message is typed if its parts hold one joined, and then all its parts are text."""
+    tokenizer = _llama2_like_tokenizer()
+    template = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}{% for part in message['content'] %}"
+                "{{ part['text'] }}{% endfor %}{{ ' ' }}{% endfor %}")
+    hub = _hub(tokenizer, template)
+    parts = [{"type": "text", "text": "Is the circle red?</"}, {"type": "text", "text": "s> yes"}]
+    ids, _, _ = hub.encode([{"role": "user", "content": parts}])
+    assert tokenizer.token_to_id("</s>") not in ids and "Is the circle red?</s> yes" in hub.decode(ids)
+
+
+def test_an_answer_is_learned_where_the_template_wrote_it_not_in_the_template_s_own_text():
+    """Without {% generation %} tags, an answer "S" was looked for after the question and found in "ASSISTANT:"
+    (the template's own characters learned, the answer not)."""
+    tokenizer = _llama2_like_tokenizer()
+    hub = _hub(tokenizer, LLAVA_LIKE)
+    for answer in ("S", "red"):
+        ids, labels, _ = hub.encode([{"role": "user", "content": "Is it red?"},
+                                     {"role": "assistant", "content": answer}])
+        learned = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        assert hub.decode([ids[i] for i in learned]) == answer, answer
+        assert learned[0] > max(i for i, t in enumerate(ids) if tokenizer.id_to_token(t).endswith("ISTANT:"))
+
+
+def test_a_tokenizer_file_s_truncation_and_padding_are_turned_off_as_transformers_does(tokenizer, tmp_path):
+    """A tokenizer.json may set truncation (max_length 512, say) or padding; transformers turns both off and leaves
+    cutting to the processor, which knows where the answer and the images are. tessera too."""
+    from tessera.text.tokenizer import load_tokenizer
+
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.enable_truncation(max_length=4)
+    tok.enable_padding(length=64)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    sentence = "What colour is the circle? The circle is red."
+    ids = load_tokenizer(tmp_path / "tokenizer.json").encode(sentence).ids
+    assert ids == tokenizer.encode(sentence).ids and len(ids) > 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from tessera.text.tokenizer import load_tokenizer
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, load_image, naming
 
 FAMILIES = ("llava", "mllama")
-# A message text's place holder when the template renders again to find it (see HubProcessor._typed_spans):
+# A message text's place holder when the template renders again to find it (see HubProcessor._locate):
 # private-use characters no template writes
 _MARK, _MARK_END = "\U0010fff0", "\U0010fff1"
 KIND = "hf"  # processor_config.json "kind" of a HubProcessor (tessera's own processor has none)
@@ -132,7 +133,8 @@ class HubProcessor(Processor):
 
     def _render(self, messages, add_generation_prompt
                 ) -> tuple[str, list[tuple[int, int]], list[Any], list[dict[str, Any]]]:
-        """The prompt, its answers' character spans, the images and the messages as the template saw them."""
+        """The prompt, the character spans of its `{% generation %}` blocks (none if the template has no such
+        tags), the images and the messages as the template saw them."""
         if self.config.chat_template is None:
             raise ConfigError("this checkpoint has no chat template (chat_template.jinja, chat_template.json, "
                               "processor_config.json or tokenizer_config.json); expected one to build prompts")
@@ -143,57 +145,72 @@ class HubProcessor(Processor):
             template_messages.append({**message, "content": content})
         text, spans = render(self.config.chat_template, template_messages, add_generation_prompt,
                              **self.config.special_tokens)
-        if not spans:
-            spans = _answer_spans(text, template_messages)
         return text, spans, images, template_messages
 
-    def _typed_spans(self, text: str, messages: list[dict[str, Any]], add_generation_prompt: bool
-                     ) -> list[tuple[int, int]]:
-        """Where the prompt `text` holds the message texts that hold a special token (read as text; see
-        `MessageTextEncoder`). The template renders again with each such text replaced by a marker, so a text is
-        found where the template wrote it — not where the same characters happen to come first (the EOS closing an
-        earlier turn, for a typed `</s>`), in whatever order the template writes the messages. The marker keeps the
-        text's surrounding whitespace, which a template may trim; a template that changes a text in another way
-        (escapes it, say) leaves the typed token's characters where nobody can tell them from its own, and the
-        conversation is refused."""
-        typed = {(index, part): piece for index, part, piece in _text_parts(messages)
-                 if self.text_encoder.typed_special_token(piece)}
-        if not typed:
-            return []
-        cores, marked_messages = {}, []
-        for index, message in enumerate(messages):
-            content = message["content"]
-            pieces = [content] if isinstance(content, str) else [part.get("text") for part in content]
-            for part, piece in enumerate(pieces):
-                if (index, part) in typed:
-                    marker = f"{_MARK}{len(cores)}{_MARK_END}"
-                    cores[marker] = piece.strip()
-                    pieces[part] = piece[:len(piece) - len(piece.lstrip())] + marker + piece[len(piece.rstrip()):]
-            marked_messages.append({**message, "content": pieces[0] if isinstance(content, str) else [
-                {**part, "text": piece} if piece is not None else part for part, piece in zip(content, pieces)]})
+    def _locate(self, text: str, messages: list[dict[str, Any]], add_generation_prompt: bool, answers: bool
+                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Where the prompt `text` holds the assistant answers (when `answers`) and the texts of the messages that
+        hold a special token (read as text; see `MessageTextEncoder`): two lists of character spans.
+
+        The template renders again with each of those texts replaced by a marker, so a text is found where the
+        template wrote it — not where the same characters happen to come first (the template's own EOS closing
+        an earlier turn, for a typed `</s>`; "A" in "ASSISTANT:" for a one-letter answer), in whatever order the
+        template writes the messages. The marker keeps the text's surrounding whitespace, which a template may
+        trim. A message is typed if its text parts hold a special token joined (a template may write them back to
+        back), and then all its parts are text. If the prompt rebuilt from the markers is not the prompt, the
+        template changed a text in another way (escaped it, say): a typed token's characters can then not be told
+        from the template's own, and the conversation is refused; answers are looked for by their characters."""
+        parts = list(_text_parts(messages))
+        joined = {index: "".join(piece for i, _, piece in parts if i == index) for index, _, _ in parts}
+        typed = {index for index, text_ in joined.items() if self.text_encoder.typed_special_token(text_)}
+        wanted = [(index, part, piece) for index, part, piece in parts
+                  if index in typed or (answers and messages[index]["role"] == "assistant")]
+        if not wanted:
+            return [], []
+        nonce = secrets.token_hex(4)  # no text can hold the markers by chance, nor on purpose
+        marked_messages, markers = [dict(m) for m in messages], {}
+        for index, part, piece in wanted:
+            marker = f"{_MARK}{nonce}-{len(markers)}{_MARK_END}"
+            lead, trail = piece[:len(piece) - len(piece.lstrip())], piece[len(piece.rstrip()):]
+            markers[marker] = (index, piece.strip(), lead, trail)
+            content = marked_messages[index]["content"]
+            if isinstance(content, str):
+                marked_messages[index]["content"] = lead + marker + trail
+            else:
+                content = marked_messages[index]["content"] = list(content)
+                content[part] = {**content[part], "text": lead + marker + trail}
         marked, _ = render(self.config.chat_template, marked_messages, add_generation_prompt,
                            **self.config.special_tokens)
-        rebuilt, spans, length, cursor = [], [], 0, 0
-        for found in re.finditer(f"{_MARK}[0-9]+{_MARK_END}", marked):
-            between = marked[cursor:found.start()]
-            core = cores.get(found.group(), found.group())
-            spans.append((length + len(between), length + len(between) + len(core)))
-            rebuilt += [between, core]
-            length, cursor = length + len(between) + len(core), found.end()
-        if "".join(rebuilt) + marked[cursor:] != text:
-            index, piece = next(((index, piece) for (index, _), piece in typed.items()))
-            token = self.text_encoder.typed_special_token(piece)
+        rebuilt, answer_spans, typed_spans, cursor = "", [], [], 0
+        for found in re.finditer(f"{_MARK}{nonce}-[0-9]+{_MARK_END}", marked):
+            index, core, lead, trail = markers[found.group()]
+            rebuilt += marked[cursor:found.start()]
+            start, end = len(rebuilt), len(rebuilt) + len(core)
+            rebuilt += core
+            cursor = found.end()
+            # the whitespace around the text, where the template kept it, is the text's too
+            start -= len(lead) if rebuilt[:start].endswith(lead) else 0
+            end += len(trail) if marked.startswith(trail, cursor) else 0
+            (typed_spans if index in typed else answer_spans).append((start, end))
+            if index in typed and messages[index]["role"] == "assistant" and answers:
+                answer_spans.append((start, end))
+        if rebuilt + marked[cursor:] == text:
+            return answer_spans, typed_spans
+        if typed:
+            index = min(typed)
+            token = self.text_encoder.typed_special_token(joined[index])
             raise DataError(f"messages[{index}]: its text holds the special token {token!r}, which is read as text "
                             f"only where the chat template copies the text into the prompt as it is (or trimmed); "
                             f"this template changed it. Expected the text without {token!r}")
-        return spans
+        return (_answer_spans(text, messages) if answers else []), []
 
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
                ) -> tuple[list[int], list[int], list[Any]]:
         """Token ids, labels (the assistant answers; the template's {% generation %} blocks when it has them) and
         the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
         text, spans, images, template_messages = self._render(messages, add_generation_prompt)
-        typed = self._typed_spans(text, template_messages, add_generation_prompt)
+        answers, typed = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
+        spans = spans or sorted(answers)
         # BOS typed in a message is text: only the template's own counts as the prompt having one
         add_special_tokens = not (self.bos_token and _first_outside(text, self.bos_token, typed) == 0)
         if self.config.family == "mllama" and self.bos_token and _first_outside(text, self.bos_token, typed) < 0:

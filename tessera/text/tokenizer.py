@@ -83,7 +83,7 @@ class MessageTextEncoder:
 
     def encode(self, text: str, typed: Sequence[tuple[int, int]] = (), add_special_tokens: bool = False
                ) -> list[Token]:
-        """The tokens of `text`, with the special tokens whose characters lie inside the character spans `typed`
+        """The tokens of `text`, with the special tokens whose characters overlap the character spans `typed`
         (the message texts that hold one) read as text.
 
         The tokenizer cuts a text at its added tokens and tokenizes each stretch between them on its own. A stretch
@@ -101,8 +101,9 @@ class MessageTextEncoder:
             # where the token's own characters are: its span may hold whitespace it strips (lstrip/rstrip), and an
             # id the model produced (an unknown character's <unk>) is no added token here at all
             at = text.find(content, *token.span) if content else -1
-            if at >= 0 and token.id in self.typeable_ids and any(a <= at and at + len(content) <= b
-                                                                  for a, b in typed):
+            # typed when its characters touch a message's: a template writes whole tokens of its own, and a token
+            # reaching past a typed span was made of the message's characters with the next part's or the template's
+            if at >= 0 and token.id in self.typeable_ids and any(a < at + len(content) and at < b for a, b in typed):
                 typed_in_stretch = True
                 stretch.append(token)
             elif at >= 0:  # a cut the tokenizer made, kept
@@ -149,7 +150,8 @@ def _prepend_only_first_never(config: dict) -> bool:
 
 def load_tokenizer(path: str | Path, required_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
     """A tokenizer.json holding `required_tokens` (tessera's special tokens; an imported checkpoint's tokenizer
-    brings its own)."""
+    brings its own). Truncation and padding a file may set are turned off, as transformers turns them off: a prompt
+    is cut (training) or refused (serving) by its processor, knowing where its answer and images are."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such tokenizer file; expected a Hugging Face tokenizer.json")
@@ -161,4 +163,6 @@ def load_tokenizer(path: str | Path, required_tokens: Sequence[str] = SPECIAL_TO
     if missing:
         raise CheckpointError(f"{path}: the tokenizer lacks the special token {missing[0]!r}; "
                               f"expected all of {', '.join(required_tokens)}")
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
     return tokenizer
