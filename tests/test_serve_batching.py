@@ -232,7 +232,7 @@ def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache
     assert not left.copied and left.rows == ["e", "a", "b"] and joined.storage is None
     with pytest.raises(RuntimeError, match="handed in place"):
         joined.select([0])
-    alone_left = left.select([1], in_place=True)  # a quarter of the rows or fewer: copied, giving memory back
+    alone_left = left.select([1], in_place=True)  # a quarter of the 5 rows held or fewer: copied, memory given back
     assert alone_left.copied and alone_left.rows == ["a"] and left.storage is not None
     finish(left)
     for name in "eab":
@@ -266,6 +266,38 @@ def test_the_storage_takes_room_only_where_memory_could_fill_it(served, monkeypa
     assert shape(batch._new_storage(model, 2, 10, capacity=8)) == (2, 10)
 
 
+def test_a_leave_copies_only_to_give_memory_back_and_only_if_it_can(served, monkeypatch):
+    """Few rows left of many the storage held move to fresh storage, giving back the memory the others wrote; not
+    under light load (nothing to give back: 1 of 3 rows held in storage for 8), and not when fresh storage cannot
+    be had — in place, a leave needs no memory."""
+    import tessera.serve.batch as batch_module
+    from tessera.serve.batch import RunningBatch
+
+    model, processor = served
+    params = model.sampling_params(max_new_tokens=4, eos_token_id=[])
+    rng = random.Random(3)
+
+    def prefill(rows):
+        requests = [make_request(processor, rng, i, 0) for i in range(rows)]
+        inputs = processor.pad_batch([(ids, ids) for ids, _ in requests], [p for _, p in requests],
+                                     padding_side="left")
+        batch = RunningBatch.prefill(model, list(range(rows)), [params] * rows, inputs, capacity=8)
+        batch.choose()
+        return batch
+
+    assert not prefill(3).select([1], in_place=True).copied  # light load: 1 of 3 held
+    assert prefill(4).select([1], in_place=True).copied  # 1 of 4 held: memory given back
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    batch = prefill(4)
+    monkeypatch.setattr(batch_module, "_new_storage", refused)
+    left = batch.select([1], in_place=True)
+    assert not left.copied and left.rows == [1] and batch.storage is None
+    left.step()  # and it decodes on
+    with pytest.raises(RuntimeError, match="can't allocate"):  # a copy asked for cannot fall back
+        left.select([0])
 def test_a_newcomer_that_fails_its_prefill_leaves_the_running_rows_alone(served):
     """A request whose prefill fails joins while others decode: it gets its 500 alone (the other newcomers
     prefilled with it are bisected out and join), and the running rows go on."""

@@ -18,8 +18,8 @@ window, counted in slots, spans the same tokens as alone).
 - select: rows that finished or were cancelled leave (every per-row tensor and list keeps the chosen rows). A kept
   row past the new row count moves into a row that was left; the others stay where they are. Leading slots that
   have become padding for every row left are cut by starting the view later, so the cache is never longer than
-  the longest row in it. Once a quarter of the storage's rows or fewer are left, they are copied into new storage,
-  and the memory the others had written is given back.
+  the longest row in it. Once a quarter of the rows the storage has held or fewer are left, they are copied into
+  new storage, and the memory the others had written is given back.
 - Method B's image keys and values (below) are still copied at every join and leave.
 - step: each row's chosen token goes through the model, giving each row's next logits.
 
@@ -60,6 +60,7 @@ class RunningBatch:
         self.storage, self.start = storage, start
         self.cache = storage.view(len(rows), start, length)
         self.copied = False  # whether making this batch copied the rows of the batch it was made from (stats)
+        self.rows_written = len(rows)  # the most rows the storage has held: what a leave could give back
         self.mask = mask  # (rows, cache.length): 1 for a real token, 0 for padding
         self.positions = positions  # (rows, 1): the position of each row's next token
         self.logits = logits  # (rows, vocab) or None
@@ -124,6 +125,7 @@ class RunningBatch:
         merged.cache.cross = _merge_cross([part.cache.cross for part in parts], [len(part) for part in parts])
         merged.copied = not (in_place and host is self)
         if in_place:
+            merged.rows_written = max(host.rows_written, rows)
             host.storage = None  # its rows belong to the merged batch now (only once all of it has succeeded)
         return merged
 
@@ -133,25 +135,29 @@ class RunningBatch:
 
         in_place: the kept rows stay in this batch's storage (it is then used up) and a kept row past the new row
         count moves into a row that was left, so only those rows are copied; the new batch's rows are in that
-        order, not `keep`'s. Not when a quarter of the storage's rows or fewer are kept: those few are copied into
-        new storage, which gives back the memory the others' rows had taken. Otherwise the kept rows are copied into
-        new storage, in `keep`'s order (two batches selected from one, as a failed step's halves are, must not share
-        storage). `copied` on the new batch says which happened."""
+        order, not `keep`'s. Not when a quarter of the rows the storage has held or fewer are kept: those few are
+        copied into new storage (if it can be had), which gives back the memory the others' rows had taken.
+        Otherwise the kept rows are copied into new storage, in `keep`'s order (two batches selected from one, as a
+        failed step's halves are, must not share storage). `copied` on the new batch says which happened."""
         self._check_usable()
         keep = list(keep)
-        # a quarter of the rows or fewer left: copied, so that the memory the others' rows took is given back
-        in_place = in_place and 4 * len(keep) > self.capacity
-        if in_place:
+        real = self.mask[keep].bool().any(0).nonzero()
+        first = int(real[0]) if len(real) else self.length
+        length = self.length - first
+        storage = None
+        # a quarter of the rows written or fewer left: copied, so that the memory the others' rows took is given
+        # back — unless that memory cannot be had; in place, a leave needs none
+        if not in_place or 4 * len(keep) <= self.rows_written:
+            try:
+                storage = _new_storage(self.model, len(keep), length + _room_for(
+                    [self.params[i] for i in keep], [self.generated[i] for i in keep]), self.capacity)
+            except RuntimeError:
+                if not in_place:
+                    raise
+        if storage is None:
             kept, count = set(keep), len(keep)
             movers = iter(i for i in keep if i >= count)
             keep = [i if i in kept else next(movers) for i in range(count)]
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask[index]
-        real = mask.bool().any(0).nonzero()
-        first = int(real[0]) if len(real) else self.length
-        length = self.length - first
-        picked = [self.params[i] for i in keep], [self.generated[i] for i in keep]
-        if in_place:
             storage, start = self.storage, self.start + first
             moves = [(i, row) for row, i in enumerate(keep) if i != row]
             slots = slice(start, self.start + self.length)
@@ -159,7 +165,7 @@ class RunningBatch:
                 for old_row, new_row in moves:
                     t[:, new_row, :, slots] = t[:, old_row, :, slots]
         else:
-            storage, start = _new_storage(self.model, len(keep), length + _room_for(*picked), self.capacity), 0
+            start = 0
             # run by run of consecutive rows: indexing by a list would gather into a temporary first (a second copy)
             row = 0
             for run_start, run_end in _runs(keep):
@@ -167,6 +173,10 @@ class RunningBatch:
                 for new, old in (storage.keys, self.cache.keys), (storage.values, self.cache.values):
                     new[:, row:end, :, :length] = old[:, run_start:run_end, :, first:self.length]
                 row = end
+        in_place = storage is self.storage
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        picked = [self.params[i] for i in keep], [self.generated[i] for i in keep]
         selected = RunningBatch(self.model, [self.rows[i] for i in keep], picked[0],
                                 [self.generators[i] for i in keep], picked[1], storage, start, length,
                                 mask[:, first:], self.positions[index],
@@ -175,6 +185,7 @@ class RunningBatch:
         selected.cache.cross = _select_cross(self.cache.cross, index)
         selected.copied = not in_place
         if in_place:
+            selected.rows_written = self.rows_written
             self.storage = None  # its rows belong to the selected batch now
         return selected
 
