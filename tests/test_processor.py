@@ -813,3 +813,31 @@ def test_a_tokenizer_file_s_truncation_and_padding_are_turned_off_as_transformer
     sentence = "What colour is the circle? The circle is red."
     ids = load_tokenizer(tmp_path / "tokenizer.json").encode(sentence).ids
     assert ids == tokenizer.encode(sentence).ids and len(ids) > 4
+
+
+def test_an_answer_a_template_trims_is_learned_without_the_template_s_whitespace(tokenizer):
+    """Llama 3's layout: header, "\\n\\n", the text trimmed. An answer that starts or ends with whitespace is
+    learned from its first word to the end of turn; the header's newlines are the template's, not the answer's."""
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    template = ("{{ bos_token }}{% for message in messages %}"
+                "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+                "{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}")
+    hub = _hub(tok, template, bos_token="<|begin|>", eos_token="<|eot_id|>", pad_token="<pad>")
+    for answer in ["The circle is red.", "\nThe circle is red.", "\n\nThe circle is red.", " The circle is red.\n"]:
+        ids, labels, _ = hub.encode([{"role": "user", "content": "What colour?"},
+                                     {"role": "assistant", "content": answer}])
+        learned = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+        assert hub.decode(learned, skip_special_tokens=False) == "The circle is red.<|eot_id|>", repr(answer)
+
+
+def test_a_whitespace_only_text_beside_a_typed_one_is_placed_too():
+    """A text that is only whitespace (an empty-looking answer, a separator part) is all lead and no core: placed
+    by its marker like any other, it does not make the typed message beside it unplaceable."""
+    tokenizer = _llama2_like_tokenizer()
+    hub, eos = _hub(tokenizer, LLAVA_LIKE), tokenizer.token_to_id("</s>")
+    conversation = [{"role": "user", "content": "What ends html? </s>"}, {"role": "assistant", "content": " "},
+                    {"role": "user", "content": "And?"}, {"role": "assistant", "content": "red"}]
+    ids, labels, _ = hub.encode(conversation)
+    assert ids.count(eos) == 2 and "What ends html? </s>" in hub.decode(ids)
+    assert hub.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX]).strip() == "red"

@@ -36,6 +36,8 @@ FAMILIES = ("llava", "mllama")
 # A message text's place holder when the template renders again to find it (see HubProcessor._locate):
 # private-use characters no template writes
 _MARK, _MARK_END = "\U0010fff0", "\U0010fff1"
+_WS = "\u3000"  # ideographic space: whitespace to str.strip, written by no template
+_MARKER = re.compile(f"({_MARK}([0-9a-f]{{8}})-[0-9]+{_MARK_END})")  # compiled once: the nonce is a group
 KIND = "hf"  # processor_config.json "kind" of a HubProcessor (tessera's own processor has none)
 
 
@@ -160,8 +162,9 @@ class HubProcessor(Processor):
         back), and then all its parts are text. If the prompt rebuilt from the markers is not the prompt, the
         template changed a text in another way (escaped it, say): a typed token's characters can then not be told
         from the template's own, and the conversation is refused; answers are looked for by their characters."""
-        parts = list(_text_parts(messages))
-        joined = {index: "".join(piece for i, _, piece in parts if i == index) for index, _, _ in parts}
+        parts, joined = list(_text_parts(messages)), {}
+        for index, _, piece in parts:
+            joined[index] = joined.get(index, "") + piece
         typed = {index for index, text_ in joined.items() if self.text_encoder.typed_special_token(text_)}
         wanted = [(index, part, piece) for index, part, piece in parts
                   if index in typed or (answers and messages[index]["role"] == "assistant")]
@@ -171,30 +174,39 @@ class HubProcessor(Processor):
         marked_messages, markers = [dict(m) for m in messages], {}
         for index, part, piece in wanted:
             marker = f"{_MARK}{nonce}-{len(markers)}{_MARK_END}"
-            lead, trail = piece[:len(piece) - len(piece.lstrip())], piece[len(piece.rstrip()):]
-            markers[marker] = (index, piece.strip(), lead, trail)
+            core = piece.strip()
+            lead = piece[:len(piece) - len(piece.lstrip())]
+            trail = piece[len(lead) + len(core):]  # "" for a whitespace-only piece (its whitespace is the lead)
+            markers[marker] = (index, core, lead, trail)
+            # the whitespace is written as _WS, which a trim removes as it does any whitespace, but which no template
+            # writes of its own: kept, it is the text's; gone, the template trimmed it
             content = marked_messages[index]["content"]
+            marked_piece = _WS * len(lead) + marker + _WS * len(trail)
             if isinstance(content, str):
-                marked_messages[index]["content"] = lead + marker + trail
+                marked_messages[index]["content"] = marked_piece
             else:
                 content = marked_messages[index]["content"] = list(content)
-                content[part] = {**content[part], "text": lead + marker + trail}
+                content[part] = {**content[part], "text": marked_piece}
         marked, _ = render(self.config.chat_template, marked_messages, add_generation_prompt,
                            **self.config.special_tokens)
-        rebuilt, answer_spans, typed_spans, cursor = "", [], [], 0
-        for found in re.finditer(f"{_MARK}{nonce}-[0-9]+{_MARK_END}", marked):
-            index, core, lead, trail = markers[found.group()]
-            rebuilt += marked[cursor:found.start()]
-            start, end = len(rebuilt), len(rebuilt) + len(core)
-            rebuilt += core
-            cursor = found.end()
-            # the whitespace around the text, where the template kept it, is the text's too
-            start -= len(lead) if rebuilt[:start].endswith(lead) else 0
-            end += len(trail) if marked.startswith(trail, cursor) else 0
+        rebuilt, length, answer_spans, typed_spans, cursor = [], 0, [], [], 0
+        for found in _MARKER.finditer(marked):
+            if found.group(2) != nonce or found.group(1) not in markers:
+                continue  # marker characters in a text: left in place, the rebuilt prompt will not match
+            index, core, lead, trail = markers[found.group(1)]
+            lead_at = found.start() - len(lead)
+            lead = lead if lead_at >= cursor and marked.startswith(_WS * len(lead), lead_at) else ""
+            trail = trail if marked.startswith(_WS * len(trail), found.end()) else ""
+            rebuilt.append(marked[cursor:found.start() - len(lead)])
+            start = length + len(rebuilt[-1])
+            length = start + len(lead) + len(core) + len(trail)
+            rebuilt.append(lead + core + trail)
+            cursor = found.end() + len(trail)
+            end = length
             (typed_spans if index in typed else answer_spans).append((start, end))
             if index in typed and messages[index]["role"] == "assistant" and answers:
                 answer_spans.append((start, end))
-        if rebuilt + marked[cursor:] == text:
+        if "".join(rebuilt) + marked[cursor:] == text:
             return answer_spans, typed_spans
         if typed:
             index = min(typed)
@@ -210,7 +222,7 @@ class HubProcessor(Processor):
         the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
         text, spans, images, template_messages = self._render(messages, add_generation_prompt)
         answers, typed = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
-        spans = spans or sorted(answers)
+        spans = sorted(spans or answers)
         # BOS typed in a message is text: only the template's own counts as the prompt having one
         add_special_tokens = not (self.bos_token and _first_outside(text, self.bos_token, typed) == 0)
         if self.config.family == "mllama" and self.bos_token and _first_outside(text, self.bos_token, typed) < 0:
@@ -221,11 +233,14 @@ class HubProcessor(Processor):
             text = text[:lead] + self.bos_token + text[lead:]
             spans, typed = ([(a + len(self.bos_token), b + len(self.bos_token)) for a, b in spans_]
                             for spans_ in (spans, typed))
-        ids, labels, in_answer = [], [], False
+        ids, labels, in_answer, next_span = [], [], False, 0
         for token_id, (start, end), special in self.text_encoder.encode(text, typed, add_special_tokens):
             # an answer token lies inside an answer span; the EOS right after an answer is learned too
             closes_answer = in_answer and token_id == self.end_token_id
-            in_answer = not special and any(start < b and end > a for a, b in spans)  # overlaps, as transformers
+            while next_span < len(spans) and spans[next_span][1] <= start:  # tokens and spans both go left to right
+                next_span += 1
+            in_answer = not special and next_span < len(spans) and start < spans[next_span][1] and \
+                end > spans[next_span][0]  # overlaps, as transformers
             # each image token stands for image_seq_length features (LLaVA), as transformers repeats it
             repeat = self.config.image_seq_length if token_id == self.image_token_id else 1
             ids += [token_id] * repeat
