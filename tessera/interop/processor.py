@@ -157,8 +157,9 @@ class HubProcessor(Processor):
         The template renders again with each of those texts replaced by a marker, so a text is found where the
         template wrote it — not where the same characters happen to come first (the template's own EOS closing
         an earlier turn, for a typed `</s>`; "A" in "ASSISTANT:" for a one-letter answer), in whatever order the
-        template writes the messages. The marker keeps the text's surrounding whitespace, which a template may
-        trim. A message is typed if its text parts hold a special token joined (a template may write them back to
+        template writes the messages. The marker carries the text's surrounding whitespace as U+3000, which a trim
+        removes like any whitespace but no template writes, so the rebuilt prompt has it where the template kept
+        it, and a template's own whitespace beside it is never taken for the text's. A message is typed if its text parts hold a special token joined (a template may write them back to
         back), and then all its parts are text. If the prompt rebuilt from the markers is not the prompt, the
         template changed a text in another way (escaped it, say): a typed token's characters can then not be told
         from the template's own, and the conversation is refused; answers are looked for by their characters."""
