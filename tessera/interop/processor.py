@@ -159,10 +159,11 @@ class HubProcessor(Processor):
         an earlier turn, for a typed `</s>`; "A" in "ASSISTANT:" for a one-letter answer), in whatever order the
         template writes the messages. The marker carries the text's surrounding whitespace as U+3000, which a trim
         removes like any whitespace but no template writes, so the rebuilt prompt has it where the template kept
-        it, and a template's own whitespace beside it is never taken for the text's. A message is typed if its text parts hold a special token joined (a template may write them back to
-        back), and then all its parts are text. If the prompt rebuilt from the markers is not the prompt, the
-        template changed a text in another way (escaped it, say): a typed token's characters can then not be told
-        from the template's own, and the conversation is refused; answers are looked for by their characters."""
+        it, and a template's own whitespace beside it is never taken for the text's. A message is typed if its
+        text parts hold a special token joined (a template may write them back to back), and then all its parts
+        are text. If the prompt rebuilt from the markers is not the prompt, the template changed a text in another
+        way (escaped it, say): a typed token's characters can then not be told from the template's own, and the
+        conversation is refused; answers are looked for by their characters."""
         parts, joined = list(_text_parts(messages)), {}
         for index, _, piece in parts:
             joined[index] = joined.get(index, "") + piece
