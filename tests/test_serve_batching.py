@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,6 +265,12 @@ def test_the_storage_takes_room_only_where_memory_could_fill_it(served, monkeypa
 
     monkeypatch.setattr(batch, "KVCache", refusing)
     assert shape(batch._new_storage(model, 2, 10, capacity=8)) == (2, 10)
+    # on another device (a GPU's allocator hands out memory, not address space): no room at all
+    monkeypatch.setattr(batch, "KVCache", KVCache)
+    monkeypatch.setattr(batch, "available_memory", lambda: (10**15, 10**15))
+    elsewhere = SimpleNamespace(config=model.config, dtype=model.dtype, device=torch.device("meta"))
+    assert shape(batch._new_storage(elsewhere, 2, 10, capacity=8)) == (2, 10)
+    assert shape(batch._new_storage(model, 2, 10, capacity=8)) == (8, 15)
 
 
 def test_a_leave_copies_only_to_give_memory_back_and_only_if_it_can(served, monkeypatch):

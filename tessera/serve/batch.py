@@ -230,13 +230,15 @@ class RunningBatch:
 def _new_storage(model, rows: int, slots: int, capacity: int = 0) -> KVCache:
     """KV storage for `rows` rows and `slots` slots — with room for up to `capacity` rows and half as many slots
     again, so that later rows join without a copy. Pages never written are never touched: the room takes address
-    space, not memory. Less room is taken where so much address space may be refused: when the room would be more
-    than half the memory available now, or the allocation fails, the storage is just what is needed."""
+    space, not memory — in the CPU's memory. A GPU's allocator hands out memory, not address space, and the
+    memory figures read here are the host's, so there the storage is just what is needed (joins copy); so too on
+    the CPU where so much address space may be refused: when the room would be more than half the memory
+    available now, or the allocation fails."""
     text = model.config.text
     roomy = max(rows, capacity), slots + slots // 2
     size = (2 * text.num_layers * roomy[0] * text.num_kv_heads * roomy[1] * text.head_dim
             * torch.empty((), dtype=model.dtype).element_size())
-    memory = available_memory()
+    memory = available_memory() if torch.device(model.device).type == "cpu" else (0, 0)
     if memory is None or size <= memory[0] // 2:
         try:
             return KVCache(text, *roomy, model.dtype, model.device)
