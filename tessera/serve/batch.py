@@ -20,7 +20,6 @@ window, counted in slots, spans the same tokens as alone).
   have become padding for every row left are cut by starting the view later, so the cache is never longer than
   the longest row in it. Once a quarter of the rows the storage has held or fewer are left, they are copied into
   new storage, and the memory the others had written is given back.
-- Method B's image keys and values (below) are still copied at every join and leave.
 - step: each row's chosen token goes through the model, giving each row's next logits.
 
 Each row chooses its tokens from its own logits with its own SamplingParams and seeded generator, consumed once per
@@ -29,7 +28,8 @@ token as when the request runs alone, so a row's answer does not depend on who j
 Method B's image keys and values (`cache.cross`) follow their rows too: their image-group dimension is padded with
 zero keys that no token may see (real=False), as a static batch pads a sample with fewer images, and trimmed when
 the rows that had the most images leave. A row without images attends to nothing and its gated blocks add exactly
-zero, as when the request runs alone (and skips them).
+zero, as when the request runs alone (and skips them). Unlike the KV cache, they are still copied at every join and
+leave.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def _new_storage(model, rows: int, slots: int, capacity: int = 0) -> KVCache:
     text = model.config.text
     roomy = max(rows, capacity), slots + slots // 2
     size = (2 * text.num_layers * roomy[0] * text.num_kv_heads * roomy[1] * text.head_dim
-            * torch.empty((), dtype=model.dtype).element_size())
+            * model.dtype.itemsize)
     memory = available_memory() if torch.device(model.device).type == "cpu" else (0, 0)
     if memory is None or size <= memory[0] // 2:
         try:

@@ -59,7 +59,7 @@ class MessageTextEncoder:
         # a whitespace-only special token (some tokenizers mark one so) stays the token: it is how the tokenizer
         # reads that whitespace anywhere
         self.typeable = sorted(t for t in special_token_texts(tokenizer) - {image_token} if t.strip())
-        self.typeable_ids = {tokenizer.token_to_id(t): t for t in self.typeable}
+        self.typeable_ids = {tokenizer.token_to_id(t) for t in self.typeable}
         self.added = {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()}
 
     @cached_property
