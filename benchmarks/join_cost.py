@@ -3,8 +3,10 @@ LLaVA model of `tessera bench` (random weights), --rows rows decoded to --tokens
 and a 32-token prompt, 64 new tokens) joins and the first row leaves. Each is timed with the storage having room
 (in place: the running rows stay where they are) and without (copied, as every join and leave was before), side by
 side in each round, with the median of three decode steps after the join. Prints medians over --repeats rounds.
+--fusion cross: the bench's Method B model, whose rows also hold their image's keys/values (`cache.cross`).
 
     python benchmarks/join_cost.py                 # 8 rows of 789 tokens, 5 rounds
+    python benchmarks/join_cost.py --fusion cross --image-tokens 1024
     python benchmarks/join_cost.py --quick --tokens 60   # the bench's reduced model: a smoke test
 """
 
@@ -18,14 +20,16 @@ from pathlib import Path
 
 import torch
 
-from tessera.bench.suite import FULL, QUICK, llava_batch, llava_pair
+from tessera.bench.suite import FULL, QUICK, llava_batch, llava_pair, tessera_config
+from tessera.model import MultimodalLM
 from tessera.serve.batch import RunningBatch
 
 NEWCOMER_TOKENS = 64
 
 
 def prefill(model, sizes, rows: int, capacity: int, new_tokens: int) -> RunningBatch:
-    batch = llava_batch(sizes, rows, 32, labelled=False)
+    batch = llava_batch(sizes, rows, 32, labelled=False, image_tokens=model.config.vision.num_patches,
+                        fusion=model.config.fusion.method)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "pixel_values": batch["pixel_values"], "image_counts": torch.ones(rows, dtype=torch.long)}
     params = model.sampling_params(max_new_tokens=new_tokens, eos_token_id=[])
@@ -42,8 +46,9 @@ def round_of(model, sizes, running: RunningBatch, results: dict[str, list[float]
     for in_place in (True, False):
         how = "in place" if in_place else "copied"
         rows = running.select(range(len(running)))  # new storage holding the rows, with room for one more
-        if not in_place:
-            rows.storage = rows.storage.view(len(rows))  # no spare row: the join copies
+        if not in_place:  # no spare row: the join copies
+            rows.storage = rows.storage.view(len(rows))
+            rows.cross_storage = {layer: (k[:len(rows)], v[:len(rows)]) for layer, (k, v) in rows.cross_storage.items()}
         newcomer = prefill(model, sizes, 1, 0, NEWCOMER_TOKENS)
         newcomer.choose()
         seconds, joined = timed(lambda: rows.merge(newcomer))
@@ -66,13 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fusion", choices=("unified", "cross"), default="unified")
+    parser.add_argument("--image-tokens", type=int, default=None, help="per image (default: the bench's 256)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     tokens = args.tokens
     with tempfile.TemporaryDirectory() as directory, torch.inference_mode():
-        model, _ = llava_pair(sizes, Path(directory))
+        if args.fusion == "unified" and args.image_tokens is None:
+            model, _ = llava_pair(sizes, Path(directory))
+        else:
+            torch.manual_seed(0)
+            model = MultimodalLM(tessera_config(sizes, args.fusion, args.image_tokens)).eval()
         running = prefill(model, sizes, args.rows, args.rows + 1, tokens)
         if running.length >= tokens:
             parser.error(f"--tokens {tokens}: expected more than the prompt's {running.length}")
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             running.choose()
             running.step()
         running.choose()
-        print(f"{args.rows} rows of {running.length} tokens, a newcomer of {NEWCOMER_TOKENS} new tokens joins, the "
+        print(f"{args.fusion}: {args.rows} rows of {running.length} tokens, a newcomer of {NEWCOMER_TOKENS} new tokens joins, the "
               f"first row leaves; medians of {args.repeats}, {torch.get_num_threads()} threads")
         results: dict[str, list[float]] = {f"{what}, {how}": [] for what in
                                            ("join", "decode step after the join", "leave")

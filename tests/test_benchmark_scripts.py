@@ -102,8 +102,10 @@ def test_continuous_batching(capsys):
     assert figures["rows joined a running batch"][0] == "0"  # static batching admits only between batches
 
 
-def test_join_cost(capsys):
-    assert _script("join_cost").main(["--quick", "--rows", "2", "--tokens", "60", "--repeats", "1"]) == 0
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_join_cost(fusion, capsys):
+    assert _script("join_cost").main(["--quick", "--rows", "2", "--tokens", "60", "--repeats", "1",
+                                      "--fusion", fusion]) == 0
     lines = capsys.readouterr().out.splitlines()
     figures = {line[:36].strip(): line[36:].split() for line in lines[2:]}
     assert list(figures) == [f"{what}, {how}" for what in ("join", "decode step after the join", "leave")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -141,7 +142,7 @@ def test_requests_joining_and_leaving_answer_as_alone(served, seed, poisoned_cac
     must zero the padding it puts in front of the shorter side, which attention reads with weight zero."""
     model, processor = served
     specs, cancelled = scenario(model, processor, seed)
-    engine = SpyEngine(model, processor, max_batch=6)
+    engine = SpyEngine(model, processor, max_batch=6, max_images=2)
     arrivals, cancels = {}, {}
     for job_id, ids, pixels, params, step in specs:
         arrivals.setdefault(step, []).append(lambda j=job_id, i=ids, p=pixels, s=params: Job(j, i, p, s))
@@ -240,6 +241,112 @@ def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache
         assert answers[name] == expected[name], name
     for name in "cd":  # they left early: what they had is a prefix of their answers alone
         assert answers[name] == expected[name][:len(answers[name])], name
+
+
+def _cross_requests(kind: str, directory: Path):
+    """A Method B model with a ViT (one key group per image) or a tiled encoder (one per tile, Llama 3.2 Vision),
+    and a function making one request's inputs (an image marker per image, text ids, random pixels)."""
+    if kind == "vit":
+        model, _ = load_checkpoint(make_checkpoint(directory, "cross"))
+        pixels = lambda generator: torch.randn(3, 16, 16, generator=generator)  # noqa: E731
+    else:
+        from tests.test_model_review import _tiled_model
+
+        torch.manual_seed(0)
+        model = _tiled_model()
+        with torch.no_grad():  # open gates, so that the images steer the answers
+            for block in model.cross_attention.values():
+                block.attn_gate.fill_(0.8)
+                block.mlp_gate.fill_(0.8)
+        pixels = lambda generator: torch.randn(4, 3, 8, 8, generator=generator)  # noqa: E731
+    image = model.config.image_token_id
+
+    def request(seed: int, images: int, text: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        ids = [image] * images + torch.randint(3, 90, (text,), generator=generator).tolist()
+        return {"ids": ids, "pixels": [pixels(generator) for _ in range(images)],
+                "ratios": torch.randint(1, 9, (images,), generator=generator)}
+
+    return model, request
+
+
+def _left_padded(requests: list[dict]) -> dict:
+    width = max(len(r["ids"]) for r in requests)
+    pixels = [p for r in requests for p in r["pixels"]]
+    return {"input_ids": torch.tensor([[0] * (width - len(r["ids"])) + r["ids"] for r in requests]),
+            "attention_mask": torch.tensor([[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in requests]),
+            "pixel_values": torch.stack(pixels) if pixels else None,
+            "image_counts": [len(r["pixels"]) for r in requests],
+            "aspect_ratio_ids": torch.cat([r["ratios"] for r in requests])}
+
+
+@pytest.mark.parametrize("kind", ["vit", "tiled"])
+def test_image_keys_values_join_and_leave_in_place(kind, tmp_path, poisoned_cache):
+    """Method B: a newcomer's image keys/values are written into the running batch's spare rows (with room for
+    --max-images-per-prompt images a row), and a leaving row's place goes to the last row: the running rows' image
+    keys/values stay where they are. Without room for a newcomer's images, the join copies and says so. Every row
+    answers as its request alone (storage starts as NaN: padding groups must be written as zeros)."""
+    from tessera.serve.batch import RunningBatch
+
+    model, request = _cross_requests(kind, tmp_path / "ck")
+    params = model.sampling_params(max_new_tokens=6, eos_token_id=[])
+    requests = {"a": request(1, 1, 12), "b": request(2, 2, 3), "c": request(3, 0, 2), "d": request(4, 2, 2)}
+    expected = {}
+    for name, r in requests.items():
+        inputs = _left_padded([r])
+        out = model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                             inputs["image_counts"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                             max_new_tokens=6, eos_token_id=[])
+        expected[name] = out.sequences[0]
+    answers = {name: [] for name in requests}
+
+    def prefill(name, image_room):
+        return RunningBatch.prefill(model, [name], [params], _left_padded([requests[name]]), capacity=4,
+                                    image_room=image_room)
+
+    def step(batch):
+        for name, token in zip(batch.rows, batch.choose()):
+            answers[name].append(token)
+        batch.step()
+        return batch
+
+    def finish(batch):  # as the engine does: a row that has its tokens leaves
+        while batch is not None:
+            for name, token in zip(batch.rows, batch.choose()):
+                answers[name].append(token)
+            keep = [i for i, name in enumerate(batch.rows) if len(answers[name]) < params.max_new_tokens]
+            batch = batch.select(keep, in_place=True) if keep else None
+            if batch is not None:
+                batch.step()
+
+    def storage(batch):  # the data pointers of every gated block's image keys/values storage
+        return [t.data_ptr() for pair in batch.cross_storage.values() for t in pair]
+
+    with torch.inference_mode():
+        a = step(step(prefill("a", image_room=2)))
+        held = storage(a)
+        c = prefill("c", image_room=2)  # no images: nothing of its own to write
+        assert c.length < a.length
+        joined = step(a.merge(c))
+        assert not joined.copied and joined.rows == ["a", "c"] and storage(joined) == held
+        for pair in joined.cache.cross.keys_values.values():  # views of the storage: a's row was not moved
+            assert [t.data_ptr() for t in pair] == held[:2]
+            held = held[2:] + held[:2]
+        joined = step(joined.merge(prefill("b", image_room=2)))  # two images where a has one: within the room
+        assert not joined.copied and joined.rows == ["a", "c", "b"] and storage(joined) == storage(a)
+        left = joined.select([1, 2], in_place=True)  # a leaves: b moves into its row, with its images
+        assert not left.copied and left.rows == ["b", "c"] and storage(left) == storage(a)
+        finish(left)
+    assert answers["b"] == expected["b"] and answers["c"] == expected["c"]
+    assert answers["a"] == expected["a"][:len(answers["a"])]
+
+    with torch.inference_mode():  # no room for more images than the running rows have: the join copies
+        answers["a"] = []
+        a = step(prefill("a", image_room=0))
+        joined = a.merge(prefill("d", image_room=0))
+        assert joined.copied and storage(joined) != storage(a)
+        finish(joined)
+    assert answers["d"] == expected["d"] and answers["a"] == expected["a"]
 
 
 def test_the_storage_takes_room_only_where_memory_could_fill_it(served, monkeypatch):

@@ -134,7 +134,8 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         try:
             log.info("loading %s", settings.checkpoint)
             model, processor = loader()
-            state["engine"] = Engine(model, processor, settings.max_batch).start()
+            state["engine"] = Engine(model, processor, settings.max_batch,
+                                     max_images=settings.max_images_per_prompt).start()
             log.info("model %r ready (max batch %d)", name, settings.max_batch)
         except Exception as e:  # the server stays up and /health reports why it cannot serve
             log.exception("loading %s failed", settings.checkpoint)

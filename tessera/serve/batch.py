@@ -25,11 +25,15 @@ window, counted in slots, spans the same tokens as alone).
 Each row chooses its tokens from its own logits with its own SamplingParams and seeded generator, consumed once per
 token as when the request runs alone, so a row's answer does not depend on who joins or leaves around it.
 
-Method B's image keys and values (`cache.cross`) follow their rows too: their image-group dimension is padded with
-zero keys that no token may see (real=False), as a static batch pads a sample with fewer images, and trimmed when
-the rows that had the most images leave. A row without images attends to nothing and its gated blocks add exactly
-zero, as when the request runs alone (and skips them). Unlike the KV cache, they are still copied at every join and
-leave.
+Method B's image keys and values (`cache.cross`) follow their rows the same way, in storage of their own
+(`cross_storage`, one key and one value tensor per gated block). Their image-group dimension is padded with zero keys
+that no token may see (real=False), as a static batch pads a sample with fewer images, and is trimmed (the view
+made shorter) when the rows that had the most images leave. A row without images attends to nothing and its gated
+blocks add exactly zero, as when the request runs alone (and skips them). A join writes the newcomers' rows into the
+storage's spare rows when it has room for them and for their image groups; a prefill's own keys/values have no
+room, so the first join into a batch copies its rows once, into storage with room for `--max-batch` rows. (For
+Llama 3.2 Vision a row's keys/values are ~210 MB in bf16 per image: copied at every join, they would cost about
+what a decode step does.)
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 
 from tessera.generation import SamplingParams, next_tokens
 from tessera.memory import available_memory
+from tessera.text import cache as text_cache  # its `unzeroed` looked up at call time: tests poison it
 from tessera.text.cache import CrossAttentionState, KVCache
 
 
@@ -59,6 +64,10 @@ class RunningBatch:
         # slots past it are room for rows to join without a copy
         self.storage, self.start = storage, start
         self.cache = storage.view(len(rows), start, length)
+        # Method B: layer → (keys, values) whose first len(rows) rows and first image groups `cache.cross` views;
+        # empty while no row has images
+        self.cross_storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.image_room = 0  # the most images a row may bring: the image groups new cross storage has room for
         self.copied = False  # whether making this batch copied the rows of the batch it was made from (stats)
         self.rows_written = len(rows)  # the most rows the storage has held: what a leave could give back
         self.mask = mask  # (rows, cache.length): 1 for a real token, 0 for padding
@@ -76,9 +85,10 @@ class RunningBatch:
     # --- rows join ---------------------------------------------------------------------------------------------
     @classmethod
     def prefill(cls, model, rows: list[Any], params: Sequence[SamplingParams], inputs: dict[str, torch.Tensor],
-                capacity: int = 0) -> RunningBatch:
+                capacity: int = 0, image_room: int = 0) -> RunningBatch:
         """Run the (left-padded) prompts of `inputs` (the processor's pad_batch) with a cache of their own, with
-        storage for `capacity` rows (the most the batch may grow to)."""
+        storage for `capacity` rows (the most the batch may grow to) and, for Method B, image keys/values for
+        `image_room` images a row (the most a request may bring)."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         params = list(params)
         storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
@@ -89,7 +99,10 @@ class RunningBatch:
                        aspect_ratio_ids=inputs.get("aspect_ratio_ids")).logits[:, -1]
         batch = cls(model, list(rows), params, [p.generator(model.device) for p in params], [0] * len(rows),
                     storage, 0, cache.length, attention_mask, attention_mask.long().sum(-1, keepdim=True), logits)
+        batch.image_room = image_room
         batch.cache.cross = cache.cross
+        if cache.cross.keys_values:  # into storage with room, so that later rows join without copying these
+            batch.cache.cross, batch.cross_storage, _ = _merge_cross((batch,), False, batch.capacity)
         return batch
 
     def merge(self, other: RunningBatch) -> RunningBatch:
@@ -122,8 +135,9 @@ class RunningBatch:
                               a.generated + b.generated, storage, start, length,
                               torch.cat([F.pad(part.mask, (length - part.length, 0)) for part in parts]),
                               torch.cat([a.positions, b.positions]), _cat(a.logits, b.logits), _cat(a.tokens, b.tokens))
-        merged.cache.cross = _merge_cross([part.cache.cross for part in parts], [len(part) for part in parts])
-        merged.copied = not (in_place and host is self)
+        merged.image_room = max(self.image_room, other.image_room)
+        merged.cache.cross, merged.cross_storage, cross_copied = _merge_cross(parts, in_place, merged.capacity)
+        merged.copied = not (in_place and host is self) or (cross_copied and bool(self.cross_storage))
         if in_place:
             merged.rows_written = max(host.rows_written, rows)
             host.storage = None  # its rows belong to the merged batch now (only once all of it has succeeded)
@@ -174,6 +188,7 @@ class RunningBatch:
                     new[:, row:end, :, :length] = old[:, run_start:run_end, :, first:self.length]
                 row = end
         in_place = storage is self.storage
+        cross = _select_cross(self, keep, in_place, storage.keys.shape[1])
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask[index]
         picked = [self.params[i] for i in keep], [self.generated[i] for i in keep]
@@ -182,7 +197,8 @@ class RunningBatch:
                                 mask[:, first:], self.positions[index],
                                 None if self.logits is None else self.logits[index],
                                 None if self.tokens is None else self.tokens[index])
-        selected.cache.cross = _select_cross(self.cache.cross, index)
+        selected.image_room = self.image_room
+        selected.cache.cross, selected.cross_storage = cross
         selected.copied = not in_place
         if in_place:
             selected.rows_written = self.rows_written
@@ -229,22 +245,27 @@ class RunningBatch:
 
 def _new_storage(model, rows: int, slots: int, capacity: int = 0) -> KVCache:
     """KV storage for `rows` rows and `slots` slots — with room for up to `capacity` rows and half as many slots
-    again, so that later rows join without a copy. Pages never written are never touched: the room takes address
-    space, not memory — in the CPU's memory. A GPU's allocator hands out memory, not address space, and the
-    memory figures read here are the host's, so there the storage is just what is needed (joins copy); so too on
-    the CPU where so much address space may be refused: when the room would be more than half the memory
-    available now, or the allocation fails."""
+    again, so that later rows join without a copy, where `_room_fits` allows it."""
     text = model.config.text
     roomy = max(rows, capacity), slots + slots // 2
     size = (2 * text.num_layers * roomy[0] * text.num_kv_heads * roomy[1] * text.head_dim
             * model.dtype.itemsize)
-    memory = available_memory() if torch.device(model.device).type == "cpu" else (0, 0)
-    if memory is None or size <= memory[0] // 2:
+    if _room_fits(model, size):
         try:
             return KVCache(text, *roomy, model.dtype, model.device)
         except RuntimeError:  # e.g. "DefaultCPUAllocator: can't allocate memory" for the address space
             pass
     return KVCache(text, rows, slots, model.dtype, model.device)
+
+
+def _room_fits(model, size: int) -> bool:
+    """Whether storage of `size` bytes with room to grow may be tried (a refused allocation then falls back to just
+    what is needed). Pages never written are never touched: the room takes address space, not memory — in the
+    CPU's memory. A GPU's allocator hands out memory, not address space, and the memory figures read here are the
+    host's, so there the storage is just what is needed (joins copy); so too on the CPU where so much address space
+    may be refused: when the room would be more than half the memory available now."""
+    memory = available_memory() if torch.device(model.device).type == "cpu" else (0, 0)
+    return memory is None or size <= memory[0] // 2
 
 
 def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -274,48 +295,110 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # --- Method B: the image keys/values of each row --------------------------------------------------------------------
-def _merge_cross(states: list[CrossAttentionState], sizes: list[int]) -> CrossAttentionState:
-    """The parts' image keys/values, visibility and real-image masks stacked by row, their image groups padded to the
-    most any part has. A part without images (no keys/values at all) gets only padding."""
+def _per_group(state: CrossAttentionState) -> int:
+    """Key slots per image group (an image, or an image tile)."""
+    return next(iter(state.keys_values.values()))[0].shape[2] // state.real.shape[1]
+
+
+def _new_cross_storage(model, like: CrossAttentionState, rows: int, slots: int, capacity: int = 0,
+                       image_room: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Image key/value storage for `rows` rows of `slots` key slots, shaped like `like`'s, with room for up to
+    `capacity` rows of `image_room` images each where `_room_fits` allows it."""
+    k = next(iter(like.keys_values.values()))[0]
+
+    def make(rows, slots):
+        shape = (rows, k.shape[1], slots, k.shape[3])
+        return {layer: tuple(text_cache.unzeroed(shape, k.dtype, k.device) for _ in range(2))
+                for layer in like.keys_values}
+
+    vision = model.config.vision
+    groups_per_image = vision.max_num_tiles if vision.encoder == "tiled" else 1
+    roomy = max(rows, capacity), max(slots, image_room * groups_per_image * _per_group(like))
+    size = 2 * len(like.keys_values) * roomy[0] * k.shape[1] * roomy[1] * k.shape[3] * k.dtype.itemsize
+    if roomy != (rows, slots) and _room_fits(model, size):
+        try:
+            return make(*roomy)
+        except RuntimeError:  # the address space refused
+            pass
+    return make(rows, slots)
+
+
+def _merge_cross(parts: Sequence[RunningBatch], in_place: bool, capacity: int
+                 ) -> tuple[CrossAttentionState, dict[int, tuple[torch.Tensor, torch.Tensor]], bool]:
+    """The parts' image state stacked by row (the first part's rows first), image groups padded to the most any part
+    has, and its storage. In place (the first part's KV storage is handed on): the first part's rows stay where they
+    are if its storage has room for every row and group, and the other part's rows are written into its spare rows.
+    Otherwise every row is written into new storage. Returns (state, storage, whether the first part's rows were
+    copied)."""
+    states = [part.cache.cross for part in parts]
     with_images = [s for s in states if s.keys_values]
     if not with_images:
-        return CrossAttentionState()
+        return CrossAttentionState(), {}, False
+    per_group = _per_group(with_images[0])
     groups = max(s.real.shape[1] for s in with_images)
-    merged = CrossAttentionState()
-    for layer, (k, _) in with_images[0].keys_values.items():
-        per_group = k.shape[2] // with_images[0].real.shape[1]
-        keys, values = [], []
-        for state, size in zip(states, sizes):
-            for out, which in (keys, 0), (values, 1):
-                if state.keys_values:
-                    t = state.keys_values[layer][which]
-                    out.append(F.pad(t, (0, 0, 0, groups * per_group - t.shape[2])))
-                else:
-                    out.append(k.new_zeros(size, k.shape[1], groups * per_group, k.shape[3]))
-        merged.keys_values[layer] = torch.cat(keys), torch.cat(values)
+    rows, slots = sum(len(part) for part in parts), groups * per_group
+    storage = parts[0].cross_storage if in_place else {}
+    first = next(iter(storage.values()))[0] if storage else None
+    kept = first is not None and rows <= first.shape[0] and slots <= first.shape[2]
+    if not kept:
+        storage = _new_cross_storage(parts[0].model, with_images[0], rows, slots, capacity,
+                                     max(part.image_room for part in parts))
+    row = 0
+    for i, (part, state) in enumerate(zip(parts, states)):
+        end = row + len(part)
+        own = state.real.shape[1] * per_group if state.keys_values else 0
+        for layer, pair in storage.items():
+            for which, new in enumerate(pair):
+                if own and not (kept and i == 0):
+                    new[row:end, :, :own] = state.keys_values[layer][which]
+                # the groups this part lacks: keys nobody sees, but attention still multiplies them by a zero
+                # weight, so they must be finite (the storage is not zeroed, and may hold a departed row's)
+                new[row:end, :, own:slots] = 0
+        row = end
+    merged = CrossAttentionState({layer: (k[:rows, :, :slots], v[:rows, :, :slots]) for layer, (k, v) in storage.items()})
     for name in ("visible", "real"):
-        parts = []
-        for state, size in zip(states, sizes):
+        pieces = []
+        for part, state in zip(parts, states):
             if state.keys_values:
                 t = getattr(state, name)
-                parts.append(F.pad(t, (0, groups - t.shape[1]), value=False))
+                pieces.append(F.pad(t, (0, groups - t.shape[1]), value=False))
             else:
-                parts.append(torch.zeros(size, groups, dtype=torch.bool, device=with_images[0].real.device))
-        setattr(merged, name, torch.cat(parts))
-    return merged
+                pieces.append(torch.zeros(len(part), groups, dtype=torch.bool, device=with_images[0].real.device))
+        setattr(merged, name, torch.cat(pieces))
+    return merged, storage, not kept
 
 
-def _select_cross(state: CrossAttentionState, index: torch.Tensor) -> CrossAttentionState:
-    """The chosen rows' image state, without the trailing image groups none of them has (none at all: no state, as
-    a batch without images has)."""
+def _select_cross(batch: RunningBatch, keep: list[int], in_place: bool, capacity: int
+                  ) -> tuple[CrossAttentionState, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """The image state of the rows `keep` (in its order), without the trailing image groups none of them has, and
+    its storage. In place: rows move as in the KV storage (`keep` fills the left rows' places). Otherwise the kept
+    rows are copied into new storage. No row with an image left: no state, as a batch without images has."""
+    state = batch.cache.cross
     if not state.keys_values:
-        return CrossAttentionState()
+        return CrossAttentionState(), {}
+    index = torch.tensor(keep, dtype=torch.long, device=state.real.device)
     real = state.real[index]
     used = real.any(0).nonzero()
     if not len(used):
-        return CrossAttentionState()
+        return CrossAttentionState(), {}
     groups = int(used[-1]) + 1
-    per_group = next(iter(state.keys_values.values()))[0].shape[2] // state.real.shape[1]
-    keys_values = {layer: (k[index, :, :groups * per_group], v[index, :, :groups * per_group])
-                   for layer, (k, v) in state.keys_values.items()}
-    return CrossAttentionState(keys_values, state.visible[index, :groups], real[:, :groups])
+    slots = groups * _per_group(state)
+    if in_place:
+        storage = batch.cross_storage
+        for pair in storage.values():
+            for t in pair:
+                for new_row, old_row in enumerate(keep):
+                    if new_row != old_row:
+                        t[new_row, :, :slots] = t[old_row, :, :slots]
+    else:
+        storage = _new_cross_storage(batch.model, state, len(keep), slots, capacity, batch.image_room)
+        for layer, pair in storage.items():
+            for new, old in zip(pair, state.keys_values[layer]):
+                row = 0
+                for run_start, run_end in _runs(keep):
+                    end = row + run_end - run_start
+                    new[row:end, :, :slots] = old[run_start:run_end, :, :slots]
+                    row = end
+    rows = len(keep)
+    keys_values = {layer: (k[:rows, :, :slots], v[:rows, :, :slots]) for layer, (k, v) in storage.items()}
+    return CrossAttentionState(keys_values, state.visible[index, :groups], real[:, :groups]), storage

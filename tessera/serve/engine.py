@@ -145,19 +145,23 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model, processor, max_batch: int, continuous: bool = True):
+    def __init__(self, model, processor, max_batch: int, continuous: bool = True, max_images: int = 0):
+        """max_images: the most images a request may bring (the server's --max-images-per-prompt). Method B keeps
+        image keys/values for that many per row, so that rows with more images than the running ones join without
+        a copy; 0: only for as many as the batch's rows have."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: expected an integer >= 1")
         self.model = model
         self.processor = processor
         self.max_batch = max_batch
+        self.max_images = max_images
         self.continuous = continuous
         self.context_length = model.config.text.max_position_embeddings
         # for tests and logs, each row counted once: rows admitted, joined_rows (admitted into a running batch),
         # prefills (groups of jobs admitted together), steps (decode steps), largest_batch (most rows in the running
         # batch), retries (runs of part of a failed prefill or step), failed_runs (retries included), failed_rows
-        # (a 500), cancelled_rows, cache_copies (joins and leaves that copied the running rows' KV cache: a join
-        # when its storage had no room, a leave when few rows stay; see tessera/serve/batch.py)
+        # (a 500), cancelled_rows, cache_copies (joins and leaves that copied the running rows' KV cache or image
+        # keys/values: a join when their storage had no room, a leave when few rows stay; see tessera/serve/batch.py)
         self.stats: Counter[str] = Counter()
         # every row's outcome, once: (job id, choice, reason: stop | length | cancelled | failed, tokens)
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
@@ -312,7 +316,7 @@ class Engine:
         inputs = self.processor.pad_batch([(row.job.prompt_ids, row.job.prompt_ids) for row in rows],  # labels: unused
                                           [row.job.pixel_values for row in rows], padding_side="left")
         return RunningBatch.prefill(self.model, rows, [row.job.params[row.choice] for row in rows], inputs,
-                                    capacity=self.max_batch)
+                                    capacity=self.max_batch, image_room=self.max_images)
 
     def _decode(self, batch: RunningBatch) -> RunningBatch | None:
         """One decode step of the batch. If it fails, each half of the batch runs the step again (and so on): the
