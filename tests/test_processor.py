@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -711,6 +712,44 @@ def test_a_typed_token_is_found_where_the_template_wrote_the_message_not_where_i
     clean_ids, clean_labels, _ = hub.encode(clean)
     assert [label for label in labels if label != IGNORE_INDEX] == \
         [label for label in clean_labels if label != IGNORE_INDEX]
+
+
+def test_a_template_that_writes_the_date_still_places_texts_when_midnight_passes(monkeypatch):
+    """Llama 3's template writes today's date (`strftime_now`), and finding the texts renders it a second time: if
+    the date changed in between, both renders run again. A template that renders differently every time cannot
+    place a typed token, and says so; its answers are then looked for by their characters."""
+    from datetime import datetime, timedelta
+
+    import tessera.interop.chat_template as chat_template
+
+    class Clock:  # each call to now() is a second later: midnight passes after the first `ticks` renders
+        def __init__(self, ticks):
+            self.calls, self.ticks = 0, ticks
+
+        def now(self):
+            self.calls += 1
+            return datetime(2026, 11, 27, 23, 59, 59) + timedelta(days=int(self.calls > self.ticks))
+
+    tokenizer = _llama2_like_tokenizer()
+    hub, eos = _hub(tokenizer, "{{ strftime_now('%d %b %Y') }} " + LLAVA_LIKE), tokenizer.token_to_id("</s>")
+    conversation = [{"role": "user", "content": "Is </s> a tag?"}, {"role": "assistant", "content": "S"}]
+    for messages in conversation, [conversation[0] | {"content": "Is it a tag?"}, conversation[1]]:
+        monkeypatch.setattr(chat_template, "datetime", Clock(ticks=0))  # the 28th all along
+        after_midnight = hub.encode(messages)
+        monkeypatch.setattr(chat_template, "datetime", Clock(ticks=1))  # the 27th, then the 28th
+        ids, labels, _ = hub.encode(messages)
+        assert (ids, labels) == after_midnight[:2]
+        assert ids.count(eos) == 1  # the template's own, after the answer (a typed one is text)
+        # the answer where the template wrote it, not the "S" in "USER"
+        assert [i for i, label in zip(ids, labels) if label != IGNORE_INDEX] == [tokenizer.token_to_id("S")]
+
+    hub.config.chat_template = "{{ strftime_now('%f') }} " + LLAVA_LIKE  # a new text at every render
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(chat_template, "datetime", SimpleNamespace(
+        now=lambda: datetime(2026, 11, 27) + timedelta(microseconds=next(ticks))))
+    with pytest.raises(DataError, match=r"messages\[0\]: its text holds the special token '</s>'.*renders "
+                                        r"differently each time"):
+        hub.encode(conversation)
 
 
 def test_a_typed_token_that_strips_spaces_is_text_at_the_start_and_end_of_a_message():

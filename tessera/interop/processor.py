@@ -150,7 +150,7 @@ class HubProcessor(Processor):
         return text, spans, images, template_messages
 
     def _locate(self, text: str, messages: list[dict[str, Any]], add_generation_prompt: bool, answers: bool
-                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
         """Where the prompt `text` holds the assistant answers (when `answers`) and the texts of the messages that
         hold a special token (read as text; see `MessageTextEncoder`): two lists of character spans.
 
@@ -162,12 +162,10 @@ class HubProcessor(Processor):
         it, and a template's own whitespace beside it is never taken for the text's. A message is typed if its
         text parts hold a special token joined (a template may write them back to back), and then all its parts
         are text. If the prompt rebuilt from the markers is not the prompt, the template changed a text in another
-        way (escaped it, say): a typed token's characters can then not be told from the template's own, and the
-        conversation is refused; answers are looked for by their characters."""
-        parts, joined = list(_text_parts(messages)), {}
-        for index, _, piece in parts:
-            joined[index] = joined.get(index, "") + piece
-        typed = {index for index, text_ in joined.items() if self.text_encoder.typed_special_token(text_)}
+        way (escaped it, say), or renders differently each time: then None (see `encode`)."""
+        parts = list(_text_parts(messages))
+        typed = {index for index, text_ in _joined_texts(messages).items()
+                 if self.text_encoder.typed_special_token(text_)}
         wanted = [(index, part, piece) for index, part, piece in parts
                   if index in typed or (answers and messages[index]["role"] == "assistant")]
         if not wanted:
@@ -210,12 +208,19 @@ class HubProcessor(Processor):
                 answer_spans.append((start, end))
         if "".join(rebuilt) + marked[cursor:] == text:
             return answer_spans, typed_spans
-        if typed:
-            index = min(typed)
-            token = self.text_encoder.typed_special_token(joined[index])
-            raise DataError(f"messages[{index}]: its text holds the special token {token!r}, which is read as text "
-                            f"only where the chat template copies the text into the prompt as it is (or trimmed); "
-                            f"this template changed it. Expected the text without {token!r}")
+        return None
+
+    def _typed_or_answers(self, text: str, messages: list[dict[str, Any]], answers: bool
+                          ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """What `_locate` gives when the marked render does not rebuild the prompt: a DataError for a typed special
+        token, else the answers looked for by their characters."""
+        for index, text_ in _joined_texts(messages).items():
+            token = self.text_encoder.typed_special_token(text_)
+            if token:
+                raise DataError(f"messages[{index}]: its text holds the special token {token!r}, which is read as "
+                                f"text only where the chat template copies the text into the prompt as it is (or "
+                                f"trimmed); this template changed it (or renders differently each time). Expected "
+                                f"the text without {token!r}")
         return (_answer_spans(text, messages) if answers else []), []
 
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
@@ -223,7 +228,13 @@ class HubProcessor(Processor):
         """Token ids, labels (the assistant answers; the template's {% generation %} blocks when it has them) and
         the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
         text, spans, images, template_messages = self._render(messages, add_generation_prompt)
-        answers, typed = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
+        located = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
+        if located is None and self._render(messages, add_generation_prompt)[0] != text:
+            # the template renders differently each time (Llama 3's writes today's date: midnight passed between
+            # the two renders), not the texts: both again, back to back
+            text, spans, images, template_messages = self._render(messages, add_generation_prompt)
+            located = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
+        answers, typed = located or self._typed_or_answers(text, template_messages, answers=not spans)
         spans = sorted(spans or answers)
         # BOS typed in a message is text: only the template's own counts as the prompt having one
         add_special_tokens = not (self.bos_token and _first_outside(text, self.bos_token, typed) == 0)
@@ -415,6 +426,14 @@ def _answer_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, 
     """Without {% generation %} tags: each assistant message's text where it appears in the rendered prompt."""
     return [span for index, _, span in _located_pieces(text, messages)
             if span is not None and messages[index]["role"] == "assistant"]
+
+
+def _joined_texts(messages: list[dict[str, Any]]) -> dict[int, str]:
+    """Each message's text parts joined (a template may write them back to back), by message index."""
+    joined: dict[int, str] = {}
+    for index, _, piece in _text_parts(messages):
+        joined[index] = joined.get(index, "") + piece
+    return joined
 
 
 def _text_parts(messages: list[dict[str, Any]]) -> Iterator[tuple[int, int, str]]:
