@@ -134,10 +134,27 @@ class MultimodalLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(input_ids.shape)} like input_ids")
         prefill = cache is None or cache.length == 0
+        inputs_embeds, cross = self._embed(input_ids, pixel_values, image_counts, cache, image_features,
+                                           aspect_ratio_ids, prefill)
+        inject = self._bind_cross(*cross) if cross is not None else None
+        supervised = None
+        if labels is not None and not return_logits:  # token t predicts label t+1
+            supervised = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, inject=inject,
+                          logits_to_keep=supervised if supervised is not None else logits_to_keep)
+        if labels is None:
+            return ModelOutput(logits)
+        return self._loss(logits, labels, num_items_in_batch, supervised)
+
+    def _embed(self, input_ids, pixel_values, image_counts, cache, image_features, aspect_ratio_ids, prefill: bool
+               ) -> tuple[torch.Tensor, tuple | None]:
+        """The input embeddings (Method A: with the image features in the image tokens' places) and, for Method B,
+        what its blocks attend to: (keys/values per block, which image groups each token sees, which are real), or
+        None when no block has anything to add."""
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0 and prefill:
             image_features = self.encode_images(pixel_values, aspect_ratio_ids)
         inputs_embeds = self.llm.embed_tokens(input_ids)
-        inject = None
         if prefill:
             num_images = 0 if image_features is None else image_features.shape[0]
             per_image = self.config.image_seq_length
@@ -151,22 +168,15 @@ class MultimodalLM(nn.Module):
             if unified:
                 inputs_embeds = merge_image_features(inputs_embeds, input_ids, image_features,
                                                      self.config.image_token_id)
+        cross = None
         if self.config.fusion.method == "cross":
-            inject = self._cross_attention_inject(input_ids, image_features, image_counts, cache, prefill,
-                                                  aspect_ratio_ids)
-        supervised = None
-        if labels is not None and not return_logits:  # token t predicts label t+1
-            supervised = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
-        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, inject=inject,
-                          logits_to_keep=supervised if supervised is not None else logits_to_keep)
-        if labels is None:
-            return ModelOutput(logits)
-        return self._loss(logits, labels, num_items_in_batch, supervised)
+            cross = self._cross_state(input_ids, image_features, image_counts, cache, prefill, aspect_ratio_ids)
+        return inputs_embeds, cross
 
-    def _cross_attention_inject(self, input_ids, image_features, image_counts, cache, prefill, aspect_ratio_ids
-                                ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
-        """Bind each gated block to its image keys/values and to which images (or image tiles) each token may see.
+    def _cross_state(self, input_ids, image_features, image_counts, cache, prefill, aspect_ratio_ids
+                     ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor] | None:
+        """Each gated block's image keys/values, which images (or image tiles) each token may see (batch, tokens,
+        groups) and which are the sample's own (batch, groups); None if there are no images.
 
         At prefill the keys/values are computed once and stored in the cache; decode steps reuse them, and a new
         token sees the images the last prompt token saw."""
@@ -185,16 +195,43 @@ class MultimodalLM(nn.Module):
             keys_values = {int(i): block.image_keys_values(images) for i, block in self.cross_attention.items()}
             if state is not None:
                 state.keys_values, state.visible, state.real = keys_values, visible[:, -1], real
-        else:
-            if not state.keys_values:
-                return None
-            keys_values, real = state.keys_values, state.real
-            visible = state.visible[:, None, :].expand(-1, input_ids.shape[1], -1)
+            return keys_values, visible, real
+        if not state.keys_values:
+            return None
+        return state.keys_values, state.visible[:, None, :].expand(-1, input_ids.shape[1], -1), state.real
+
+    def _bind_cross(self, keys_values, visible, real) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """Each gated block bound to its image keys/values and to what each token may see."""
         return {
             int(i): partial(block, keys=keys_values[int(i)][0], values=keys_values[int(i)][1], visible=visible,
                             real=real)
             for i, block in self.cross_attention.items()
         }
+
+    def prefill_in_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache,
+                          chunk: int, pixel_values: torch.Tensor | None = None,
+                          image_counts: torch.Tensor | list[int] | None = None,
+                          aspect_ratio_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor | None]:
+        """The prompt's prefill `chunk` tokens at a time, into the empty `cache`: yields None after each chunk but the
+        last, then the last position's logits (batch, vocab). A server runs its other rows' decode steps between
+        chunks, so that a long prompt does not stall them for its whole prefill (chunked prefill, as vLLM's).
+
+        The images are encoded and placed once, before the first chunk; each chunk attends to the cache and to
+        itself, as the whole prompt would (the logits agree with one prefill's to float rounding)."""
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk}: expected at least 1 token")
+        if cache.length:
+            raise ValueError(f"the cache holds {cache.length} tokens; a prefill starts from an empty one")
+        inputs_embeds, cross = self._embed(input_ids, pixel_values, image_counts, cache, None, aspect_ratio_ids,
+                                           prefill=True)
+        length = input_ids.shape[1]
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            inject = self._bind_cross(cross[0], cross[1][:, start:end], cross[2]) if cross is not None else None
+            logits = self.llm(inputs_embeds=inputs_embeds[:, start:end], cache=cache, inject=inject,
+                              attention_mask=None if attention_mask is None else attention_mask[:, :end],
+                              logits_to_keep=1)
+            yield logits[:, -1] if end == length else None
 
     def _loss(self, logits, labels, num_items_in_batch, supervised) -> ModelOutput:
         """logits: (batch, seq, vocab), or (supervised positions, vocab) in order when `supervised` marks them."""

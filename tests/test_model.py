@@ -160,6 +160,47 @@ def test_kv_cache_equals_recomputing(fusion, linear_route, poisoned_cache):
 
 
 @pytest.mark.parametrize("fusion", ["unified", "cross"])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
+def test_a_prefill_in_chunks_equals_one_prefill(fusion, chunk, poisoned_cache):
+    """Chunks that split an image's tokens, a padded row and the images' markers: the same logits, cache and image
+    state as one prefill, to float rounding (each chunk's attention is summed apart), and the same decode after."""
+    model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[0, 2])).eval()
+    _open_gates(model, 0.7)
+    _, ids, mask, pixels, counts = _generation_batch(fusion)
+    caches = [KVCache(model.config.text, 3, ids.shape[1] + 4, model.dtype) for _ in range(2)]
+    with torch.inference_mode():
+        logits = [model(ids, mask, pixels, counts, cache=caches[0], logits_to_keep=1).logits[:, -1]]
+        steps = list(model.prefill_in_chunks(ids, mask, caches[1], chunk, pixels, counts))
+        assert len(steps) == -(-ids.shape[1] // chunk) and all(step is None for step in steps[:-1])
+        logits.append(steps[-1])
+        for _ in range(4):
+            torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+            token = logits[0].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
+            logits = [model(token, mask, cache=cache, logits_to_keep=1).logits[:, -1] for cache in caches]
+    whole, chunked = caches
+    assert whole.length == chunked.length == ids.shape[1] + 4
+    torch.testing.assert_close(chunked.keys, whole.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.values, whole.values, rtol=1e-5, atol=1e-5)
+    if fusion == "cross":
+        assert torch.equal(chunked.cross.visible, whole.cross.visible)
+        assert torch.equal(chunked.cross.real, whole.cross.real)
+        for layer, (k, v) in whole.cross.keys_values.items():
+            assert torch.equal(chunked.cross.keys_values[layer][0], k)
+            assert torch.equal(chunked.cross.keys_values[layer][1], v)
+
+
+def test_a_prefill_in_chunks_refuses_a_used_cache_or_an_empty_chunk():
+    model = MultimodalLM(tiny_config("unified")).eval()
+    cache = KVCache(model.config.text, 1, 8, model.dtype)
+    with pytest.raises(ValueError, match="chunk=0: expected at least 1 token"):
+        next(model.prefill_in_chunks(torch.tensor([[1, 5]]), None, cache, 0))
+    cache.advance(2)
+    with pytest.raises(ValueError, match="the cache holds 2 tokens; a prefill starts from an empty one"):
+        next(model.prefill_in_chunks(torch.tensor([[1, 5]]), None, cache, 4))
+
+
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
 def test_batched_generation_equals_one_by_one(fusion, linear_route):
     model = MultimodalLM(tiny_config(fusion, cross_attention_layers=[1, 3])).eval()
     _open_gates(model, 0.7)
