@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = ServeSettings(
         checkpoint=args.checkpoint, served_model_name=args.served_model_name, api_key=args.api_key,
-        max_images_per_prompt=args.max_images_per_prompt, max_batch=args.max_batch,
+        max_images_per_prompt=args.max_images_per_prompt, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
         allowed_local_dir=args.allowed_local_dir, allow_remote_images=args.allow_remote_images,
         allowed_image_hosts=None if args.allowed_image_hosts is None else
         [host.strip() for host in args.allowed_image_hosts.split(",")],
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels per image, and per image its preprocessing builds (padding, resizing); checked "
                         "from the header before decoding (default: 4096 x 4096 = 16777216)")
     p.add_argument("--max-batch", type=int, default=8, help="rows (requests x n) decoded together")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                   help="while rows are decoding, a newcomer's longer prompt is prefilled this many tokens at a time, "
+                        "with a decode step of the running rows between chunks (0: in one go)")
     p.add_argument("--allowed-local-dir", default=None, help="allow file:// image URLs inside this directory")
     p.add_argument("--allow-remote-images", action="store_true", help="allow http(s):// image URLs (off: the "
                                                                        "server fetches nothing from elsewhere)")

@@ -111,3 +111,13 @@ def test_join_cost(fusion, capsys):
     assert list(figures) == [f"{what}, {how}" for what in ("join", "decode step after the join", "leave")
                              for how in ("in place", "copied")]
     assert all(len(cells) == 1 and float(cells[0]) >= 0 for cells in figures.values())
+
+
+def test_prefill_chunks(capsys):
+    assert _script("prefill_chunks").main(["--quick", "--rows", "2", "--prompt-tokens", "40", "--chunks", "0", "16",
+                                           "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: [float(cell) for cell in line.split()[1:]] for line in lines[2:]}
+    assert list(rows) == ["whole", "16"] and all(len(cells) == 3 for cells in rows.values())
+    # in one go the running rows get one token while the newcomer prefills; in chunks of 16, one per chunk
+    assert rows["whole"][2] == 1 and rows["16"][2] == -(-(1 + 16 + 40) // 16)

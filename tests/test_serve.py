@@ -852,6 +852,13 @@ def test_an_allowed_image_host_must_be_a_host_name(checkpoint, host):
     ServeSettings(checkpoint=str(checkpoint), allowed_image_hosts=["example.org", "10.0.0.5", "[::1]"]).check()
 
 
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_the_prefill_chunk_must_be_a_whole_number_of_tokens_or_zero(checkpoint, value):
+    with pytest.raises(ConfigError, match=re.escape(f"--prefill-chunk {value!r}: expected an integer >= 0")):
+        ServeSettings(checkpoint=str(checkpoint), prefill_chunk=value).check()
+    ServeSettings(checkpoint=str(checkpoint), prefill_chunk=0).check()  # off: prompts prefilled in one go
+
+
 @pytest.mark.parametrize("value, words", [
     (0, "--max-image-pixels 0: expected an integer >= 1"), (-5, "--max-image-pixels -5: expected an integer >= 1"),
     (True, "--max-image-pixels True: expected an integer >= 1"),

@@ -35,10 +35,10 @@ class SpyEngine(Engine):
         self.fail_step, self.fail_prefill = fail_step, fail_prefill
         self.batch_sizes = []  # rows of every decode step
 
-    def _prefill_batch(self, jobs):
+    def _prefill_batch(self, jobs, chunk=0):
         if self.fail_prefill is not None and self.fail_prefill(jobs):
             raise RuntimeError("prefill failed")
-        batch = super()._prefill_batch(jobs)
+        batch = super()._prefill_batch(jobs, chunk)
         self.streams.update({(row.job.id, row.choice): row.stream for row in batch.rows})
         return batch
 
@@ -412,6 +412,50 @@ def test_a_leave_copies_only_to_give_memory_back_and_only_if_it_can(served, monk
     left.step()  # and it decodes on
     with pytest.raises(RuntimeError, match="can't allocate"):  # a copy asked for cannot fall back
         left.select([0])
+@pytest.mark.parametrize("what", ["answered", "cancelled", "a chunk fails"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(served, what, monkeypatch):
+    """With prefill_chunk, a newcomer's long prompt runs a chunk per iteration and the running row decodes between
+    the chunks instead of waiting for the whole prefill; both answer as alone. A newcomer cancelled mid-prefill is
+    dropped; a chunk that fails sends the prefill again in one go."""
+    from tessera.serve.batch import Prefill
+
+    model, processor = served
+    params = model.sampling_params(max_new_tokens=24, eos_token_id=[])
+    short_ids, short_pixels = make_request(processor, random.Random(5), 0, 1)
+    content = [{"type": "image"}, {"type": "text", "text": (CORPUS[1] * 4)[:150]}]
+    long_ids = processor.encode([{"role": "user", "content": content}], add_generation_prompt=True)[0]
+    long_pixels = [processor.preprocess_image(Image.fromarray(_noise(20, 16, seed=77)))]
+    chunks = -(-len(long_ids) // 8)
+    assert chunks > 4
+    if what == "a chunk fails":
+        advance, calls = Prefill.advance, []
+
+        def failing_second_chunk(self):
+            calls.append(self.rows[0].job.id)
+            if calls.count("long") == 2:
+                raise RuntimeError("chunk failed")
+            return advance(self)
+
+        monkeypatch.setattr(Prefill, "advance", failing_second_chunk)
+    engine = SpyEngine(model, processor, max_batch=4, prefill_chunk=8)
+    results = drive(engine, {0: [lambda: Job("short", short_ids, short_pixels, [params])],
+                             2: [lambda: Job("long", long_ids, long_pixels, [params])]},
+                    {4: ["long"]} if what == "cancelled" else None)
+    assert results["short"] == [alone(model, processor, short_ids, short_pixels, params)[2:0:-1]]
+    if what == "cancelled":  # chunks ran at steps 2 and 3; cancelled before step 4, it is dropped there
+        assert results["long"] == [("", None)] and engine.stats["prefill_chunks"] == 2
+        assert ("long", 0, "cancelled", 0) in engine.finished and set(engine.batch_sizes) == {1}
+        return
+    assert results["long"] == [alone(model, processor, long_ids, long_pixels, params)[2:0:-1]]
+    if what == "a chunk fails":  # the first chunk ran at step 2, the second failed at step 3: then in one go
+        assert engine.stats["prefill_chunks"] == 1 and engine.stats["failed_runs"] == 1
+        assert engine.batch_sizes[:4] == [1, 1, 1, 2]
+        return
+    # the short row took a decode step at every iteration while the chunks ran (steps 2 to 2 + chunks - 1)
+    assert engine.stats["prefill_chunks"] == chunks
+    assert engine.batch_sizes[:1 + chunks] == [1] * (1 + chunks) and engine.batch_sizes[1 + chunks] == 2
+
+
 def test_a_newcomer_that_fails_its_prefill_leaves_the_running_rows_alone(served):
     """A request whose prefill fails joins while others decode: it gets its 500 alone (the other newcomers
     prefilled with it are bisected out and join), and the running rows go on."""

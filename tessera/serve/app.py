@@ -49,6 +49,7 @@ class ServeSettings:
     api_key: str | None = None
     max_images_per_prompt: int = 4
     max_batch: int = 8
+    prefill_chunk: int = 512  # tokens of a newcomer's prompt per iteration while rows run (0: in one go)
     allowed_local_dir: str | None = None
     allow_remote_images: bool = False
     allowed_image_hosts: list[str] | None = None  # remote images from these hosts only (implies remote images)
@@ -72,6 +73,7 @@ class ServeSettings:
             raise ConfigError(f"--allowed-local-dir {self.allowed_local_dir}: no such directory")
         load_dtype(self.dtype)  # a name it knows
         for flag, value, least in (("--max-batch", self.max_batch, 1), ("--threads", self.threads, 1),
+                                   ("--prefill-chunk", self.prefill_chunk, 0),
                                    ("--max-images-per-prompt", self.max_images_per_prompt, 0),
                                    ("--max-image-pixels", self.max_image_pixels, 1)):
             if value is not None and (type(value) is not int or value < least):  # bool is an int subclass
@@ -134,8 +136,8 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         try:
             log.info("loading %s", settings.checkpoint)
             model, processor = loader()
-            state["engine"] = Engine(model, processor, settings.max_batch,
-                                     max_images=settings.max_images_per_prompt).start()
+            state["engine"] = Engine(model, processor, settings.max_batch, max_images=settings.max_images_per_prompt,
+                                     prefill_chunk=settings.prefill_chunk).start()
             log.info("model %r ready (max batch %d)", name, settings.max_batch)
         except Exception as e:  # the server stays up and /health reports why it cannot serve
             log.exception("loading %s failed", settings.checkpoint)

@@ -89,21 +89,7 @@ class RunningBatch:
         """Run the (left-padded) prompts of `inputs` (the processor's pad_batch) with a cache of their own, with
         storage for `capacity` rows (the most the batch may grow to) and, for Method B, image keys/values for
         `image_room` images a row (the most a request may bring)."""
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        params = list(params)
-        storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
-                               capacity)
-        cache = storage.view(len(rows))
-        logits = model(input_ids, attention_mask, pixel_values=inputs["pixel_values"],
-                       image_counts=inputs["image_counts"], cache=cache, logits_to_keep=1,
-                       aspect_ratio_ids=inputs.get("aspect_ratio_ids")).logits[:, -1]
-        batch = cls(model, list(rows), params, [p.generator(model.device) for p in params], [0] * len(rows),
-                    storage, 0, cache.length, attention_mask, attention_mask.long().sum(-1, keepdim=True), logits)
-        batch.image_room = image_room
-        batch.cache.cross = cache.cross
-        if cache.cross.keys_values:  # into storage with room, so that later rows join without copying these
-            batch.cache.cross, batch.cross_storage, _ = _merge_cross((batch,), False, batch.capacity)
-        return batch
+        return Prefill(model, rows, params, inputs, capacity, image_room).finish()
 
     def merge(self, other: RunningBatch) -> RunningBatch:
         """Both batches' rows in one batch, right-aligned in a cache as long as the longer. When the longer batch's
@@ -241,6 +227,48 @@ class RunningBatch:
             self.cache.length = length
             raise
         self.mask, self.positions, self.logits, self.tokens = mask, self.positions + 1, logits, None
+
+
+class Prefill:
+    """Newcomers' prompts run as their own left-padded batch, with a cache of their own — in one forward, or
+    `chunk` tokens at a time (`advance`), so that a server can decode its running rows between the chunks of a
+    long prompt (see MultimodalLM.prefill_in_chunks). After the last chunk it is a RunningBatch."""
+
+    def __init__(self, model, rows: list[Any], params: Sequence[SamplingParams], inputs: dict[str, torch.Tensor],
+                 capacity: int = 0, image_room: int = 0, chunk: int = 0):
+        self.model, self.rows, self.params, self.inputs = model, list(rows), list(params), inputs
+        self.capacity, self.image_room = capacity, image_room
+        input_ids = inputs["input_ids"]
+        self.storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
+                                    capacity)
+        self.cache = self.storage.view(len(rows))
+        self._chunks = model.prefill_in_chunks(input_ids, inputs["attention_mask"], self.cache,
+                                               chunk or input_ids.shape[1], pixel_values=inputs["pixel_values"],
+                                               image_counts=inputs["image_counts"],
+                                               aspect_ratio_ids=inputs.get("aspect_ratio_ids"))
+
+    def advance(self) -> RunningBatch | None:
+        """Run the next chunk: the batch after the last one, else None."""
+        logits = next(self._chunks)
+        return None if logits is None else self._batch(logits)
+
+    def finish(self) -> RunningBatch:
+        """Run every chunk left."""
+        batch = None
+        while batch is None:
+            batch = self.advance()
+        return batch
+
+    def _batch(self, logits: torch.Tensor) -> RunningBatch:
+        attention_mask = self.inputs["attention_mask"]
+        batch = RunningBatch(self.model, self.rows, self.params, [p.generator(self.model.device) for p in self.params],
+                             [0] * len(self.rows), self.storage, 0, self.cache.length, attention_mask,
+                             attention_mask.long().sum(-1, keepdim=True), logits)
+        batch.image_room = self.image_room
+        batch.cache.cross = self.cache.cross
+        if self.cache.cross.keys_values:  # into storage with room, so that later rows join without copying these
+            batch.cache.cross, batch.cross_storage, _ = _merge_cross((batch,), False, batch.capacity)
+        return batch
 
 
 def _new_storage(model, rows: int, slots: int, capacity: int = 0) -> KVCache:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.generation import SamplingParams, StopChecker
-from tessera.serve.batch import RunningBatch
+from tessera.serve.batch import Prefill, RunningBatch
 from tessera.serve.protocol import APIError
 
 log = logging.getLogger("tessera.serve")
@@ -145,16 +145,22 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model, processor, max_batch: int, continuous: bool = True, max_images: int = 0):
+    def __init__(self, model, processor, max_batch: int, continuous: bool = True, max_images: int = 0,
+                 prefill_chunk: int = 0):
         """max_images: the most images a request may bring (the server's --max-images-per-prompt). Method B keeps
         image keys/values for that many per row, so that rows with more images than the running ones join without
-        a copy; 0: only for as many as the batch's rows have."""
+        a copy; 0: only for as many as the batch's rows have.
+        prefill_chunk: newcomers whose prompts are longer are prefilled this many tokens at a time while rows are
+        running, one chunk between two of their decode steps (0: in one go)."""
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: expected 0 (off) or a number of tokens")
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: expected an integer >= 1")
         self.model = model
         self.processor = processor
         self.max_batch = max_batch
         self.max_images = max_images
+        self.prefill_chunk = prefill_chunk
         self.continuous = continuous
         self.context_length = model.config.text.max_position_embeddings
         # for tests and logs, each row counted once: rows admitted, joined_rows (admitted into a running batch),
@@ -167,6 +173,7 @@ class Engine:
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
         self._pending: deque[Job] = deque()
         self._batch: RunningBatch | None = None  # the running batch (worker thread only)
+        self._joining: tuple[list[Job], Prefill] | None = None  # newcomers prefilled chunk by chunk (worker thread)
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tessera-model", daemon=True)
@@ -204,7 +211,8 @@ class Engine:
     def _wait_for_work(self) -> bool:
         """Block while there is nothing to do; False once the engine is stopping."""
         with self._wakeup:
-            while not self._stopping and self._batch is None and not any(not j.cancelled for j in self._pending):
+            while not self._stopping and self._batch is None and self._joining is None and \
+                    not any(not j.cancelled for j in self._pending):
                 self._wakeup.wait()
             return not self._stopping
 
@@ -212,7 +220,9 @@ class Engine:
         """One iteration: admit waiting jobs, choose and post every row's next token, drop the rows that are done,
         decode the others one step. The worker thread calls it in a loop; tests call it directly (under
         torch.inference_mode, without start()) to decide exactly when jobs arrive."""
-        if self._batch is None or self.continuous:
+        if self._joining is not None:
+            self._join_next_chunk()
+        elif self._batch is None or self.continuous:
             self._admit(self._take_waiting())
         if self._batch is None:
             return
@@ -268,13 +278,62 @@ class Engine:
     def _admit(self, jobs: list[Job]) -> None:
         if not jobs:
             return
+        longest = max(len(job.prompt_ids) for job in jobs)
+        if self._batch is not None and 0 < self.prefill_chunk < longest:  # running rows would wait for it all
+            try:
+                self._joining = jobs, self._prefill_batch(jobs, chunk=self.prefill_chunk)
+            except Exception:  # e.g. no memory for its cache: in one go, where a failure is bisected to its job
+                log.warning("starting a chunked prefill of %d requests failed", len(jobs), exc_info=True)
+            else:
+                self._join_next_chunk()
+                return
         try:
             newcomers = self._prefill(jobs)
-            if newcomers is None:
-                return
+        except Exception as e:  # e.g. merging a bisected prefill's halves: out of the queue and not yet running,
+            # these jobs would otherwise never hear back; the running rows go on
+            log.exception("admitting %d requests failed", len(jobs))
+            self._fail_all(jobs, e)
+            return
+        if newcomers is not None:
+            self._join(jobs, newcomers)
+
+    def _join_next_chunk(self) -> None:
+        """The next chunk of the newcomers' prefill; after the last, they join. With no rows running, nothing waits
+        for the chunks: they all run now. If a chunk fails, the newcomers are prefilled again in one go, where a
+        failure is bisected to the job that causes it. Newcomers who have all been cancelled are dropped."""
+        jobs, prefill = self._joining
+        if all(job.cancelled for job in jobs):
+            self._joining = None
+            for job in jobs:
+                for choice in range(job.rows):
+                    self._record(job, choice, "cancelled", 0)
+            return
+        try:
+            newcomers = prefill.advance() if self._batch is not None else prefill.finish()
+        except Exception:
+            self._joining = None
+            self.stats["failed_runs"] += 1
+            log.warning("a chunked prefill of %d requests failed; running it again in one go", len(jobs),
+                        exc_info=True)
+            self._admit_in_one_go(jobs)
+            return
+        self.stats["prefill_chunks"] += 1
+        if newcomers is not None:
+            self._joining = None
+            self._join(jobs, newcomers)
+
+    def _admit_in_one_go(self, jobs: list[Job]) -> None:
+        chunk, self.prefill_chunk = self.prefill_chunk, 0
+        try:
+            self._admit(jobs)
+        finally:
+            self.prefill_chunk = chunk
+
+    def _join(self, jobs: list[Job], newcomers: RunningBatch) -> None:
+        """The prefilled newcomers join the running batch (or become it)."""
+        try:
             merged = newcomers if self._batch is None else self._batch.merge(newcomers)
-        except Exception as e:  # e.g. out of memory for the larger cache, or merging a bisected prefill's halves:
-            # out of the queue and not yet running, these jobs would otherwise never hear back; the running rows go on
+        except Exception as e:  # e.g. out of memory for the larger cache: the running rows go on
             log.exception("admitting %d requests failed", len(jobs))
             self._fail_all(jobs, e)
             return
@@ -310,13 +369,15 @@ class Engine:
             half = (len(again) + 1) // 2
             return self._retry([part for part in (again[:half], again[half:]) if part], self._prefill)
 
-    def _prefill_batch(self, jobs: list[Job]) -> RunningBatch:
+    def _prefill_batch(self, jobs: list[Job], chunk: int = 0) -> RunningBatch | Prefill:
+        """The jobs' rows prefilled (chunk=0), or a Prefill that runs `chunk` tokens at each advance()."""
         rows = [Row(job, choice, ChoiceStream(choice, job.params[choice], self.processor.decode))
                 for job in jobs for choice in range(job.rows)]
         inputs = self.processor.pad_batch([(row.job.prompt_ids, row.job.prompt_ids) for row in rows],  # labels: unused
                                           [row.job.pixel_values for row in rows], padding_side="left")
-        return RunningBatch.prefill(self.model, rows, [row.job.params[row.choice] for row in rows], inputs,
-                                    capacity=self.max_batch, image_room=self.max_images)
+        prefill = Prefill(self.model, rows, [row.job.params[row.choice] for row in rows], inputs,
+                          capacity=self.max_batch, image_room=self.max_images, chunk=chunk)
+        return prefill if chunk else prefill.finish()
 
     def _decode(self, batch: RunningBatch) -> RunningBatch | None:
         """One decode step of the batch. If it fails, each half of the batch runs the step again (and so on): the
