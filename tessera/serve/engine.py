@@ -7,7 +7,9 @@ two decode steps,
 
 1. admits waiting jobs, oldest first, while their rows fit in --max-batch (each choice of a request is a row): the
    newcomers' prompts are prefilled together as a batch of their own, then merged into the running batch, so they
-   join at the next decode step instead of waiting for the batch to end;
+   join at the next decode step instead of waiting for the batch to end. A prompt longer than --prefill-chunk is
+   prefilled one chunk per iteration instead (the jobs behind it wait for it), so the running rows keep decoding
+   between its chunks;
 2. chooses every row's next token (each row with its own sampling settings and seeded generator) and posts the text;
 3. drops the rows that finished (EOS, a stop string, their max_tokens) or whose client went away, freeing their slots
    at once;
