@@ -48,7 +48,8 @@ def round_of(model, sizes, running: RunningBatch, results: dict[str, list[float]
         rows = running.select(range(len(running)))  # new storage holding the rows, with room for one more
         if not in_place:  # no spare row: the join copies
             rows.storage = rows.storage.view(len(rows))
-            rows.cross_storage = {layer: (k[:len(rows)], v[:len(rows)]) for layer, (k, v) in rows.cross_storage.items()}
+            rows.cross_storage = {layer: (k[:len(rows)], v[:len(rows)])
+                                  for layer, (k, v) in rows.cross_storage.items()}
         newcomer = prefill(model, sizes, 1, 0, NEWCOMER_TOKENS)
         newcomer.choose()
         seconds, joined = timed(lambda: rows.merge(newcomer))
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             running.choose()
             running.step()
         running.choose()
-        print(f"{args.fusion}: {args.rows} rows of {running.length} tokens, a newcomer of {NEWCOMER_TOKENS} new tokens joins, the "
-              f"first row leaves; medians of {args.repeats}, {torch.get_num_threads()} threads")
+        print(f"{args.fusion}: {args.rows} rows of {running.length} tokens, a newcomer of {NEWCOMER_TOKENS} new "
+              f"tokens joins, the first row leaves; medians of {args.repeats}, {torch.get_num_threads()} threads")
         results: dict[str, list[float]] = {f"{what}, {how}": [] for what in
                                            ("join", "decode step after the join", "leave")
                                            for how in ("in place", "copied")}

@@ -217,7 +217,8 @@ def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache
     assert b.length < a.length
     storage = a.storage
     joined = a.merge(b)
-    assert not joined.copied and joined.rows == ["a", "b"] and joined.storage is storage
+    # Method B: a's image keys/values (the prefill's own, without room) move once, at the first join a batch hosts
+    assert joined.copied == bool(a.cross_storage) and joined.rows == ["a", "b"] and joined.storage is storage
     with pytest.raises(RuntimeError, match="handed in place to a batch made from it"):
         a.merge(prefill("d"))
     steps(joined, 2)
@@ -284,8 +285,9 @@ def _left_padded(requests: list[dict]) -> dict:
 def test_image_keys_values_join_and_leave_in_place(kind, tmp_path, poisoned_cache):
     """Method B: a newcomer's image keys/values are written into the running batch's spare rows (with room for
     --max-images-per-prompt images a row), and a leaving row's place goes to the last row: the running rows' image
-    keys/values stay where they are. Without room for a newcomer's images, the join copies and says so. Every row
-    answers as its request alone (storage starts as NaN: padding groups must be written as zeros)."""
+    keys/values stay where they are (once the first join a batch hosts has moved the prefill's own into storage with
+    room). Without room for a newcomer's images, the join copies and says so. Every row answers as its request alone
+    (storage starts as NaN: padding groups must be written as zeros)."""
     from tessera.serve.batch import RunningBatch
 
     model, request = _cross_requests(kind, tmp_path / "ck")
@@ -324,29 +326,31 @@ def test_image_keys_values_join_and_leave_in_place(kind, tmp_path, poisoned_cach
 
     with torch.inference_mode():
         a = step(step(prefill("a", image_room=2)))
-        held = storage(a)
         c = prefill("c", image_room=2)  # no images: nothing of its own to write
         assert c.length < a.length
+        # the first join a batch hosts moves its own image keys/values (the prefill's, no room) into storage with room
         joined = step(a.merge(c))
-        assert not joined.copied and joined.rows == ["a", "c"] and storage(joined) == held
+        assert joined.copied and joined.rows == ["a", "c"] and storage(joined) != storage(a)
+        held = storage(joined)
+        b = prefill("b", image_room=2)  # two images where a has one: within the room
+        joined = step(joined.merge(b))
+        assert not joined.copied and joined.rows == ["a", "c", "b"] and storage(joined) == held
         for pair in joined.cache.cross.keys_values.values():  # views of the storage: a's row was not moved
             assert [t.data_ptr() for t in pair] == held[:2]
             held = held[2:] + held[:2]
-        joined = step(joined.merge(prefill("b", image_room=2)))  # two images where a has one: within the room
-        assert not joined.copied and joined.rows == ["a", "c", "b"] and storage(joined) == storage(a)
         left = joined.select([1, 2], in_place=True)  # a leaves: b moves into its row, with its images
-        assert not left.copied and left.rows == ["b", "c"] and storage(left) == storage(a)
+        assert not left.copied and left.rows == ["b", "c"] and storage(left) == held
         finish(left)
     assert answers["b"] == expected["b"] and answers["c"] == expected["c"]
     assert answers["a"] == expected["a"][:len(answers["a"])]
 
     with torch.inference_mode():  # no room for more images than the running rows have: the join copies
-        answers["a"] = []
-        a = step(prefill("a", image_room=0))
+        answers["a"], answers["c"] = [], []
+        a = step(prefill("a", image_room=0)).merge(prefill("c", image_room=0))
         joined = a.merge(prefill("d", image_room=0))
         assert joined.copied and storage(joined) != storage(a)
         finish(joined)
-    assert answers["d"] == expected["d"] and answers["a"] == expected["a"]
+    assert answers["d"] == expected["d"] and answers["a"] == expected["a"] and answers["c"] == expected["c"]
 
 
 def test_the_storage_takes_room_only_where_memory_could_fill_it(served, monkeypatch):
@@ -454,6 +458,33 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(ser
     # the short row took a decode step at every iteration while the chunks ran (steps 2 to 2 + chunks - 1)
     assert engine.stats["prefill_chunks"] == chunks
     assert engine.batch_sizes[:1 + chunks] == [1] * (1 + chunks) and engine.batch_sizes[1 + chunks] == 2
+
+
+def test_a_leave_stays_in_place_when_the_image_keys_values_copy_is_refused(served, monkeypatch):
+    """Method B: the copy that gives memory back needs new image key/value storage too (the larger part, for Llama 3.2
+    Vision); refused, the leave moves the rows in place, KV cache and image keys/values alike."""
+    import tessera.serve.batch as batch_module
+    from tessera.serve.batch import RunningBatch
+
+    model, processor = served
+    if model.config.fusion.method != "cross":
+        pytest.skip("only Method B keeps image keys/values")
+    params = model.sampling_params(max_new_tokens=6, eos_token_id=[])
+    requests = [make_request(processor, random.Random(8), i, 1) for i in range(4)]
+    inputs = processor.pad_batch([(ids, ids) for ids, _ in requests], [p for _, p in requests], padding_side="left")
+    batch = RunningBatch.prefill(model, list(range(4)), [params] * 4, inputs, capacity=8)
+    tokens = [[token] for token in batch.choose()]
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(batch_module, "_new_cross_storage", refused)
+    left = batch.select([2], in_place=True)  # 1 of 4 rows: a copy would give memory back, but cannot be had
+    assert not left.copied and left.rows == [2] and left.cache.cross.keys_values
+    while len(tokens[2]) < params.max_new_tokens:
+        left.step()
+        tokens[2] += left.choose()
+    assert tokens[2] == alone(model, processor, *requests[2], params)[0]
 
 
 def test_a_newcomer_that_fails_its_prefill_leaves_the_running_rows_alone(served):

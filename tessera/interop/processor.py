@@ -210,17 +210,18 @@ class HubProcessor(Processor):
             return answer_spans, typed_spans
         return None
 
-    def _typed_or_answers(self, text: str, messages: list[dict[str, Any]], answers: bool
+    def _typed_or_answers(self, text: str, messages: list[dict[str, Any]], answers: bool, changing: bool
                           ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """What `_locate` gives when the marked render does not rebuild the prompt: a DataError for a typed special
-        token, else the answers looked for by their characters."""
+        """What `_locate` gives when the marked render does not rebuild the prompt (`changing`: because the template
+        renders differently each time): a DataError for a typed special token, else the answers looked for by their
+        characters."""
         for index, text_ in _joined_texts(messages).items():
             token = self.text_encoder.typed_special_token(text_)
             if token:
+                why = "renders differently each time" if changing else "changed it"
                 raise DataError(f"messages[{index}]: its text holds the special token {token!r}, which is read as "
                                 f"text only where the chat template copies the text into the prompt as it is (or "
-                                f"trimmed); this template changed it (or renders differently each time). Expected "
-                                f"the text without {token!r}")
+                                f"trimmed); this template {why}. Expected the text without {token!r}")
         return (_answer_spans(text, messages) if answers else []), []
 
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
@@ -229,12 +230,13 @@ class HubProcessor(Processor):
         the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
         text, spans, images, template_messages = self._render(messages, add_generation_prompt)
         located = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
-        if located is None and self._render(messages, add_generation_prompt)[0] != text:
+        changing = located is None and self._render(messages, add_generation_prompt)[0] != text
+        if changing:
             # the template renders differently each time (Llama 3's writes today's date: midnight passed between
             # the two renders), not the texts: both again, back to back
             text, spans, images, template_messages = self._render(messages, add_generation_prompt)
             located = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
-        answers, typed = located or self._typed_or_answers(text, template_messages, answers=not spans)
+        answers, typed = located or self._typed_or_answers(text, template_messages, not spans, changing)
         spans = sorted(spans or answers)
         # BOS typed in a message is text: only the template's own counts as the prompt having one
         add_special_tokens = not (self.bos_token and _first_outside(text, self.bos_token, typed) == 0)

@@ -95,7 +95,8 @@ class RunningBatch:
         """Both batches' rows in one batch, right-aligned in a cache as long as the longer. When the longer batch's
         storage has room for the other's rows and for every row's remaining tokens, the other's rows are written
         into it and the longer's stay where they are (its rows come first, and that batch is used up). Otherwise
-        both are copied into new storage (self's rows first)."""
+        both are copied into new storage (self's rows first). Method B's image keys/values follow the same order,
+        and stay in place only if the longer's image storage too has room for every row and image group."""
         self._check_usable()
         other._check_usable()
         length = max(self.length, other.length)
@@ -144,16 +145,19 @@ class RunningBatch:
         real = self.mask[keep].bool().any(0).nonzero()
         first = int(real[0]) if len(real) else self.length
         length = self.length - first
-        storage = None
+        storage = cross_storage = None
         # a quarter of the rows written or fewer left: copied, so that the memory the others' rows took is given
-        # back — unless that memory cannot be had; in place, a leave needs none
+        # back — unless that memory cannot be had (the KV cache's or the image keys/values'); in place, a leave
+        # needs none
         if not in_place or 4 * len(keep) <= self.rows_written:
             try:
                 storage = _new_storage(self.model, len(keep), length + _room_for(
                     [self.params[i] for i in keep], [self.generated[i] for i in keep]), self.capacity)
+                cross_storage = _cross_storage_for(self, keep, storage.keys.shape[1])
             except RuntimeError:
                 if not in_place:
                     raise
+                storage = None
         if storage is None:
             kept, count = set(keep), len(keep)
             movers = iter(i for i in keep if i >= count)
@@ -174,7 +178,7 @@ class RunningBatch:
                     new[:, row:end, :, :length] = old[:, run_start:run_end, :, first:self.length]
                 row = end
         in_place = storage is self.storage
-        cross = _select_cross(self, keep, in_place, storage.keys.shape[1])
+        cross = _select_cross(self, keep, None if in_place else cross_storage)
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask[index]
         picked = [self.params[i] for i in keep], [self.generated[i] for i in keep]
@@ -265,9 +269,12 @@ class Prefill:
                              [0] * len(self.rows), self.storage, 0, self.cache.length, attention_mask,
                              attention_mask.long().sum(-1, keepdim=True), logits)
         batch.image_room = self.image_room
-        batch.cache.cross = self.cache.cross
-        if self.cache.cross.keys_values:  # into storage with room, so that later rows join without copying these
-            batch.cache.cross, batch.cross_storage, _ = _merge_cross((batch,), False, batch.capacity)
+        # the model's own image keys/values, without room: the first join this batch hosts moves them into storage
+        # with room (a newcomer batch that joins as the guest is written into the host's, and never copied twice).
+        # Detached: a leave moves rows within them, which autograd refuses on the views `chunk` made
+        cross = self.cache.cross
+        cross.keys_values = {layer: (k.detach(), v.detach()) for layer, (k, v) in cross.keys_values.items()}
+        batch.cache.cross, batch.cross_storage = cross, dict(cross.keys_values)
         return batch
 
 
@@ -383,7 +390,8 @@ def _merge_cross(parts: Sequence[RunningBatch], in_place: bool, capacity: int
                 # weight, so they must be finite (the storage is not zeroed, and may hold a departed row's)
                 new[row:end, :, own:slots] = 0
         row = end
-    merged = CrossAttentionState({layer: (k[:rows, :, :slots], v[:rows, :, :slots]) for layer, (k, v) in storage.items()})
+    merged = CrossAttentionState({layer: (k[:rows, :, :slots], v[:rows, :, :slots])
+                                  for layer, (k, v) in storage.items()})
     for name in ("visible", "real"):
         pieces = []
         for part, state in zip(parts, states):
@@ -396,22 +404,37 @@ def _merge_cross(parts: Sequence[RunningBatch], in_place: bool, capacity: int
     return merged, storage, not kept
 
 
-def _select_cross(batch: RunningBatch, keep: list[int], in_place: bool, capacity: int
-                  ) -> tuple[CrossAttentionState, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """The image state of the rows `keep` (in its order), without the trailing image groups none of them has, and
-    its storage. In place: rows move as in the KV storage (`keep` fills the left rows' places). Otherwise the kept
-    rows are copied into new storage. No row with an image left: no state, as a batch without images has."""
+def _kept_groups(batch: RunningBatch, keep: Sequence[int]) -> int:
+    """The image groups the rows `keep` need: up to the last one any of them has (0: none has an image)."""
     state = batch.cache.cross
     if not state.keys_values:
+        return 0
+    used = state.real[list(keep)].any(0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 0
+
+
+def _cross_storage_for(batch: RunningBatch, keep: Sequence[int], capacity: int
+                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """New image key/value storage for the rows `keep` (none if they have no image)."""
+    groups = _kept_groups(batch, keep)
+    if not groups:
+        return {}
+    state = batch.cache.cross
+    return _new_cross_storage(batch.model, state, len(keep), groups * _per_group(state), capacity, batch.image_room)
+
+
+def _select_cross(batch: RunningBatch, keep: list[int], storage: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
+                  ) -> tuple[CrossAttentionState, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """The image state of the rows `keep` (in its order), without the trailing image groups none of them has, and
+    its storage: `storage` (from `_cross_storage_for`) with the kept rows copied into it, or with None, the batch's
+    own, where rows move as in the KV storage (`keep` fills the left rows' places). No row with an image left: no
+    state, as a batch without images has."""
+    state = batch.cache.cross
+    groups = _kept_groups(batch, keep)
+    if not groups:
         return CrossAttentionState(), {}
-    index = torch.tensor(keep, dtype=torch.long, device=state.real.device)
-    real = state.real[index]
-    used = real.any(0).nonzero()
-    if not len(used):
-        return CrossAttentionState(), {}
-    groups = int(used[-1]) + 1
     slots = groups * _per_group(state)
-    if in_place:
+    if storage is None:
         storage = batch.cross_storage
         for pair in storage.values():
             for t in pair:
@@ -419,7 +442,6 @@ def _select_cross(batch: RunningBatch, keep: list[int], in_place: bool, capacity
                     if new_row != old_row:
                         t[new_row, :, :slots] = t[old_row, :, :slots]
     else:
-        storage = _new_cross_storage(batch.model, state, len(keep), slots, capacity, batch.image_room)
         for layer, pair in storage.items():
             for new, old in zip(pair, state.keys_values[layer]):
                 row = 0
@@ -427,6 +449,6 @@ def _select_cross(batch: RunningBatch, keep: list[int], in_place: bool, capacity
                     end = row + run_end - run_start
                     new[row:end, :, :slots] = old[run_start:run_end, :, :slots]
                     row = end
-    rows = len(keep)
+    rows, index = len(keep), torch.tensor(keep, dtype=torch.long, device=state.real.device)
     keys_values = {layer: (k[:rows, :, :slots], v[:rows, :, :slots]) for layer, (k, v) in storage.items()}
-    return CrossAttentionState(keys_values, state.visible[index, :groups], real[:, :groups]), storage
+    return CrossAttentionState(keys_values, state.visible[index, :groups], state.real[index, :groups]), storage
