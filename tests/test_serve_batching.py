@@ -88,7 +88,7 @@ def drive(engine: Engine, arrivals: dict[int, list], cancels: dict[int, list] | 
             with torch.inference_mode():
                 engine.step()
             await asyncio.sleep(0)
-            if k > max(arrivals) and engine.running_rows == 0 and not engine._pending:
+            if k > max(arrivals) and engine.running_rows == 0 and not engine._pending and engine._joining is None:
                 break
         else:
             raise AssertionError("the engine did not finish")
@@ -326,6 +326,9 @@ def test_image_keys_values_join_and_leave_in_place(kind, tmp_path, poisoned_cach
 
     with torch.inference_mode():
         a = step(step(prefill("a", image_room=2)))
+        # the prefill's own, not views that keep the joint key/value projection's output alive
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                   for pair in a.cross_storage.values() for t in pair)
         c = prefill("c", image_room=2)  # no images: nothing of its own to write
         assert c.length < a.length
         # the first join a batch hosts moves its own image keys/values (the prefill's, no room) into storage with room
@@ -485,6 +488,41 @@ def test_a_leave_stays_in_place_when_the_image_keys_values_copy_is_refused(serve
         left.step()
         tokens[2] += left.choose()
     assert tokens[2] == alone(model, processor, *requests[2], params)[0]
+
+
+def test_beside_a_chunked_prefill_newcomers_that_fit_a_chunk_join_at_once(served):
+    """A chunk bounds the tokens an iteration prefills, rows × the longest prompt. A short request arriving during a
+    long one's chunks joins in one go without waiting for it; of two that fit a chunk apart but not together, one
+    joins at once and the other at the next iteration. With nothing being chunked, two such newcomers are split
+    likewise: one in one go, the other as a chunked prefill of one chunk. Every answer is as alone."""
+    model, processor = served
+    params = model.sampling_params(max_new_tokens=40, eos_token_id=[])
+    rng = random.Random(11)
+    short = {name: make_request(processor, rng, i, i % 2) for i, name in enumerate(["run", "c", "d", "e"])}
+    chunk = max(len(ids) for ids, _ in short.values()) + 1
+    content = [{"type": "image"}, {"type": "text", "text": (CORPUS[2] * 40)[:1400]}]
+    long_ids = processor.encode([{"role": "user", "content": content}], add_generation_prompt=True)[0]
+    long_pixels = [processor.preprocess_image(Image.fromarray(_noise(18, 22, seed=78)))]
+    chunks = -(-len(long_ids) // chunk)
+    assert chunks >= 6 and len(long_ids) + params.max_new_tokens <= model.config.text.max_position_embeddings
+    requests = {**short, "long": (long_ids, long_pixels)}
+    job = lambda name: lambda: Job(name, *requests[name], [params])  # noqa: E731
+
+    engine = SpyEngine(model, processor, max_batch=6, prefill_chunk=chunk)
+    results = drive(engine, {0: [job("run")], 2: [job("long")], 3: [job("c")], 5: [job("d"), job("e")]})
+    for name in requests:
+        assert results[name] == [alone(model, processor, *requests[name], params)[2:0:-1]], name
+    # c joins at step 3, d at 5 and e at 6 (d and e together would take more than a chunk), while long's chunks
+    # run at steps 2, 3, …: it joins at its last
+    last_chunk = 2 + chunks - 1
+    assert engine.batch_sizes[:last_chunk + 1] == [1, 1, 1, 2, 2, 3] + [4] * (last_chunk - 6) + [5]
+    assert engine.stats["prefill_chunks"] == chunks
+
+    engine = SpyEngine(model, processor, max_batch=6, prefill_chunk=chunk)
+    results = drive(engine, {0: [job("run")], 2: [job("d"), job("e")]})
+    for name in ("run", "d", "e"):
+        assert results[name] == [alone(model, processor, *requests[name], params)[2:0:-1]], name
+    assert engine.batch_sizes[:4] == [1, 1, 2, 3] and engine.stats["prefill_chunks"] == 1
 
 
 def test_a_newcomer_that_fails_its_prefill_leaves_the_running_rows_alone(served):

@@ -246,6 +246,7 @@ class Prefill:
         self.storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
                                     capacity)
         self.cache = self.storage.view(len(rows))
+        self.chunks = 0  # run so far
         self._chunks = model.prefill_in_chunks(input_ids, inputs["attention_mask"], self.cache,
                                                chunk or input_ids.shape[1], pixel_values=inputs["pixel_values"],
                                                image_counts=inputs["image_counts"],
@@ -254,6 +255,7 @@ class Prefill:
     def advance(self) -> RunningBatch | None:
         """Run the next chunk: the batch after the last one, else None."""
         logits = next(self._chunks)
+        self.chunks += 1  # (one that raised is not counted)
         return None if logits is None else self._batch(logits)
 
     def finish(self) -> RunningBatch:
@@ -271,9 +273,8 @@ class Prefill:
         batch.image_room = self.image_room
         # the model's own image keys/values, without room: the first join this batch hosts moves them into storage
         # with room (a newcomer batch that joins as the guest is written into the host's, and never copied twice).
-        # Detached: a leave moves rows within them, which autograd refuses on the views `chunk` made
         cross = self.cache.cross
-        cross.keys_values = {layer: (k.detach(), v.detach()) for layer, (k, v) in cross.keys_values.items()}
+        cross.keys_values = {layer: (_own(k), _own(v)) for layer, (k, v) in cross.keys_values.items()}
         batch.cache.cross, batch.cross_storage = cross, dict(cross.keys_values)
         return batch
 
@@ -402,6 +403,14 @@ def _merge_cross(parts: Sequence[RunningBatch], in_place: bool, capacity: int
                 pieces.append(torch.zeros(len(part), groups, dtype=torch.bool, device=with_images[0].real.device))
         setattr(merged, name, torch.cat(pieces))
     return merged, storage, not kept
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` holding only its own memory: a view into a larger tensor (the values `chunk` cuts from a joint key/value
+    projection) would keep all of it alive, and is copied out. Detached: a leave moves rows within it, which
+    autograd refuses on such views."""
+    t = t.detach()
+    return t if t.untyped_storage().nbytes() <= t.numel() * t.element_size() else t.clone()
 
 
 def _kept_groups(batch: RunningBatch, keep: Sequence[int]) -> int:

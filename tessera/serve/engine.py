@@ -43,6 +43,11 @@ from tessera.serve.protocol import APIError
 log = logging.getLogger("tessera.serve")
 
 
+def _prefill_tokens(jobs: Sequence[Job]) -> int:
+    """What prefilling the jobs together takes: their rows × the longest prompt (the others are padded to it)."""
+    return sum(job.rows for job in jobs) * max((len(job.prompt_ids) for job in jobs), default=0)
+
+
 def generation_failed(e: Exception) -> APIError:
     return APIError(500, f"generation failed: {type(e).__name__}: {e}")
 
@@ -169,7 +174,8 @@ class Engine:
         # prefills (groups of jobs admitted together), steps (decode steps), largest_batch (most rows in the running
         # batch), retries (runs of part of a failed prefill or step), failed_runs (retries included), failed_rows
         # (a 500), cancelled_rows, cache_copies (joins and leaves that copied the running rows' KV cache or image
-        # keys/values: a join when their storage had no room, a leave when few rows stay; see tessera/serve/batch.py)
+        # keys/values: a join when their storage had no room, a leave when few rows stay; see tessera/serve/batch.py),
+        # prefill_chunks (chunks of chunked prefills run)
         self.stats: Counter[str] = Counter()
         # every row's outcome, once: (job id, choice, reason: stop | length | cancelled | failed, tokens)
         self.finished: deque[tuple[str, int, str, int]] = deque(maxlen=1024)
@@ -222,10 +228,11 @@ class Engine:
         """One iteration: admit waiting jobs, choose and post every row's next token, drop the rows that are done,
         decode the others one step. The worker thread calls it in a loop; tests call it directly (under
         torch.inference_mode, without start()) to decide exactly when jobs arrive."""
-        if self._joining is not None:
-            self._join_next_chunk()
-        elif self._batch is None or self.continuous:
-            self._admit(self._take_waiting())
+        if self._batch is None or self.continuous:
+            if self._joining is not None:
+                self._join_next_chunk()
+            # beside a chunked prefill, only newcomers that take no more than a chunk in one go are admitted
+            self._admit(self._take_waiting(one_go_only=self._joining is not None))
         if self._batch is None:
             return
         batch = self._batch
@@ -256,10 +263,11 @@ class Engine:
                 self.stats["cache_copies"] += 1
         self._batch = self._decode(batch) if batch is not None else None
 
-    def _take_waiting(self) -> list[Job]:
-        """Waiting jobs, oldest first, while their rows fit beside the running ones (a job that does not fit waits,
-        and so do the jobs behind it: a request with many choices is not overtaken forever)."""
-        free = self.max_batch - self.running_rows
+    def _take_waiting(self, one_go_only: bool = False) -> list[Job]:
+        """Waiting jobs, oldest first, while their rows fit beside the running ones and those being prefilled (a job
+        that does not fit waits, and so do the jobs behind it: a request with many choices is not overtaken
+        forever). one_go_only: only while they take no more than --prefill-chunk tokens together."""
+        free = self.max_batch - self.running_rows - (sum(job.rows for job in self._joining[0]) if self._joining else 0)
         taken = []
         with self._wakeup:
             while self._pending:
@@ -269,7 +277,7 @@ class Engine:
                     for choice in range(job.rows):
                         self._record(job, choice, "cancelled", 0)
                     continue
-                if job.rows > free:
+                if job.rows > free or (one_go_only and _prefill_tokens(taken + [job]) > self.prefill_chunk):
                     break
                 taken.append(self._pending.popleft())
                 free -= job.rows
@@ -278,26 +286,39 @@ class Engine:
         return taken
 
     def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the jobs and let them join. While rows are running, jobs that together take more than
+        --prefill-chunk tokens (rows × the longest prompt, padding included) would stall them for the whole
+        prefill: the most that fit are prefilled now in one go, and the others start a chunked prefill whose chunks
+        also take about --prefill-chunk tokens (a chunk of prefill_chunk // rows tokens a row)."""
         if not jobs:
             return
-        longest = max(len(job.prompt_ids) for job in jobs)
-        if self._batch is not None and 0 < self.prefill_chunk < longest:  # running rows would wait for it all
+        one_go, chunked = list(jobs), []
+        if self._batch is not None and self.prefill_chunk:
+            one_go = []
+            for job in jobs:
+                (one_go if _prefill_tokens(one_go + [job]) <= self.prefill_chunk else chunked).append(job)
+        if chunked:
+            rows = sum(job.rows for job in chunked)
             try:
-                self._joining = jobs, self._prefill_batch(jobs, chunk=self.prefill_chunk)
+                self._joining = chunked, self._prefill_batch(chunked, chunk=max(1, self.prefill_chunk // rows))
             except Exception:  # e.g. no memory for its cache: in one go, where a failure is bisected to its job
-                log.warning("starting a chunked prefill of %d requests failed", len(jobs), exc_info=True)
+                self.stats["failed_runs"] += 1
+                log.warning("starting a chunked prefill of %d requests failed", len(chunked), exc_info=True)
+                one_go += chunked
             else:
-                self._join_next_chunk()
-                return
+                if not one_go:  # its first chunk now (with others in one go: next time, so as not to take two)
+                    self._join_next_chunk()
+        if not one_go:
+            return
         try:
-            newcomers = self._prefill(jobs)
+            newcomers = self._prefill(one_go)
         except Exception as e:  # e.g. merging a bisected prefill's halves: out of the queue and not yet running,
             # these jobs would otherwise never hear back; the running rows go on
-            log.exception("admitting %d requests failed", len(jobs))
-            self._fail_all(jobs, e)
+            log.exception("admitting %d requests failed", len(one_go))
+            self._fail_all(one_go, e)
             return
         if newcomers is not None:
-            self._join(jobs, newcomers)
+            self._join(one_go, newcomers)
 
     def _join_next_chunk(self) -> None:
         """The next chunk of the newcomers' prefill; after the last, they join. With no rows running, nothing waits
@@ -310,17 +331,19 @@ class Engine:
                 for choice in range(job.rows):
                     self._record(job, choice, "cancelled", 0)
             return
+        chunks, newcomers, failed = prefill.chunks, None, False
         try:
             newcomers = prefill.advance() if self._batch is not None else prefill.finish()
         except Exception:
-            self._joining = None
+            failed = True
             self.stats["failed_runs"] += 1
             log.warning("a chunked prefill of %d requests failed; running it again in one go", len(jobs),
                         exc_info=True)
+        self.stats["prefill_chunks"] += prefill.chunks - chunks
+        if failed:  # out of the except block, and dropped: its cache is let go before the retry takes another
+            self._joining = prefill = None
             self._admit_in_one_go(jobs)
-            return
-        self.stats["prefill_chunks"] += 1
-        if newcomers is not None:
+        elif newcomers is not None:
             self._joining = None
             self._join(jobs, newcomers)
 
@@ -362,14 +385,15 @@ class Engine:
                 return None
             log.warning("the prefill of %d requests failed (%s: %s); running it again in halves", len(jobs),
                         type(e).__name__, e, exc_info=True)
-            again = []
-            for job in jobs:
-                if job.cancelled:
-                    self._fail(job, error)
-                else:
-                    again.append(job)
-            half = (len(again) + 1) // 2
-            return self._retry([part for part in (again[:half], again[half:]) if part], self._prefill)
+        # out of the except block: the failed prefill's cache, which its traceback holds, is let go before the halves
+        again = []
+        for job in jobs:
+            if job.cancelled:
+                self._fail(job, error)
+            else:
+                again.append(job)
+        half = (len(again) + 1) // 2
+        return self._retry([part for part in (again[:half], again[half:]) if part], self._prefill)
 
     def _prefill_batch(self, jobs: list[Job], chunk: int = 0) -> RunningBatch | Prefill:
         """The jobs' rows prefilled (chunk=0), or a Prefill that runs `chunk` tokens at each advance()."""
