@@ -125,20 +125,21 @@ class Processor:
             parts.append(ROLE_TOKENS["assistant"])
         return "".join(parts)
 
-    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False
-               ) -> tuple[list[int], list[int], list[Any]]:
-        """Token ids, labels and the images found in the message parts, for one conversation."""
-        ids, labels, images = [self.begin_token_id], [IGNORE_INDEX], []
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False, labels: bool = True
+               ) -> tuple[list[int], list[int] | None, list[Any]]:
+        """Token ids, labels (None with labels=False: a prompt to generate from) and the images found in the message
+        parts, for one conversation."""
+        ids, targets, images = [self.begin_token_id], [IGNORE_INDEX], []
         for message in messages:
             role, text, part_images = _read_message(message)
             images.extend(part_images)
             content = self._text_ids(text) + [self.end_token_id]
             ids += [self.role_token_ids[role]] + content
-            labels += [IGNORE_INDEX] + (content if role == "assistant" else [IGNORE_INDEX] * len(content))
+            targets += [IGNORE_INDEX] + (content if role == "assistant" else [IGNORE_INDEX] * len(content))
         if add_generation_prompt:
             ids.append(self.role_token_ids["assistant"])
-            labels.append(IGNORE_INDEX)
-        return ids, labels, images
+            targets.append(IGNORE_INDEX)
+        return ids, targets if labels else None, images
 
     @cached_property
     def text_encoder(self) -> MessageTextEncoder:

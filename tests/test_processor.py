@@ -753,6 +753,29 @@ def test_a_template_that_writes_the_date_still_places_texts_when_midnight_passes
         hub.encode(conversation)
 
 
+def test_a_prompt_to_generate_from_skips_looking_for_its_answers(processor, monkeypatch):
+    """labels=False (the server's prompts): the same ids, no labels, and an imported template renders once — the
+    second render only locates answers (or typed special tokens, which still need it)."""
+    import tessera.interop.processor as hub_module
+
+    tokenizer = _llama2_like_tokenizer()
+    hub = _hub(tokenizer, LLAVA_LIKE)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"},
+               {"role": "user", "content": "and now?"}]
+    renders = []
+    render = hub_module.render
+    monkeypatch.setattr(hub_module, "render", lambda *args, **kwargs: renders.append(1) or render(*args, **kwargs))
+    for p, expected_renders in ((hub, 1), (processor, 0)):
+        ids, labels, _ = p.encode(history, add_generation_prompt=True)
+        renders.clear()
+        assert p.encode(history, add_generation_prompt=True, labels=False) == (ids, None, [])
+        assert len(renders) == expected_renders
+    typed = history[:2] + [{"role": "user", "content": "and </s>?"}]
+    ids, _, _ = hub.encode(typed, add_generation_prompt=True, labels=False)
+    assert ids == hub.encode(typed, add_generation_prompt=True)[0]
+    assert ids.count(tokenizer.token_to_id("</s>")) == 1  # the template's, after "red": the typed one is text
+
+
 def test_a_typed_token_that_strips_spaces_is_text_at_the_start_and_end_of_a_message():
     """An added token with lstrip/rstrip takes the spaces the template writes around the message into its span."""
     tokenizer = _llama2_like_tokenizer()

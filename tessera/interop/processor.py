@@ -224,20 +224,23 @@ class HubProcessor(Processor):
                                 f"trimmed); this template {why}. Expected the text without {token!r}")
         return (_answer_spans(text, messages) if answers else []), []
 
-    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
-               ) -> tuple[list[int], list[int], list[Any]]:
+    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False, labels: bool = True
+               ) -> tuple[list[int], list[int] | None, list[Any]]:
         """Token ids, labels (the assistant answers; the template's {% generation %} blocks when it has them) and
-        the images in the message parts, as transformers' processor would tokenize the rendered prompt."""
+        the images in the message parts, as transformers' processor would tokenize the rendered prompt.
+        labels=False: a prompt to generate from, whose answers are not looked for (labels None)."""
         text, spans, images, template_messages = self._render(messages, add_generation_prompt)
-        located = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
+        find_answers = labels and not spans
+        located = self._locate(text, template_messages, add_generation_prompt, answers=find_answers)
         changing = located is None and self._render(messages, add_generation_prompt)[0] != text
         if changing:
             # the template renders differently each time (Llama 3's writes today's date: midnight passed between
             # the two renders), not the texts: both again, back to back
             text, spans, images, template_messages = self._render(messages, add_generation_prompt)
-            located = self._locate(text, template_messages, add_generation_prompt, answers=not spans)
-        answers, typed = located or self._typed_or_answers(text, template_messages, not spans, changing)
-        spans = sorted(spans or answers)
+            find_answers = labels and not spans
+            located = self._locate(text, template_messages, add_generation_prompt, answers=find_answers)
+        answers, typed = located or self._typed_or_answers(text, template_messages, find_answers, changing)
+        spans = sorted(spans or answers) if labels else []
         # BOS typed in a message is text: only the template's own counts as the prompt having one
         add_special_tokens = not (self.bos_token and _first_outside(text, self.bos_token, typed) == 0)
         if self.config.family == "mllama" and self.bos_token and _first_outside(text, self.bos_token, typed) < 0:
@@ -248,7 +251,7 @@ class HubProcessor(Processor):
             text = text[:lead] + self.bos_token + text[lead:]
             spans, typed = ([(a + len(self.bos_token), b + len(self.bos_token)) for a, b in spans_]
                             for spans_ in (spans, typed))
-        ids, labels, in_answer, next_span = [], [], False, 0
+        ids, targets, in_answer, next_span = [], [], False, 0
         for token_id, (start, end), special in self.text_encoder.encode(text, typed, add_special_tokens):
             # an answer token lies inside an answer span; the EOS right after an answer is learned too
             closes_answer = in_answer and token_id == self.end_token_id
@@ -259,8 +262,8 @@ class HubProcessor(Processor):
             # each image token stands for image_seq_length features (LLaVA), as transformers repeats it
             repeat = self.config.image_seq_length if token_id == self.image_token_id else 1
             ids += [token_id] * repeat
-            labels += [token_id if in_answer or closes_answer else IGNORE_INDEX] * repeat
-        return ids, labels, images
+            targets += [token_id if in_answer or closes_answer else IGNORE_INDEX] * repeat
+        return ids, targets if labels else None, images
 
     def user_message(self, text: str, num_images: int) -> dict[str, Any]:
         return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}

@@ -304,7 +304,7 @@ def encode_prompt(request: ChatRequest, processor, context_length: int) -> tuple
     do not match its images."""
     _refuse_image_tokens(request.messages, processor)
     try:
-        ids, _, _ = processor.encode(request.messages, add_generation_prompt=True)
+        ids, _, _ = processor.encode(request.messages, add_generation_prompt=True, labels=False)
     except DataError as e:  # e.g. a template's raise_exception("Conversation roles must alternate …")
         raise APIError(400, str(e), "messages") from None
     image_tokens, per_image = ids.count(processor.image_token_id), processor.config.image_seq_length
