@@ -463,6 +463,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(ser
     assert engine.batch_sizes[:1 + chunks] == [1] * (1 + chunks) and engine.batch_sizes[1 + chunks] == 2
 
 
+@pytest.mark.parametrize("served", ["cross"], indirect=True)  # only Method B keeps image keys/values
 def test_a_leave_stays_in_place_when_the_image_keys_values_copy_is_refused(served, monkeypatch):
     """Method B: the copy that gives memory back needs new image key/value storage too (the larger part, for Llama 3.2
     Vision); refused, the leave moves the rows in place, KV cache and image keys/values alike."""
@@ -470,8 +471,6 @@ def test_a_leave_stays_in_place_when_the_image_keys_values_copy_is_refused(serve
     from tessera.serve.batch import RunningBatch
 
     model, processor = served
-    if model.config.fusion.method != "cross":
-        pytest.skip("only Method B keeps image keys/values")
     params = model.sampling_params(max_new_tokens=6, eos_token_id=[])
     requests = [make_request(processor, random.Random(8), i, 1) for i in range(4)]
     inputs = processor.pad_batch([(ids, ids) for ids, _ in requests], [p for _, p in requests], padding_side="left")
