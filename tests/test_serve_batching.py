@@ -136,6 +136,30 @@ def scenario(model, processor, seed: int, count: int = 12):
     return specs, cancelled
 
 
+def _by_hand(names, max_new_tokens: int):
+    """For a test that steps RunningBatches itself: each row's tokens by name, steps(batch, count=1) and finish(batch),
+    which steps until every row has its tokens, each leaving (in place) when it has them, as in the engine."""
+    answers = {name: [] for name in names}
+
+    def steps(batch, count=1):
+        for _ in range(count):
+            for name, token in zip(batch.rows, batch.choose()):
+                answers[name].append(token)
+            batch.step()
+        return batch
+
+    def finish(batch):
+        while batch is not None:
+            for name, token in zip(batch.rows, batch.choose()):
+                answers[name].append(token)
+            keep = [i for i, name in enumerate(batch.rows) if len(answers[name]) < max_new_tokens]
+            batch = batch.select(keep, in_place=True) if keep else None
+            if batch is not None:
+                batch.step()
+
+    return answers, steps, finish
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_requests_joining_and_leaving_answer_as_alone(served, seed, poisoned_cache):
     """Every row answers as its request alone does. The caches start as NaN (poisoned_cache): merging batches
@@ -189,28 +213,12 @@ def test_rows_join_and_leave_in_place_and_answer_as_alone(served, poisoned_cache
     requests = {"a": request(0, 1, 40), "b": request(1, 0, 8), "c": request(2, 2, 160), "d": request(3, 0, 20),
                 "e": request(0, 1, 30)}
     expected = {name: alone(model, processor, *request, params)[0] for name, request in requests.items()}
-    answers = {name: [] for name in requests}
+    answers, steps, finish = _by_hand(requests, params.max_new_tokens)
 
     def prefill(*names, capacity=4):
         inputs = processor.pad_batch([(requests[n][0], requests[n][0]) for n in names],
                                      [requests[n][1] for n in names], padding_side="left")
         return RunningBatch.prefill(model, list(names), [params] * len(names), inputs, capacity=capacity)
-
-    def steps(batch, count):
-        for _ in range(count):
-            for name, token in zip(batch.rows, batch.choose()):
-                answers[name].append(token)
-            batch.step()
-        return batch
-
-    def finish(batch):  # as the engine does: a row that has its tokens leaves
-        while batch is not None:
-            for name, token in zip(batch.rows, batch.choose()):
-                answers[name].append(token)
-            keep = [i for i, name in enumerate(batch.rows) if len(answers[name]) < params.max_new_tokens]
-            batch = batch.select(keep, in_place=True) if keep else None
-            if batch is not None:
-                batch.step()
 
     a = steps(prefill("a"), 3)  # a: image + prompt, 3 tokens in; b's prompt is shorter: b joins into a's storage
     b = prefill("b")
@@ -300,26 +308,11 @@ def test_image_keys_values_join_and_leave_in_place(kind, tmp_path, poisoned_cach
                              inputs["image_counts"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
                              max_new_tokens=6, eos_token_id=[])
         expected[name] = out.sequences[0]
-    answers = {name: [] for name in requests}
+    answers, step, finish = _by_hand(requests, params.max_new_tokens)
 
     def prefill(name, image_room):
         return RunningBatch.prefill(model, [name], [params], _left_padded([requests[name]]), capacity=4,
                                     image_room=image_room)
-
-    def step(batch):
-        for name, token in zip(batch.rows, batch.choose()):
-            answers[name].append(token)
-        batch.step()
-        return batch
-
-    def finish(batch):  # as the engine does: a row that has its tokens leaves
-        while batch is not None:
-            for name, token in zip(batch.rows, batch.choose()):
-                answers[name].append(token)
-            keep = [i for i, name in enumerate(batch.rows) if len(answers[name]) < params.max_new_tokens]
-            batch = batch.select(keep, in_place=True) if keep else None
-            if batch is not None:
-                batch.step()
 
     def storage(batch):  # the data pointers of every gated block's image keys/values storage
         return [t.data_ptr() for pair in batch.cross_storage.values() for t in pair]
