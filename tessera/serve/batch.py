@@ -271,8 +271,8 @@ class Prefill:
                              [0] * len(self.rows), self.storage, 0, self.cache.length, attention_mask,
                              attention_mask.long().sum(-1, keepdim=True), logits)
         batch.image_room = self.image_room
-        # the model's own image keys/values, without room: the first join this batch hosts moves them into storage
-        # with room (a newcomer batch that joins as the guest is written into the host's, and never copied twice).
+        # the model's own image keys/values (see _own), without room: the first join this batch hosts moves them into
+        # storage with room, and a newcomer batch that joins as the guest is written into the host's
         cross = self.cache.cross
         cross.keys_values = {layer: (_own(k), _own(v)) for layer, (k, v) in cross.keys_values.items()}
         batch.cache.cross, batch.cross_storage = cross, dict(cross.keys_values)

@@ -7,9 +7,10 @@ two decode steps,
 
 1. admits waiting jobs, oldest first, while their rows fit in --max-batch (each choice of a request is a row): the
    newcomers' prompts are prefilled together as a batch of their own, then merged into the running batch, so they
-   join at the next decode step instead of waiting for the batch to end. A prompt longer than --prefill-chunk is
-   prefilled one chunk per iteration instead (the jobs behind it wait for it), so the running rows keep decoding
-   between its chunks;
+   join at the next decode step instead of waiting for the batch to end. Newcomers that would take more than
+   --prefill-chunk tokens (rows × the longest prompt) are prefilled a chunk of about that many per iteration
+   instead, so the running rows keep decoding between the chunks; newcomers that fit a chunk still join at once
+   beside it, and the others wait for it to end;
 2. chooses every row's next token (each row with its own sampling settings and seeded generator) and posts the text;
 3. drops the rows that finished (EOS, a stop string, their max_tokens) or whose client went away, freeing their slots
    at once;
@@ -157,8 +158,8 @@ class Engine:
         """max_images: the most images a request may bring (the server's --max-images-per-prompt). Method B keeps
         image keys/values for that many per row, so that rows with more images than the running ones join without
         a copy; 0: only for as many as the batch's rows have.
-        prefill_chunk: newcomers whose prompts are longer are prefilled this many tokens at a time while rows are
-        running, one chunk between two of their decode steps (0: in one go)."""
+        prefill_chunk: while rows are running, newcomers that would take more tokens than this (rows × the longest
+        prompt) are prefilled about this many at a time, one chunk between two decode steps (0: in one go)."""
         if prefill_chunk < 0:
             raise ValueError(f"prefill_chunk={prefill_chunk}: expected 0 (off) or a number of tokens")
         if max_batch < 1:
