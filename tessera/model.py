@@ -217,21 +217,23 @@ class MultimodalLM(nn.Module):
         chunks, so that a long prompt does not stall them for its whole prefill (chunked prefill, as vLLM's).
 
         The images are encoded and placed once, before the first chunk; each chunk attends to the cache and to
-        itself, as the whole prompt would (the logits agree with one prefill's to float rounding)."""
+        itself, as the whole prompt would (the logits agree with one prefill's to float rounding). A size sent to
+        the generator (`send(n)`) sets the chunks after: a server with no rows left to decode runs the rest at once."""
         if chunk < 1:
             raise ValueError(f"chunk={chunk}: expected at least 1 token")
         if cache.length:
             raise ValueError(f"the cache holds {cache.length} tokens; a prefill starts from an empty one")
         inputs_embeds, cross = self._embed(input_ids, pixel_values, image_counts, cache, None, aspect_ratio_ids,
                                            prefill=True)
-        length = input_ids.shape[1]
-        for start in range(0, length, chunk):
+        length, start = input_ids.shape[1], 0
+        while start < length:
             end = min(start + chunk, length)
             inject = self._bind_cross(cross[0], cross[1][:, start:end], cross[2]) if cross is not None else None
             logits = self.llm(inputs_embeds=inputs_embeds[:, start:end], cache=cache, inject=inject,
                               attention_mask=None if attention_mask is None else attention_mask[:, :end],
                               logits_to_keep=1)
-            yield logits[:, -1] if end == length else None
+            resized = yield logits[:, -1] if end == length else None
+            chunk, start = resized or chunk, end
 
     def _loss(self, logits, labels, num_items_in_batch, supervised) -> ModelOutput:
         """logits: (batch, seq, vocab), or (supervised positions, vocab) in order when `supervised` marks them."""

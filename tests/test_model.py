@@ -190,6 +190,20 @@ def test_a_prefill_in_chunks_equals_one_prefill(fusion, chunk, poisoned_cache):
             assert torch.equal(chunked.cross.keys_values[layer][1], v)
 
 
+def test_a_prefill_in_chunks_takes_a_new_chunk_size_for_the_rest():
+    """A server whose running rows have all finished sends the rest's length: one forward for every token left."""
+    model = MultimodalLM(tiny_config("unified")).eval()
+    _, ids, mask, pixels, counts = _generation_batch("unified")
+    caches = [KVCache(model.config.text, 3, ids.shape[1], model.dtype) for _ in range(2)]
+    with torch.inference_mode():
+        whole = model(ids, mask, pixels, counts, cache=caches[0], logits_to_keep=1).logits[:, -1]
+        chunks = model.prefill_in_chunks(ids, mask, caches[1], 3, pixels, counts)
+        assert next(chunks) is None and caches[1].length == 3
+        rest = chunks.send(ids.shape[1])
+    assert caches[1].length == ids.shape[1]
+    torch.testing.assert_close(rest, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_a_prefill_in_chunks_refuses_a_used_cache_or_an_empty_chunk():
     model = MultimodalLM(tiny_config("unified")).eval()
     cache = KVCache(model.config.text, 1, 8, model.dtype)

@@ -430,11 +430,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(ser
     if what == "a chunk fails":
         advance, calls = Prefill.advance, []
 
-        def failing_second_chunk(self):
+        def failing_second_chunk(self, rest=False):
             calls.append(self.rows[0].job.id)
             if calls.count("long") == 2:
                 raise RuntimeError("chunk failed")
-            return advance(self)
+            return advance(self, rest)
 
         monkeypatch.setattr(Prefill, "advance", failing_second_chunk)
     engine = SpyEngine(model, processor, max_batch=4, prefill_chunk=8)
@@ -483,10 +483,11 @@ def test_a_leave_stays_in_place_when_the_image_keys_values_copy_is_refused(serve
 
 
 def test_beside_a_chunked_prefill_newcomers_that_fit_a_chunk_join_at_once(served):
-    """A chunk bounds the tokens an iteration prefills, rows × the longest prompt. A short request arriving during a
-    long one's chunks joins in one go without waiting for it; of two that fit a chunk apart but not together, one
-    joins at once and the other at the next iteration. With nothing being chunked, two such newcomers are split
-    likewise: one in one go, the other as a chunked prefill of one chunk. Every answer is as alone."""
+    """A chunk bounds the tokens each prefill of an iteration takes, rows × the longest prompt (an iteration may run
+    a chunk of a long prompt and newcomers that fit one). A short request arriving during a long one's chunks joins
+    in one go without waiting for it; of two that fit a chunk apart but not together, one joins at once and the
+    other at the next iteration. With nothing being chunked, two such newcomers are split likewise: one in one go,
+    the other as a chunked prefill of one chunk. Every answer is as alone."""
     model, processor = served
     params = model.sampling_params(max_new_tokens=40, eos_token_id=[])
     rng = random.Random(11)
@@ -587,9 +588,9 @@ def test_a_decode_step_that_fails_in_the_lm_head_leaves_the_rows_where_they_were
 
 
 def test_newcomers_whose_admission_fails_after_bisection_get_their_500(served, monkeypatch):
-    """A failed prefill's halves are prefilled again and merged; if that merge fails, the newcomers are out of the
-    queue and not yet running — each must still get its 500 (a client would otherwise wait forever), and the
-    running rows go on."""
+    """A failed prefill's halves are prefilled again and merged; if that merge fails, the half that could not join
+    is out of the queue and not yet running — it must still get its 500 (a client would otherwise wait forever) —
+    and the other half and the running rows go on."""
     import tessera.serve.batch as batch_module
 
     model, processor = served
@@ -608,9 +609,57 @@ def test_newcomers_whose_admission_fails_after_bisection_get_their_500(served, m
     engine = SpyEngine(model, processor, max_batch=4, fail_prefill=lambda jobs: len(jobs) > 1)
     results = drive(engine, {0: [lambda: Job("running", *requests[0], params)],
                              2: [lambda i=i: Job(f"new{i}", *requests[i], params) for i in (1, 2)]})
-    assert results["new1"] == [("", "failed")] and results["new2"] == [("", "failed")]
-    _, reason, text = alone(model, processor, *requests[0], params[0])
-    assert results["running"] == [(text, reason)] and engine.stats["failed_rows"] == 2
+    assert results["new2"] == [("", "failed")] and engine.stats["failed_rows"] == 1
+    for name, request in ("running", requests[0]), ("new1", requests[1]):
+        _, reason, text = alone(model, processor, *request, params[0])
+        assert results[name] == [(text, reason)], name
+
+
+def test_a_decode_step_whose_halves_cannot_be_merged_again_fails_only_the_half_left_out(served, monkeypatch):
+    """A failed decode step is run again in halves, which merge back; if that merge fails (no memory for it), the rows
+    of the half that could not join get their 500 and the others go on (it failed every running row)."""
+    import tessera.serve.batch as batch_module
+
+    model, processor = served
+    params = [model.sampling_params(max_new_tokens=8, eos_token_id=[])]
+    requests = [make_request(processor, random.Random(12), i, i % 2) for i in range(3)]
+    merge, failed = batch_module.RunningBatch.merge, []
+
+    def failing_merge(self, other):
+        if len(self) + len(other) == 3 and not failed:  # the first merge of the two halves
+            failed.append(1)
+            raise RuntimeError("out of memory")
+        return merge(self, other)
+
+    engine = SpyEngine(model, processor, max_batch=4, fail_step=lambda batch: len(batch) == 3 and not failed)
+    monkeypatch.setattr(batch_module.RunningBatch, "merge", failing_merge)
+    results = drive(engine, {0: [lambda i=i: Job(f"job{i}", *requests[i], params) for i in range(3)]})
+    monkeypatch.undo()
+    # the halves: rows 0-1 and row 2; the second could not join the first
+    assert results["job2"] == [("", "failed")] and engine.stats["failed_rows"] == 1
+    for i in (0, 1):
+        _, reason, text = alone(model, processor, *requests[i], params[0])
+        assert results[f"job{i}"] == [(text, reason)], i
+
+
+def test_a_chunked_prefill_finishes_the_rest_in_one_forward(served):
+    """With no rows left to decode, nothing waits for the chunks: the engine runs the rest in one forward."""
+    from tessera.serve.batch import Prefill
+
+    model, processor = served
+    params = model.sampling_params(max_new_tokens=6, eos_token_id=[])
+    ids, pixels = make_request(processor, random.Random(13), 0, 1)
+    inputs = processor.pad_batch([(ids, ids)], [pixels], padding_side="left")
+    with torch.inference_mode():
+        prefill = Prefill(model, ["row"], [params], inputs, chunk=3)
+        assert prefill.advance() is None and prefill.cache.length == 3
+        batch = prefill.finish()
+        assert prefill.chunks == 2 and batch.length == len(ids)
+        tokens = []
+        while len(tokens) < params.max_new_tokens:
+            tokens += batch.choose()
+            batch.step()
+    assert tokens == alone(model, processor, ids, pixels, params)[0]
 
 
 def test_static_batching_admits_only_between_batches(served):

@@ -228,7 +228,9 @@ class HubProcessor(Processor):
                ) -> tuple[list[int], list[int] | None, list[Any]]:
         """Token ids, labels (the assistant answers; the template's {% generation %} blocks when it has them) and
         the images in the message parts, as transformers' processor would tokenize the rendered prompt.
-        labels=False: a prompt to generate from, whose answers are not looked for (labels None)."""
+        labels=False: a prompt to generate from, whose answers are not looked for (labels None) — so a template
+        that rewrites its answers (strips their thinking, say) no longer stops a special token typed in another
+        message from being placed as text."""
         text, spans, images, template_messages = self._render(messages, add_generation_prompt)
         find_answers = labels and not spans
         located = self._locate(text, template_messages, add_generation_prompt, answers=find_answers)

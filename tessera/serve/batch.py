@@ -246,24 +246,27 @@ class Prefill:
         self.storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
                                     capacity)
         self.cache = self.storage.view(len(rows))
-        self.chunks = 0  # run so far
-        self._chunks = model.prefill_in_chunks(input_ids, inputs["attention_mask"], self.cache,
-                                               chunk or input_ids.shape[1], pixel_values=inputs["pixel_values"],
-                                               image_counts=inputs["image_counts"],
-                                               aspect_ratio_ids=inputs.get("aspect_ratio_ids"))
+        self.chunk, self.chunks = chunk or input_ids.shape[1], 0  # tokens a chunk; chunks run so far
+        self._chunks = None  # the model's prefill_in_chunks, from the first advance()
 
-    def advance(self) -> RunningBatch | None:
-        """Run the next chunk: the batch after the last one, else None."""
-        logits = next(self._chunks)
+    def advance(self, rest: bool = False) -> RunningBatch | None:
+        """Run the next chunk — or, with rest, every token left in one forward: the batch after the last one, else
+        None."""
+        length = self.inputs["input_ids"].shape[1]
+        if self._chunks is None:
+            self._chunks = self.model.prefill_in_chunks(
+                self.inputs["input_ids"], self.inputs["attention_mask"], self.cache, length if rest else self.chunk,
+                pixel_values=self.inputs["pixel_values"], image_counts=self.inputs["image_counts"],
+                aspect_ratio_ids=self.inputs.get("aspect_ratio_ids"))
+            logits = next(self._chunks)
+        else:
+            logits = self._chunks.send(length if rest else None)
         self.chunks += 1  # (one that raised is not counted)
         return None if logits is None else self._batch(logits)
 
     def finish(self) -> RunningBatch:
-        """Run every chunk left."""
-        batch = None
-        while batch is None:
-            batch = self.advance()
-        return batch
+        """Run every token left, in one forward."""
+        return self.advance(rest=True)
 
     def _batch(self, logits: torch.Tensor) -> RunningBatch:
         attention_mask = self.inputs["attention_mask"]

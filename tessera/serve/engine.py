@@ -10,7 +10,7 @@ two decode steps,
    join at the next decode step instead of waiting for the batch to end. Newcomers that would take more than
    --prefill-chunk tokens (rows × the longest prompt) are prefilled a chunk of about that many per iteration
    instead, so the running rows keep decoding between the chunks; newcomers that fit a chunk still join at once
-   beside it, and the others wait for it to end;
+   beside it (an iteration then prefills up to two chunks' worth), and the others wait for it to end;
 2. chooses every row's next token (each row with its own sampling settings and seeded generator) and posts the text;
 3. drops the rows that finished (EOS, a stop string, their max_tokens) or whose client went away, freeing their slots
    at once;
@@ -435,8 +435,13 @@ class Engine:
         for part in parts:
             self.stats["retries"] += 1
             done = run(part)
-            if done is not None:
+            if done is None:
+                continue
+            try:
                 merged = done if merged is None else merged.merge(done)
+            except Exception as e:  # e.g. no memory for the merged cache: this part's rows fail, the others go on
+                log.exception("merging the parts of a run that was split failed")
+                self._fail_all([row.job for row in done.rows], e)
         return merged
 
     def _fail_all(self, jobs: list[Job], e: Exception) -> None:
