@@ -244,8 +244,9 @@ class HubProcessor(Processor):
         answers, typed = located or self._typed_or_answers(text, template_messages, find_answers, changing)
         spans = sorted(spans or answers) if labels else []
         # BOS typed in a message is text: only the template's own counts as the prompt having one
-        add_special_tokens = not (self.bos_token and _first_outside(text, self.bos_token, typed) == 0)
-        if self.config.family == "mllama" and self.bos_token and _first_outside(text, self.bos_token, typed) < 0:
+        bos_at = _first_outside(text, self.bos_token, typed) if self.bos_token else -1
+        add_special_tokens = bos_at != 0
+        if self.config.family == "mllama" and self.bos_token and bos_at < 0:
             # MllamaProcessor: BOS goes after any leading <|image|> tokens
             image, lead = self.config.image_token, 0
             while text.startswith(image, lead):

@@ -241,7 +241,7 @@ class Prefill:
     def __init__(self, model, rows: list[Any], params: Sequence[SamplingParams], inputs: dict[str, torch.Tensor],
                  capacity: int = 0, image_room: int = 0, chunk: int = 0):
         self.model, self.rows, self.params, self.inputs = model, list(rows), list(params), inputs
-        self.capacity, self.image_room = capacity, image_room
+        self.image_room = image_room
         input_ids = inputs["input_ids"]
         self.storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
                                     capacity)

@@ -286,15 +286,16 @@ class Engine:
             self.stats.update(prefills=1, rows=sum(job.rows for job in taken))  # here: retries do not count again
         return taken
 
-    def _admit(self, jobs: list[Job]) -> None:
+    def _admit(self, jobs: list[Job], in_one_go: bool = False) -> None:
         """Prefill the jobs and let them join. While rows are running, jobs that together take more than
         --prefill-chunk tokens (rows × the longest prompt, padding included) would stall them for the whole
         prefill: the most that fit are prefilled now in one go, and the others start a chunked prefill whose chunks
-        also take about --prefill-chunk tokens (a chunk of prefill_chunk // rows tokens a row)."""
+        also take about --prefill-chunk tokens (a chunk of prefill_chunk // rows tokens a row) — unless in_one_go
+        (a chunked prefill that failed, run again where a failure is bisected to its job)."""
         if not jobs:
             return
         one_go, chunked = list(jobs), []
-        if self._batch is not None and self.prefill_chunk:
+        if self._batch is not None and self.prefill_chunk and not in_one_go:
             one_go = []
             for job in jobs:
                 (one_go if _prefill_tokens(one_go + [job]) <= self.prefill_chunk else chunked).append(job)
@@ -343,17 +344,10 @@ class Engine:
         self.stats["prefill_chunks"] += prefill.chunks - chunks
         if failed:  # out of the except block, and dropped: its cache is let go before the retry takes another
             self._joining = prefill = None
-            self._admit_in_one_go(jobs)
+            self._admit(jobs, in_one_go=True)
         elif newcomers is not None:
             self._joining = None
             self._join(jobs, newcomers)
-
-    def _admit_in_one_go(self, jobs: list[Job]) -> None:
-        chunk, self.prefill_chunk = self.prefill_chunk, 0
-        try:
-            self._admit(jobs)
-        finally:
-            self.prefill_chunk = chunk
 
     def _join(self, jobs: list[Job], newcomers: RunningBatch) -> None:
         """The prefilled newcomers join the running batch (or become it)."""
