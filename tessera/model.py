@@ -211,20 +211,23 @@ class MultimodalLM(nn.Module):
     def prefill_in_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache,
                           chunk: int, pixel_values: torch.Tensor | None = None,
                           image_counts: torch.Tensor | list[int] | None = None,
-                          aspect_ratio_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor | None]:
+                          aspect_ratio_ids: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+                          ) -> Iterator[torch.Tensor | None]:
         """The prompt's prefill `chunk` tokens at a time, into the empty `cache`: yields None after each chunk but the
         last, then the last position's logits (batch, vocab). A server runs its other rows' decode steps between
         chunks, so that a long prompt does not stall them for its whole prefill (chunked prefill, as vLLM's).
 
-        The images are encoded and placed once, before the first chunk; each chunk attends to the cache and to
-        itself, as the whole prompt would (the logits agree with one prefill's to float rounding). A size sent to
-        the generator (`send(n)`) sets the chunks after: a server with no rows left to decode runs the rest at once."""
+        The images are encoded (or their image_features taken, as forward takes them) and placed once, before the
+        first chunk; each chunk attends to the cache and to itself, as the whole prompt would (the logits agree
+        with one prefill's to float rounding). A size sent to the generator (`send(n)`) sets the chunks after: a
+        server with no rows left to decode runs the rest at once. (A server's Prefill encodes the images itself, in
+        advances of their own when they take more than a chunk: see tessera/serve/batch.py.)"""
         if chunk < 1:
             raise ValueError(f"chunk={chunk}: expected at least 1 token")
         if cache.length:
             raise ValueError(f"the cache holds {cache.length} tokens; a prefill starts from an empty one")
-        inputs_embeds, cross = self._embed(input_ids, pixel_values, image_counts, cache, None, aspect_ratio_ids,
-                                           prefill=True)
+        inputs_embeds, cross = self._embed(input_ids, pixel_values, image_counts, cache, image_features,
+                                           aspect_ratio_ids, prefill=True)
         length, start = input_ids.shape[1], 0
         while start < length:
             end = min(start + chunk, length)

@@ -60,7 +60,7 @@ def test_without_transformers_the_bench_says_what_to_install(monkeypatch, capsys
 
 def test_method_b_needs_fewer_flops_than_method_a_as_the_image_grows():
     """The article's efficiency claim, in the analytic count the benchmark's MFU uses."""
-    from tessera.bench.flops import training_step_flops
+    from tessera.flops import training_step_flops
     from tessera.config import ModelConfig
 
     def config(fusion):
@@ -83,7 +83,7 @@ def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch
     from torch.utils.flop_counter import FlopCounterMode
 
     import tessera.linear
-    from tessera.bench.flops import TRAIN, decoder_layer_flops, training_step_flops
+    from tessera.flops import TRAIN, decoder_layer_flops, training_step_flops
     from tessera.config import ModelConfig
     from tessera.model import MultimodalLM
 
@@ -109,6 +109,57 @@ def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch
     unread_queries = TRAIN * batch * (sequence - labelled - 1) * 2 * t.hidden_size * t.num_heads * t.head_dim
     analytic = training_step_flops(config, batch, image_tokens, text_tokens, labelled)
     assert counter.get_total_flops() == analytic + trailing_row + unread_queries
+
+
+TILED = {"encoder": "tiled", "image_size": 32, "patch_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+         "intermediate_size": 64, "max_num_tiles": 2, "num_global_layers": 1, "intermediate_layers": [0]}
+
+
+@pytest.mark.parametrize("fusion, vision", [
+    ({"method": "unified", "vision_feature_layer": -2}, None),
+    ({"method": "cross", "cross_attention_layers": [0, 2]}, None),
+    ({"method": "cross", "cross_attention_layers": [1], "cross_attention_placement": "replace"}, TILED),
+])
+def test_an_images_worth_in_prompt_tokens_is_what_its_encoding_and_a_tokens_prefill_spend(fusion, vision,
+                                                                                        monkeypatch):
+    """The ratio a server's chunked prefill spreads its work by (image_cost_in_tokens), against PyTorch's FLOP
+    counter: encoding an image (and Method B's keys and values of it), and the LLM's products for prompt tokens
+    (with every row's output: attention and the LM head taken off by their own count)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import tessera.linear
+    from tessera.config import ModelConfig
+    from tessera.flops import image_cost_in_tokens, image_encoding_flops, prompt_token_flops
+    from tessera.model import MultimodalLM
+
+    monkeypatch.setattr(tessera.linear, "_OP", None)  # every product through F.linear, which the counter sees
+    config = ModelConfig.from_dict({
+        "vision": vision or {"image_size": 64, "patch_size": 16, "hidden_size": 64, "num_layers": 3,
+                             "num_heads": 2, "intermediate_size": 256, "pre_layernorm": True},
+        "text": {"vocab_size": 256, "hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                 "intermediate_size": 172},
+        "fusion": fusion})
+    model, v, t = MultimodalLM(config).eval(), config.vision, config.text
+    if v.encoder == "tiled":
+        pixels, extra = torch.randn(1, v.max_num_tiles, 3, v.image_size, v.image_size), torch.tensor([1])
+    else:
+        pixels, extra = torch.randn(1, 3, v.image_size, v.image_size), None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        features = model.encode_images(pixels, extra)
+        for block in model.cross_attention.values():
+            block.image_keys_values(features[:, None])
+    assert counter.get_total_flops() == image_encoding_flops(config)
+
+    if fusion["method"] == "unified":  # a cross block needs images to run: its count is the training step's
+        tokens = 12
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            model.llm(inputs_embeds=torch.randn(1, tokens, t.hidden_size), logits_to_keep=0)
+        attention = t.num_layers * 4 * tokens * tokens * t.num_heads * t.head_dim
+        head = tokens * 2 * t.hidden_size * t.vocab_size
+        assert counter.get_total_flops() - attention - head == tokens * prompt_token_flops(config)
+    assert image_cost_in_tokens(config) == image_encoding_flops(config) / prompt_token_flops(config)
 
 
 def test_a_missed_target_never_reads_as_met():

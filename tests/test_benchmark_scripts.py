@@ -114,10 +114,15 @@ def test_join_cost(fusion, capsys):
 
 
 def test_prefill_chunks(capsys):
-    assert _script("prefill_chunks").main(["--quick", "--rows", "2", "--prompt-tokens", "40", "--chunks", "0", "16",
-                                           "--repeats", "1"]) == 0
+    from tessera.bench.suite import QUICK, tessera_config
+    from tessera.flops import image_cost_in_tokens
+
+    assert _script("prefill_chunks").main(["--quick", "--rows", "2", "--prompt-tokens", "40", "--images", "2",
+                                           "--uncounted", "--chunks", "0", "16", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: [float(cell) for cell in line.split()[1:]] for line in lines[2:]}
-    assert list(rows) == ["whole", "16"] and all(len(cells) == 3 for cells in rows.values())
-    # in one go the running rows get one token while the newcomer prefills; in chunks of 16, one per chunk
-    assert rows["whole"][2] == 1 and rows["16"][2] == -(-(1 + 16 + 40) // 16)
+    rows = {line[:16].strip(): [float(cell) for cell in line[16:].split()] for line in lines[2:]}
+    assert list(rows) == ["whole", "16", "16, uncounted"] and all(len(cells) == 3 for cells in rows.values())
+    # the running rows get one token per advance of the newcomer's prefill of 1 + 2 × 16 + 40 tokens: in one go,
+    # one; images uncounted, one per chunk of 16; counted, each image (worth more than 16 tokens) in one of its own
+    assert image_cost_in_tokens(tessera_config(QUICK, "unified")) > 16
+    assert rows["whole"][2] == 1 and rows["16, uncounted"][2] == -(-73 // 16) and rows["16"][2] == 2 + -(-73 // 16)

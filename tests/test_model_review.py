@@ -9,7 +9,7 @@ from tessera.model import MultimodalLM
 IMG = 3
 
 
-# --- bench/flops.py: the analytic count against PyTorch's FLOP counter -------------------------------------------
+# --- flops.py: the analytic count against PyTorch's FLOP counter -------------------------------------------
 def _tiny_bench_config(fusion: dict, vision: dict | None = None) -> ModelConfig:
     return ModelConfig.from_dict({
         "vision": vision or {"image_size": 64, "patch_size": 16, "hidden_size": 64, "num_layers": 3,
@@ -35,7 +35,7 @@ def test_analytic_flops_count_replaced_layers_and_the_tiled_encoder(fusion, visi
     from torch.utils.flop_counter import FlopCounterMode
 
     import tessera.linear
-    from tessera.bench.flops import TRAIN, decoder_layer_flops, training_step_flops
+    from tessera.flops import TRAIN, decoder_layer_flops, training_step_flops
 
     monkeypatch.setattr(tessera.linear, "_OP", None)  # every product through F.linear, which the counter sees
     config = _tiny_bench_config(fusion, vision)

@@ -425,8 +425,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(ser
     content = [{"type": "image"}, {"type": "text", "text": (CORPUS[1] * 4)[:150]}]
     long_ids = processor.encode([{"role": "user", "content": content}], add_generation_prompt=True)[0]
     long_pixels = [processor.preprocess_image(Image.fromarray(_noise(20, 16, seed=77)))]
-    chunks = -(-len(long_ids) // 8)
-    assert chunks > 4
+    chunks = 1 + -(-len(long_ids) // 8)  # its image is worth more than a chunk: encoded in an advance of its own
+    assert chunks > 5 and Engine(model, processor, 1).image_cost > 8
     if what == "a chunk fails":
         advance, calls = Prefill.advance, []
 
@@ -442,12 +442,12 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(ser
                              2: [lambda: Job("long", long_ids, long_pixels, [params])]},
                     {4: ["long"]} if what == "cancelled" else None)
     assert results["short"] == [alone(model, processor, short_ids, short_pixels, params)[2:0:-1]]
-    if what == "cancelled":  # chunks ran at steps 2 and 3; cancelled before step 4, it is dropped there
+    if what == "cancelled":  # the image and a chunk ran at steps 2 and 3; cancelled before step 4, it is dropped there
         assert results["long"] == [("", None)] and engine.stats["prefill_chunks"] == 2
         assert ("long", 0, "cancelled", 0) in engine.finished and set(engine.batch_sizes) == {1}
         return
     assert results["long"] == [alone(model, processor, long_ids, long_pixels, params)[2:0:-1]]
-    if what == "a chunk fails":  # the first chunk ran at step 2, the second failed at step 3: then in one go
+    if what == "a chunk fails":  # the image was encoded at step 2, the first chunk failed at step 3: then in one go
         assert engine.stats["prefill_chunks"] == 1 and engine.stats["failed_runs"] == 1
         assert engine.batch_sizes[:4] == [1, 1, 1, 2]
         return
@@ -483,8 +483,8 @@ def test_a_leave_stays_in_place_when_the_image_keys_values_copy_is_refused(serve
 
 
 def test_beside_a_chunked_prefill_newcomers_that_fit_a_chunk_join_at_once(served):
-    """A chunk bounds the tokens each prefill of an iteration takes, rows × the longest prompt (an iteration may run
-    a chunk of a long prompt and newcomers that fit one). A short request arriving during a long one's chunks joins
+    """A chunk bounds the tokens each prefill of an iteration takes, rows × the longest prompt and the images' worth
+    (an iteration may run a chunk of a long prompt and newcomers that fit one). A short request arriving during a long one's chunks joins
     in one go without waiting for it; of two that fit a chunk apart but not together, one joins at once and the
     other at the next iteration. With nothing being chunked, two such newcomers are split likewise: one in one go,
     the other as a chunked prefill of one chunk. Every answer is as alone."""
@@ -492,12 +492,14 @@ def test_beside_a_chunked_prefill_newcomers_that_fit_a_chunk_join_at_once(served
     params = model.sampling_params(max_new_tokens=40, eos_token_id=[])
     rng = random.Random(11)
     short = {name: make_request(processor, rng, i, i % 2) for i, name in enumerate(["run", "c", "d", "e"])}
-    chunk = max(len(ids) for ids, _ in short.values()) + 1
+    cost = Engine(model, processor, 1).image_cost  # an image, in prompt tokens' worth
+    chunk = int(max(len(ids) + cost * len(pixels) for ids, pixels in short.values())) + 1
     content = [{"type": "image"}, {"type": "text", "text": (CORPUS[2] * 40)[:1400]}]
     long_ids = processor.encode([{"role": "user", "content": content}], add_generation_prompt=True)[0]
     long_pixels = [processor.preprocess_image(Image.fromarray(_noise(18, 22, seed=78)))]
-    chunks = -(-len(long_ids) // chunk)
-    assert chunks >= 6 and len(long_ids) + params.max_new_tokens <= model.config.text.max_position_embeddings
+    first = int(chunk - cost)  # its image and the tokens that fit beside it in the first chunk
+    chunks = 1 + -(-(len(long_ids) - first) // chunk)
+    assert first > 0 and chunks >= 6 and len(long_ids) + params.max_new_tokens <= model.config.text.max_position_embeddings
     requests = {**short, "long": (long_ids, long_pixels)}
     job = lambda name: lambda: Job(name, *requests[name], [params])  # noqa: E731
 
@@ -643,7 +645,8 @@ def test_a_decode_step_whose_halves_cannot_be_merged_again_fails_only_the_half_l
 
 
 def test_a_chunked_prefill_finishes_the_rest_in_one_forward(served):
-    """With no rows left to decode, nothing waits for the chunks: the engine runs the rest in one forward."""
+    """With no rows left to decode, nothing waits for the chunks: the engine runs the rest in one forward. (An image
+    worth more than a chunk is encoded in an advance of its own, before the first chunk.)"""
     from tessera.serve.batch import Prefill
 
     model, processor = served
@@ -652,14 +655,78 @@ def test_a_chunked_prefill_finishes_the_rest_in_one_forward(served):
     inputs = processor.pad_batch([(ids, ids)], [pixels], padding_side="left")
     with torch.inference_mode():
         prefill = Prefill(model, ["row"], [params], inputs, chunk=3)
+        assert prefill.image_cost > 3
+        assert prefill.advance() is None and prefill.cache.length == 0  # the image
         assert prefill.advance() is None and prefill.cache.length == 3
         batch = prefill.finish()
-        assert prefill.chunks == 2 and batch.length == len(ids)
+        assert prefill.chunks == 3 and batch.length == len(ids)
         tokens = []
         while len(tokens) < params.max_new_tokens:
             tokens += batch.choose()
             batch.step()
     assert tokens == alone(model, processor, ids, pixels, params)[0]
+
+
+def _encodings(model, monkeypatch) -> list[int]:
+    """How many images each call of the model's image encoder takes, in order (recorded while the test runs)."""
+    calls, encode = [], model.encode_images
+
+    def counted(pixel_values, aspect_ratio_ids=None):
+        calls.append(pixel_values.shape[0])
+        return encode(pixel_values, aspect_ratio_ids)
+
+    monkeypatch.setattr(model, "encode_images", counted)
+    return calls
+
+
+@pytest.mark.parametrize("images_per_advance", [2, 1])
+def test_a_chunked_prefill_encodes_images_by_their_worth(served, monkeypatch, images_per_advance):
+    """An advance does about a chunk's worth of work, an image counted at its encoding's worth in prompt tokens:
+    images worth more than a chunk are encoded in advances of their own, as many as fit and at least one; the rest of
+    the chunk after the last goes to the prompt's first tokens. The answer is the one-go prefill's."""
+    from tessera.serve.batch import Prefill
+
+    model, processor = served
+    params = model.sampling_params(max_new_tokens=6, eos_token_id=[])
+    content = [{"type": "image"}] * 3 + [{"type": "text", "text": (CORPUS[3] * 8)[:300]}]
+    ids = processor.encode([{"role": "user", "content": content}], add_generation_prompt=True)[0]
+    pixels = [processor.preprocess_image(Image.fromarray(_noise(14, 18, seed=80 + k))) for k in range(3)]
+    inputs = processor.pad_batch([(ids, ids)], [pixels], padding_side="left")
+    encodings = _encodings(model, monkeypatch)
+    with torch.inference_mode():
+        prefill = Prefill(model, ["row"], [params], inputs, chunk=1)
+        chunk = int(images_per_advance * prefill.image_cost) + 3  # room for images_per_advance images, and a little
+        prefill.chunk = chunk
+        assert prefill.advance() is None and encodings == [images_per_advance] and prefill.cache.length == 0
+        while prefill.cache.length == 0:  # the other images, then the first tokens beside the last
+            assert prefill.advance() is None
+        assert sum(encodings) == 3 and max(encodings) == images_per_advance
+        first = int(chunk - encodings[-1] * prefill.image_cost)
+        assert prefill.cache.length == first >= 1 and len(ids) > first + chunk
+        assert prefill.advance() is None and prefill.cache.length == first + chunk
+        batch = prefill.finish()
+        tokens = []
+        while len(tokens) < params.max_new_tokens:
+            tokens += batch.choose()
+            batch.step()
+    assert len(encodings) == -(-3 // images_per_advance)
+    assert tokens == alone(model, processor, ids, pixels, params)[0]
+
+
+def test_the_choices_of_a_request_share_its_images_encoding(served, monkeypatch):
+    """n choices are n rows with the same images: each image is encoded once for all of them (a 4-tile Llama 3.2
+    Vision image is worth more than 1,000 prompt tokens), and every choice answers as the request alone."""
+    model, processor = served
+    requests = {name: make_request(processor, random.Random(19), i, 2) for i, name in enumerate(["run", "n3"])}
+    params = [model.sampling_params(max_new_tokens=8, temperature=0.9, seed=40 + k) for k in range(3)]
+    encodings = _encodings(model, monkeypatch)
+    engine = SpyEngine(model, processor, max_batch=8)
+    results = drive(engine, {0: [lambda: Job("run", *requests["run"], params[:1])],
+                             2: [lambda: Job("n3", *requests["n3"], params)]})
+    assert encodings == [2, 2]  # the running request's two images, then the three choices' two
+    monkeypatch.undo()
+    assert results["run"] == [alone(model, processor, *requests["run"], params[0])[2:0:-1]]
+    assert results["n3"] == [alone(model, processor, *requests["n3"], p)[2:0:-1] for p in params]
 
 
 def test_static_batching_admits_only_between_batches(served):

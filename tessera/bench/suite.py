@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tessera.bench.flops import training_step_flops
+from tessera.flops import training_step_flops
 from tessera.bench.timing import DecodeClock, interleaved
 from tessera.errors import TesseraError
 from tessera.linear import backend as linear_backend

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tessera.flops import image_cost_in_tokens
 from tessera.generation import SamplingParams, next_tokens
 from tessera.memory import available_memory
 from tessera.text import cache as text_cache  # its `unzeroed` looked up at call time: tests poison it
@@ -234,39 +235,82 @@ class RunningBatch:
 
 
 class Prefill:
-    """Newcomers' prompts run as their own left-padded batch, with a cache of their own — in one forward, or
-    `chunk` tokens at a time (`advance`), so that a server can decode its running rows between the chunks of a
-    long prompt (see MultimodalLM.prefill_in_chunks). After the last chunk it is a RunningBatch."""
+    """Newcomers' prompts run as their own left-padded batch, with a cache of their own — in one forward, or about
+    `chunk` tokens a row at a time (`advance`), so that a server can decode its running rows between the chunks of
+    a long prompt (see MultimodalLM.prefill_in_chunks). After the last chunk it is a RunningBatch.
+
+    The images are encoded first, each image a request's rows share once (the n choices of one request have the same
+    images). An advance does about a chunk's worth of work, an image counted at the prompt tokens its encoding is
+    worth (`image_cost_in_tokens`: ~30 for LLaVA 1.5, ~1,150 for a 4-tile Llama 3.2 Vision image, more than two
+    512-token chunks): images that take more than a chunk are encoded in advances of their own, at least one image
+    each, and images that take less leave the rest of the chunk to the prompt's first tokens."""
 
     def __init__(self, model, rows: list[Any], params: Sequence[SamplingParams], inputs: dict[str, torch.Tensor],
-                 capacity: int = 0, image_room: int = 0, chunk: int = 0):
+                 capacity: int = 0, image_room: int = 0, chunk: int = 0, image_sources: Sequence[int] | None = None):
+        """image_sources: for each row, the row whose images it has (its request's first row); default its own."""
         self.model, self.rows, self.params, self.inputs = model, list(rows), list(params), inputs
         self.image_room = image_room
         input_ids = inputs["input_ids"]
         self.storage = _new_storage(model, len(rows), input_ids.shape[1] + max(p.max_new_tokens for p in params),
                                     capacity)
         self.cache = self.storage.view(len(rows))
-        self.chunk, self.chunks = chunk or input_ids.shape[1], 0  # tokens a chunk; chunks run so far
-        self._chunks = None  # the model's prefill_in_chunks, from the first advance()
+        self.chunk, self.chunks = chunk, 0  # tokens a row a chunk (0: all in one go); advances run so far
+        self._chunks = None  # the model's prefill_in_chunks, from the first advance() that reaches the text
+        self._distinct, self._gather = _distinct_images(inputs["image_counts"], image_sources or range(len(rows)))
+        self._features: list[torch.Tensor] = []  # the distinct images encoded so far, in groups
+        self.image_cost = image_cost_in_tokens(model.config)
 
     def advance(self, rest: bool = False) -> RunningBatch | None:
-        """Run the next chunk — or, with rest, every token left in one forward: the batch after the last one, else
-        None."""
-        length = self.inputs["input_ids"].shape[1]
+        """Run about the next chunk's worth — or, with rest, everything left (the images in one encoding, the text in
+        one forward): the batch after the last chunk, else None."""
+        length, rows = self.inputs["input_ids"].shape[1], len(self.rows)
+        rest = rest or not self.chunk
+        budget = self.chunk * rows  # prompt tokens' worth, for the whole batch
+        spent = self._encode_images(None if rest else budget)
+        text = length if rest else int((budget - spent) // rows)  # tokens a row there is room for after the images
+        if self._encoded < len(self._distinct) or (self._chunks is None and text < 1):
+            self.chunks += 1  # images only this time: the text from the next advance
+            return None
         if self._chunks is None:
             self._chunks = self.model.prefill_in_chunks(
-                self.inputs["input_ids"], self.inputs["attention_mask"], self.cache, length if rest else self.chunk,
-                pixel_values=self.inputs["pixel_values"], image_counts=self.inputs["image_counts"],
+                self.inputs["input_ids"], self.inputs["attention_mask"], self.cache, text,
+                image_features=self._image_features(), image_counts=self.inputs["image_counts"],
                 aspect_ratio_ids=self.inputs.get("aspect_ratio_ids"))
             logits = next(self._chunks)
         else:
-            logits = self._chunks.send(length if rest else None)
+            logits = self._chunks.send(length if rest else self.chunk)
         self.chunks += 1  # (one that raised is not counted)
         return None if logits is None else self._batch(logits)
 
     def finish(self) -> RunningBatch:
-        """Run every token left, in one forward."""
+        """Run everything left: the images in one encoding, the text in one forward."""
         return self.advance(rest=True)
+
+    def _encode_images(self, budget: int | None) -> float:
+        """Encode the next group of distinct images: those that fit `budget` (at least one), or with None every one
+        left. What that cost, in prompt tokens' worth."""
+        done = self._encoded
+        left = len(self._distinct) - done
+        if not left:
+            return 0.0
+        take = left if budget is None else min(left, max(1, int(budget // self.image_cost)))
+        # distinct images are a run of pixel_values unless rows share them: a slice then, not a copy
+        chosen = slice(done, done + take) if self._gather is None else self._distinct[done:done + take]
+        ratio_ids = self.inputs.get("aspect_ratio_ids")
+        self._features.append(self.model.encode_images(
+            self.inputs["pixel_values"][chosen], None if ratio_ids is None else ratio_ids.reshape(-1)[chosen]))
+        return take * self.image_cost
+
+    @property
+    def _encoded(self) -> int:
+        return sum(len(f) for f in self._features)
+
+    def _image_features(self) -> torch.Tensor | None:
+        """Every row's image features, in the batch's order (a shared image's features repeated for each row)."""
+        if not self._features:
+            return None
+        features = torch.cat(self._features) if len(self._features) > 1 else self._features[0]
+        return features if self._gather is None else features[self._gather]
 
     def _batch(self, logits: torch.Tensor) -> RunningBatch:
         attention_mask = self.inputs["attention_mask"]
@@ -280,6 +324,18 @@ class Prefill:
         cross.keys_values = {layer: (_own(k), _own(v)) for layer, (k, v) in cross.keys_values.items()}
         batch.cache.cross, batch.cross_storage = cross, dict(cross.keys_values)
         return batch
+
+
+def _distinct_images(image_counts: torch.Tensor, sources: Sequence[int]) -> tuple[list[int], torch.Tensor | None]:
+    """The batch's images to encode — those of rows that are their own source, as indices into pixel_values — and
+    for every image of every row, in order, its distinct image's place among them (None: every image is its own)."""
+    counts = [int(c) for c in image_counts]
+    starts = [sum(counts[:row]) for row in range(len(counts))]
+    distinct = [starts[row] + k for row, source in enumerate(sources) if source == row for k in range(counts[row])]
+    if len(distinct) == sum(counts):
+        return distinct, None
+    place = {image: n for n, image in enumerate(distinct)}
+    return distinct, torch.tensor([place[starts[source] + k] for source in sources for k in range(counts[source])])
 
 
 def _new_storage(model, rows: int, slots: int, capacity: int = 0) -> KVCache:

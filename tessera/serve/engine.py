@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.flops import image_cost_in_tokens
 from tessera.generation import SamplingParams, StopChecker
 from tessera.serve.batch import Prefill, RunningBatch
 from tessera.serve.protocol import APIError
@@ -44,9 +45,11 @@ from tessera.serve.protocol import APIError
 log = logging.getLogger("tessera.serve")
 
 
-def _prefill_tokens(jobs: Sequence[Job]) -> int:
-    """What prefilling the jobs together takes: their rows × the longest prompt (the others are padded to it)."""
-    return sum(job.rows for job in jobs) * max((len(job.prompt_ids) for job in jobs), default=0)
+def _prefill_tokens(jobs: Sequence[Job], image_cost: float) -> float:
+    """What prefilling the jobs together takes, in prompt tokens' worth: their rows × the longest prompt (the others
+    are padded to it), and their images at `image_cost` each (once a request: its choices share them)."""
+    return (sum(job.rows for job in jobs) * max((len(job.prompt_ids) for job in jobs), default=0)
+            + image_cost * sum(len(job.pixel_values) for job in jobs))
 
 
 def generation_failed(e: Exception) -> APIError:
@@ -159,7 +162,8 @@ class Engine:
         image keys/values for that many per row, so that rows with more images than the running ones join without
         a copy; 0: only for as many as the batch's rows have.
         prefill_chunk: while rows are running, newcomers that would take more tokens than this (rows × the longest
-        prompt) are prefilled about this many at a time, one chunk between two decode steps (0: in one go)."""
+        prompt, and each image at the prompt tokens its encoding is worth) are prefilled about this many at a time,
+        one chunk between two decode steps (0: in one go)."""
         if prefill_chunk < 0:
             raise ValueError(f"prefill_chunk={prefill_chunk}: expected 0 (off) or a number of tokens")
         if max_batch < 1:
@@ -169,6 +173,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_images = max_images
         self.prefill_chunk = prefill_chunk
+        self.image_cost = image_cost_in_tokens(model.config)  # prompt tokens' worth of encoding an image
         self.continuous = continuous
         self.context_length = model.config.text.max_position_embeddings
         # for tests and logs, each row counted once: rows admitted, joined_rows (admitted into a running batch),
@@ -278,7 +283,8 @@ class Engine:
                     for choice in range(job.rows):
                         self._record(job, choice, "cancelled", 0)
                     continue
-                if job.rows > free or (one_go_only and _prefill_tokens(taken + [job]) > self.prefill_chunk):
+                too_long = one_go_only and _prefill_tokens(taken + [job], self.image_cost) > self.prefill_chunk
+                if job.rows > free or too_long:
                     break
                 taken.append(self._pending.popleft())
                 free -= job.rows
@@ -288,17 +294,19 @@ class Engine:
 
     def _admit(self, jobs: list[Job], in_one_go: bool = False) -> None:
         """Prefill the jobs and let them join. While rows are running, jobs that together take more than
-        --prefill-chunk tokens (rows × the longest prompt, padding included) would stall them for the whole
-        prefill: the most that fit are prefilled now in one go, and the others start a chunked prefill whose chunks
-        also take about --prefill-chunk tokens (a chunk of prefill_chunk // rows tokens a row) — unless in_one_go
-        (a chunked prefill that failed, run again where a failure is bisected to its job)."""
+        --prefill-chunk tokens (rows × the longest prompt, padding included, and their images: see _prefill_tokens)
+        would stall them for the whole prefill: the most that fit are prefilled now in one go, and the others start a
+        chunked prefill whose advances also take about --prefill-chunk tokens' worth (a chunk of
+        prefill_chunk // rows tokens a row, or images) — unless in_one_go (a chunked prefill that failed, run again
+        where a failure is bisected to its job)."""
         if not jobs:
             return
         one_go, chunked = list(jobs), []
         if self._batch is not None and self.prefill_chunk and not in_one_go:
             one_go = []
             for job in jobs:
-                (one_go if _prefill_tokens(one_go + [job]) <= self.prefill_chunk else chunked).append(job)
+                fits = _prefill_tokens(one_go + [job], self.image_cost) <= self.prefill_chunk
+                (one_go if fits else chunked).append(job)
         if chunked:
             rows = sum(job.rows for job in chunked)
             try:
@@ -396,8 +404,9 @@ class Engine:
                 for job in jobs for choice in range(job.rows)]
         inputs = self.processor.pad_batch([(row.job.prompt_ids, row.job.prompt_ids) for row in rows],  # labels: unused
                                           [row.job.pixel_values for row in rows], padding_side="left")
+        sources = [n - row.choice for n, row in enumerate(rows)]  # a request's choices share its images: encoded once
         prefill = Prefill(self.model, rows, [row.job.params[row.choice] for row in rows], inputs,
-                          capacity=self.max_batch, image_room=self.max_images, chunk=chunk)
+                          capacity=self.max_batch, image_room=self.max_images, chunk=chunk, image_sources=sources)
         return prefill if chunk else prefill.finish()
 
     def _decode(self, batch: RunningBatch) -> RunningBatch | None:

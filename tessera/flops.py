@@ -1,4 +1,5 @@
-"""Analytic FLOPs of a training step, read off a ModelConfig.
+"""Analytic FLOPs read off a ModelConfig: a training step's (the benchmark's MFU), and what encoding an image costs
+next to prefilling a prompt token (a server's chunked prefill spreads the work by it).
 
 Conventions (those of MFU in the PaLM paper): a matmul of (m × k) by (k × n) costs 2·m·k·n; attention scores and
 the weighted sum cost 4·q·k·d per layer (counted in full, causal or not); a training step is 3× the forward
@@ -100,3 +101,31 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
     forward += batch * labelled_tokens * 2 * t.hidden_size * t.vocab_size
     # the pixels take no gradient: the patch embedding's backward is its weight gradient alone
     return TRAIN * forward + 2 * patch_flops(config, batch, patches)
+
+
+def image_encoding_flops(config: ModelConfig) -> float:
+    """Forward FLOPs of taking one image into a prefill: patch embedding, encoder blocks, projector, and for Method B
+    every cross-attention block's keys and values of it. A tiled encoder's image counts at its most tiles."""
+    patches, positions = vision_tokens(config)
+    features = config.num_feature_tokens
+    flops = (patch_flops(config, 1, patches) + vision_block_flops(config, 1, positions)
+             + projector_flops(config, features))
+    t = config.text
+    kv = 2 * t.hidden_size * 2 * t.num_kv_heads * t.head_dim
+    return flops + len(config.cross_attention_layers) * features * kv
+
+
+def prompt_token_flops(config: ModelConfig) -> float:
+    """Forward FLOPs of one prompt token through the LLM's projections and MLPs (attention, which grows with the
+    context, left out): every decoder layer, and for Method B every cross-attention block's queries and MLP."""
+    blocks = len(config.cross_attention_layers)
+    replaced = blocks if config.fusion.cross_attention_placement == "replace" else 0
+    return ((config.text.num_layers - replaced) * decoder_layer_flops(config, 1, 0)
+            + blocks * cross_block_flops(config, 1, 0))
+
+
+def image_cost_in_tokens(config: ModelConfig) -> float:
+    """How many prompt tokens' prefill an image's encoding is worth: about 120 for the benchmark's model (100 for its
+    Method B), 30 for LLaVA 1.5 7B (a ViT-L over 577 positions), 1,150 for Llama 3.2 Vision 11B (4 tiles of 1,601
+    positions through 40 blocks)."""
+    return image_encoding_flops(config) / prompt_token_flops(config)
