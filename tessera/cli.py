@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -284,9 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TesseraError, ValueError, OSError) as e:
         print(f"tessera {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tessera {args.verb}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or training's SIGTERM/SIGHUP (tessera.train.run.Stopped)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"tessera {args.verb}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum  # as the shell reports a process the signal ended
     return 0
 
 

@@ -4,6 +4,7 @@ uninterrupted run computes; a resume that could not continue the same run is ref
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,56 @@ def test_a_resumed_run_computes_exactly_what_the_uninterrupted_run_computes(shap
     (tmp_path / "straight/metrics.jsonl").write_text("\n".join(lines[:stop + 1]) + "\n" + lines[stop + 1][:20])
     resumed = _train(config, resume=tmp_path / f"straight/checkpoints/step-{stop:06d}")
     same_run(resumed, tmp_path / "straight")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_run_stopped_by_sigterm_or_sighup_saves_like_ctrl_c_and_resumes_exactly(shapes, tmp_path, signame):
+    """`kill`, `timeout`, a scheduler's preemption and a closed terminal send SIGTERM or SIGHUP, which end a
+    process at once by default: the steps since the last checkpoint (all of them, with checkpoint_every 0) were
+    lost. `tessera train` takes them as Ctrl-C: OUT/interrupted is saved, the exit status is the signal's, and
+    --resume computes what the uninterrupted run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = _config(shapes, tmp_path / "straight")
+    straight = _train(config)
+    stopped = {**config, "out": str(tmp_path / "stopped")}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(stopped))
+    # the signal arrives during run step 5 (its gradient computed, nothing applied), from outside the training code
+    script = f"""
+import os, signal, sys, torch
+from tessera.cli import main
+clip, calls = torch.nn.utils.clip_grad_norm_, []
+def clip_and_signal(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 5:
+        os.kill(os.getpid(), signal.{signame})
+    return clip(*args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = clip_and_signal
+sys.exit(main(["train", {str(tmp_path / "run.yaml")!r}, "--no-progress"]))
+"""
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root})
+    signum = getattr(signal, signame)
+    assert done.returncode == 128 + signum, done.stderr[-2000:]
+    assert f"interrupted ({signame})" in done.stderr and (tmp_path / "stopped/interrupted").is_dir()
+    assert len(_records(tmp_path / "stopped")) == 4
+    resumed = _train(stopped, resume=True)
+    assert resumed["resumed_at"] == 4 and _records(tmp_path / "stopped") == _records(tmp_path / "straight")
+    assert all(torch.equal(v, resumed["model"].state_dict()[k]) for k, v in straight["model"].state_dict().items())
+
+
+def test_stop_signals_are_given_back_their_handlers_after_training(shapes, tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    _train(_config(shapes, tmp_path / "out", steps={"text": 1, "encoder_pretrain": 0, "align": 0, "instruct": 1}))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
 
 
 def test_a_stop_while_a_step_is_applied_saves_weights_only_and_resume_takes_the_checkpoint_before(

@@ -9,6 +9,8 @@ import functools
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -269,8 +271,43 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
                               f"run that saved one")
     out.mkdir(parents=True, exist_ok=True)
     # from before the session reads OUT (another session may be writing into it) until it returns or raises
-    with training_lock(out, log):
+    with training_lock(out, log), stop_signals_interrupt(log):
         return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during training — `kill`, `timeout`, a scheduler's preemption (SLURM, Kubernetes, `docker
+    stop`), a closed terminal — taken as Ctrl-C is: the stage saves what it has learned into OUT/interrupted, for
+    --resume. By default either signal ends the process at once, losing every step since the last checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt(log):
+    """While training, SIGTERM and SIGHUP raise Stopped. Only the first: a scheduler's repeated SIGTERM would
+    otherwise break off the very save it asks for (SIGKILL, which nothing catches, still ends the process)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    stopping = []
+
+    def stop(signum, _frame):
+        if stopping:
+            log(f"{signal.Signals(signum).name} again: still saving")
+            return
+        stopping.append(signum)
+        raise Stopped(signum)
+
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]  # no SIGHUP on Windows
+    previous = {signum: signal.signal(signum, stop) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Path, stages: list[Stage], log,
