@@ -36,7 +36,7 @@ from tessera.generation import SamplingParams, TokenChooser
 import tessera.serve.app
 from tessera.serve import ServeSettings, create_app
 from tessera.serve.app import LOAD_FAILED, load_checkpoint
-from tessera.serve.protocol import parse_chat_request
+from tessera.serve.protocol import APIError, parse_chat_request
 
 API_KEY = "sk-test-key"
 MAX_IMAGES = 2
@@ -208,6 +208,8 @@ def test_health_models_and_page(server):
     assert models.data[0].model_extra["max_model_len"] == 1024
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for path in "/health", "/":  # load balancers and uptime probes may ask with HEAD
+        assert httpx.head(f"{server.url}{path}").status_code == 200
     assert "tessera playground" in page.text
 
 
@@ -307,6 +309,48 @@ def test_part_order_binds_the_images():
                                                              {"type": "image"}]}]
     assert request.image_urls == [("messages[1].content[1].image_url.url", "data:image/png;base64,QQ=="),
                                   ("messages[1].content[3].image_url.url", "data:image/gif;base64,Qg==")]
+
+
+def test_assistant_messages_echoed_back_from_openai_are_taken():
+    """OpenAI answers a refusal as content null beside a refusal field, or as a refusal part: a client that sends the
+    conversation back must not get a 400. A refusal is what the assistant said; null content is an empty answer.
+    Elsewhere both stay refused, and stream_options' include_usage may be null (the default), like every option."""
+    refused = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    as_part = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}, text(" Sorry.")]}
+    body = {"messages": [{"role": "user", "content": "Hi"}, refused, {"role": "user", "content": "Why?"}, as_part,
+                         {"role": "user", "content": "OK"}], "stream": True, "stream_options": {"include_usage": None}}
+    request = parse_chat_request(body, "tiny", max_images=2, max_choices=1)
+    assert request.messages[1] == {"role": "assistant", "content": ""}
+    assert request.messages[3] == {"role": "assistant", "content": [text("I can't."), text(" Sorry.")]}
+    assert request.include_usage is False
+    for message, param in [({"role": "user", "content": None}, "messages[0].content"),
+                           ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]},
+                            "messages[0].content[0]")]:
+        with pytest.raises(APIError) as caught:
+            parse_chat_request({"messages": [message]}, "tiny", max_images=2, max_choices=1)
+        assert caught.value.status == 400 and caught.value.param == param and "assistant" in caught.value.message
+
+
+def test_text_too_long_for_the_context_whatever_its_tokens_is_refused_before_it_is_tokenized(reference,
+                                                                                            monkeypatch):
+    """A body may hold 32 MB of text, which took the tokenizer minutes and gigabytes: text with more characters than
+    the context's tokens could hold (at the vocabulary's longest entry each, twice over) is refused without a look at
+    its tokens. Text below that bound is tokenized and counted as before."""
+    from tessera.serve.protocol import _longest_token, encode_prompt
+
+    processor = reference.processor
+    bound = 2 * 1024 * _longest_token(processor.tokenizer)
+    encode = processor.encode
+    monkeypatch.setattr(processor, "encode", lambda *a, **k: pytest.fail("tokenized"))
+    for content in ["a" * (bound + 1), [text("a" * (bound // 2)), text("b" * (bound // 2 + 1))]]:
+        request = parse_chat_request({"messages": [{"role": "user", "content": content}]}, "tiny", 2, 1)
+        with pytest.raises(APIError, match="maximum context length is 1024 tokens.*hold") as caught:
+            encode_prompt(request, processor, 1024)
+        assert caught.value.status == 400 and caught.value.param == "messages"
+    monkeypatch.setattr(processor, "encode", encode)
+    request = parse_chat_request({"messages": [{"role": "user", "content": "a" * bound}]}, "tiny", 2, 1)
+    with pytest.raises(APIError, match="your messages resulted in [0-9]+ tokens"):  # tokenized: too long all the same
+        encode_prompt(request, processor, 1024)
 
 
 def test_local_file_urls_inside_the_allowed_dir(server, allowed_dir):
@@ -956,6 +1000,19 @@ def test_tessera_serve_command(checkpoint, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "tessera serve: error: --max-image-pixels 0: expected an integer >= 1"
+
+    # a port in use, or none such: one line at once, before the model loads (uvicorn's late exit aborted the process)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bad = subprocess.run([TESSERA, "serve", "--checkpoint", str(checkpoint), "--port",
+                              str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "cannot listen there" in bad.stderr and "loading" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([TESSERA, "serve", "--checkpoint", str(checkpoint), "--port", "99999"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "tessera serve: error: --port 99999: expected a port number in 0..65535"
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

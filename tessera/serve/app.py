@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -190,11 +191,12 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         return JSONResponse(APIError(400, str(error)).body(), status_code=400)
 
     # --- routes --------------------------------------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
+    # HEAD too: load balancers and uptime probes ask with it
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(playground)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         ready()
         return JSONResponse({"status": "ok"})
@@ -373,6 +375,26 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     import uvicorn
 
     settings.check()
+    listening = listen(host, port)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")  # (it names them as it starts)
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use (or none such) is said at once, in one line.
+    Bound by uvicorn, after its startup had begun loading the model, it failed late, and its exit aborted the
+    process (the loading thread was still inside torch)."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a port number in 0..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
+    try:
+        listening.bind((host, port))
+    except OSError as e:
+        listening.close()
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); expected a free "
+                          f"port on an address of this machine") from None
+    return listening

@@ -8,6 +8,7 @@ unless the error has a code of its own such as OpenAI's "model_not_found").
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -57,26 +58,32 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class RefusalPart(_Strict):
+    """What an OpenAI model said instead of answering: an assistant message echoed back may hold one."""
+    type: Literal["refusal"]
+    refusal: str
+
+
+Part = Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
     # extra keys ignored: clients echo back assistant messages with refusal/tool_calls/annotations set to null
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part]
+    content: str | list[Part] | None  # null: an assistant message echoed back whose answer was a refusal
     name: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
     def _string_or_parts(cls, value: Any) -> Any:
-        if not isinstance(value, (str, list)):
+        if value is not None and not isinstance(value, (str, list)):
             raise ValueError("expected a string or a list of content parts ({'type': 'text'|'image_url', …})")
         return value
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = None  # null: the default (false)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -219,16 +226,24 @@ def _tessera_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]]
     out, image_urls = [], []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, str):
-            _check_text(message.content, f"messages[{i}].content")
-            out.append({"role": role, "content": message.content})
+        if message.content is None and message.role != "assistant":
+            raise APIError(400, f"messages[{i}].content: null is only allowed in assistant messages; expected a "
+                                f"string or a list of content parts", f"messages[{i}].content")
+        if message.content is None or isinstance(message.content, str):
+            content = message.content or ""
+            _check_text(content, f"messages[{i}].content")
+            out.append({"role": role, "content": content})
             continue
         parts = []
         for j, part in enumerate(message.content):
             param = f"messages[{i}].content[{j}]"
-            if isinstance(part, TextPart):
-                _check_text(part.text, f"{param}.text")
-                parts.append({"type": "text", "text": part.text})
+            if isinstance(part, RefusalPart) and message.role != "assistant":
+                raise APIError(400, f"{param}: refusal parts are only allowed in assistant messages, not "
+                                    f"{message.role} messages", param)
+            if isinstance(part, (TextPart, RefusalPart)):  # a refusal is what the assistant said
+                text = part.text if isinstance(part, TextPart) else part.refusal
+                _check_text(text, f"{param}.{part.type}")
+                parts.append({"type": "text", "text": text})
             elif message.role != "user":
                 raise APIError(400, f"{param}: image_url parts are only allowed in user messages, not "
                                     f"{message.role} messages", param)
@@ -261,6 +276,29 @@ def _refuse_image_tokens(messages: list[dict[str, Any]], processor) -> None:
             if image in text:
                 raise APIError(400, f"{param} contains the image token {image!r}, which stands for an image; send "
                                     f"images as image_url parts, not as text", param)
+
+
+def _refuse_text_too_long_to_fit(messages: list[dict[str, Any]], processor, context_length: int) -> None:
+    """Text that cannot fit the context whatever its tokens, refused before it is tokenized: a request body may
+    hold 32 MB of text, which took the tokenizer minutes and gigabytes (on a thread other requests need too). No token
+    stands for more characters than its vocabulary entry has (a byte-level entry has one per byte, and a character
+    is at least one byte), so the text needs at least characters / the longest entry tokens; twice that, for
+    normalizers that merge characters."""
+    characters = sum(len(content) if isinstance(content, str) else
+                     sum(len(part["text"]) for part in content if part["type"] == "text")
+                     for content in (message["content"] for message in messages))
+    longest = _longest_token(processor.tokenizer)
+    if characters > 2 * context_length * longest:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, your "
+                            f"messages hold {characters} characters, more than {context_length} tokens of this "
+                            f"tokenizer can (the longest has {longest}). Please reduce the length of the messages.",
+                            "messages")
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token(tokenizer) -> int:
+    """Characters of the longest entry in the tokenizer's vocabulary (looked at once: 128K entries for Llama 3)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 def _schema_error(error: ValidationError) -> APIError:
@@ -303,6 +341,7 @@ def encode_prompt(request: ChatRequest, processor, context_length: int) -> tuple
     batch): the image token typed as text, a chat template refusing the conversation, a prompt whose image tokens
     do not match its images."""
     _refuse_image_tokens(request.messages, processor)
+    _refuse_text_too_long_to_fit(request.messages, processor, context_length)
     try:
         ids, _, _ = processor.encode(request.messages, add_generation_prompt=True, labels=False)
     except DataError as e:  # e.g. a template's raise_exception("Conversation roles must alternate …")
