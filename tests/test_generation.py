@@ -60,3 +60,17 @@ def test_bad_sampling_settings_are_refused_up_front_naming_the_field(settings, f
 def test_the_extreme_seeds_torch_takes_are_accepted():
     for seed in (-2**63, 2**64 - 1, np.int64(3)):
         assert SamplingParams(temperature=1.0, seed=seed).generator(torch.device("cpu")) is not None
+
+
+def test_seeds_apart_only_above_32_bits_sample_apart_and_small_seeds_sample_as_before():
+    """The CPU generator reads a seed's low 32 bits only: 5, 5 + 2**32 and 5 + 2**40 drew the same numbers, and so did
+    0, 2**63 and -2**63 (a server accepts any 64-bit seed)."""
+    def draws(seed):
+        return torch.rand(4, generator=SamplingParams(temperature=1.0, seed=seed).generator(torch.device("cpu")))
+
+    for group in [(5, 5 + 2**32, 5 + 2**40), (0, 2**63, 2**64 - 1, 2**32 - 1)]:
+        samples = [draws(seed) for seed in group]
+        assert all(not torch.equal(a, b) for i, a in enumerate(samples) for b in samples[i + 1:]), group
+    assert torch.equal(draws(-2**63), draws(2**63)) and torch.equal(draws(-1), draws(2**64 - 1))  # the same 64 bits
+    for seed in (0, 5, 2**32 - 1):  # what torch's own seeding draws, as before
+        assert torch.equal(draws(seed), torch.rand(4, generator=torch.Generator().manual_seed(seed)))
