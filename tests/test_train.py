@@ -387,6 +387,18 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monk
         training_precision("half")
 
 
+def test_a_key_given_twice_in_a_run_config_is_an_error_naming_both_lines(tmp_path):
+    """YAML lets the later value win without a word: a second `steps:` further down undid the first, and the run
+    trained the recipe's 800 default steps instead of 4."""
+    path = tmp_path / "run.yaml"
+    for text, key, lines in [("recipe: llava\nsteps: {text: 1, align: 1}\ndata: d\nsteps:\n  text: 0\n", "steps", (2, 4)),
+                             ("recipe: llava\nlr:\n  align: 1e-3\n  align: 2e-3\n", "align", (3, 4))]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"'{key}' is given twice in one mapping \(first on line {lines[0]}\).*"
+                                              rf"line {lines[1]}"):
+            RunConfig.load(path)
+
+
 def test_run_config_overrides_and_validation(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("recipe: llava\ndata: somewhere\nsteps: {align: 10}\nlr: {align: 1e-3}\n")

@@ -122,7 +122,7 @@ class RunConfig:
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such run config") from None
         except yaml.YAMLError as e:
@@ -215,6 +215,26 @@ def apply_override(data: dict, item: str) -> None:
         node[last] = yaml.safe_load(value)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: {value!r} is not a YAML value ({_one_line(e)})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: YAML lets the later value
+    win without a word, and a second `steps:` further down a run config silently undid the first."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the base loader says so
+                break
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (first on line {first_line[key] + 1}); "
+                    f"expected each key once", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def build_stages(run: RunConfig) -> list[Stage]:
