@@ -6,6 +6,7 @@ safetensors only — a checkpoint is data, never code, so nothing here unpickles
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +73,31 @@ def written_whole(path: Path):
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def written_whole_directory(directory: Path):
+    """Yields an empty directory beside `directory` to write a whole checkpoint into; it takes `directory`'s place
+    only once written, so a run stopped mid-save leaves an earlier save there whole — still resumable, its training
+    state with it (written into the same directory, it had to be removed first). Between the two renames that swap
+    them (microseconds), the earlier save is `.NAME.previous`. Both names start with a dot: not checkpoints."""
+    staging = directory.with_name(f".{directory.name}.saving")
+    previous = directory.with_name(f".{directory.name}.previous")
+    for leftover in (staging, previous):  # a save cut short before
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if directory.exists():
+        directory.rename(previous)
+        staging.rename(directory)
+        shutil.rmtree(previous)
+    else:
+        staging.rename(directory)
 
 
 def write_whole(path: Path, text: str) -> None:

@@ -148,6 +148,36 @@ sys.exit(main(["train", {str(tmp_path / "run.yaml")!r}, "--no-progress"]))
     assert all(torch.equal(v, resumed["model"].state_dict()[k]) for k, v in straight["model"].state_dict().items())
 
 
+def test_a_save_cut_short_leaves_the_earlier_save_in_its_place_whole_and_resumable(shapes, tmp_path, monkeypatch):
+    """A save into a directory that holds an earlier one (OUT/interrupted of a resumed run stopped again; step
+    checkpoints saved again after --resume-from an earlier step) removed the earlier state first: cut short, it left
+    new weights and no state, and that save was no longer resumable. It is written beside and swapped in whole."""
+    import tessera.train.loop as loop
+    from tessera.train.state import latest_resumable, load_state, read_position
+
+    out = tmp_path / "out"
+    result = _train(_config(shapes, out, steps={"text": 2, "encoder_pretrain": 0, "align": 0, "instruct": 2},
+                            checkpoint_every=1))
+    directory = latest_resumable(out)
+    weights, position = (directory / "model.safetensors").read_bytes(), read_position(directory)
+    with torch.no_grad():
+        next(result["model"].parameters()).add_(1.0)  # weights unlike the saved ones
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        loop.save_checkpoint(result["model"], result["processor"], directory, load_state(directory), out)
+    assert (directory / "model.safetensors").read_bytes() == weights and read_position(directory) == position
+    assert latest_resumable(out) == directory and not list(directory.parent.glob(".*"))
+    monkeypatch.undo()
+    loop.save_checkpoint(result["model"], result["processor"], directory, load_state(directory), out)
+    assert (directory / "model.safetensors").read_bytes() != weights and read_position(directory)["saved"] > \
+        position["saved"]
+    assert latest_resumable(out) == directory and not list(directory.parent.glob(".*"))
+
+
 def test_stop_signals_are_given_back_their_handlers_after_training(shapes, tmp_path):
     import signal
 
@@ -457,11 +487,11 @@ def test_keep_checkpoints_never_removes_the_checkpoint_it_has_just_written(shape
     def save_then_step_the_clock_back(directory, state, out):
         save_state(directory, state, out)
         written = directory / "training_state.json"
-        if not directory.name.startswith("step-"):
+        if not directory.name.startswith(".step-"):  # written beside its place (.step-N.saving), then swapped in
             return
         if stepped:  # from the second checkpoint on, the clock reads an hour earlier than when the first was written
             os.utime(written, ns=(written.stat().st_atime_ns, written.stat().st_mtime_ns - 3600 * 10**9))
-        stepped.append(directory.name)
+        stepped.append(directory.name.removeprefix(".").removesuffix(".saving"))
 
     monkeypatch.setattr(tessera.train.loop, "save_state", save_then_step_the_clock_back)
     _train(_config(shapes, tmp_path / "run", checkpoint_every=2, keep_checkpoints=1,

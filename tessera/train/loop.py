@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tessera.checkpoint import write_whole
+from tessera.checkpoint import write_whole, written_whole_directory
 from tessera.data.records import EncodedExample
 from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.recipes import SCHEDULES, Stage
 from tessera.train.state import StageState, TrainingState, checkpoint_name, interrupted_directory, \
-    prune_step_checkpoints, remove_state, save_state
+    prune_step_checkpoints, save_state
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 
@@ -271,11 +271,11 @@ def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
     resumable (see tessera.train.state), numbered after the other resumable checkpoints of `out`, the run's OUT."""
     if state is not None and out is None:
         raise ValueError(f"{directory}: a resumable checkpoint needs the run's OUT, which numbers its saves")
-    remove_state(directory)  # written last, so a save cut short leaves no state beside half-written weights
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    if state is not None:
-        save_state(directory, state, out)
+    with written_whole_directory(directory) as saving:  # an earlier save there stays whole until this one is
+        model.save_pretrained(saving)
+        processor.save_pretrained(saving)
+        if state is not None:
+            save_state(saving, state, out)
     return directory
 
 

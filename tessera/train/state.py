@@ -73,12 +73,6 @@ def save_state(directory: Path, state: TrainingState, out: Path) -> None:
     write_whole(directory / STATE_JSON, json.dumps(position, indent=1) + "\n")
 
 
-def remove_state(directory: Path) -> None:
-    """Before a checkpoint is written into a directory: an earlier save's state must not outlive its weights."""
-    for name in (STATE_JSON, STATE_TENSORS):
-        (directory / name).unlink(missing_ok=True)
-
-
 def read_position(directory: Path) -> dict:
     """training_state.json of a resumable checkpoint, checked enough to order checkpoints by it."""
     path = directory / STATE_JSON
@@ -187,7 +181,7 @@ def resumable_checkpoints(out: Path, strict: bool = False) -> list[tuple[dict, P
     OUT/checkpoints/*. One whose training state cannot be read is an error with `strict`, and left out without."""
     found = []
     for directory in [out / "interrupted", *sorted(out.glob("run-*-interrupted")),
-                      *sorted((out / "checkpoints").glob("*"))]:
+                      *sorted((out / "checkpoints").glob("[!.]*"))]:  # not a save under way (.NAME.saving)
         if (directory / STATE_JSON).is_file():
             try:
                 found.append((read_position(directory), directory))
