@@ -3,7 +3,9 @@ and its error object, batching (concurrent = one at a time), disconnects, loadin
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import http.server
 import io
 import json
@@ -797,9 +799,13 @@ def test_health_is_503_while_loading_then_200(checkpoint):
 
 class _ImageHost(http.server.BaseHTTPRequestHandler):
     paths: list[str] = []  # every path asked for, in order
+    release = threading.Event()  # /slow.png answers once it is set
 
     def do_GET(self):
         self.paths.append(self.path)
+        if self.path == "/slow.png":
+            self.release.wait(timeout=60)
+            self.path = "/a.png"
         if self.path == "/a.png":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -818,12 +824,44 @@ class _ImageHost(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def image_host():
-    """A local HTTP server with /a.png (PNG), /moved.png (a redirect to it) and 404 for the rest: its base URL."""
+    """A local HTTP server with /a.png (PNG), /slow.png (the same, once _ImageHost.release is set), /moved.png (a
+    redirect to it) and 404 for the rest: its base URL."""
     host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
     threading.Thread(target=host.serve_forever, daemon=True).start()
     _ImageHost.paths.clear()
+    _ImageHost.release.clear()
     yield f"http://127.0.0.1:{host.server_address[1]}"
+    _ImageHost.release.set()
     host.shutdown()
+
+
+def _with_remote_timeout(monkeypatch, seconds: float) -> None:
+    policy = ServeSettings.image_policy
+    monkeypatch.setattr(ServeSettings, "image_policy",
+                        lambda self: dataclasses.replace(policy(self), remote_timeout=seconds))
+
+
+def test_requests_do_not_wait_for_other_requests_slow_image_hosts(checkpoint, image_host, monkeypatch):
+    """Remote images are fetched on the event loop. Fetched in threads, six requests whose image host was slow
+    took every thread of asyncio's pool (six on two cores), and a text-only request waited for them."""
+    _with_remote_timeout(monkeypatch, 60)
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                      allowed_image_hosts=["127.0.0.1"])) as s, ThreadPoolExecutor(8) as pool:
+        greedy = {"temperature": 0, "max_tokens": 4}
+        slow = [pool.submit(_post, s, {**_one_image(f"{image_host}/slow.png"), **greedy}) for _ in range(8)]
+        _until(lambda: _ImageHost.paths.count("/slow.png") == 8, "the eight slow fetches to be under way")
+        quick = _post(s, _chat(messages=user(text("Hello")), max_tokens=2))
+        assert quick.status_code == 200 and not any(f.done() for f in slow)  # it did not wait for them
+        _ImageHost.release.set()
+        by_data = _post(s, {**_one_image(data_url(PNG)), **greedy}).json()["choices"][0]["message"]["content"]
+        assert all(f.result().json()["choices"][0]["message"]["content"] == by_data for f in slow)
+
+
+def test_an_image_fetch_is_given_up_at_the_remote_timeout(checkpoint, image_host, monkeypatch):
+    _with_remote_timeout(monkeypatch, 0.5)
+    with running_server(ServeSettings(checkpoint=str(checkpoint), served_model_name="tiny",
+                                      allowed_image_hosts=["127.0.0.1"])) as s:
+        assert_error(_post(s, _one_image(f"{image_host}/slow.png")), 400, URL, "took longer than 0.5 s")
 
 
 def _answers_as_from_data(server: Server, url: str) -> None:
@@ -869,15 +907,14 @@ def test_allowed_image_hosts_limit_where_images_come_from(checkpoint, image_host
     ("http://LOCALHOST.:9/a.png", True),  # case, a trailing dot and the port do not matter
 ])
 def test_the_image_host_check_reads_the_host_the_request_goes_to(url, allowed):
-    from tessera.serve.images import load_image
-    from tessera.serve.protocol import APIError
+    from tessera.serve.images import image_bytes
 
     policy = ServeSettings(checkpoint="unused", allowed_image_hosts=["127.0.0.1", "localhost"]).image_policy()
     with pytest.raises(APIError) as error:  # an allowed URL is fetched, and nothing listens on port 9
-        load_image(url, policy, URL)
+        asyncio.run(image_bytes(url, policy, URL))
     assert ("are not allowed on this server" in error.value.message) == (not allowed), error.value.message
     with pytest.raises(APIError, match="is not a valid URL"):  # a 400, not a server error
-        load_image("http://127.0.0.1:port/a.png", policy, URL)
+        asyncio.run(image_bytes("http://127.0.0.1:port/a.png", policy, URL))
 
 
 def test_allowed_hosts_compare_in_idna_form():

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tessera.checkpoint import CONFIG_NAME, load_dtype
 from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.serve.engine import Engine, Failed, Job
-from tessera.serve.images import ImagePolicy, bare_host, load_image
+from tessera.serve.images import ImagePolicy, bare_host, decode_image, image_bytes
 from tessera.serve.protocol import (APIError, ChatRequest, Completion, choice_delta, encode_prompt,
                                     parse_chat_request, unknown_model, usage)
 
@@ -226,8 +226,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         engine = ready()
         body = await read_json(request, settings.max_body_bytes)
         chat = parse_chat_request(body, name, settings.max_images_per_prompt, engine.max_batch)
-        # tokenizing and decoding images is CPU work: off the event loop
-        prompt_ids, pixel_values, max_new = await asyncio.to_thread(prepare, chat, engine, policy)
+        prompt_ids, pixel_values, max_new = await prepare(chat, engine, policy)
         completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", name)
         params = [engine.model.sampling_params(**chat.sampling(i, max_new)) for i in range(chat.n)]
         job = Job(completion.id, prompt_ids, pixel_values, params)
@@ -270,19 +269,26 @@ class InternalErrors:
             await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
-def prepare(chat: ChatRequest, engine: Engine, policy: ImagePolicy):
-    """Prompt ids and max_new_tokens (checked against the context first), then the images, decoded and
-    preprocessed once per request. What preprocessing builds is held to the same pixel limit as the images."""
+async def prepare(chat: ChatRequest, engine: Engine, policy: ImagePolicy):
+    """Prompt ids and max_new_tokens (checked against the context first), then the images, fetched (remote ones on
+    the event loop), decoded and preprocessed once per request. What preprocessing builds is held to the same pixel
+    limit as the images. Tokenizing and decoding are CPU work: in threads, off the event loop."""
     processor = engine.processor
-    prompt_ids, max_new = encode_prompt(chat, processor, engine.context_length)
+    prompt_ids, max_new = await asyncio.to_thread(encode_prompt, chat, processor, engine.context_length)
     pixel_values = []
     for param, url in chat.image_urls:
-        image = load_image(url, policy, param, lambda w, h: processor.check_image_size(w, h, policy.max_pixels))
-        try:
-            pixel_values.append(processor.preprocess_image(image, policy.max_pixels))
-        except DataError as e:
-            raise APIError(400, f"{param}: {e}", param) from None
+        data = await image_bytes(url, policy, param)
+        pixel_values.append(await asyncio.to_thread(preprocessed, data, processor, policy, param))
     return prompt_ids, pixel_values, max_new
+
+
+def preprocessed(data: bytes, processor, policy: ImagePolicy, param: str):
+    image = decode_image(data, policy.max_pixels, param,
+                         lambda w, h: processor.check_image_size(w, h, policy.max_pixels))
+    try:
+        return processor.preprocess_image(image, policy.max_pixels)
+    except DataError as e:
+        raise APIError(400, f"{param}: {e}", param) from None
 
 
 async def read_json(request: Request, limit: int):
