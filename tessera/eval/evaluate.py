@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from tessera.config import is_integer
-from tessera.data.records import EncodedExample, load_examples
+# _encode and _image: load_examples' own per-record steps, which load_eval_examples adds a check to
+from tessera.data.records import (EncodedExample, RecordError, SkipReport, _encode, _image, load_examples, parse_record,
+                                  read_raw_records)
 from tessera.errors import ConfigError, DataError
 from tessera.eval.metrics import caption_scores, exact_match
 from tessera.model import MultimodalLM
@@ -23,22 +25,62 @@ def answer_all(model: MultimodalLM, processor: Processor, examples: list[Encoded
     answers = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        rows, images = [], []
-        for e in chunk:
-            prompt = e.example.messages[:_first_answer(e)]
-            ids, labels, _ = processor.encode(prompt, add_generation_prompt=True)
-            rows.append((ids, labels))
-            # a multi-turn record's later turns may hold images too: only the prompt's go in, in order
-            images.append(e.pixel_values[:sum(m["content"].count(IMAGE) for m in prompt)])
-        batch = processor.pad_batch(rows, images, padding_side="left")
+        prompts = [_prompt(processor, e) for e in chunk]
+        batch = processor.pad_batch([(ids, labels) for ids, labels, _ in prompts], [images for *_, images in prompts],
+                                    padding_side="left")
         batch.pop("labels")
         result = model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=processor)
         answers += result.texts
     return answers
 
 
+def _prompt(processor: Processor, encoded: EncodedExample) -> tuple[list[int], list[int], list[torch.Tensor]]:
+    """(ids, labels, images) of the prompt an answer is generated from: the turns before the first answer."""
+    prompt = encoded.example.messages[:_first_answer(encoded)]
+    ids, labels, _ = processor.encode(prompt, add_generation_prompt=True)
+    # a multi-turn record's later turns may hold images too: only the prompt's go in, in order
+    return ids, labels, encoded.pixel_values[:sum(m["content"].count(IMAGE) for m in prompt)]
+
+
 def _first_answer(encoded: EncodedExample) -> int:
     return next(i for i, m in enumerate(encoded.example.messages) if m["role"] == "assistant")
+
+
+def load_eval_examples(path: str | Path, processor: Processor, max_positions: int, max_new_tokens: int,
+                       strict: bool = False) -> tuple[list[EncodedExample], SkipReport]:
+    """load_examples' checks, plus the one generation adds: a record whose prompt + max_new_tokens exceeds the
+    model's max_positions is a bad record too (skipped and counted, or under strict an error naming it),
+    found before answering rather than as the failure of a whole batch after the others' answers were computed."""
+    path = Path(path)
+    report = SkipReport(str(path))
+    cache, kept = {}, []
+    for record_id, label, raw in read_raw_records(path):
+        try:
+            example = parse_record(raw, record_id, path.parent)
+            pixels = [_image(cache, image, processor) for image in example.images]
+            ids, labels = _encode(processor, example)
+            encoded = EncodedExample(example, ids, labels, pixels)
+            _check_prompt_leaves_room(processor, encoded, max_positions, max_new_tokens)
+        except RecordError as e:
+            if strict:
+                raise DataError(f"{path}: record {label}: {e}") from None
+            report.skip(label, e.reason)
+            continue
+        kept.append(encoded)
+    report.kept = len(kept)
+    return kept, report
+
+
+def _check_prompt_leaves_room(processor: Processor, encoded: EncodedExample, max_positions: int,
+                              max_new_tokens: int) -> None:
+    try:
+        prompt_length = len(_prompt(processor, encoded)[0])
+    except DataError as e:  # an imported chat template refusing the prompt on its own
+        raise RecordError("refused by the chat template", str(e)) from None
+    if prompt_length + max_new_tokens > max_positions:
+        raise RecordError("prompt too long to answer",
+                          f"its {prompt_length} tokens + max_new_tokens={max_new_tokens} exceed the model's "
+                          f"text.max_position_embeddings={max_positions}")
 
 
 def score_answers(examples: list[EncodedExample], answers: list[str]) -> dict:
@@ -89,7 +131,9 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
         if value is not None and (not is_integer(value) or value < 1):
             raise ConfigError(f"{name}={value!r}: expected an integer >= 1" + (", or None for every record"
                                                                               if name == "limit" else ""))
-    examples, report = load_examples(data, processor, strict=strict)
+    examples, report = load_eval_examples(data, processor, strict=strict,
+                                          max_positions=model.config.text.max_position_embeddings,
+                                          max_new_tokens=max_new_tokens)
     if report.skipped:
         print(report.summary())
     if not examples:  # scores of nothing would print as dashes and pass for an evaluation

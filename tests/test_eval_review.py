@@ -1,0 +1,51 @@
+"""Defects found reviewing `tessera eval` / `tessera generate`: each test failed on the code before its fix."""
+
+import json
+import re
+
+import pytest
+
+from tessera import DataError, ModelConfig, MultimodalLM, Processor, train_tokenizer
+from tessera.data.shapes import make_shapes_dataset
+from tessera.eval.evaluate import evaluate
+from tessera.train.run import dataset_texts
+from tests.test_train import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(directory, train=12, test=2, seed=0, text_train=12, text_test=4)
+    return directory
+
+
+def _model(shapes, max_positions=512):
+    tokenizer = train_tokenizer(dataset_texts(shapes), vocab_size=400)
+    config = ModelConfig.from_dict({**TINY_MODEL, "text": {**TINY_MODEL["text"], "vocab_size": 448,
+                                                           "max_position_embeddings": max_positions}})
+    return MultimodalLM(config), Processor.for_model(config, tokenizer, max_length=256)
+
+
+def _question(record_id, question, image):
+    return {"id": record_id, "type": "colour", "image": str(image),
+            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "red"}]}
+
+
+def test_a_prompt_too_long_to_answer_is_a_skipped_record_not_the_end_of_the_evaluation(shapes, tmp_path, capsys):
+    """A prompt within max_length but without room for max_new_tokens in the model's positions was kept, then
+    generate refused its whole batch after the other answers were computed, naming neither file nor record."""
+    model, processor = _model(shapes, max_positions=128)
+    image = shapes / "images/test_00000.png"
+    records = [_question("short", "What colour is the square?", image),
+               _question("long", "What colour is the square? " * 15, image),  # 119 tokens: within max_length
+               _question("short-too", "What colour is the circle?", image)]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(records))
+    metrics, predictions = evaluate(model, processor, data, max_new_tokens=16)
+    assert [p["id"] for p in predictions] == ["short", "short-too"] and metrics["questions"] == 2
+    assert "1  prompt too long to answer  (e.g. long)" in capsys.readouterr().out
+    with pytest.raises(DataError, match=re.escape(f"{data}: record long: prompt too long to answer: its ")):
+        evaluate(model, processor, data, max_new_tokens=16, strict=True)
+    # room depends on the answer's length too: with 2 new tokens the long prompt fits
+    _, predictions = evaluate(model, processor, data, max_new_tokens=2)
+    assert [p["id"] for p in predictions] == ["short", "long", "short-too"]
