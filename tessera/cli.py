@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "beside --data)")
     p.add_argument("--out", default=None, help="metrics JSON (predictions go beside it)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records (N >= 1; default: all)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the file's first N records, a skipped "
+                                                            "one among them counted (N >= 1; default: all)")
     p.add_argument("--max-new-tokens", type=int, default=48,
                    help="answer length limit in tokens; a longer answer is cut and scored as cut (default: 48)")
     p.add_argument("--strict", action="store_true")

@@ -49,3 +49,22 @@ def test_a_prompt_too_long_to_answer_is_a_skipped_record_not_the_end_of_the_eval
     # room depends on the answer's length too: with 2 new tokens the long prompt fits
     _, predictions = evaluate(model, processor, data, max_new_tokens=2)
     assert [p["id"] for p in predictions] == ["short", "long", "short-too"]
+
+
+def test_limit_takes_the_first_records_of_the_file_and_never_reads_the_rest(shapes, tmp_path, capsys):
+    """--limit 3 still read, checked and decoded the whole file, so --strict failed on record 7."""
+    model, processor = _model(shapes)
+    image = shapes / "images/test_00000.png"
+    records = [_question("first", "What colour is the square?", image),
+               {**_question("lost", "What colour is the circle?", image), "image": str(shapes / "none.png")},
+               _question("third", "What colour is the triangle?", image),
+               {**_question("broken", "What?", image), "conversations": "not turns"}]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(records))
+    metrics, predictions = evaluate(model, processor, data, limit=3, strict=False, max_new_tokens=2)
+    assert [p["id"] for p in predictions] == ["first", "third"]  # the skipped second record counts as one of 3
+    assert f"{data}: 2 records kept, 1 skipped" in capsys.readouterr().out
+    _, predictions = evaluate(model, processor, data, limit=1, strict=True, max_new_tokens=2)
+    assert [p["id"] for p in predictions] == ["first"]
+    with pytest.raises(DataError, match=re.escape(f"{data}: record lost: missing image")):
+        evaluate(model, processor, data, limit=2, strict=True, max_new_tokens=2)

@@ -47,14 +47,15 @@ def _first_answer(encoded: EncodedExample) -> int:
 
 
 def load_eval_examples(path: str | Path, processor: Processor, max_positions: int, max_new_tokens: int,
-                       strict: bool = False) -> tuple[list[EncodedExample], SkipReport]:
+                       strict: bool = False, limit: int | None = None) -> tuple[list[EncodedExample], SkipReport]:
     """load_examples' checks, plus the one generation adds: a record whose prompt + max_new_tokens exceeds the
     model's max_positions is a bad record too (skipped and counted, or under strict an error naming it),
-    found before answering rather than as the failure of a whole batch after the others' answers were computed."""
+    found before answering rather than as the failure of a whole batch after the others' answers were computed.
+    limit: the first `limit` records of the file, skipped ones among them; the rest are never checked or decoded."""
     path = Path(path)
     report = SkipReport(str(path))
     cache, kept = {}, []
-    for record_id, label, raw in read_raw_records(path):
+    for record_id, label, raw in read_raw_records(path)[:limit]:
         try:
             example = parse_record(raw, record_id, path.parent)
             pixels = [_image(cache, image, processor) for image in example.images]
@@ -126,14 +127,15 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
              batch_size: int = 64, limit: int | None = None, strict: bool = False,
              max_new_tokens: int = 48) -> tuple[dict, list[dict]]:
     """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given).
-    limit: the first `limit` records only; max_new_tokens: longer answers are cut there and scored as cut."""
+    limit: the file's first `limit` records only, a skipped one among them counted; max_new_tokens: longer answers
+    are cut there and scored as cut."""
     for name, value in ("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens):
         if value is not None and (not is_integer(value) or value < 1):
             raise ConfigError(f"{name}={value!r}: expected an integer >= 1" + (", or None for every record"
                                                                               if name == "limit" else ""))
     examples, report = load_eval_examples(data, processor, strict=strict,
                                           max_positions=model.config.text.max_position_embeddings,
-                                          max_new_tokens=max_new_tokens)
+                                          max_new_tokens=max_new_tokens, limit=limit)
     if report.skipped:
         print(report.summary())
     if not examples:  # scores of nothing would print as dashes and pass for an evaluation
@@ -147,7 +149,6 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
         if not text_examples:  # a loss over no tokens would be 0/0
             raise DataError(f"{text_data}: no usable held-out text records ({text_report.skipped} skipped); expected "
                             f"text-only conversations ending with an assistant turn")
-    examples = examples[:limit] if limit else examples
     model.eval()
     answers = answer_all(model, processor, examples, batch_size, max_new_tokens)
     metrics = score_answers(examples, answers)
