@@ -8,6 +8,7 @@ import pytest
 from tessera import DataError, ModelConfig, MultimodalLM, Processor, train_tokenizer
 from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.evaluate import evaluate
+from tessera.eval.report import metrics_table
 from tessera.train.run import dataset_texts
 from tests.test_train import TINY_MODEL
 
@@ -68,3 +69,24 @@ def test_limit_takes_the_first_records_of_the_file_and_never_reads_the_rest(shap
     assert [p["id"] for p in predictions] == ["first"]
     with pytest.raises(DataError, match=re.escape(f"{data}: record lost: missing image")):
         evaluate(model, processor, data, limit=2, strict=True, max_new_tokens=2)
+
+
+def test_the_metrics_name_the_records_skipped_by_reason(shapes, tmp_path):
+    """stdout said "2 records kept, 2 skipped" but the metrics JSON said nothing of them: a score over part of the
+    file looked like one over all of it."""
+    model, processor = _model(shapes)
+    image = shapes / "images/test_00000.png"
+    records = [_question("first", "What colour is the square?", image),
+               {**_question("lost", "What colour is the circle?", image), "image": str(shapes / "none.png")},
+               {**_question("lost-too", "What?", image), "image": str(shapes / "none.png")},
+               {"id": "unanswered", "conversations": [{"from": "human", "value": "hi"}]}]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(records))
+    text = tmp_path / "text.jsonl"
+    text.write_text((shapes / "text_test.jsonl").read_text() + json.dumps({**records[0], "id": "pictured"}) + "\n")
+    metrics, _ = evaluate(model, processor, data, text, max_new_tokens=2)
+    assert metrics["records"] == {"file": str(data), "kept": 1, "skipped": 3,
+                                  "skipped_by_reason": {"missing image": 2, "no answer": 1},
+                                  "skipped_ids": {"missing image": ["lost", "lost-too"], "no answer": ["unanswered"]}}
+    assert metrics["text_records"]["skipped_ids"] == {"image in a text-only file": ["pictured (line 5)"]}
+    assert re.search(r"\n  records skipped +3   \(of 4; by reason and id in the JSON\)", metrics_table(metrics))

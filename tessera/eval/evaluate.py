@@ -4,13 +4,14 @@ for captions — plus the text-only LM loss on held-out text (the article's "doe
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tessera.config import is_integer
 # _encode and _image: load_examples' own per-record steps, which load_eval_examples adds a check to
-from tessera.data.records import (EncodedExample, RecordError, SkipReport, _encode, _image, load_examples, parse_record,
+from tessera.data.records import (EncodedExample, RecordError, SkipReport, _encode, _image, parse_record,
                                   read_raw_records)
 from tessera.errors import ConfigError, DataError
 from tessera.eval.metrics import caption_scores, exact_match
@@ -46,22 +47,43 @@ def _first_answer(encoded: EncodedExample) -> int:
     return next(i for i, m in enumerate(encoded.example.messages) if m["role"] == "assistant")
 
 
-def load_eval_examples(path: str | Path, processor: Processor, max_positions: int, max_new_tokens: int,
-                       strict: bool = False, limit: int | None = None) -> tuple[list[EncodedExample], SkipReport]:
-    """load_examples' checks, plus the one generation adds: a record whose prompt + max_new_tokens exceeds the
-    model's max_positions is a bad record too (skipped and counted, or under strict an error naming it),
-    found before answering rather than as the failure of a whole batch after the others' answers were computed.
-    limit: the first `limit` records of the file, skipped ones among them; the rest are never checked or decoded."""
+@dataclass
+class EvalSkipReport(SkipReport):
+    """A SkipReport that keeps every skipped record's label, so that the metrics JSON can name them all."""
+
+    skipped_ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, record_id: str, reason: str) -> None:
+        super().skip(record_id, reason)
+        self.skipped_ids.setdefault(reason, []).append(record_id)
+
+    def as_json(self) -> dict:
+        """The file's records in the metrics JSON: a score over 13 records of 30 must not pass for one over 30."""
+        return {"file": self.source, "kept": self.kept, "skipped": self.skipped,
+                "skipped_by_reason": dict(self.reasons.most_common()), "skipped_ids": self.skipped_ids}
+
+
+def load_eval_examples(path: str | Path, processor: Processor, strict: bool = False, limit: int | None = None,
+                       text_only: bool = False, max_positions: int | None = None, max_new_tokens: int = 48
+                       ) -> tuple[list[EncodedExample], EvalSkipReport]:
+    """load_examples' checks, plus the one generation adds: with max_positions, a record whose prompt +
+    max_new_tokens exceeds the model's max_positions is a bad record too (skipped and counted, or under strict an
+    error naming it), found before answering rather than as the failure of a whole batch after the others' answers
+    were computed. limit: the first `limit` records of the file, skipped ones among them; the rest are never
+    checked or decoded. text_only: records with images are bad records (the held-out text loss passes no images)."""
     path = Path(path)
-    report = SkipReport(str(path))
+    report = EvalSkipReport(str(path))
     cache, kept = {}, []
     for record_id, label, raw in read_raw_records(path)[:limit]:
         try:
             example = parse_record(raw, record_id, path.parent)
+            if text_only and example.images:
+                raise RecordError("image in a text-only file", f"{len(example.images)} image(s)")
             pixels = [_image(cache, image, processor) for image in example.images]
             ids, labels = _encode(processor, example)
             encoded = EncodedExample(example, ids, labels, pixels)
-            _check_prompt_leaves_room(processor, encoded, max_positions, max_new_tokens)
+            if max_positions is not None:
+                _check_prompt_leaves_room(processor, encoded, max_positions, max_new_tokens)
         except RecordError as e:
             if strict:
                 raise DataError(f"{path}: record {label}: {e}") from None
@@ -126,7 +148,8 @@ def text_lm_loss(model: MultimodalLM, processor: Processor, examples: list[Encod
 def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_data: str | Path | None = None,
              batch_size: int = 64, limit: int | None = None, strict: bool = False,
              max_new_tokens: int = 48) -> tuple[dict, list[dict]]:
-    """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given).
+    """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given). The
+    metrics' "records" (and "text_records") give the file's kept and skipped records, by reason and id.
     limit: the file's first `limit` records only, a skipped one among them counted; max_new_tokens: longer answers
     are cut there and scored as cut."""
     for name, value in ("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens):
@@ -143,7 +166,7 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
                         f"question and its reference answer")
     text_examples = None
     if text_data is not None:  # read before answering, so that an unusable file fails at once
-        text_examples, text_report = load_examples(text_data, processor, strict=strict, text_only=True)
+        text_examples, text_report = load_eval_examples(text_data, processor, strict=strict, text_only=True)
         if text_report.skipped:
             print(text_report.summary())
         if not text_examples:  # a loss over no tokens would be 0/0
@@ -151,9 +174,10 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
                             f"text-only conversations ending with an assistant turn")
     model.eval()
     answers = answer_all(model, processor, examples, batch_size, max_new_tokens)
-    metrics = score_answers(examples, answers)
+    metrics = score_answers(examples, answers) | {"records": report.as_json()}
     if text_examples is not None:
         metrics["text_loss"] = text_lm_loss(model, processor, text_examples, batch_size)
+        metrics["text_records"] = text_report.as_json()
     predictions = [{"id": e.example.id, "type": e.example.type, "image": str(e.example.images[0]) if e.example.images else None,
                     "question": e.example.messages[_first_answer(e) - 1]["content"].replace(IMAGE, "").strip(),
                     "prediction": a, "reference": e.example.messages[_first_answer(e)]["content"]}

@@ -29,6 +29,10 @@ def metrics_table(metrics: dict[str, Any], title: str = "evaluation") -> str:
     if metrics.get("text_loss_before") is not None:
         rows.append(f"  {'held-out text loss':<28s} {_number(metrics['text_loss_before'], 4):>8s} before → "
                     f"{_number(metrics.get('text_loss_after'), 4)} after the multimodal stages")
+    records = metrics.get("records")
+    if records and records["skipped"]:  # a score over part of the file says so beside it
+        rows.append(f"  {'records skipped':<28s} {records['skipped']:>8d}   (of {records['kept'] + records['skipped']}; "
+                    f"by reason and id in the JSON)")
     if metrics.get("wall_seconds") is not None:
         rows.append(f"  {'wall time':<28s} {metrics['wall_seconds']:>7.0f}s")
     return "\n".join(rows)
