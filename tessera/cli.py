@@ -60,11 +60,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from tessera.eval.evaluate import evaluate
+    from tessera.eval.evaluate import check_results_path, evaluate, predictions_path
     from tessera.eval.report import metrics_table
 
     _check_at_least(1, ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
                     ("--batch-size", args.batch_size))
+    if args.out:
+        check_results_path(Path(args.out))
     model, processor = _load(args.checkpoint, args.dtype)
     data = Path(args.data)
     text_data = args.text_data
@@ -77,7 +79,7 @@ def _eval(args: argparse.Namespace) -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**metrics, "checkpoint": str(args.checkpoint), "data": str(data)}, indent=2) + "\n")
-        out.with_suffix(".predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        predictions_path(out).write_text("".join(json.dumps(p) + "\n" for p in predictions))
         print(f"wrote {out}")
 
 

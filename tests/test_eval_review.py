@@ -6,6 +6,7 @@ import re
 import pytest
 
 from tessera import DataError, ModelConfig, MultimodalLM, Processor, train_tokenizer
+from tessera.cli import main
 from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.evaluate import evaluate
 from tessera.eval.report import metrics_table
@@ -90,3 +91,22 @@ def test_the_metrics_name_the_records_skipped_by_reason(shapes, tmp_path):
                                   "skipped_ids": {"missing image": ["lost", "lost-too"], "no answer": ["unanswered"]}}
     assert metrics["text_records"]["skipped_ids"] == {"image in a text-only file": ["pictured (line 5)"]}
     assert re.search(r"\n  records skipped +3   \(of 4; by reason and id in the JSON\)", metrics_table(metrics))
+
+
+@pytest.mark.parametrize("out, words", [
+    ("results", "--out {tmp}/results: is a directory; expected a file path for the metrics JSON"),
+    ("taken.json", "--out {tmp}/taken.json: {tmp}/taken.predictions.jsonl, where the predictions go, is a directory"),
+    ("afile/eval.json", "--out {tmp}/afile/eval.json: {tmp}/afile is a file, not a directory"),
+    ("afile/deeper/eval.json", "--out {tmp}/afile/deeper/eval.json: {tmp}/afile is a file, not a directory"),
+])
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, out, words):
+    """It failed with a bare "[Errno 21] Is a directory" (or Errno 17) after every answer was computed, losing
+    them. The checkpoint given does not exist: the error about --out comes first, so nothing was loaded."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "taken.predictions.jsonl").mkdir()
+    (tmp_path / "afile").write_text("x")
+    code = main(["eval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--data", str(tmp_path / "test.json"),
+                 "--out", str(tmp_path / out)])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith(f"tessera eval: error: {words.format(tmp=tmp_path)}"), error
+    assert error.count("\n") == 1

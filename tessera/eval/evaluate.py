@@ -3,6 +3,7 @@ for captions — plus the text-only LM loss on held-out text (the article's "doe
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,32 @@ def score_answers(examples: list[EncodedExample], answers: list[str]) -> dict:
     if caption_preds:
         result |= caption_scores(caption_refs, caption_preds)
     return result
+
+
+def predictions_path(out: Path) -> Path:
+    """Where the per-record predictions go beside the metrics JSON `out`."""
+    return out.with_suffix(".predictions.jsonl")
+
+
+def check_results_path(out: Path, flag: str = "--out") -> None:
+    """ConfigError unless the metrics JSON `out` and the predictions beside it can be written: checked before the
+    model loads, as an unwritable path found after the answers are computed loses them all."""
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out}: is a directory; expected a file path for the metrics JSON (the predictions "
+                          f"go beside it)")
+    predictions = predictions_path(out)
+    if predictions.is_dir():
+        raise ConfigError(f"{flag} {out}: {predictions}, where the predictions go, is a directory; expected no "
+                          f"directory there")
+    for target in out, predictions:
+        if target.exists() and not os.access(target, os.W_OK):
+            raise ConfigError(f"{flag} {out}: {target} is not writable; expected a file path that can be written")
+    ancestor = next(p for p in out.parents if p.exists())  # the directories below it are made when writing
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {out}: {ancestor} is a file, not a directory; expected a path whose parents are "
+                          f"directories or can be made")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: the directory {ancestor} is not writable")
 
 
 @torch.inference_mode()  # as generate: no autograd bookkeeping; only a float leaves
