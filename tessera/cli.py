@@ -73,7 +73,8 @@ def _eval(args: argparse.Namespace) -> None:
     if text_data is None and (data.parent / "text_test.jsonl").is_file():
         text_data = data.parent / "text_test.jsonl"  # the held-out text beside the data, when there is one
     metrics, predictions = evaluate(model, processor, data, text_data, batch_size=args.batch_size,
-                                    limit=args.limit, strict=args.strict, max_new_tokens=args.max_new_tokens)
+                                    limit=args.limit, strict=args.strict, max_new_tokens=args.max_new_tokens,
+                                    text_data_optional=args.text_data is None)
     print(metrics_table(metrics, title=f"{args.checkpoint} on {data}"))
     if args.out:
         out = Path(args.out)
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="LLaVA .json or messages .jsonl")
     p.add_argument("--text-data", default=None, help="held-out text for the LM loss (default: text_test.jsonl "
-                                                     "beside --data)")
+                                                     "beside --data, left out with a warning if it cannot be used)")
     p.add_argument("--out", default=None, help="metrics JSON (predictions go beside it)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the file's first N records, a skipped "

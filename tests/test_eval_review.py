@@ -28,6 +28,15 @@ def _model(shapes, max_positions=512):
     return MultimodalLM(config), Processor.for_model(config, tokenizer, max_length=256)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(shapes, tmp_path_factory):
+    model, processor = _model(shapes)
+    directory = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 def _question(record_id, question, image):
     return {"id": record_id, "type": "colour", "image": str(image),
             "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "red"}]}
@@ -110,3 +119,27 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_model_loads(tm
     error = capsys.readouterr().err
     assert code == 2 and error.startswith(f"tessera eval: error: {words.format(tmp=tmp_path)}"), error
     assert error.count("\n") == 1
+
+
+def test_held_out_text_found_beside_the_data_that_cannot_be_used_is_a_warning_and_named_it_is_an_error(
+        shapes, checkpoint, tmp_path, capsys):
+    """A text_test.jsonl picked up beside --data aborted the evaluation (no usable held-out text records), with no
+    way to opt out. Found, it is a warning and the loss is left out, saying so in the JSON; named, an error."""
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps([_question("first", "What colour is the square?", shapes / "images/test_00000.png")]))
+    found = tmp_path / "text_test.jsonl"
+    found.write_text(json.dumps({"id": "pictured", "images": [str(shapes / "images/test_00000.png")], "messages": [
+        {"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    out = tmp_path / "eval.json"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--max-new-tokens", "2"]
+    for strict in [], ["--strict"]:
+        assert main([*args, "--out", str(out), *strict]) == 0
+        printed = capsys.readouterr()
+        assert re.search(f"held-out text loss +—   \\(left out: {re.escape(str(found))} cannot be used", printed.out)
+        error = printed.err
+        assert error.startswith(f"warning: {found}: ") and "the held-out text loss is left out" in error, error
+        metrics = json.loads(out.read_text())
+        assert "text_loss" not in metrics and metrics["text_records"]["file"] == str(found)
+        assert metrics["text_records"]["left_out"].startswith(f"{found}: ")
+    assert main([*args, "--text-data", str(found)]) == 2
+    assert f"tessera eval: error: {found}: no usable held-out text records (1 skipped)" in capsys.readouterr().err

@@ -4,6 +4,7 @@ for captions — plus the text-only LM loss on held-out text (the article's "doe
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,17 @@ def predictions_path(out: Path) -> Path:
     return out.with_suffix(".predictions.jsonl")
 
 
+def _held_out_text(path: str | Path, processor: Processor, strict: bool
+                   ) -> tuple[list[EncodedExample], EvalSkipReport]:
+    examples, report = load_eval_examples(path, processor, strict=strict, text_only=True)
+    if report.skipped:
+        print(report.summary())
+    if not examples:  # a loss over no tokens would be 0/0
+        raise DataError(f"{path}: no usable held-out text records ({report.skipped} skipped); expected text-only "
+                        f"conversations ending with an assistant turn")
+    return examples, report
+
+
 def check_results_path(out: Path, flag: str = "--out") -> None:
     """ConfigError unless the metrics JSON `out` and the predictions beside it can be written: checked before the
     model loads, as an unwritable path found after the answers are computed loses them all."""
@@ -174,11 +186,13 @@ def text_lm_loss(model: MultimodalLM, processor: Processor, examples: list[Encod
 
 def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_data: str | Path | None = None,
              batch_size: int = 64, limit: int | None = None, strict: bool = False,
-             max_new_tokens: int = 48) -> tuple[dict, list[dict]]:
+             max_new_tokens: int = 48, text_data_optional: bool = False) -> tuple[dict, list[dict]]:
     """Metrics and per-record predictions for a data file (and the text LM loss when text_data is given). The
     metrics' "records" (and "text_records") give the file's kept and skipped records, by reason and id.
     limit: the file's first `limit` records only, a skipped one among them counted; max_new_tokens: longer answers
-    are cut there and scored as cut."""
+    are cut there and scored as cut. text_data_optional: text_data was found, not asked for, so a file that cannot
+    give the loss (no usable record, or under strict a bad one) is a warning and the loss is left out, not an
+    error; "text_records" then says why."""
     for name, value in ("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens):
         if value is not None and (not is_integer(value) or value < 1):
             raise ConfigError(f"{name}={value!r}: expected an integer >= 1" + (", or None for every record"
@@ -191,20 +205,24 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
     if not examples:  # scores of nothing would print as dashes and pass for an evaluation
         raise DataError(f"{data}: no usable record to evaluate ({report.skipped} skipped); expected records with a "
                         f"question and its reference answer")
-    text_examples = None
+    text_examples, text_records = None, None
     if text_data is not None:  # read before answering, so that an unusable file fails at once
-        text_examples, text_report = load_eval_examples(text_data, processor, strict=strict, text_only=True)
-        if text_report.skipped:
-            print(text_report.summary())
-        if not text_examples:  # a loss over no tokens would be 0/0
-            raise DataError(f"{text_data}: no usable held-out text records ({text_report.skipped} skipped); expected "
-                            f"text-only conversations ending with an assistant turn")
+        try:
+            text_examples, text_report = _held_out_text(text_data, processor, strict)
+            text_records = text_report.as_json()
+        except DataError as e:
+            if not text_data_optional:
+                raise
+            print(f"warning: {e}; the held-out text loss is left out (this file was found beside the data, not named "
+                  f"as the held-out text)", file=sys.stderr)
+            text_records = {"file": str(text_data), "left_out": str(e)}
     model.eval()
     answers = answer_all(model, processor, examples, batch_size, max_new_tokens)
     metrics = score_answers(examples, answers) | {"records": report.as_json()}
     if text_examples is not None:
         metrics["text_loss"] = text_lm_loss(model, processor, text_examples, batch_size)
-        metrics["text_records"] = text_report.as_json()
+    if text_records is not None:
+        metrics["text_records"] = text_records
     predictions = [{"id": e.example.id, "type": e.example.type, "image": str(e.example.images[0]) if e.example.images else None,
                     "question": e.example.messages[_first_answer(e) - 1]["content"].replace(IMAGE, "").strip(),
                     "prediction": a, "reference": e.example.messages[_first_answer(e)]["content"]}

@@ -26,6 +26,9 @@ def metrics_table(metrics: dict[str, Any], title: str = "evaluation") -> str:
         rows.append(f"  {'BLEU-4 (captions)':<28s} {_number(metrics.get('bleu4')):>8s}")
     if metrics.get("text_loss") is not None:
         rows.append(f"  {'held-out text loss':<28s} {_number(metrics['text_loss'], 4):>8s}")
+    elif "left_out" in metrics.get("text_records", {}):  # a missing figure says why
+        rows.append(f"  {'held-out text loss':<28s} {_number(None):>8s}   (left out: {metrics['text_records']['file']} "
+                    f"cannot be used; see the JSON)")
     if metrics.get("text_loss_before") is not None:
         rows.append(f"  {'held-out text loss':<28s} {_number(metrics['text_loss_before'], 4):>8s} before → "
                     f"{_number(metrics.get('text_loss_after'), 4)} after the multimodal stages")
