@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from tessera.checkpoint import write_whole, written_whole
+from tessera.checkpoint import CONFIG_NAME, write_whole, written_whole
 from tessera.config import ModelConfig
-from tessera.errors import ConfigError, DataError
+from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, MessageTextEncoder, load_tokenizer
 from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, RESIZE_MODES, check_preprocessed_size, largest_step,
                                       load_image, naming, preprocess_image)
@@ -238,13 +238,17 @@ class Processor:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Processor:
         """tessera's processor, or — for a Hugging Face checkpoint or one converted from it — a HubProcessor
-        (interop/processor.py) with the checkpoint's own tokenizer, chat template and image processing."""
+        (interop/processor.py) with the checkpoint's own tokenizer, chat template and image processing. Beside a
+        model's config.json, every token id must fit the model's embedding (CheckpointError otherwise)."""
         directory = Path(directory)
         from tessera.interop.processor import hub_processor
 
-        hub = hub_processor(directory)
-        if hub is not None:
-            return hub
+        processor = hub_processor(directory) or cls._tessera_processor(directory)
+        check_tokenizer_fits_model(processor.tokenizer, directory)
+        return processor
+
+    @classmethod
+    def _tessera_processor(cls, directory: Path) -> Processor:
         path = directory / PROCESSOR_CONFIG_NAME
         try:
             settings = json.loads(path.read_text())
@@ -256,6 +260,30 @@ class Processor:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         return cls(load_tokenizer(directory / TOKENIZER_NAME), config)
+
+
+def check_tokenizer_fits_model(tokenizer: Tokenizer, directory: Path) -> None:
+    """CheckpointError if the tokenizer gives ids past the embedding of the model in `directory` (each one would be
+    an IndexError deep in generation). Fewer tokens than the vocabulary are fine: models pad their vocabulary. No
+    config.json: a processor saved on its own, with no model to compare with."""
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        return
+    from tessera.interop.hub_files import is_hf_checkpoint
+
+    if is_hf_checkpoint(directory):
+        from tessera.interop.convert import hf_model_config
+
+        text = hf_model_config(directory)[1].text
+    else:
+        text = ModelConfig.load(config_path).text
+    highest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if highest >= text.embedding_rows:  # rows past vocab_size are ids the model reads but never predicts
+        extra = f" + num_extra_embeddings={text.num_extra_embeddings}" if text.num_extra_embeddings else ""
+        raise CheckpointError(f"{directory / TOKENIZER_NAME}: {tokenizer.get_vocab_size()} tokens (ids up to "
+                              f"{highest}), but {config_path} gives the model text.vocab_size={text.vocab_size}"
+                              f"{extra}; expected every token id below {text.embedding_rows} (is this the tokenizer "
+                              f"the model was trained with?)")
 
 
 def _read_message(message: Message) -> tuple[str, str, list[Any]]:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tessera import DataError, ModelConfig, MultimodalLM, Processor, train_tokenizer
+from tessera import CheckpointError, DataError, ModelConfig, MultimodalLM, Processor, train_tokenizer
 from tessera.cli import main
 from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.evaluate import evaluate
@@ -143,3 +143,24 @@ def test_held_out_text_found_beside_the_data_that_cannot_be_used_is_a_warning_an
         assert metrics["text_records"]["left_out"].startswith(f"{found}: ")
     assert main([*args, "--text-data", str(found)]) == 2
     assert f"tessera eval: error: {found}: no usable held-out text records (1 skipped)" in capsys.readouterr().err
+
+
+def test_a_tokenizer_whose_ids_do_not_fit_the_model_is_refused_at_load_naming_both_files(shapes, checkpoint, tmp_path,
+                                                                                        capsys):
+    """generate and eval died in a raw IndexError (index out of range in self) from the embedding lookup."""
+    model, processor = _model(shapes)
+    config = model.config.to_dict()
+    small = ModelConfig.from_dict({**config, "text": {**config["text"], "vocab_size": 320}})
+    MultimodalLM(small).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    tokens = processor.tokenizer.get_vocab_size()
+    assert tokens > 320
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'tokenizer.json'}: {tokens} tokens (ids up to {tokens - 1}), but {tmp_path / 'config.json'} "
+            f"gives the model text.vocab_size=320; expected every token id below 320")):
+        Processor.from_pretrained(tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "What colour is the square?"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"tessera generate: error: {tmp_path / 'tokenizer.json'}: ") and error.count("\n") == 1
+    # fewer tokens than the vocabulary (448) is a padded vocabulary, not an error
+    assert Processor.from_pretrained(checkpoint).tokenizer.get_vocab_size() == tokens < 448
