@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ class EncodedExample:
 
 @dataclass
 class SkipReport:
-    """Records skipped, by reason, with the first few ids of each for the summary."""
+    """Records skipped, by reason, with the ids of each (the summary shows the first few)."""
 
     source: str
     kept: int = 0
@@ -50,9 +51,12 @@ class SkipReport:
 
     def skip(self, record_id: str, reason: str) -> None:
         self.reasons[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 3:
-            self.examples[reason].append(record_id)
+        self.examples.setdefault(reason, []).append(record_id)
+
+    def as_json(self) -> dict:
+        """The file's records for a metrics JSON: a score over 13 records of 30 must not pass for one over 30."""
+        return {"file": self.source, "kept": self.kept, "skipped": self.skipped,
+                "skipped_by_reason": dict(self.reasons.most_common()), "skipped_ids": self.examples}
 
     @property
     def skipped(self) -> int:
@@ -61,7 +65,7 @@ class SkipReport:
     def summary(self) -> str:
         lines = [f"{self.source}: {self.kept} records kept, {self.skipped} skipped"]
         for reason, count in self.reasons.most_common():
-            lines.append(f"  {count:6d}  {reason}  (e.g. {', '.join(self.examples[reason])})")
+            lines.append(f"  {count:6d}  {reason}  (e.g. {', '.join(self.examples[reason][:3])})")
         return "\n".join(lines)
 
 
@@ -205,32 +209,38 @@ def _check_turns(messages: list[dict]) -> None:
 
 
 def load_examples(path: str | Path, processor: Processor, image_root: str | Path | None = None,
-                  strict: bool = False, image_cache: dict | None = None,
-                  text_only: bool = False) -> tuple[list[EncodedExample], SkipReport]:
+                  strict: bool = False, image_cache: dict | None = None, text_only: bool = False,
+                  limit: int | None = None, check: Callable[[EncodedExample], None] | None = None
+                  ) -> tuple[list[EncodedExample], SkipReport]:
     """Read, check, tokenise and preprocess every record of a data file.
 
     Images are loaded once per path (several records often share one); image_cache may be shared between files.
     text_only: records with images are bad records (language-model pretraining and the held-out text loss label
-    every token and pass no images).
+    every token and pass no images). limit: the file's first `limit` records only, skipped ones among them; the
+    rest are neither checked nor decoded. check: a caller's own test of an encoded record, raising RecordError for
+    a bad one (evaluation: does the prompt leave room for the answer?).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     report = SkipReport(str(path))
     cache = {} if image_cache is None else image_cache
     kept = []
-    for record_id, label, raw in read_raw_records(path):
+    for record_id, label, raw in read_raw_records(path)[:limit]:
         try:
             example = parse_record(raw, record_id, root)
             if text_only and example.images:
                 raise RecordError("image in a text-only file", f"{len(example.images)} image(s)")
             pixels = [_image(cache, image, processor) for image in example.images]
             ids, labels = _encode(processor, example)
+            encoded = EncodedExample(example, ids, labels, pixels)
+            if check is not None:
+                check(encoded)
         except RecordError as e:
             if strict:
                 raise DataError(f"{path}: record {label}: {e}") from None
             report.skip(label, e.reason)
             continue
-        kept.append(EncodedExample(example, ids, labels, pixels))
+        kept.append(encoded)
     report.kept = len(kept)
     return kept, report
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from tessera.config import is_integer
-# _encode and _image: load_examples' own per-record steps, which load_eval_examples adds a check to
-from tessera.data.records import (EncodedExample, RecordError, SkipReport, _encode, _image, parse_record,
-                                  read_raw_records)
+from tessera.data.records import EncodedExample, RecordError, SkipReport, load_examples
 from tessera.errors import ConfigError, DataError
 from tessera.eval.metrics import caption_scores, exact_match
 from tessera.model import MultimodalLM
@@ -49,55 +47,11 @@ def _first_answer(encoded: EncodedExample) -> int:
     return next(i for i, m in enumerate(encoded.example.messages) if m["role"] == "assistant")
 
 
-@dataclass
-class EvalSkipReport(SkipReport):
-    """A SkipReport that keeps every skipped record's label, so that the metrics JSON can name them all."""
-
-    skipped_ids: dict[str, list[str]] = field(default_factory=dict)
-
-    def skip(self, record_id: str, reason: str) -> None:
-        super().skip(record_id, reason)
-        self.skipped_ids.setdefault(reason, []).append(record_id)
-
-    def as_json(self) -> dict:
-        """The file's records in the metrics JSON: a score over 13 records of 30 must not pass for one over 30."""
-        return {"file": self.source, "kept": self.kept, "skipped": self.skipped,
-                "skipped_by_reason": dict(self.reasons.most_common()), "skipped_ids": self.skipped_ids}
-
-
-def load_eval_examples(path: str | Path, processor: Processor, strict: bool = False, limit: int | None = None,
-                       text_only: bool = False, max_positions: int | None = None, max_new_tokens: int = 48
-                       ) -> tuple[list[EncodedExample], EvalSkipReport]:
-    """load_examples' checks, plus the one generation adds: with max_positions, a record whose prompt +
-    max_new_tokens exceeds the model's max_positions is a bad record too (skipped and counted, or under strict an
-    error naming it), found before answering rather than as the failure of a whole batch after the others' answers
-    were computed. limit: the first `limit` records of the file, skipped ones among them; the rest are never
-    checked or decoded. text_only: records with images are bad records (the held-out text loss passes no images)."""
-    path = Path(path)
-    report = EvalSkipReport(str(path))
-    cache, kept = {}, []
-    for record_id, label, raw in read_raw_records(path)[:limit]:
-        try:
-            example = parse_record(raw, record_id, path.parent)
-            if text_only and example.images:
-                raise RecordError("image in a text-only file", f"{len(example.images)} image(s)")
-            pixels = [_image(cache, image, processor) for image in example.images]
-            ids, labels = _encode(processor, example)
-            encoded = EncodedExample(example, ids, labels, pixels)
-            if max_positions is not None:
-                _check_prompt_leaves_room(processor, encoded, max_positions, max_new_tokens)
-        except RecordError as e:
-            if strict:
-                raise DataError(f"{path}: record {label}: {e}") from None
-            report.skip(label, e.reason)
-            continue
-        kept.append(encoded)
-    report.kept = len(kept)
-    return kept, report
-
-
-def _check_prompt_leaves_room(processor: Processor, encoded: EncodedExample, max_positions: int,
-                              max_new_tokens: int) -> None:
+def _check_prompt_leaves_room(processor: Processor, max_positions: int, max_new_tokens: int,
+                              encoded: EncodedExample) -> None:
+    """A record whose prompt + max_new_tokens exceeds the model's positions is a bad record too (skipped and
+    counted, or under strict an error naming it), found when the data is read, not as the failure of a whole batch
+    after the other records' answers were computed."""
     try:
         prompt_length = len(_prompt(processor, encoded)[0])
     except DataError as e:  # an imported chat template refusing the prompt on its own
@@ -138,8 +92,8 @@ def predictions_path(out: Path) -> Path:
 
 
 def _held_out_text(path: str | Path, processor: Processor, strict: bool
-                   ) -> tuple[list[EncodedExample], EvalSkipReport]:
-    examples, report = load_eval_examples(path, processor, strict=strict, text_only=True)
+                   ) -> tuple[list[EncodedExample], SkipReport]:
+    examples, report = load_examples(path, processor, strict=strict, text_only=True)
     if report.skipped:
         print(report.summary())
     if not examples:  # a loss over no tokens would be 0/0
@@ -197,9 +151,8 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
         if value is not None and (not is_integer(value) or value < 1):
             raise ConfigError(f"{name}={value!r}: expected an integer >= 1" + (", or None for every record"
                                                                               if name == "limit" else ""))
-    examples, report = load_eval_examples(data, processor, strict=strict,
-                                          max_positions=model.config.text.max_position_embeddings,
-                                          max_new_tokens=max_new_tokens, limit=limit)
+    room = partial(_check_prompt_leaves_room, processor, model.config.text.max_position_embeddings, max_new_tokens)
+    examples, report = load_examples(data, processor, strict=strict, limit=limit, check=room)
     if report.skipped:
         print(report.summary())
     if not examples:  # scores of nothing would print as dashes and pass for an evaluation
