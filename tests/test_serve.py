@@ -436,6 +436,8 @@ URL = "messages[0].content[1].image_url.url"
 BAD_REQUESTS = [
     # (id, body: dict | bytes, status, param, words in the message)
     ("malformed JSON", b'{"messages": [', 400, None, "not valid JSON"),
+    ("NaN, which JSON does not have", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     None, "NaN is not a JSON value"),
     ("not an object", b"[1, 2]", 400, None, "expected a JSON object"),
     ("messages missing", {"model": "tiny"}, 400, "messages", "Field required"),
     ("messages empty", _chat(messages=[]), 400, "messages", "at least 1"),
@@ -483,6 +485,8 @@ BAD_REQUESTS = [
      400, "messages[0].content[0]", "only allowed in user messages"),
     ("invalid base64", _one_image("data:image/png;base64,!!not*base64!!"), 400, URL, "invalid base64"),
     ("truncated base64", _one_image(data_url(PNG)[:-3]), 400, URL, "invalid base64"),
+    ("base64 with line breaks", _one_image("data:image/png;base64," + base64.encodebytes(PNG).decode()), 400, URL,
+     "no line breaks"),
     ("truncated image", _one_image(data_url(PNG[:len(PNG) // 2])), 400, URL, "not a decodable image"),
     ("bytes that are not an image", _one_image(data_url(b"hello, world! " * 10)), 400, URL, "not a decodable image"),
     ("data URL of text", _one_image(data_url(b"hello", "text/plain")), 400, URL, "expected image/"),

@@ -303,12 +303,18 @@ async def read_json(request: Request, limit: int):
         if len(body) > limit:
             raise too_large
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_not_json)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
     except RecursionError:  # thousands of nested arrays: the parser runs out of stack
         raise APIError(400, "the request body is nested too deeply to parse; expected a chat completion request") \
             from None
+
+
+def _not_json(constant: str):
+    """Python's json reads NaN, Infinity and -Infinity, which JSON has no such thing as (a temperature of NaN was
+    then refused as out of range, "got nan")."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 async def collect(job: Job, choices: int) -> tuple[list[str], list[str], int]:

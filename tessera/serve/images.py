@@ -114,7 +114,9 @@ def _data_url_bytes(url: str, param: str) -> bytes:
     try:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise APIError(400, f"{param}: invalid base64 in the data URL ({e})", param) from None
+        raise APIError(400, f"{param}: invalid base64 in the data URL ({e}); expected the standard alphabet (A-Z, a-z, "
+                            f"0-9, + and /, = padding) on one line: no line breaks, and not the URL-safe - and _",
+                       param) from None
 
 
 def _local_file_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
