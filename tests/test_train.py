@@ -165,6 +165,19 @@ def test_a_seconds_long_run_lowers_the_loss_and_writes_its_outputs(shapes, tmp_p
     assert math.isfinite(result["text_loss_before"]) and math.isfinite(result["text_loss_after"])
 
 
+def test_a_stage_that_trains_a_component_at_a_learning_rate_of_0_says_so(shapes, tmp_path):
+    """A rate of 0 is a way to hold a component for one stage, but more often a slip: a stage set to learn nothing
+    ran silently ("training projector, llm") and changed no weight."""
+    lines = []
+    run_training(RunConfig.from_dict({
+        "recipe": "llava", "data": str(shapes), "out": str(tmp_path / "run"), "model": TINY_MODEL, "vocab_size": 400,
+        "batch_size": 4, "steps": {"text": 1, "encoder_pretrain": 0, "align": 1, "instruct": 1},
+        "lr": {"align": 0}, "lr_scale": {"instruct": {"llm": 0}}}), log=lines.append, progress=False)
+    warnings = [line for line in lines if line.startswith("warning: stage")]
+    assert warnings == ["warning: stage 'align' trains projector at a learning rate of 0 (so the stage changes no "
+                        "weight)", "warning: stage 'instruct' trains llm at a learning rate of 0"]
+
+
 def test_a_nan_loss_stops_the_stage_before_the_update(shapes, tmp_path):
     model, processor, examples, _ = _model_and_data(shapes, "unified")
     with torch.no_grad():

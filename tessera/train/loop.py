@@ -152,6 +152,10 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
         f"training {', '.join(stage.train)}\n{parameter_table(model)}")
     if stage.steps == 0:
         return []
+    frozen_by_rate = [name for name in stage.train if stage.lr * stage.lr_scale.get(name, 1.0) == 0]
+    if frozen_by_rate:  # allowed (a way to freeze a component for one stage), but said: it may be a slip
+        nothing = " (so the stage changes no weight)" if len(frozen_by_rate) == len(stage.train) else ""
+        log(f"warning: stage {stage.name!r} trains {', '.join(frozen_by_rate)} at a learning rate of 0{nothing}")
     restore = state.restore
     if stage.keep is not None and restore is None:  # snapshot what must come out of the stage unchanged
         restore = copy_components(model, [name for name in stage.train if name not in stage.keep])
