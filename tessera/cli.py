@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "checkpoint")
     p.set_defaults(run=_train)
 
-    p = verbs.add_parser("eval", help="answer every record of a data file and score the answers")
+    p = verbs.add_parser("eval", help="answer each record's first question in a data file and score the answers")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="LLaVA .json or messages .jsonl")
     p.add_argument("--text-data", default=None, help="held-out text for the LM loss (default: text_test.jsonl "
