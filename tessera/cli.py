@@ -36,11 +36,12 @@ def _check_at_least(minimum: int, *flags: tuple[str, int | None]) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-    from tessera.data.shapes import make_shapes_dataset
+    from tessera.data.shapes import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, make_shapes_dataset
 
     _check_at_least(0, ("--train", args.train), ("--test", args.test), ("--text-train", args.text_train),
                     ("--text-test", args.text_test))
-    _check_at_least(1, ("--image-size", args.image_size))
+    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:  # 100000 had the process killed for its memory
+        raise ConfigError(f"--image-size {args.image_size}: expected {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels")
     summary = make_shapes_dataset(args.out, train=args.train, test=args.test, seed=args.seed,
                                   image_size=args.image_size, text_train=args.text_train, text_test=args.text_test,
                                   all_questions=args.all_questions)

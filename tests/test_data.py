@@ -282,3 +282,12 @@ def test_a_data_file_starting_with_a_utf8_bom_is_read(tmp_path, processor, suffi
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     examples, report = load_examples(path, processor, strict=True)
     assert [e.example.id for e in examples] == ["bom"] and report.skipped == 0
+
+
+def test_a_dataset_written_again_leaves_no_images_of_the_one_before(tmp_path):
+    """Written again with fewer scenes, the same directory kept the earlier dataset's images beside the new records
+    (43 of 50 referenced by nothing)."""
+    make_shapes_dataset(tmp_path, train=6, test=4, seed=0, text_train=0, text_test=0)
+    make_shapes_dataset(tmp_path, train=3, test=2, seed=1, text_train=0, text_test=0)
+    written = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert written == [f"{split}_{i:05d}.png" for split, n in (("test", 2), ("train", 3)) for i in range(n)]

@@ -146,7 +146,8 @@ def test_a_kill_while_a_training_state_is_written_leaves_the_earlier_checkpoints
     ("--test", -1, "--test -1: expected an integer >= 0"),
     ("--text-train", -2, "--text-train -2: expected an integer >= 0"),
     ("--text-test", -2, "--text-test -2: expected an integer >= 0"),
-    ("--image-size", 0, "--image-size 0: expected an integer >= 1"),
+    ("--image-size", 0, "--image-size 0: expected 16..2048 pixels"),
+    ("--image-size", 100000, "--image-size 100000: expected 16..2048 pixels"),  # its memory had the process killed
 ])
 def test_data_shapes_refuses_negative_counts_and_sizes_naming_the_flag(tmp_path, capsys, flag, value, words):
     """--train -3 wrote an empty training set and reported "-3 text_train records"; --image-size 0 failed with PIL's

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tessera.errors import ConfigError
+
 COLOURS = {
     "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 94, 220), "yellow": (235, 200, 20),
     "purple": (148, 73, 189), "orange": (255, 127, 14),
@@ -169,6 +171,9 @@ def _new_scene(rng: random.Random, *exclude: set[tuple]) -> Scene:
             return scene
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048
+
+
 def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, seed: int = 0,
                         image_size: int = 48, text_train: int | None = None, text_test: int = 500,
                         all_questions: bool = False) -> dict:
@@ -179,8 +184,14 @@ def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, see
     scene comes twice. The test stream skips the scenes trained on, so the test set does depend on the training
     set: the same seed with another `train` gives other test scenes (compare scores on one dataset). Only 324
     one-shape scenes exist and most are drawn for training, so the test split holds few of them."""
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size={image_size}: expected {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels (a 3×3 grid of "
+                          f"shapes: smaller, the small shapes are under 2 pixels across; larger only costs memory "
+                          f"and disk)")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    for stale in [*(out / "images").glob("train_*.png"), *(out / "images").glob("test_*.png")]:
+        stale.unlink()  # a dataset written here before, with more scenes: its images would outlive its records
     splits: dict[str, list[dict]] = {"train": [], "test": []}
     trained: set[tuple] = set()
     held_out: set[tuple] = set()
