@@ -412,6 +412,22 @@ def test_a_key_given_twice_in_a_run_config_is_an_error_naming_both_lines(tmp_pat
             RunConfig.load(path)
 
 
+def test_a_run_config_s_paths_and_vocabulary_are_named_when_they_cannot_be_what_is_meant(shapes, tmp_path):
+    """A directory given as the run config ([Errno 21]), the data's train.json given as data (the message suggested
+    `tessera data shapes --out DATA/train.json`), a missing llm_checkpoint (reported as its tokenizer.json) and a
+    vocabulary smaller than a byte-level BPE can be (5 gave 263 tokens) are each one line naming what was meant."""
+    with pytest.raises(ConfigError, match="a directory; expected a run config YAML file"):
+        RunConfig.load(tmp_path)
+    base = {"recipe": "llava", "data": str(shapes), "out": str(tmp_path / "run"), "model": TINY_MODEL}
+    with pytest.raises(DataError, match=re.escape(f"data={shapes / 'train.json'}: a file; expected the dataset's "
+                                                  f"directory ({shapes} here?)")):
+        run_training(RunConfig.from_dict({**base, "data": str(shapes / "train.json")}), log=lambda *_: None)
+    with pytest.raises(ConfigError, match=re.escape(f"llm_checkpoint={tmp_path / 'nope'}: no such directory")):
+        run_training(RunConfig.from_dict({**base, "llm_checkpoint": str(tmp_path / "nope")}), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="vocab_size=5: expected an integer >= 263"):
+        RunConfig.from_dict({**base, "vocab_size": 5})
+
+
 def test_run_config_overrides_and_validation(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("recipe: llava\ndata: somewhere\nsteps: {align: 10}\nlr: {align: 1e-3}\n")

@@ -19,6 +19,7 @@ from tessera.errors import CheckpointError
 PAD, BEGIN, END, IMAGE = "<pad>", "<|begin|>", "<|end|>", "<image>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = (PAD, BEGIN, END, IMAGE, SYSTEM, USER, ASSISTANT)
+SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte and the special tokens, before any merge
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 

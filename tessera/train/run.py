@@ -40,6 +40,9 @@ except ImportError:  # Windows: no flock, so sessions into one OUT go unguarded 
 
 def split_file(data_dir: Path, split: str) -> Path:
     """DATA/<split>.json (LLaVA) or DATA/<split>.jsonl (messages)."""
+    if data_dir.is_file():
+        raise DataError(f"data={data_dir}: a file; expected the dataset's directory ({data_dir.parent} here?), which "
+                        f"holds {split}.json or {split}.jsonl")
     for suffix in (".json", ".jsonl"):
         if (data_dir / f"{split}{suffix}").is_file():
             return data_dir / f"{split}{suffix}"
@@ -264,6 +267,9 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         # not an error: an untrained LLM can be the experiment
         log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
+    if run.llm_checkpoint and not Path(run.llm_checkpoint).is_dir():  # named, not its tokenizer.json's absence
+        raise ConfigError(f"llm_checkpoint={run.llm_checkpoint}: no such directory; expected the checkpoint directory "
+                          f"of a trained LLM (a text-stage checkpoint: OUT/checkpoints/stage-0-text)")
     if run.llm_checkpoint and run.tokenizer:
         check_same_tokenizer(run.tokenizer, run.llm_checkpoint)
     if resume is True and not out.is_dir():  # a mistyped OUT: no directory made for it before saying so

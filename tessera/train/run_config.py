@@ -23,6 +23,7 @@ import yaml
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError
 from tessera.presets.tiny import PRESETS
+from tessera.text.tokenizer import SMALLEST_VOCAB
 from tessera.train.loop import PRECISIONS
 from tessera.train.recipes import RECIPES, SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
 
@@ -79,8 +80,10 @@ class RunConfig:
         if not isinstance(self.model, (str, dict)):
             raise ConfigError(f"model={self.model!r}: expected a preset ({', '.join(PRESETS)}) or a mapping of "
                               f"ModelConfig fields")
-        for name in ("batch_size", "grad_accum", "vocab_size", "max_length"):
+        for name in ("batch_size", "grad_accum", "max_length"):
             setattr(self, name, _integer(name, getattr(self, name), minimum=1))
+        # a byte-level BPE holds every byte and the special tokens before any merge: vocab_size 5 gave 263 silently
+        self.vocab_size = _integer("vocab_size", self.vocab_size, minimum=SMALLEST_VOCAB)
         for name in ("checkpoint_every", "keep_checkpoints", "seed"):
             setattr(self, name, _integer(name, getattr(self, name), minimum=0))
         if self.threads is not None:
@@ -125,6 +128,8 @@ class RunConfig:
             data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such run config") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a directory; expected a run config YAML file (see README: Train)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
         except UnicodeDecodeError as e:
