@@ -410,6 +410,14 @@ def test_a_key_given_twice_in_a_run_config_is_an_error_naming_both_lines(tmp_pat
         with pytest.raises(ConfigError, match=rf"'{key}' is given twice in one mapping \(first on line {lines[0]}\).*"
                                               rf"line {lines[1]}"):
             RunConfig.load(path)
+    # a merge key's keys are not written twice, and a written key may override one of them
+    path.write_text("recipe: llava\ndata: d\nscale: &scale {projector: 2.0, llm: 1.0}\n"
+                    "lr_scale: {instruct: {<<: *scale, llm: 0.1}}\n")
+    with pytest.raises(ConfigError, match="unknown field 'scale'"):  # loaded: only the anchor's holder is unknown
+        RunConfig.load(path)
+    path.write_text("recipe: llava\ndata: d\nlr_scale:\n  align: &scale {projector: 2.0}\n"
+                    "  instruct: {<<: *scale, llm: 0.1}\n")
+    assert RunConfig.load(path).lr_scale == {"align": {"projector": 2.0}, "instruct": {"projector": 2.0, "llm": 0.1}}
 
 
 def test_a_run_config_s_paths_and_vocabulary_are_named_when_they_cannot_be_what_is_meant(shapes, tmp_path):

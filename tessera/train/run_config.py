@@ -229,6 +229,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first_line: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` brings keys that written ones may override
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 seen = key in first_line
