@@ -50,11 +50,12 @@ class SamplingParams:
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
-        seed = self.seed % 2**64  # as manual_seed reads a negative seed
-        if torch.device(device).type == "cpu":
+        seed = self.seed
+        if torch.device(device).type == "cpu" and not -2**31 <= seed < 2**32:
             # the CPU's Mersenne Twister keeps the seed's low 32 bits only (5 and 5 + 2**32 drew the same numbers):
             # the high half, scrambled (a multiple of the golden ratio), is folded in, so seeds apart in it sample
-            # apart; below 2**32 a seed is what it was
+            # apart; a seed from -2**31 to 2**32 - 1 draws what it drew
+            seed %= 2**64  # as manual_seed reads a negative seed
             seed = (seed ^ (seed >> 32) * 0x9E3779B9) & 0xFFFFFFFF
         return torch.Generator(device=device).manual_seed(seed)
 

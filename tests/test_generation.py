@@ -71,6 +71,6 @@ def test_seeds_apart_only_above_32_bits_sample_apart_and_small_seeds_sample_as_b
     for group in [(5, 5 + 2**32, 5 + 2**40), (0, 2**63, 2**64 - 1, 2**32 - 1)]:
         samples = [draws(seed) for seed in group]
         assert all(not torch.equal(a, b) for i, a in enumerate(samples) for b in samples[i + 1:]), group
-    assert torch.equal(draws(-2**63), draws(2**63)) and torch.equal(draws(-1), draws(2**64 - 1))  # the same 64 bits
-    for seed in (0, 5, 2**32 - 1):  # what torch's own seeding draws, as before
+    assert torch.equal(draws(-2**63), draws(2**63))  # the same 64 bits
+    for seed in (0, 5, 2**32 - 1, -1, -5, -2**31):  # what torch's own seeding draws, as before
         assert torch.equal(draws(seed), torch.rand(4, generator=torch.Generator().manual_seed(seed)))
