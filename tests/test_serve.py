@@ -338,10 +338,10 @@ def test_text_too_long_for_the_context_whatever_its_tokens_is_refused_before_it_
     """A body may hold 32 MB of text, which took the tokenizer minutes and gigabytes: text with more characters than
     the context's tokens could hold (at the vocabulary's longest entry each, twice over) is refused without a look at
     its tokens. Text below that bound is tokenized and counted as before."""
-    from tessera.serve.protocol import _longest_token, encode_prompt
+    from tessera.serve.protocol import _characters_per_token_at_most, encode_prompt
 
     processor = reference.processor
-    bound = 2 * 1024 * _longest_token(processor.tokenizer)
+    bound = 1024 * _characters_per_token_at_most(processor.tokenizer)
     encode = processor.encode
     monkeypatch.setattr(processor, "encode", lambda *a, **k: pytest.fail("tokenized"))
     for content in ["a" * (bound + 1), [text("a" * (bound // 2)), text("b" * (bound // 2 + 1))]]:
@@ -353,6 +353,29 @@ def test_text_too_long_for_the_context_whatever_its_tokens_is_refused_before_it_
     request = parse_chat_request({"messages": [{"role": "user", "content": "a" * bound}]}, "tiny", 2, 1)
     with pytest.raises(APIError, match="your messages resulted in [0-9]+ tokens"):  # tokenized: too long all the same
         encode_prompt(request, processor, 1024)
+
+
+def test_the_characters_a_token_can_stand_for_are_bounded_only_where_no_character_is_dropped():
+    """A normalizer that collapses runs of spaces (T5's) or a pre-tokenizer that drops whitespace (BERT's) makes 100K
+    characters a handful of tokens: no bound there. Unicode composition merges up to 3 characters into one."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    from tessera.serve.protocol import _characters_per_token_at_most
+
+    def made(normalizer=None, pre_tokenizer=None):
+        tokenizer = Tokenizer(models.BPE(vocab={"a": 0, "abcd": 1}, merges=[]))
+        if normalizer is not None:
+            tokenizer.normalizer = normalizer
+        if pre_tokenizer is not None:
+            tokenizer.pre_tokenizer = pre_tokenizer
+        return _characters_per_token_at_most(tokenizer)
+
+    assert made(pre_tokenizer=pre_tokenizers.ByteLevel()) == 4
+    assert made(normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])) == 4  # Llama 2
+    assert made(normalizers.NFKC(), pre_tokenizers.Metaspace()) == 12
+    assert made(normalizers.Replace(Regex(" {2,}"), " ")) is None  # T5, ALBERT
+    assert made(pre_tokenizer=pre_tokenizers.Whitespace()) is None  # BERT
+    assert made(normalizers.Replace("ab", "")) is None
 
 
 def test_local_file_urls_inside_the_allowed_dir(server, allowed_dir):
@@ -1082,3 +1105,21 @@ def test_tessera_serve_command(checkpoint, tmp_path):
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert "model" in output and "ready" in output
+    assert f"listening on http://127.0.0.1:{port}" in output  # uvicorn names no address when handed the socket
+
+
+def test_a_second_server_on_a_port_is_refused_when_it_binds_even_while_the_first_still_loads():
+    """Bound but not yet listening (uvicorn listens after its startup, which loads the model), two sockets with
+    SO_REUSEADDR may share a port on Linux: the second server then failed late. Each is listening once bound."""
+    from tessera.serve.app import listen
+
+    first = listen("127.0.0.1", 0)
+    try:
+        port = first[0].getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--host 127.0.0.1 --port {port}: cannot listen there"):
+            listen("127.0.0.1", port)
+    finally:
+        for s in first:
+            s.close()
+    with pytest.raises(ConfigError, match="--host no-such-host.invalid: cannot look it up"):
+        listen("no-such-host.invalid", 0)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -144,12 +146,16 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
             log.exception("loading %s failed", settings.checkpoint)
             state["error"] = f"loading the model failed: {type(e).__name__}: {e}"
 
+    # requests' tokenizing and image decoding (see prepare), as many at once as asyncio's default pool would run
+    preparing = ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="tessera-prepare")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=load, name="tessera-load", daemon=True).start()
         yield
         if state["engine"] is not None:
             state["engine"].stop()
+        preparing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tessera", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tessera = state  # tests read the engine and its statistics here
@@ -226,7 +232,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         engine = ready()
         body = await read_json(request, settings.max_body_bytes)
         chat = parse_chat_request(body, name, settings.max_images_per_prompt, engine.max_batch)
-        prompt_ids, pixel_values, max_new = await prepare(chat, engine, policy)
+        prompt_ids, pixel_values, max_new = await prepare(chat, engine, policy, preparing)
         completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", name)
         params = [engine.model.sampling_params(**chat.sampling(i, max_new)) for i in range(chat.n)]
         job = Job(completion.id, prompt_ids, pixel_values, params)
@@ -269,16 +275,18 @@ class InternalErrors:
             await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
-async def prepare(chat: ChatRequest, engine: Engine, policy: ImagePolicy):
+async def prepare(chat: ChatRequest, engine: Engine, policy: ImagePolicy, executor: Executor):
     """Prompt ids and max_new_tokens (checked against the context first), then the images, fetched (remote ones on
     the event loop), decoded and preprocessed once per request. What preprocessing builds is held to the same pixel
-    limit as the images. Tokenizing and decoding are CPU work: in threads, off the event loop."""
+    limit as the images. Tokenizing and decoding are CPU work: in `executor`'s threads, off the event loop — not
+    asyncio's default pool, where host name lookups wait (a slow DNS server had held up other requests' tokenizing)."""
+    loop = asyncio.get_running_loop()
     processor = engine.processor
-    prompt_ids, max_new = await asyncio.to_thread(encode_prompt, chat, processor, engine.context_length)
+    prompt_ids, max_new = await loop.run_in_executor(executor, encode_prompt, chat, processor, engine.context_length)
     pixel_values = []
     for param, url in chat.image_urls:
-        data = await image_bytes(url, policy, param)
-        pixel_values.append(await asyncio.to_thread(preprocessed, data, processor, policy, param))
+        data = await image_bytes(url, policy, param, executor)
+        pixel_values.append(await loop.run_in_executor(executor, preprocessed, data, processor, policy, param))
     return prompt_ids, pixel_values, max_new
 
 
@@ -387,26 +395,45 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     import uvicorn
 
     settings.check()
-    listening = listen(host, port)
+    sockets = listen(host, port)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")  # (it names them as it starts)
-    uvicorn.Server(config).run(sockets=[listening])
+    config = uvicorn.Config(create_app(settings), log_level="info")  # (which sets uvicorn's logging up)
+    for listening in sockets:  # uvicorn names the address only when it binds it itself
+        address, bound_port = listening.getsockname()[:2]
+        shown = f"[{address}]" if listening.family == socket.AF_INET6 else address
+        log.info("tessera serve listening on http://%s:%d (Press CTRL+C to quit)", shown, bound_port)
+    uvicorn.Server(config).run(sockets=sockets)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads: a port in use (or none such) is said at once, in one line.
-    Bound by uvicorn, after its startup had begun loading the model, it failed late, and its exit aborted the
-    process (the loading thread was still inside torch)."""
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, listening before the model loads: a port in use (or none such) is said at once, in one
+    line. Bound by uvicorn, after its startup had begun loading the model, it failed late, and its exit aborted the
+    process (the loading thread was still inside torch). One socket per address `host` resolves to, as asyncio binds
+    them (an IPv6 one for IPv6 only)."""
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: expected a port number in 0..65535")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
     try:
-        listening.bind((host, port))
+        addresses = dict.fromkeys((family, address) for family, _, _, _, address in
+                                  socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                     flags=socket.AI_PASSIVE))
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: cannot look it up ({e.strerror}); expected an address or a name of this "
+                          f"machine") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, address in addresses:
+            listening = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(listening)
+            if os.name != "nt":  # as uvicorn: a restart reuses the port (on Windows it would share a taken one)
+                listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listening.bind(address)
+            listening.listen(2048)  # now: a second server on the port, bound but not yet listening, is refused
     except OSError as e:
-        listening.close()
+        for listening in sockets:
+            listening.close()
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); expected a free "
                           f"port on an address of this machine") from None
-    return listening
+    return sockets

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -65,17 +67,19 @@ def request_host(url) -> str:
 SizeCheck = Callable[[int, int], None]  # (width, height) → None, or DataError when preprocessing would be too large
 
 
-async def image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
+async def image_bytes(url: str, policy: ImagePolicy, param: str, executor: Executor | None = None) -> bytes:
     """The bytes at `url` (a request's image_url.url, found at `param`). A remote image is fetched on the event loop:
     no thread waits on a slow host (fetched in threads, six slow fetches had taken every thread of asyncio's pool and
-    stalled the other requests' tokenizing). A data URL is decoded, and a local file read, in a thread."""
+    stalled the other requests' tokenizing); its host name is looked up in asyncio's default pool. A data URL is
+    decoded, and a local file read, in `executor`'s threads (default: asyncio's)."""
+    loop = asyncio.get_running_loop()
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return await asyncio.to_thread(_data_url_bytes, url, param)
+        return await loop.run_in_executor(executor, _data_url_bytes, url, param)
     if scheme == "file":
-        return await asyncio.to_thread(_local_file_bytes, url, policy, param)
+        return await loop.run_in_executor(executor, _local_file_bytes, url, policy, param)
     if scheme in ("http", "https"):
-        return await _remote_bytes(url, policy, param)
+        return await _remote_bytes(url, policy, param, executor)
     raise APIError(400, f"{param}: unsupported image URL scheme {scheme + ':' if scheme else repr(url[:40])}; "
                         f"expected a data:image/…;base64 URL (file:// and http(s):// only when the server "
                         f"allows them)", param)
@@ -143,7 +147,7 @@ def _local_file_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
         raise APIError(400, f"{param}: cannot read {local} ({e.strerror})", param) from None
 
 
-async def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
+async def _remote_bytes(url: str, policy: ImagePolicy, param: str, executor: Executor | None) -> bytes:
     if not policy.allow_remote and policy.allowed_hosts is None:
         raise APIError(400, f"{param}: remote image URLs are disabled on this server; send the image as a "
                             f"data:image/…;base64 URL (or start the server with --allow-remote-images)", param)
@@ -157,9 +161,12 @@ async def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
     if policy.allowed_hosts is not None and host not in policy.allowed_hosts:
         raise APIError(400, f"{param}: images from {host or repr(url[:40])} are not allowed on this server; "
                             f"allowed hosts: {', '.join(sorted(policy.allowed_hosts))}", param)
+    # loading the CA bundle took ~50 ms, during which the loop stalled
+    ssl_context = await asyncio.get_running_loop().run_in_executor(executor, _ssl_context)
     try:
         async with asyncio.timeout(policy.remote_timeout):  # httpx's timeout is per read; this one is for it all
-            async with httpx.AsyncClient(timeout=policy.remote_timeout, follow_redirects=False) as client, \
+            async with httpx.AsyncClient(timeout=policy.remote_timeout, follow_redirects=False,
+                                         verify=ssl_context) as client, \
                     client.stream("GET", target) as response:
                 if response.status_code != 200:
                     raise APIError(400, f"{param}: fetching {url} gave HTTP {response.status_code}; expected 200 "
@@ -174,3 +181,12 @@ async def _remote_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
         raise APIError(400, f"{param}: fetching {url} took longer than {policy.remote_timeout} s", param) from None
     except httpx.HTTPError as e:
         raise APIError(400, f"{param}: could not fetch {url} ({type(e).__name__}: {e})", param) from None
+
+
+@functools.cache
+def _ssl_context():
+    """httpx's default TLS settings (certifi's CA bundle), made once: an AsyncClient made without one loads the bundle
+    itself, synchronously, ~50 ms on the event loop for every image."""
+    import httpx
+
+    return httpx.create_ssl_context()
