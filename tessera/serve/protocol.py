@@ -280,25 +280,55 @@ def _refuse_image_tokens(messages: list[dict[str, Any]], processor) -> None:
 
 def _refuse_text_too_long_to_fit(messages: list[dict[str, Any]], processor, context_length: int) -> None:
     """Text that cannot fit the context whatever its tokens, refused before it is tokenized: a request body may
-    hold 32 MB of text, which took the tokenizer minutes and gigabytes (on a thread other requests need too). No token
-    stands for more characters than its vocabulary entry has (a byte-level entry has one per byte, and a character
-    is at least one byte), so the text needs at least characters / the longest entry tokens; twice that, for
-    normalizers that merge characters."""
+    hold 32 MB of text, which took the tokenizer minutes and gigabytes (on a thread other requests need too)."""
+    most = _characters_per_token_at_most(processor.tokenizer)
+    if most is None:
+        return
     characters = sum(len(content) if isinstance(content, str) else
                      sum(len(part["text"]) for part in content if part["type"] == "text")
                      for content in (message["content"] for message in messages))
-    longest = _longest_token(processor.tokenizer)
-    if characters > 2 * context_length * longest:
+    if characters > context_length * most:
         raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, your "
                             f"messages hold {characters} characters, more than {context_length} tokens of this "
-                            f"tokenizer can (the longest has {longest}). Please reduce the length of the messages.",
-                            "messages")
+                            f"tokenizer can (at most {most} characters a token). Please reduce the length of the "
+                            f"messages.", "messages")
+
+
+# Normalizers that keep every character, or merge at most 3 into one (Unicode composition: Hangul jamo)
+_KEEPING_NORMALIZERS = {"NFD": 1, "NFKD": 1, "Lowercase": 1, "Prepend": 1, "NFC": 3, "NFKC": 3}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Split", "Punctuation"}
 
 
 @functools.lru_cache(maxsize=8)
-def _longest_token(tokenizer) -> int:
-    """Characters of the longest entry in the tokenizer's vocabulary (looked at once: 128K entries for Llama 3)."""
-    return max(map(len, tokenizer.get_vocab()), default=1)
+def _characters_per_token_at_most(tokenizer) -> int | None:
+    """The most characters of a text one token can stand for, or None when no bound holds. A token stands for no
+    more characters than its vocabulary entry has — when every character reaches the vocabulary: through a
+    byte-level BPE (GPT-2, Llama 3, tessera's: an entry has one character per byte, and a character is at least one
+    byte) or a SentencePiece one (Llama 2, Mistral), times what a composing normalizer merges. A normalizer that
+    collapses runs of spaces (T5's), a pre-tokenizer that drops whitespace (BERT's), or an unknown kind: None."""
+    config = json.loads(tokenizer.to_str())
+    merged = 1
+
+    def keeps(node, kinds) -> bool:
+        nonlocal merged
+        if node is None:
+            return True
+        kind = node.get("type")
+        if kind == "Sequence":
+            return all(keeps(child, kinds) for child in node.get("normalizers", node.get("pretokenizers", [])))
+        if kind == "Replace":  # Llama 2's " " → "▁": a string by one at least as long
+            pattern = node.get("pattern", {}).get("String")
+            return pattern is not None and len(node.get("content", "")) >= len(pattern) > 0
+        if kind not in kinds or node.get("behavior") == "Removed":
+            return False
+        if isinstance(kinds, dict):
+            merged *= kinds[kind]
+        return True
+
+    if not (keeps(config.get("normalizer"), _KEEPING_NORMALIZERS)
+            and keeps(config.get("pre_tokenizer"), _KEEPING_PRE_TOKENIZERS)):
+        return None
+    return merged * max(map(len, tokenizer.get_vocab()), default=1)
 
 
 def _schema_error(error: ValidationError) -> APIError:
