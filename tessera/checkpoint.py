@@ -81,6 +81,12 @@ def written_whole_directory(directory: Path):
     only once written, so a run stopped mid-save leaves an earlier save there whole — still resumable, its training
     state with it (written into the same directory, it had to be removed first). Between the two renames that swap
     them (microseconds), the earlier save is `.NAME.previous`. Both names start with a dot: not checkpoints."""
+    if directory.is_symlink():  # (a directory on another disk): swapped there, the link staying a link
+        directory = directory.resolve()
+    if os.path.ismount(directory):
+        raise CheckpointError(f"{directory}: a mount point; a checkpoint is written beside its directory and then "
+                              f"takes its place, which a mount point cannot give up; expected the disk mounted one "
+                              f"level up (at OUT, or OUT/checkpoints)")
     staging = directory.with_name(f".{directory.name}.saving")
     previous = directory.with_name(f".{directory.name}.previous")
     for leftover in (staging, previous):  # a save cut short before
@@ -95,7 +101,7 @@ def written_whole_directory(directory: Path):
     if directory.exists():
         directory.rename(previous)
         staging.rename(directory)
-        shutil.rmtree(previous)
+        shutil.rmtree(previous, ignore_errors=True)  # saved already: what stays is removed at the next save
     else:
         staging.rename(directory)
 

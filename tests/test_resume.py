@@ -178,6 +178,22 @@ def test_a_save_cut_short_leaves_the_earlier_save_in_its_place_whole_and_resumab
     assert latest_resumable(out) == directory and not list(directory.parent.glob(".*"))
 
 
+def test_a_checkpoint_directory_that_is_a_symlink_is_saved_into_where_it_points(tmp_path):
+    """OUT/checkpoint linked to another disk: the link itself was swapped out for a directory on OUT's disk, and
+    removing the old one (a link) failed the save; every later save failed as well."""
+    from tessera.checkpoint import written_whole_directory
+
+    elsewhere, link = tmp_path / "other-disk/checkpoint", tmp_path / "out/checkpoint"
+    elsewhere.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(elsewhere, target_is_directory=True)
+    for text in ("first", "second"):
+        with written_whole_directory(link) as saving:
+            (saving / "config.json").write_text(text)
+        assert link.is_symlink() and (link / "config.json").read_text() == text == (elsewhere / "config.json").read_text()
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["checkpoint"]
+
+
 def test_stop_signals_are_given_back_their_handlers_after_training(shapes, tmp_path):
     import signal
 
