@@ -231,6 +231,29 @@ def test_processor_matches_transformers(name, families, imported):
     torch.testing.assert_close(ours["pixel_values"], pixels, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_string_content_and_data_records_reach_an_imported_template(name, imported, tmp_path):
+    """llava-hf's templates loop over a message's parts, so a string content (what OpenAI clients send, and what a
+    data record holds) rendered as nothing; and a record's `<image>` placeholder reached Llama 3.2 Vision's
+    template as text, not as its `<|image|>`: eval on an imported checkpoint skipped or refused every record."""
+    from tessera.data.records import load_examples
+
+    _, processor = imported[name]
+    text = "What is in the picture?"
+    as_string, _, _ = processor.encode([{"role": "user", "content": text}], add_generation_prompt=True, labels=False)
+    as_part, _, _ = processor.encode([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                     add_generation_prompt=True, labels=False)
+    assert as_string == as_part and len(as_string) > 8
+    _images()[0].save(tmp_path / "a.png")
+    record = {"id": "r", "images": ["a.png"], "messages": [{"role": "user", "content": "<image>\nWhat is it?"},
+                                                           {"role": "assistant", "content": "a red square"}]}
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    examples, report = load_examples(tmp_path / "data.jsonl", processor, strict=True)
+    ids = examples[0].input_ids
+    assert ids.count(processor.image_token_id) == processor.config.image_seq_length
+    assert any(label != -100 for label in examples[0].labels)  # the answer is there to learn
+
+
 @pytest.mark.parametrize("name, size, words", [
     ("llava-clip-llama", (4_000_000, 1), "resizing its shortest edge to 8 would make it 32000000x8 = 256000000"),
     ("llava-clip-llama", (3, 10_000), "resizing its shortest edge to 8 would make it 8x26666 = 213328"),

@@ -262,9 +262,18 @@ def _image(cache: dict, path: Path, processor: Processor) -> torch.Tensor:
     return value
 
 
+def in_model_placeholders(processor: Processor, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A record's messages with its `<image>` placeholders written as the model's image token (an imported Llama
+    3.2 Vision's is `<|image|>`: the template wrote `<image>` as the text it is, and no image had a place)."""
+    token = processor.image_token
+    if token == IMAGE:
+        return messages
+    return [{**m, "content": m["content"].replace(IMAGE, token)} for m in messages]
+
+
 def _encode(processor: Processor, example: Example) -> tuple[list[int], list[int]]:
     try:
-        ids, labels, _ = processor.encode(example.messages)
+        ids, labels, _ = processor.encode(in_model_placeholders(processor, example.messages))
     except DataError as e:  # an imported chat template refusing the conversation, or rewriting a typed token
         raise RecordError("refused by the chat template", str(e)) from None
     answers = [m for m in example.messages if m["role"] == "assistant"]

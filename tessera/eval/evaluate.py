@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tessera.config import is_integer
-from tessera.data.records import EncodedExample, RecordError, SkipReport, load_examples
+from tessera.data.records import EncodedExample, RecordError, SkipReport, in_model_placeholders, load_examples
 from tessera.errors import ConfigError, DataError
 from tessera.eval.metrics import caption_scores, exact_match
 from tessera.model import MultimodalLM
@@ -38,7 +38,7 @@ def answer_all(model: MultimodalLM, processor: Processor, examples: list[Encoded
 def _prompt(processor: Processor, encoded: EncodedExample) -> tuple[list[int], list[int], list[torch.Tensor]]:
     """(ids, labels, images) of the prompt an answer is generated from: the turns before the first answer."""
     prompt = encoded.example.messages[:_first_answer(encoded)]
-    ids, labels, _ = processor.encode(prompt, add_generation_prompt=True)
+    ids, labels, _ = processor.encode(in_model_placeholders(processor, prompt), add_generation_prompt=True)
     # a multi-turn record's later turns may hold images too: only the prompt's go in, in order
     return ids, labels, encoded.pixel_values[:sum(m["content"].count(IMAGE) for m in prompt)]
 

@@ -15,6 +15,7 @@ import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -143,11 +144,39 @@ class HubProcessor(Processor):
         template_messages, images = [], []
         for message in messages:
             content, part_images = _template_content(message)
+            if isinstance(content, str):
+                content = self._as_template_takes(content)
             images += part_images
             template_messages.append({**message, "content": content})
         text, spans = render(self.config.chat_template, template_messages, add_generation_prompt,
                              **self.config.special_tokens)
         return text, spans, images, template_messages
+
+    def _as_template_takes(self, content: str) -> str | list[dict[str, Any]]:
+        """A string content as the template writes it: as one text part where the template writes only parts. The
+        llava-hf templates loop over a message's parts, so a string (what most OpenAI clients send, and what a
+        data record holds) rendered as nothing, and the model answered an empty prompt. (An image token in the
+        text stays the image token: see MessageTextEncoder.)"""
+        writes_strings, writes_parts = self._template_writes
+        return content if writes_strings or not writes_parts else [{"type": "text", "text": content}]
+
+    @cached_property
+    def _template_writes(self) -> tuple[bool, bool]:
+        """Whether the chat template writes a message's content given as a string, and given as text parts
+        (rendered once each with a marker; a template that refuses the probe counts as writing it)."""
+        marker = "tessera-probe-8d1f"
+
+        def writes(content) -> bool:
+            try:
+                text, _ = render(self.config.chat_template, [{"role": "user", "content": content}], True,
+                                 **self.config.special_tokens)
+            except Exception:  # noqa: BLE001 — a template may raise on anything; then nothing is converted
+                return True
+            return marker in text
+
+        if self.config.chat_template is None:
+            return True, False
+        return writes(marker), writes([{"type": "text", "text": marker}])
 
     def _locate(self, text: str, messages: list[dict[str, Any]], add_generation_prompt: bool, answers: bool
                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
