@@ -104,15 +104,19 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
 
 
 def image_encoding_flops(config: ModelConfig) -> float:
-    """Forward FLOPs of taking one image into a prefill: patch embedding, encoder blocks, projector, and for Method B
-    every cross-attention block's keys and values of it. A tiled encoder's image counts at its most tiles."""
+    """Forward FLOPs of encoding one image: patch embedding, encoder blocks and projector. A tiled encoder's image
+    counts at its most tiles."""
     patches, positions = vision_tokens(config)
-    features = config.num_feature_tokens
-    flops = (patch_flops(config, 1, patches) + vision_block_flops(config, 1, positions)
-             + projector_flops(config, features))
+    return (patch_flops(config, 1, patches) + vision_block_flops(config, 1, positions)
+            + projector_flops(config, config.num_feature_tokens))
+
+
+def image_keys_values_flops(config: ModelConfig) -> float:
+    """Method B: forward FLOPs of every cross-attention block's keys and values of one encoded image (0 for
+    Method A)."""
     t = config.text
     kv = 2 * t.hidden_size * 2 * t.num_kv_heads * t.head_dim
-    return flops + len(config.cross_attention_layers) * features * kv
+    return len(config.cross_attention_layers) * config.num_feature_tokens * kv
 
 
 def prompt_token_flops(config: ModelConfig) -> float:
@@ -128,4 +132,4 @@ def image_cost_in_tokens(config: ModelConfig) -> float:
     """How many prompt tokens' prefill an image's encoding is worth: about 120 for the benchmark's model (100 for its
     Method B), 30 for LLaVA 1.5 7B (a ViT-L over 577 positions), 1,150 for Llama 3.2 Vision 11B (4 tiles of 1,601
     positions through 40 blocks)."""
-    return image_encoding_flops(config) / prompt_token_flops(config)
+    return (image_encoding_flops(config) + image_keys_values_flops(config)) / prompt_token_flops(config)

@@ -228,6 +228,7 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"the cache holds {cache.length} tokens; a prefill starts from an empty one")
         inputs_embeds, cross = self._embed(input_ids, pixel_values, image_counts, cache, image_features,
                                            aspect_ratio_ids, prefill=True)
+        del pixel_values, image_features  # placed (or made keys/values): not held through the chunks
         length, start = input_ids.shape[1], 0
         while start < length:
             end = min(start + chunk, length)

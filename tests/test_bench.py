@@ -131,7 +131,7 @@ def test_an_images_worth_in_prompt_tokens_is_what_its_encoding_and_a_tokens_pref
 
     import tessera.linear
     from tessera.config import ModelConfig
-    from tessera.flops import image_cost_in_tokens, image_encoding_flops, prompt_token_flops
+    from tessera.flops import image_cost_in_tokens, image_encoding_flops, image_keys_values_flops, prompt_token_flops
     from tessera.model import MultimodalLM
 
     monkeypatch.setattr(tessera.linear, "_OP", None)  # every product through F.linear, which the counter sees
@@ -148,9 +148,11 @@ def test_an_images_worth_in_prompt_tokens_is_what_its_encoding_and_a_tokens_pref
         pixels, extra = torch.randn(1, 3, v.image_size, v.image_size), None
     with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         features = model.encode_images(pixels, extra)
+    assert counter.get_total_flops() == image_encoding_flops(config)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         for block in model.cross_attention.values():
             block.image_keys_values(features[:, None])
-    assert counter.get_total_flops() == image_encoding_flops(config)
+    assert counter.get_total_flops() == image_keys_values_flops(config)
 
     if fusion["method"] == "unified":  # a cross block needs images to run: its count is the training step's
         tokens = 12
@@ -159,7 +161,8 @@ def test_an_images_worth_in_prompt_tokens_is_what_its_encoding_and_a_tokens_pref
         attention = t.num_layers * 4 * tokens * tokens * t.num_heads * t.head_dim
         head = tokens * 2 * t.hidden_size * t.vocab_size
         assert counter.get_total_flops() - attention - head == tokens * prompt_token_flops(config)
-    assert image_cost_in_tokens(config) == image_encoding_flops(config) / prompt_token_flops(config)
+    assert image_cost_in_tokens(config) == \
+        (image_encoding_flops(config) + image_keys_values_flops(config)) / prompt_token_flops(config)
 
 
 def test_a_missed_target_never_reads_as_met():

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tessera.flops import image_cost_in_tokens
+from tessera.flops import image_encoding_flops, image_keys_values_flops, prompt_token_flops
 from tessera.generation import SamplingParams, next_tokens
 from tessera.memory import available_memory
 from tessera.text import cache as text_cache  # its `unzeroed` looked up at call time: tests poison it
@@ -243,7 +243,9 @@ class Prefill:
     images). An advance does about a chunk's worth of work, an image counted at the prompt tokens its encoding is
     worth (`image_cost_in_tokens`: ~30 for LLaVA 1.5, ~1,150 for a 4-tile Llama 3.2 Vision image, more than two
     512-token chunks): images that take more than a chunk are encoded in advances of their own, at least one image
-    each, and images that take less leave the rest of the chunk to the prompt's first tokens."""
+    each, and images that take less leave the rest of the chunk to the prompt's first tokens (Method B's keys and
+    values of the images count with the first chunk, which makes them). The encoded images are let go once the
+    model has placed them."""
 
     def __init__(self, model, rows: list[Any], params: Sequence[SamplingParams], inputs: dict[str, torch.Tensor],
                  capacity: int = 0, image_room: int = 0, chunk: int = 0, image_sources: Sequence[int] | None = None):
@@ -257,8 +259,12 @@ class Prefill:
         self.chunk, self.chunks = chunk, 0  # tokens a row a chunk (0: all in one go); advances run so far
         self._chunks = None  # the model's prefill_in_chunks, from the first advance() that reaches the text
         self._distinct, self._gather = _distinct_images(inputs["image_counts"], image_sources or range(len(rows)))
-        self._features: list[torch.Tensor] = []  # the distinct images encoded so far, in groups
-        self.image_cost = image_cost_in_tokens(model.config)
+        self._features: list[torch.Tensor] = []  # the distinct images encoded so far, in groups (until placed)
+        self._encoded = 0
+        per_token = prompt_token_flops(model.config)
+        self.image_cost = image_encoding_flops(model.config) / per_token  # encoding a distinct image
+        # Method B: each row's image keys and values, made with the first chunk (a row of its own for each choice)
+        self.keys_values_cost = image_keys_values_flops(model.config) / per_token * int(inputs["image_counts"].sum())
 
     def advance(self, rest: bool = False) -> RunningBatch | None:
         """Run about the next chunk's worth — or, with rest, everything left (the images in one encoding, the text in
@@ -266,16 +272,23 @@ class Prefill:
         length, rows = self.inputs["input_ids"].shape[1], len(self.rows)
         rest = rest or not self.chunk
         budget = self.chunk * rows  # prompt tokens' worth, for the whole batch
-        spent = self._encode_images(None if rest else budget)
-        text = length if rest else int((budget - spent) // rows)  # tokens a row there is room for after the images
-        if self._encoded < len(self._distinct) or (self._chunks is None and text < 1):
-            self.chunks += 1  # images only this time: the text from the next advance
+        encoding = self._encode_images(None if rest else budget)
+        if self._encoded < len(self._distinct):
+            self.chunks += 1  # images only this time
             return None
         if self._chunks is None:
+            text = length if rest else int((budget - encoding - self.keys_values_cost) // rows)
+            if text < 1:
+                if encoding:  # the text (and the keys/values) from the next advance
+                    self.chunks += 1
+                    return None
+                text = 1  # the keys/values alone are worth more than a chunk: one token a row beside them
+            features, self._features = self._image_features(), []  # placed by the model, then let go
             self._chunks = self.model.prefill_in_chunks(
                 self.inputs["input_ids"], self.inputs["attention_mask"], self.cache, text,
-                image_features=self._image_features(), image_counts=self.inputs["image_counts"],
+                image_features=features, image_counts=self.inputs["image_counts"],
                 aspect_ratio_ids=self.inputs.get("aspect_ratio_ids"))
+            del features
             logits = next(self._chunks)
         else:
             logits = self._chunks.send(length if rest else self.chunk)
@@ -299,11 +312,8 @@ class Prefill:
         ratio_ids = self.inputs.get("aspect_ratio_ids")
         self._features.append(self.model.encode_images(
             self.inputs["pixel_values"][chosen], None if ratio_ids is None else ratio_ids.reshape(-1)[chosen]))
+        self._encoded += take
         return take * self.image_cost
-
-    @property
-    def _encoded(self) -> int:
-        return sum(len(f) for f in self._features)
 
     def _image_features(self) -> torch.Tensor | None:
         """Every row's image features, in the batch's order (a shared image's features repeated for each row)."""
