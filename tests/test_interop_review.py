@@ -177,6 +177,24 @@ def test_convert_or_export_into_its_own_source_is_refused(families, tmp_path, ca
     assert {path.name: path.read_bytes() for path in converted.iterdir()} == before
 
 
+def test_an_export_into_a_directory_whose_files_transformers_would_read_instead_is_refused(families, tmp_path,
+                                                                                            capsys):
+    """Another model's chat_template.json (or special_tokens_map.json) left in the target won over the exported
+    chat_template.jinja, in transformers and in tessera alike, without a word."""
+    from tessera.cli import main
+
+    converted = convert(families["llava-clip-llama"].directory, tmp_path / "ck")
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "chat_template.json").write_text('{"chat_template": "OLD {{ messages }}"}')
+    assert main(["export", str(converted), str(target)]) == 2
+    assert "holds chat_template.json, which an export does not write" in capsys.readouterr().err
+    assert [path.name for path in target.iterdir()] == ["chat_template.json"]  # nothing written
+    (target / "chat_template.json").unlink()
+    assert main(["export", str(converted), str(target)]) == 0
+    assert main(["export", str(converted), str(target)]) == 0  # an earlier export's files are its own
+
+
 def test_weights_written_over_an_older_layout_replace_it(tmp_path):
     """A directory holding model.safetensors from an earlier (smaller) export, now written as shards: both
     transformers and tessera read model.safetensors first, so they loaded the OLD weights in silence. The other

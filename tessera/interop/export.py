@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tessera.config import ModelConfig
+from tessera.errors import ConfigError
 from tessera.interop import llava, mllama
 from tessera.interop.hub_files import check_output_dir, write_json, write_weights
 from tessera.interop.name_map import export_weights
@@ -37,9 +38,19 @@ TESSERA_CHAT_TEMPLATE = (
 )
 
 
+# files transformers reads that an export does not write: left from another model, they would win over its own
+SUPERSEDING = ("chat_template.json", "special_tokens_map.json", "preprocessor_config.json", "tokenizer.model",
+               "added_tokens.json", "vocab.json", "merges.txt")
+
+
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write `checkpoint` (tessera's, or one converted from Hugging Face) in transformers' layout."""
     check_output_dir(out_dir, checkpoint, "exported")
+    superseding = [name for name in SUPERSEDING if (Path(out_dir) / name).exists()]
+    if superseding:
+        raise ConfigError(f"{out_dir}: holds {', '.join(superseding)}, which an export does not write and which "
+                          f"transformers would read in place of (or beside) what it writes (an older chat template, "
+                          f"say); expected a new directory, or those files removed")
     model = MultimodalLM.from_pretrained(checkpoint)
     processor = Processor.from_pretrained(checkpoint)
     out = Path(out_dir)
