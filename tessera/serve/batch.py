@@ -264,7 +264,8 @@ class Prefill:
         per_token = prompt_token_flops(model.config)
         self.image_cost = image_encoding_flops(model.config) / per_token  # encoding a distinct image
         # Method B: each row's image keys and values, made with the first chunk (a row of its own for each choice)
-        self.keys_values_cost = image_keys_values_flops(model.config) / per_token * int(inputs["image_counts"].sum())
+        row_images = sum(map(int, inputs["image_counts"]))
+        self.keys_values_cost = image_keys_values_flops(model.config) / per_token * row_images
 
     def advance(self, rest: bool = False) -> RunningBatch | None:
         """Run about the next chunk's worth — or, with rest, everything left (the images in one encoding, the text in
