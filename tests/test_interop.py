@@ -588,6 +588,25 @@ def test_unknown_architecture_is_named(families, tmp_path, capsys):
     assert "\n" not in error and "Qwen2VLForConditionalGeneration" in error
 
 
+@pytest.mark.parametrize("name, change", [
+    ("llava-clip-llama", {"text_config": {"hidden_size": "x"}}),
+    ("llava-clip-llama", {"vision_config": [1]}),
+    ("llava-clip-llama", {"architectures": -1}),
+    ("mllama", {"vision_config": {"intermediate_layers_indices": None}}),
+])
+def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_file(families, tmp_path, capsys, name, change):
+    """A wrongly typed config.json value crashed with a traceback (TypeError: unsupported operand type(s) for //;
+    AttributeError: 'list' object has no attribute 'get')."""
+    directory = _copy_checkpoint(families[name].directory, tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (directory / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(directory), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"{directory / 'config.json'}:" in error
+
+
 def test_sharded_checkpoints_load_and_a_missing_shard_is_named(families, imported, tmp_path):
     family = families["llava-clip-llama"]
     directory = _copy_checkpoint(family.directory, tmp_path / "hf")

@@ -27,6 +27,9 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 
 def family_of(hf_config: dict[str, Any], path: Path) -> ModuleType:
     architectures = hf_config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ConfigError(f"{path}: architectures={architectures!r}; expected a list of class names, as transformers "
+                          f"writes it (['LlavaForConditionalGeneration'], say)")
     known = [a for a in architectures if a in FAMILIES]
     if not known:
         raise ConfigError(f"{path}: architectures={architectures!r} (model_type={hf_config.get('model_type')!r}); "
@@ -45,6 +48,10 @@ def hf_model_config(directory: Path):
     except ConfigError as e:
         message = str(e)
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    except (TypeError, AttributeError, ValueError, KeyError) as e:  # a value of the wrong kind, met while reading
+        raise ConfigError(f"{path}: a field holds a value of the wrong kind ({type(e).__name__}: {e}); expected the "
+                          f"types transformers writes (numbers as numbers, text_config and vision_config as "
+                          f"objects)") from None
 
 
 def load_hf_model(directory: str | Path, dtype: torch.dtype | None = None) -> MultimodalLM:
