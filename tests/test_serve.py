@@ -534,6 +534,10 @@ BAD_REQUESTS = [
     ("local file URL with a host", _one_image("file://example.com/a.png"), 400, URL, "expected file:///"),
     ("local file URL with a NUL byte", "nul", 400, URL, "the file URL's path contains a NUL byte (%00)"),
     ("local file name too long", "long", 400, URL, "(File name too long)"),
+    ("local file URL naming a directory", "directory", 400, URL, "is a directory; expected an image file"),
+    ("image_url as the URL string itself", _chat(messages=user(text("What is it?"), {"type": "image_url",
+                                                                                    "image_url": "data:image/png"})),
+     400, "messages[0].content[1].image_url", 'expected an object {"url": '),
     ("lone surrogate in text", b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}', 400,
      "messages[0].content", "messages[0].content: the text is not valid Unicode ('\\ud800' at character 3 is a "
                             "lone surrogate)"),
@@ -576,6 +580,8 @@ def test_bad_request_gets_its_status_and_error_object(server, allowed_dir, case)
         body = _one_image(f"file://{allowed_dir}/{'a' * 300}.png")
     elif body == "link":
         body = _one_image((allowed_dir / "link.png").as_uri())
+    elif body == "directory":
+        body = _one_image(allowed_dir.as_uri() + "/")
     error = assert_error(_post(server, body), status, param, words)
     if case[1] == "link":
         assert "secret" not in error["message"]  # where a symlink leads is not the client's to learn

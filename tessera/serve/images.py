@@ -138,6 +138,8 @@ def _local_file_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
     if not path.is_relative_to(root):
         raise APIError(400, f"{param}: {local} is outside the allowed local directory {root}", param)
     try:
+        if path.is_dir():
+            raise APIError(400, f"{param}: {local} is a directory; expected an image file", param)
         if not path.is_file():
             raise APIError(400, f"{param}: no such file {local}", param)
         if path.stat().st_size > policy.max_bytes:

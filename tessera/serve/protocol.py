@@ -57,6 +57,13 @@ class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _an_object(cls, value: Any) -> Any:
+        if isinstance(value, str):  # pydantic's own message named the class behind it, ImageURL
+            raise ValueError('expected an object {"url": "data:image/…;base64,…"}, not the URL string itself')
+        return value
+
 
 class RefusalPart(_Strict):
     """What an OpenAI model said instead of answering: an assistant message echoed back may hold one."""
