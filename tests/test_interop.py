@@ -593,6 +593,7 @@ def test_unknown_architecture_is_named(families, tmp_path, capsys):
     ("llava-clip-llama", {"vision_config": [1]}),
     ("llava-clip-llama", {"architectures": -1}),
     ("mllama", {"vision_config": {"intermediate_layers_indices": None}}),
+    ("mllama", {"text_config": {"cross_attention_layers": []}}),  # was read as the 11B's [3, 8, …, 38]
 ])
 def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_file(families, tmp_path, capsys, name, change):
     """A wrongly typed config.json value crashed with a traceback (TypeError: unsupported operand type(s) for //;

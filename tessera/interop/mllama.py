@@ -56,7 +56,9 @@ def config_from_hf(hf: dict[str, Any], where: str, generation: dict[str, Any]) -
                           f"hidden_size × (1 + len(intermediate_layers_indices)) = {vision.feature_width}")
     text_hf = with_defaults(hf.get("text_config"), {"model_type": "mllama_text_model"}, f"{where}.text_config")
     text = text_config_from_hf(text_hf, f"{where}.text_config", default_type="mllama_text_model")
-    layers = text_hf.get("cross_attention_layers") or [3, 8, 13, 18, 23, 28, 33, 38]
+    layers = text_hf.get("cross_attention_layers")
+    if layers is None:  # (not `or`: an explicit [] is the file's own, and refused as such below)
+        layers = [3, 8, 13, 18, 23, 28, 33, 38]  # transformers' default, the 11B's
     fusion = FusionConfig(method="cross", projector="linear", projector_bias=True, cross_attention_layers=layers,
                           cross_attention_scope="latest", cross_attention_placement="replace",
                           cross_attention_blind_rows="attend_all")
