@@ -21,13 +21,14 @@ from tessera.text.tokenizer import IMAGE
 
 
 def answer_all(model: MultimodalLM, processor: Processor, examples: list[EncodedExample], batch_size: int = 64,
-               max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers to each example's first user turn (its reference answer is left out of the prompt)."""
+               max_new_tokens: int = 48, prompts: dict[int, tuple] | None = None) -> list[str]:
+    """Greedy answers to each example's first user turn (its reference answer is left out of the prompt).
+    prompts: examples' prompts encoded already (see _prompt), by id() of the example."""
     answers = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [_prompt(processor, e) for e in chunk]
-        batch = processor.pad_batch([(ids, labels) for ids, labels, _ in prompts], [images for *_, images in prompts],
+        rows = [(prompts or {}).get(id(e)) or _prompt(processor, e) for e in chunk]
+        batch = processor.pad_batch([(ids, labels) for ids, labels, _ in rows], [images for *_, images in rows],
                                     padding_side="left")
         batch.pop("labels")
         result = model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=processor)
@@ -48,18 +49,19 @@ def _first_answer(encoded: EncodedExample) -> int:
 
 
 def _check_prompt_leaves_room(processor: Processor, max_positions: int, max_new_tokens: int,
-                              encoded: EncodedExample) -> None:
+                              prompts: dict[int, tuple], encoded: EncodedExample) -> None:
     """A record whose prompt + max_new_tokens exceeds the model's positions is a bad record too (skipped and
     counted, or under strict an error naming it), found when the data is read, not as the failure of a whole batch
-    after the other records' answers were computed."""
+    after the other records' answers were computed. The prompt encoded goes into `prompts`, for answer_all."""
     try:
-        prompt_length = len(_prompt(processor, encoded)[0])
+        prompt = _prompt(processor, encoded)
     except DataError as e:  # an imported chat template refusing the prompt on its own
         raise RecordError("refused by the chat template", str(e)) from None
-    if prompt_length + max_new_tokens > max_positions:
+    if len(prompt[0]) + max_new_tokens > max_positions:
         raise RecordError("prompt too long to answer",
-                          f"its {prompt_length} tokens + max_new_tokens={max_new_tokens} exceed the model's "
+                          f"its {len(prompt[0])} tokens + max_new_tokens={max_new_tokens} exceed the model's "
                           f"text.max_position_embeddings={max_positions}")
+    prompts[id(encoded)] = prompt
 
 
 def score_answers(examples: list[EncodedExample], answers: list[str]) -> dict:
@@ -151,7 +153,9 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
         if value is not None and (not is_integer(value) or value < 1):
             raise ConfigError(f"{name}={value!r}: expected an integer >= 1" + (", or None for every record"
                                                                               if name == "limit" else ""))
-    room = partial(_check_prompt_leaves_room, processor, model.config.text.max_position_embeddings, max_new_tokens)
+    prompts: dict[int, tuple] = {}  # each kept record's prompt, encoded once: checked, then answered
+    room = partial(_check_prompt_leaves_room, processor, model.config.text.max_position_embeddings, max_new_tokens,
+                   prompts)
     examples, report = load_examples(data, processor, strict=strict, limit=limit, check=room)
     if report.skipped:
         print(report.summary())
@@ -170,7 +174,7 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
                   f"as the held-out text)", file=sys.stderr)
             text_records = {"file": str(text_data), "left_out": str(e)}
     model.eval()
-    answers = answer_all(model, processor, examples, batch_size, max_new_tokens)
+    answers = answer_all(model, processor, examples, batch_size, max_new_tokens, prompts)
     metrics = score_answers(examples, answers) | {"records": report.as_json()}
     if text_examples is not None:
         metrics["text_loss"] = text_lm_loss(model, processor, text_examples, batch_size)
