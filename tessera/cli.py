@@ -54,6 +54,8 @@ def _train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + (["strict=true"] if args.strict else [])
     run = RunConfig.load(args.config, overrides)
     result = run_training(run, progress=not args.no_progress, resume=args.resume_from or args.resume)
+    if not result["main_process"]:  # under torchrun: the first process reports
+        return
     resumed = f" (resumed at run step {result['resumed_at']})" if result["resumed_at"] else ""
     steps = result["steps"] - result["resumed_at"]
     print(f"trained {steps} step{'' if steps == 1 else 's'}{resumed} in {result['train_seconds']:.0f} s; "

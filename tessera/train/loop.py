@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from tessera.data.records import EncodedExample
 from tessera.errors import TrainingError
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
+from tessera.train.distributed import SINGLE, Processes
 from tessera.train.recipes import SCHEDULES, Stage
 from tessera.train.state import StageState, TrainingState, checkpoint_name, interrupted_directory, \
     prune_step_checkpoints, save_state
@@ -66,12 +68,15 @@ class TrainSettings:
     # float32); weights, gradients and AdamW's state stay float32. See training_precision for "auto".
     precision: str = "fp32"
     run: int = 1  # written into every metrics record: runs into the same directory append to one metrics.jsonl
+    processes: Processes = SINGLE  # torchrun's, each taking its share of every batch (see train/distributed.py)
 
 
 def batches(examples: list[EncodedExample], processor: Processor, batch_size: int, seed: int,
-            group_by_length: bool = False, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+            group_by_length: bool = False, skip: int = 0,
+            processes: Processes = SINGLE) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches (a new permutation each epoch, from a seeded generator), but the first `skip`: a
-    resumed stage draws the batches its uninterrupted run would have drawn next.
+    resumed stage draws the batches its uninterrupted run would have drawn next. Every process draws the same
+    batches and keeps its share of their rows.
 
     With `group_by_length`, each run of 50 batches' worth of shuffled examples is sorted by length before it is cut
     into batches, and the batches are shuffled again — rows of a batch then have similar lengths, so little of the
@@ -92,7 +97,7 @@ def batches(examples: list[EncodedExample], processor: Processor, batch_size: in
             if skip:  # drawn before the interruption: the generator moves on as it did, nothing is padded
                 skip -= 1
                 continue
-            chosen = [examples[i] for i in order[start:start + batch_size]]
+            chosen = processes.share([examples[i] for i in order[start:start + batch_size]])
             yield processor.pad_batch([(e.input_ids, e.labels) for e in chosen], [e.pixel_values for e in chosen])
 
 
@@ -191,8 +196,9 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
         schedule.load_state_dict(state.schedule)
     trainable = [p for group in groups for p in group["params"]]
     bf16 = training_precision(settings.precision) == "bf16-mixed"
+    processes = settings.processes
     data = batches(examples, processor, settings.batch_size, settings.seed + first_step, settings.group_by_length,
-                   skip=state.step * settings.grad_accum)
+                   skip=state.step * settings.grad_accum, processes=processes)
 
     def current() -> StageState:
         state.optimizer, state.schedule, state.restore = optimizer.state_dict(), schedule.state_dict(), restore
@@ -204,17 +210,20 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
         bar = tqdm(range(state.step, stage.steps), initial=state.step, total=stage.steps, desc=stage.name,
                    disable=not settings.progress, dynamic_ncols=True)
         stage_started = time.perf_counter()
-        with metrics_path.open("a") as metrics:
+        with open(metrics_path if processes.main else os.devnull, "a") as metrics:  # one writer of the records
             for step in bar:
                 started = time.perf_counter()
                 micro = [next(data) for _ in range(settings.grad_accum)]
-                num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                # the step's answer tokens in every process: each process's loss is its share of the step's mean
+                num_tokens = int(processes.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
                 total = 0.0
                 for batch in micro:
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         loss = model(**batch, num_items_in_batch=num_tokens).loss
                     loss.backward()
                     total += loss.item()
+                total = processes.sum(total)
+                processes.sum_gradients(trainable)
                 if settings.clip:
                     norm = torch.nn.utils.clip_grad_norm_(trainable, settings.clip)
                 else:  # no clipping, but the norm is still what tells a non-finite gradient (not applied below)
@@ -240,7 +249,8 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                 metrics.write(json.dumps(record) + "\n")
                 state.step, state.rng, state.mid_update = step + 1, torch.get_rng_state(), False
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
-                if settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0:
+                if (settings.checkpoint_every and (first_step + step + 1) % settings.checkpoint_every == 0
+                        and processes.main):
                     metrics.flush()  # a resumed run goes on from the checkpoint's step: its records are on disk
                     name = checkpoint_name(settings.run, f"step-{first_step + step + 1:06d}")
                     written = save_checkpoint(model, processor, out_dir / "checkpoints" / name,

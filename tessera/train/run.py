@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from tessera.checkpoint import load_weights, write_whole
 from tessera.config import ModelConfig
@@ -25,6 +26,7 @@ from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
+from tessera.train.distributed import Processes, join, leave
 from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, read_metrics, save_checkpoint,
                                 save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
@@ -252,8 +254,23 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
 
     resume: a resumable checkpoint to continue the run from, or True for the newest under OUT (see
     tessera.train.state). The stages it had done are not run again, its metrics go on as the same run, and the
-    continuation computes what the uninterrupted run would have."""
+    continuation computes what the uninterrupted run would have.
+
+    Under torchrun, the run's processes train it together (see tessera.train.distributed); the first one writes
+    into OUT and logs, and every one returns the trained model."""
     started = time.perf_counter()
+    processes = join()
+    try:
+        processes.check_batch_size(run.batch_size)
+        if not processes.main:  # the main process says it all, once
+            log, progress = (lambda *_: None), False
+        return _run_training(run, log, progress, resume, started, processes)
+    finally:
+        leave(processes)
+
+
+def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool | None, started: float,
+                  processes: Processes) -> dict[str, Any]:
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
@@ -277,8 +294,9 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
                               f"run that saved one")
     out.mkdir(parents=True, exist_ok=True)
     # from before the session reads OUT (another session may be writing into it) until it returns or raises
-    with training_lock(out, log), stop_signals_interrupt(log):
-        return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started)
+    lock = training_lock(out, log) if processes.main else contextlib.nullcontext()
+    with lock, stop_signals_interrupt(log):
+        return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started, processes)
 
 
 class Stopped(KeyboardInterrupt):
@@ -317,7 +335,8 @@ def stop_signals_interrupt(log):
 
 
 def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Path, stages: list[Stage], log,
-                      progress: bool, resume: str | Path | bool | None, started: float) -> dict[str, Any]:
+                      progress: bool, resume: str | Path | bool | None, started: float,
+                      processes: Processes) -> dict[str, Any]:
     """run_training's work in OUT, under its lock."""
     source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
     resumed = load_state(source) if source else None
@@ -328,8 +347,9 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         tokenizer_file = source / "tokenizer.json"
     if tokenizer_file:  # a pretrained LLM comes with the tokenizer it was trained with
         tokenizer = load_tokenizer(tokenizer_file)
-    else:
-        tokenizer = train_tokenizer(dataset_texts(data_dir), run.vocab_size)
+    else:  # trained once, by the main process, so that every process has the very same vocabulary
+        trained = train_tokenizer(dataset_texts(data_dir), run.vocab_size).to_str() if processes.main else None
+        tokenizer = Tokenizer.from_str(processes.same_as_main(trained))
     vocab = padded_vocab(tokenizer.get_vocab_size())
     model = MultimodalLM(model_config(run, vocab))
     files = [train_file, data_dir / "text_train.jsonl", data_dir / "text_test.jsonl"]
@@ -342,6 +362,7 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         pretrained = MultimodalLM.from_pretrained(run.llm_checkpoint)
         check_same_llm(pretrained.config, model.config, run.llm_checkpoint)
         model.llm.load_state_dict(pretrained.llm.state_dict())
+    processes.same_weights_as_main(model)
     processor = Processor.for_model(model.config, tokenizer, max_length=run.max_length)
     cache: dict = {}
     train_examples, report = load_examples(train_file, processor, strict=run.strict, image_cache=cache)
@@ -362,7 +383,8 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
                              checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
                              group_by_length=run.group_by_length,
-                             seed=run.seed, progress=progress, precision=training_precision(run.precision))
+                             seed=run.seed, progress=progress, precision=training_precision(run.precision),
+                             processes=processes)
     log(f"precision: {settings.precision}" + (f" (asked for {run.precision})" if run.precision == "auto" else ""))
     held_out = []
     if (data_dir / "text_test.jsonl").is_file():
@@ -372,8 +394,11 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
     # a resumed run has measured it already, on the model as it was before the multimodal stages
     text_loss = {"before": resumed.text_loss_before} if resumed and resumed.text_loss_before is not None else {}
     metrics_path = out / "metrics.jsonl"
-    settings.run = metrics_run(metrics_path, resumed, source, log)
-    record_session(out, settings.run, resumed.step if resumed else 0, source)
+    processes.wait_for_all()  # every process has read OUT: the main one may write into it now
+    if processes.main:
+        settings.run = metrics_run(metrics_path, resumed, source, log)
+        record_session(out, settings.run, resumed.step if resumed else 0, source)
+    settings.run = processes.same_as_main(settings.run)
 
     def training_state(index: int, stage_start: int, stage_state: StageState) -> TrainingState:
         """What resumes the run in stage `index` (len(stages) when every stage is done), which started at run step
@@ -403,7 +428,7 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
                         state=state, checkpoint_state=functools.partial(training_state, index, stage_start))
         except BaseException as e:  # Ctrl-C or an error mid-stage: keep what this stage learned so far
             # (not weights that just gave a non-finite loss: they would only pass for good ones)
-            if stage_start + state.step and not isinstance(e, TrainingError):
+            if stage_start + state.step and not isinstance(e, TrainingError) and processes.main:
                 save_interrupted(model, processor, out, settings.run, log,
                                  f"stopped in stage {stage.name!r} after {state.step} of its {stage.steps} steps "
                                  f"(run step {stage_start + state.step})",
@@ -412,18 +437,21 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         step = stage_start + state.step
         stage_losses[stage.name] = done[-1] if done else None
         name = checkpoint_name(settings.run, f"stage-{index}-{stage.name}")
-        save_checkpoint(model, processor, out / "checkpoints" / name,
-                        training_state(index + 1, step, StageState(rng=torch.get_rng_state())), out)
+        if processes.main:
+            save_checkpoint(model, processor, out / "checkpoints" / name,
+                            training_state(index + 1, step, StageState(rng=torch.get_rng_state())), out)
     if held_out:
         text_loss["after"] = text_lm_loss(model, processor, held_out)
         log(f"held-out text loss after training: {text_loss['after']:.4f}")
-    save_checkpoint(model, processor, out / "checkpoint")
-    for leftover in own_stops(out, settings.run):  # superseded now that this run has finished; other runs' stay
-        shutil.rmtree(leftover)
-        log(f"removed {leftover}, left when this run stopped; it has finished: {out / 'checkpoint'}")
-    if step:
-        plot_losses(metrics_path, out / "loss.png", settings.run)  # a resumed run may not be the latest
+    if processes.main:
+        save_checkpoint(model, processor, out / "checkpoint")
+        for leftover in own_stops(out, settings.run):  # superseded now that this run has finished; other runs' stay
+            shutil.rmtree(leftover)
+            log(f"removed {leftover}, left when this run stopped; it has finished: {out / 'checkpoint'}")
+        if step:
+            plot_losses(metrics_path, out / "loss.png", settings.run)  # a resumed run may not be the latest
     return {"model": model, "processor": processor, "train_examples": train_examples, "text_examples": text_examples,
             "steps": step, "resumed_at": resumed_at, "final_losses": stage_losses,
             "text_loss_before": text_loss.get("before"), "text_loss_after": text_loss.get("after"),
-            "precision": settings.precision, "train_seconds": time.perf_counter() - started}
+            "precision": settings.precision, "train_seconds": time.perf_counter() - started,
+            "main_process": processes.main}

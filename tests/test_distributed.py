@@ -1,0 +1,129 @@
+"""Training on several processes (torchrun): the same run, the same numbers, one writer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from safetensors.torch import load_file
+
+from tessera.errors import ConfigError
+from tessera.train.distributed import SINGLE, Processes
+from tessera.train.run import RunConfig, run_training
+from tests.test_resume import _config, shapes  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _torchrun(config: dict, directory: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
+    (directory / "run.yaml").write_text(yaml.safe_dump(config))
+    # `tessera train` as torchrun runs it; the module path instead of the console script, which a checkout run with
+    # PYTHONPATH may not have
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "tessera.cli", "train", str(directory / "run.yaml"), "--no-progress", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("recipe, fields", [
+    ("llava", {"grad_accum": 2}),
+    ("llama3.2", {"steps": {"text": 2, "pretrain": 3, "finetune": 3}}),  # Method B: the LLM frozen, the gates open
+])
+def test_a_run_on_two_processes_computes_what_it_computes_on_one(shapes, tmp_path, recipe, fields):  # noqa: F811
+    """Each process takes half of every batch and the gradients are summed over both: the losses, gradient norms
+    and weights are the one-process run's, up to the order of float additions. Only the first process writes:
+    each step is recorded once, each checkpoint saved once."""
+    config = _config(shapes, tmp_path / "one", recipe=recipe, **fields)
+    alone = run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False)
+    done = _torchrun({**config, "out": str(tmp_path / "two")}, tmp_path, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("trained ")]
+    assert len(summaries) == 1  # from the first process only
+
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [(r["stage"], r["step"], r["tokens"]) for r in two] == [(r["stage"], r["step"], r["tokens"]) for r in one]
+    assert len(two) == alone["steps"] > 0
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                 rel=1e-4)
+    assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one/checkpoints").iterdir())
+    ours = load_file(tmp_path / "two/checkpoint/model.safetensors")
+    theirs = load_file(tmp_path / "one/checkpoint/model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+def test_a_run_stopped_on_two_processes_resumes_on_one(shapes, tmp_path):  # noqa: F811
+    """The first process saves OUT/interrupted when torchrun's workers are stopped; the run is a run, however many
+    processes train it, so one process continues it to the numbers of the run that was never stopped."""
+    config = _config(shapes, tmp_path / "straight")
+    straight = run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False)
+    stopped = {**config, "out": str(tmp_path / "stopped")}
+    # an error in run step 6 of both processes (gradients summed, nothing applied) stops the run as Ctrl-C would
+    (tmp_path / "sitecustomize.py").write_text(
+        "import torch\nclip, calls = torch.nn.utils.clip_grad_norm_, []\n"
+        "def clip_and_stop(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 6:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return clip(*args, **kwargs)\n"
+        "torch.nn.utils.clip_grad_norm_ = clip_and_stop\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(stopped))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "tessera.cli", "train", str(tmp_path / "run.yaml"), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert done.returncode != 0 and (tmp_path / "stopped/interrupted").is_dir(), done.stderr[-3000:]
+    assert len(_records(tmp_path / "stopped")) == 5
+    resumed = run_training(RunConfig.from_dict(stopped), log=lambda *_: None, progress=False, resume=True)
+    assert resumed["resumed_at"] == 5
+    ours, theirs = _records(tmp_path / "stopped"), _records(tmp_path / "straight")
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=1e-5)
+    for name, tensor in straight["model"].state_dict().items():
+        torch.testing.assert_close(resumed["model"].state_dict()[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+def _sum_gradients_in(rank: int, store: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    both, first_only, neither = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    both.grad = torch.full((3,), float(rank + 1))
+    if rank == 0:
+        first_only.grad = torch.tensor([1.0, 2.0, 3.0])
+    Processes(rank, 2).sum_gradients([both, first_only, neither])
+    torch.save({"both": both.grad, "first_only": first_only.grad, "neither": neither.grad}, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_gradient_only_some_processes_have_is_summed_and_none_anywhere_stays_none(tmp_path):
+    """A process whose rows hold no image leaves the vision encoder without gradients while another has them: they
+    are summed as if it had zeros (no process waits for a message that never comes). A parameter no process gave a
+    gradient keeps none, as in one process, where AdamW then leaves it alone."""
+    mp.spawn(_sum_gradients_in, args=(str(tmp_path / "store"), str(tmp_path / "grads")), nprocs=2)
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads.{rank}")
+        assert torch.equal(grads["both"], torch.full((3,), 3.0))
+        assert torch.equal(grads["first_only"], torch.tensor([1.0, 2.0, 3.0]))
+        assert grads["neither"] is None
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused_naming_batch_size():
+    SINGLE.check_batch_size(5)
+    Processes(1, 2).check_batch_size(4)
+    with pytest.raises(ConfigError, match=r"batch_size=6 with 4 processes: expected a multiple"):
+        Processes(0, 4).check_batch_size(6)
+    assert Processes(1, 2).share([0, 1, 2, 3, 4, 5]) == [1, 3, 5]
+    with pytest.raises(ConfigError, match="leaves process 2 of 3 none"):
+        Processes(2, 3).share([0, 1])  # a stage whose data is smaller than the process count
