@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -588,16 +589,35 @@ def test_unknown_architecture_is_named(families, tmp_path, capsys):
     assert "\n" not in error and "Qwen2VLForConditionalGeneration" in error
 
 
-@pytest.mark.parametrize("name, change", [
-    ("llava-clip-llama", {"text_config": {"hidden_size": "x"}}),
-    ("llava-clip-llama", {"vision_config": [1]}),
-    ("llava-clip-llama", {"architectures": -1}),
-    ("mllama", {"vision_config": {"intermediate_layers_indices": None}}),
-    ("mllama", {"text_config": {"cross_attention_layers": []}}),  # was read as the 11B's [3, 8, …, 38]
+@pytest.mark.parametrize("name, change, words", [
+    ("llava-clip-llama", {"text_config": {"hidden_size": "x"}}, "text_config.hidden_size='x': expected a positive"),
+    ("llava-clip-llama", {"vision_config": [1]}, "vision_config=[1]: expected an object or null"),
+    ("llava-clip-llama", {"architectures": -1}, "architectures=-1; expected a list of class names"),
+    ("mllama", {"vision_config": {"intermediate_layers_indices": None}},
+     "vision_config.intermediate_layers_indices=None: expected a list of integers"),
+    ("mllama", {"text_config": {"cross_attention_layers": []}},  # was read as the 11B's [3, 8, …, 38]
+     "cross_attention_layers"),
+    # each named by its key path in the file, not as a TypeError (…for //: 'str' and 'int') or by tessera's field
+    ("llava-clip-llama", {"text_config": {"hidden_size": [512]}}, "text_config.hidden_size=[512]: expected a"),
+    ("llava-clip-llama", {"text_config": {"num_hidden_layers": "2"}},  # was "text.num_layers='2'"
+     "text_config.num_hidden_layers='2': expected a positive integer"),
+    ("llava-clip-llama", {"vision_config": {"num_attention_heads": "4"}},  # was "vision.num_heads='4'"
+     "vision_config.num_attention_heads='4': expected a positive integer"),
+    ("llava-clip-llama", {"vision_config": {"hidden_act": ["gelu"]}},  # was "unhashable type: 'list'"
+     "vision_config.hidden_act=['gelu']: expected a string"),
+    ("llava-clip-llama", {"text_config": {"rms_norm_eps": [1e-5]}},
+     "text_config.rms_norm_eps=[1e-05]: expected a number"),
+    ("llava-clip-llama", {"text_config": {"num_attention_heads": 0}},  # was a ZeroDivisionError traceback
+     "text_config.num_attention_heads=0: expected a positive integer"),
+    ("llava-clip-llama", {"vision_feature_layer": "-2"},  # was "fusion.vision_feature_layer='-2'"
+     "config.json.vision_feature_layer='-2': expected an integer or a list of integers"),
+    ("mllama", {"text_config": {"rope_parameters": {"rope_type": "llama3", "factor": "8"}}},
+     "text_config.rope_parameters.factor='8': expected a number"),
 ])
-def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_file(families, tmp_path, capsys, name, change):
+def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_file_and_key(families, tmp_path, capsys, name,
+                                                                               change, words):
     """A wrongly typed config.json value crashed with a traceback (TypeError: unsupported operand type(s) for //;
-    AttributeError: 'list' object has no attribute 'get')."""
+    AttributeError: 'list' object has no attribute 'get'), then was one line naming the file but not the key."""
     directory = _copy_checkpoint(families[name].directory, tmp_path / "hf")
     config = json.loads((directory / "config.json").read_text())
     for key, value in change.items():
@@ -605,7 +625,23 @@ def test_a_config_value_of_the_wrong_kind_is_one_line_naming_the_file(families, 
     (directory / "config.json").write_text(json.dumps(config))
     assert main(["convert", str(directory), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and f"{directory / 'config.json'}:" in error
+    assert "\n" not in error and f"{directory / 'config.json'}" in error and words in error
+
+
+@pytest.mark.parametrize("where, edit", [("text_config", {"tie_word_embeddings": "false"}),
+                                         ("generation_config", {"eos_token_id": "2"})])
+def test_a_flag_or_id_written_as_text_is_named_not_taken(families, tmp_path, where, edit):
+    """"false" is truthy: text_config.tie_word_embeddings="false" imported as tied (and a checkpoint storing
+    lm_head.weight then lost it); a generation_config.json EOS of "2" was blamed on config.json."""
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    file = directory / ("config.json" if where == "text_config" else "generation_config.json")
+    settings = json.loads(file.read_text())
+    (settings["text_config"] if where == "text_config" else settings).update(edit)
+    file.write_text(json.dumps(settings))
+    key, value = next(iter(edit.items()))
+    path = f"{file}.text_config" if where == "text_config" else str(file)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}.{key}={value!r}: expected")):
+        MultimodalLM.from_pretrained(directory)
 
 
 def test_sharded_checkpoints_load_and_a_missing_shard_is_named(families, imported, tmp_path):

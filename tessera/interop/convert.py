@@ -17,7 +17,9 @@ import torch
 from tessera.checkpoint import parameters_on_meta
 from tessera.errors import CheckpointError, ConfigError
 from tessera.interop import llava, mllama
-from tessera.interop.hub_files import CONFIG_NAME, check_output_dir, read_json, read_weights
+from tessera.interop.hub_files import (
+    CONFIG_NAME, INTEGER, INTEGERS, NULL, check_output_dir, checked, read_json, read_weights,
+)
 from tessera.interop.name_map import import_weights
 from tessera.model import MultimodalLM
 
@@ -42,7 +44,9 @@ def hf_model_config(directory: Path):
     path = directory / CONFIG_NAME
     hf = read_json(path)
     family = family_of(hf, path)
-    generation = read_json(directory / GENERATION_CONFIG_NAME, required=False) or {}
+    generation_path = directory / GENERATION_CONFIG_NAME
+    generation = checked(read_json(generation_path, required=False), {"eos_token_id": (INTEGER, INTEGERS, NULL)},
+                         str(generation_path))
     try:
         return family, family.config_from_hf(hf, str(path), generation)
     except ConfigError as e:

@@ -15,12 +15,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tessera.checkpoint import write_whole
+from tessera.config import is_integer, is_number
 from tessera.errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
+
+# the kinds of value a config.json key may hold (a key's kinds are a tuple of these)
+POSITIVE, INTEGER, NUMBER, FLAG, TEXT, INTEGERS, LIST, OBJECT, NULL = (
+    "a positive integer", "an integer", "a number", "true or false", "a string", "a list of integers", "a list",
+    "an object", "null")
+HOLDS = {
+    POSITIVE: lambda v: is_integer(v) and v > 0, INTEGER: is_integer, NUMBER: is_number,
+    FLAG: lambda v: isinstance(v, bool), TEXT: lambda v: isinstance(v, str),
+    INTEGERS: lambda v: isinstance(v, list) and all(map(is_integer, v)), LIST: lambda v: isinstance(v, list),
+    OBJECT: lambda v: isinstance(v, dict), NULL: lambda v: v is None,
+}
 
 
 def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
@@ -35,6 +47,20 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def checked(values: Any, kinds: dict[str, tuple[str, ...]], where: str) -> dict[str, Any]:
+    """`values`, an object of a config file (null: an empty one), whose keys listed in `kinds` each hold one of their
+    kinds. Checked on reading so that "512" or [512] where a number belongs is named by its key path in the file,
+    not met later as a TypeError, under tessera's own field name, or ("false" being truthy) not at all."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(values).__name__}")
+    for key, allowed in kinds.items():
+        if key in values and not any(HOLDS[kind](values[key]) for kind in allowed):
+            raise ConfigError(f"{where}.{key}={values[key]!r}: expected {' or '.join(allowed)}")
+    return values
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from tessera.config import FusionConfig, ModelConfig
 from tessera.errors import ConfigError
+from tessera.interop.hub_files import FLAG, INTEGER, INTEGERS, NULL, OBJECT, TEXT, checked
 from tessera.interop.name_map import Rule, linear, rename_keys
 from tessera.interop.text_models import (
     decoder_rules, model_config, special_ids, text_config_from_hf, text_config_to_hf,
@@ -36,10 +37,16 @@ LEGACY_NAMES = [
     (r"^vision_tower\.", f"{TOWER}."),
     (r"^multi_modal_projector\.", f"{PROJECTOR}."),
 ]
+# the kinds of value config.json's own keys hold (text_config and vision_config are checked by their readers)
+KINDS = dict(vision_config=(OBJECT, NULL), text_config=(OBJECT, NULL), projector_hidden_act=(TEXT,),
+             vision_feature_select_strategy=(TEXT,), vision_feature_layer=(INTEGER, INTEGERS),
+             multimodal_projector_bias=(FLAG,), image_token_index=(INTEGER,), image_token_id=(INTEGER,),
+             tie_word_embeddings=(FLAG,), pad_token_id=(INTEGER, NULL))
 
 
 def config_from_hf(hf: dict[str, Any], where: str, generation: dict[str, Any]) -> ModelConfig:
     """config.json (and generation_config.json, whose EOS list transformers' generate stops on) → ModelConfig."""
+    checked(hf, KINDS, where)
     act = hf.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise ConfigError(f"{where}.projector_hidden_act={act!r}: tessera's projector uses GELU; expected 'gelu'")

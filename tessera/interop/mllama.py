@@ -19,9 +19,11 @@ import torch
 
 from tessera.config import FusionConfig, ModelConfig, VisionConfig
 from tessera.errors import ConfigError
+from tessera.interop.hub_files import INTEGER, INTEGERS, LIST, NULL, NUMBER, OBJECT, POSITIVE, TEXT, checked
 from tessera.interop.name_map import Rule, fuse, linear, norm, rename, rename_keys
 from tessera.interop.text_models import (
-    decoder_rules, mlp_rules, mllama_text_config_to_hf, model_config, special_ids, text_config_from_hf, with_defaults,
+    TEXT_KINDS, decoder_rules, mlp_rules, mllama_text_config_to_hf, model_config, special_ids, text_config_from_hf,
+    with_defaults,
 )
 from tessera.interop.vision_towers import activation, patch_rules, square, vit_block_rules
 
@@ -32,6 +34,14 @@ VISION_DEFAULTS = dict(hidden_size=1280, hidden_act="gelu", num_hidden_layers=32
                        attention_heads=16, num_channels=3, intermediate_size=5120, vision_output_dim=7680,
                        image_size=448, patch_size=14, norm_eps=1e-5, max_num_tiles=4,
                        intermediate_layers_indices=[3, 7, 15, 23, 30], supported_aspect_ratios=None)
+# the kinds of value its vision_config holds (image and patch sizes may be [h, w])
+VISION_KINDS = dict(hidden_size=(POSITIVE,), hidden_act=(TEXT,), num_hidden_layers=(POSITIVE,),
+                    num_global_layers=(INTEGER,), attention_heads=(POSITIVE,), num_channels=(POSITIVE,),
+                    intermediate_size=(POSITIVE,), vision_output_dim=(POSITIVE,), image_size=(POSITIVE, INTEGERS),
+                    patch_size=(POSITIVE, INTEGERS), norm_eps=(NUMBER,), max_num_tiles=(POSITIVE,),
+                    intermediate_layers_indices=(INTEGERS,), supported_aspect_ratios=(LIST, NULL))
+# the kinds of value config.json's own keys hold (text_config and vision_config are checked by their readers)
+KINDS = dict(vision_config=(OBJECT, NULL), text_config=(OBJECT, NULL), image_token_index=(INTEGER,))
 LEGACY_NAMES = [
     (r"^language_model\.lm_head\.", "lm_head."),
     (r"^language_model\.model\.", f"{DECODER}."),
@@ -41,7 +51,8 @@ LEGACY_NAMES = [
 
 
 def config_from_hf(hf: dict[str, Any], where: str, generation: dict[str, Any]) -> ModelConfig:
-    v = with_defaults(hf.get("vision_config"), VISION_DEFAULTS, f"{where}.vision_config")
+    checked(hf, KINDS, where)
+    v = with_defaults(hf.get("vision_config"), VISION_DEFAULTS, f"{where}.vision_config", VISION_KINDS)
     vision = VisionConfig(
         encoder="tiled", image_size=square(v["image_size"], f"{where}.vision_config.image_size"),
         patch_size=square(v["patch_size"], f"{where}.vision_config.patch_size"), num_channels=v["num_channels"],
@@ -54,7 +65,8 @@ def config_from_hf(hf: dict[str, Any], where: str, generation: dict[str, Any]) -
     if v["vision_output_dim"] != vision.feature_width:
         raise ConfigError(f"{where}.vision_config.vision_output_dim={v['vision_output_dim']}: the encoder gives "
                           f"hidden_size × (1 + len(intermediate_layers_indices)) = {vision.feature_width}")
-    text_hf = with_defaults(hf.get("text_config"), {"model_type": "mllama_text_model"}, f"{where}.text_config")
+    text_hf = with_defaults(hf.get("text_config"), {"model_type": "mllama_text_model"}, f"{where}.text_config",
+                            TEXT_KINDS)
     text = text_config_from_hf(text_hf, f"{where}.text_config", default_type="mllama_text_model")
     layers = text_hf.get("cross_attention_layers")
     if layers is None:  # (not `or`: an explicit [] is the file's own, and refused as such below)

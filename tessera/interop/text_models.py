@@ -14,6 +14,7 @@ from typing import Any
 
 from tessera.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from tessera.errors import ConfigError
+from tessera.interop.hub_files import FLAG, INTEGER, INTEGERS, LIST, NULL, NUMBER, OBJECT, POSITIVE, TEXT, checked
 from tessera.interop.name_map import Rule, fuse, norm, rename
 
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -35,24 +36,36 @@ TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
                               rope_theta=500000.0, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
                               pad_token_id=128004, eos_token_id=128001),
 }
+# the kinds of value a text_config (and its rope_parameters) holds
+TEXT_KINDS = dict(
+    model_type=(TEXT,), vocab_size=(POSITIVE,), hidden_size=(POSITIVE,), intermediate_size=(POSITIVE,),
+    num_hidden_layers=(POSITIVE,), num_attention_heads=(POSITIVE,), num_key_value_heads=(POSITIVE, NULL),
+    head_dim=(POSITIVE, NULL), hidden_act=(TEXT,), max_position_embeddings=(POSITIVE,), rms_norm_eps=(NUMBER,),
+    tie_word_embeddings=(FLAG,), attention_bias=(FLAG,), mlp_bias=(FLAG,), use_sliding_window=(FLAG,),
+    sliding_window=(POSITIVE, NULL), layer_types=(LIST, NULL), rope_theta=(NUMBER,), rope_parameters=(OBJECT, NULL),
+    rope_scaling=(OBJECT, NULL), pad_token_id=(INTEGER, NULL), eos_token_id=(INTEGER, INTEGERS, NULL),
+    cross_attention_layers=(INTEGERS, NULL),
+)
+ROPE_KINDS = dict(rope_type=(TEXT,), type=(TEXT,), rope_theta=(NUMBER,), factor=(NUMBER,), low_freq_factor=(NUMBER,),
+                  high_freq_factor=(NUMBER,), original_max_position_embeddings=(POSITIVE,))
 MLLAMA_EXTRA_EMBEDDINGS = 8  # <|image|> and friends sit past the output vocabulary
 
 
-def with_defaults(config: dict[str, Any] | None, defaults: dict[str, Any], where: str) -> dict[str, Any]:
-    if config is None:
-        config = {}
-    if not isinstance(config, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(config).__name__}")
-    return {**defaults, **config}  # an explicit null stays null (Mistral's sliding_window: null means none)
+def with_defaults(config: dict[str, Any] | None, defaults: dict[str, Any], where: str,
+                  kinds: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """config.json's object at `where` over transformers' defaults, each value of the kind `kinds` lists."""
+    # an explicit null stays null (Mistral's sliding_window: null means none)
+    return {**defaults, **checked(config, kinds, where)}
 
 
 def text_config_from_hf(hf: dict[str, Any] | None, where: str, default_type: str = "llama") -> TextConfig:
     """A transformers text config (dict) → TextConfig; a setting tessera can't honour raises ConfigError."""
-    model_type = (hf or {}).get("model_type", default_type)
+    hf = checked(hf, TEXT_KINDS, where)
+    model_type = hf.get("model_type", default_type)
     if model_type not in TEXT_DEFAULTS:
         raise ConfigError(f"{where}.model_type={model_type!r}: tessera imports the text models "
                           f"{', '.join(map(repr, TEXT_DEFAULTS))}")
-    c = with_defaults(hf, TEXT_DEFAULTS[model_type], where)
+    c = {**TEXT_DEFAULTS[model_type], **hf}  # an explicit null stays null, as in with_defaults
     heads = c["num_attention_heads"]
     if c["hidden_act"] != "silu":
         raise ConfigError(f"{where}.hidden_act={c['hidden_act']!r}: tessera's decoder uses SwiGLU; expected 'silu'")
@@ -82,7 +95,8 @@ def text_config_from_hf(hf: dict[str, Any] | None, where: str, default_type: str
 
 def _rope(c: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
     """(theta, scaling) from transformers' `rope_parameters`, or the older `rope_theta` + `rope_scaling`."""
-    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    params = dict(checked(c.get(key), ROPE_KINDS, f"{where}.{key}"))
     theta = params.get("rope_theta", c.get("rope_theta"))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":

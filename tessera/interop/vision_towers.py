@@ -14,8 +14,8 @@ import torch
 
 from tessera.config import VisionConfig
 from tessera.errors import ConfigError
+from tessera.interop.hub_files import INTEGERS, NUMBER, POSITIVE, TEXT, checked
 from tessera.interop.name_map import Rule, fuse, linear, norm, rename
-from tessera.interop.text_models import with_defaults
 
 TOWER_DEFAULTS: dict[str, dict[str, Any]] = {
     "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -25,6 +25,11 @@ TOWER_DEFAULTS: dict[str, dict[str, Any]] = {
                                 num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
                                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
 }
+# the kinds of value a CLIP or SigLIP vision_config holds (image and patch sizes may be [h, w])
+TOWER_KINDS = dict(model_type=(TEXT,), hidden_size=(POSITIVE,), intermediate_size=(POSITIVE,),
+                   num_hidden_layers=(POSITIVE,), num_attention_heads=(POSITIVE,), num_channels=(POSITIVE,),
+                   image_size=(POSITIVE, INTEGERS), patch_size=(POSITIVE, INTEGERS), hidden_act=(TEXT,),
+                   layer_norm_eps=(NUMBER,))
 # transformers' ACT2FN name ↔ tessera's (only exact equivalents)
 ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
 
@@ -46,11 +51,12 @@ def activation(name: str, where: str) -> str:
 
 def tower_config_from_hf(hf: dict[str, Any] | None, where: str, defaults: dict[str, Any] | None = None
                          ) -> VisionConfig:
-    model_type = (hf or {}).get("model_type", "clip_vision_model")
+    hf = checked(hf, TOWER_KINDS, where)
+    model_type = hf.get("model_type", "clip_vision_model")
     if model_type not in TOWER_DEFAULTS:
         raise ConfigError(f"{where}.model_type={model_type!r}: tessera imports the vision towers "
                           f"{', '.join(map(repr, TOWER_DEFAULTS))}")
-    c = with_defaults(hf, {**TOWER_DEFAULTS[model_type], **(defaults or {})}, where)
+    c = {**TOWER_DEFAULTS[model_type], **(defaults or {}), **hf}
     clip = model_type == "clip_vision_model"
     return VisionConfig(
         image_size=square(c["image_size"], f"{where}.image_size"),
