@@ -159,6 +159,25 @@ def test_a_malformed_shard_index_is_named(weight_map, tmp_path):
     assert "model.safetensors.index.json" in message and "'a.weight'" in message and "shard file name" in message
 
 
+# --- convert → export gives back what came in ------------------------------------------------------------------
+def test_convert_then_export_keeps_the_generation_settings(families, tmp_path):
+    """convert → export wrote a generation_config.json of the three special ids only: the source's max_length,
+    do_sample, temperature and top_p were gone, and transformers' generate fell back to its defaults."""
+    from transformers import GenerationConfig
+
+    from tessera.interop.export import export_hf
+
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    settings = {"bos_token_id": 1, "eos_token_id": [2, 5], "pad_token_id": 0, "max_length": 77, "do_sample": True,
+                "temperature": 0.6, "top_p": 0.9}
+    (directory / "generation_config.json").write_text(json.dumps(settings))
+    exported = export_hf(convert(directory, tmp_path / "ck"), tmp_path / "out")
+    generation = GenerationConfig.from_pretrained(exported)
+    assert {key: getattr(generation, key) for key in settings} == settings
+    (directory / "generation_config.json").unlink()  # a source without one: an earlier conversion's is not kept
+    assert not (convert(directory, tmp_path / "ck") / "generation_config.json").exists()
+
+
 # --- writing: never over the source, never beside stale weights ----------------------------------------------------
 def test_convert_or_export_into_its_own_source_is_refused(families, tmp_path, capsys):
     """`tessera convert DIR DIR` wrote tessera's config.json and weights over the Hugging Face checkpoint (and

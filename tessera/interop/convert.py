@@ -18,13 +18,13 @@ from tessera.checkpoint import parameters_on_meta
 from tessera.errors import CheckpointError, ConfigError
 from tessera.interop import llava, mllama
 from tessera.interop.hub_files import (
-    CONFIG_NAME, INTEGER, INTEGERS, NULL, check_output_dir, checked, read_json, read_weights,
+    CONFIG_NAME, GENERATION_CONFIG_NAME, INTEGER, INTEGERS, NULL, check_output_dir, checked, read_json, read_weights,
+    write_json,
 )
 from tessera.interop.name_map import import_weights
 from tessera.model import MultimodalLM
 
 FAMILIES: dict[str, ModuleType] = {llava.ARCHITECTURE: llava, mllama.ARCHITECTURE: mllama}
-GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 def family_of(hf_config: dict[str, Any], path: Path) -> ModuleType:
@@ -79,8 +79,8 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype | None = None) -> Mu
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a tessera checkpoint (config.json, model.safetensors, tokenizer, processor settings) for a Hugging
-    Face checkpoint."""
+    """Write a tessera checkpoint (config.json, model.safetensors, tokenizer, processor settings and the source's
+    generation_config.json) for a Hugging Face checkpoint."""
     from tessera.interop.processor import HubProcessor
 
     check_output_dir(out_dir, hf_dir, "converted")
@@ -88,4 +88,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None =
     processor = HubProcessor.from_hf_dir(hf_dir, model.config)
     out = model.save_pretrained(out_dir)
     processor.save_pretrained(out)
+    # tessera reads only its EOS ids, but the sampling settings (max_length, do_sample, temperature, …) are the
+    # model's own: kept for `tessera export` to write back. An earlier conversion's file must not stand in for none.
+    generation = read_json(Path(hf_dir) / GENERATION_CONFIG_NAME, required=False)
+    if generation is None:
+        (out / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
+    else:
+        write_json(out / GENERATION_CONFIG_NAME, generation)
     return out

@@ -19,7 +19,7 @@ import torch
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError
 from tessera.interop import llava, mllama
-from tessera.interop.hub_files import check_output_dir, write_json, write_weights
+from tessera.interop.hub_files import GENERATION_CONFIG_NAME, check_output_dir, read_json, write_json, write_weights
 from tessera.interop.name_map import export_weights
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
@@ -66,8 +66,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     write_weights({name: t.to(model.dtype) for name, t in tensors.items()}, out)
     write_json(out / "config.json", hf_config)
     eos = [config.eos_token_id, *config.stop_token_ids]
-    write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos if len(eos) > 1 else eos[0],
-                                                 "pad_token_id": config.pad_token_id})
+    # the converted source's sampling settings (convert keeps its generation_config.json), with the special ids the
+    # model now has: they may have been changed since
+    generation = read_json(Path(checkpoint) / GENERATION_CONFIG_NAME, required=False) or {}
+    write_json(out / GENERATION_CONFIG_NAME, {**generation, "bos_token_id": bos,
+                                              "eos_token_id": eos if len(eos) > 1 else eos[0],
+                                              "pad_token_id": config.pad_token_id})
     export_processor(processor, config, family, out)
     return out
 

@@ -19,6 +19,7 @@ from tessera.config import is_integer, is_number
 from tessera.errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
