@@ -26,6 +26,7 @@ CROSS_ATTENTION_PLACEMENTS = ("before", "replace")
 CROSS_ATTENTION_BLIND_ROWS = ("skip", "attend_all")
 VISION_ENCODERS = ("vit", "tiled")
 ROPE_TYPES = ("default", "llama3")
+TEXT_FAMILIES = ("llama", "mistral", "qwen2")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 # CLIP's normalisation constants, the usual default for ViT image encoders.
@@ -213,6 +214,9 @@ class TextConfig:
     rope_scaling: dict[str, Any] | None = None
     # Input-embedding rows past vocab_size: ids the model reads but never predicts (Llama 3.2 Vision's <|image|>).
     num_extra_embeddings: int = 0
+    # The transformers decoder family it was imported as, exported as again; None: the one its switches imply. Only
+    # the name differs where they overlap: a Mistral without a sliding window is a Llama.
+    family: str | None = None
 
     def __post_init__(self) -> None:
         self.rms_norm_eps = _float("text", "rms_norm_eps", self.rms_norm_eps)
@@ -237,6 +241,8 @@ class TextConfig:
         if self.tie_word_embeddings and self.num_extra_embeddings:
             raise ConfigError("text.tie_word_embeddings=True with text.num_extra_embeddings > 0: a tied LM head must "
                               "have as many rows as the embedding table; expected one of them off")
+        if self.family is not None:
+            _choice("text", "family", self.family, TEXT_FAMILIES)
         if self.rope_scaling is not None:
             self._check_rope_scaling()
 

@@ -178,6 +178,30 @@ def test_convert_then_export_keeps_the_generation_settings(families, tmp_path):
     assert not (convert(directory, tmp_path / "ck") / "generation_config.json").exists()
 
 
+def test_a_mistral_without_a_sliding_window_stays_mistral(families, tmp_path):
+    """text_config {"model_type": "mistral", "sliding_window": null} (Mistral 7B v0.2's, llava-v1.6-mistral's) came
+    back from convert → export as model_type "llama": the family was chosen by tessera's switches alone."""
+    from transformers import LlavaConfig
+
+    from tessera.interop.export import export_hf
+
+    directory = _copy_checkpoint(families["llava-clip-mistral"].directory, tmp_path / "hf")
+    _edit_json(directory / "config.json", lambda c: c["text_config"].update(sliding_window=None))
+    exported = export_hf(convert(directory, tmp_path / "ck"), tmp_path / "out")
+    text = LlavaConfig.from_pretrained(exported).text_config
+    assert text.model_type == "mistral" and text.sliding_window is None  # not MistralConfig's default 4096
+
+
+def test_a_family_its_switches_contradict_is_named():
+    from tessera import TextConfig
+    from tessera.interop.text_models import text_config_to_hf
+
+    with pytest.raises(ConfigError, match=r"text\.family='llama' with .*sliding_window=8: .*expected family 'mistral"):
+        text_config_to_hf(TextConfig(sliding_window=8, family="llama"))
+    with pytest.raises(ConfigError, match=r"text\.family='gemma': expected one of 'llama', 'mistral', 'qwen2'"):
+        TextConfig(family="gemma")
+
+
 # --- writing: never over the source, never beside stale weights ----------------------------------------------------
 def test_convert_or_export_into_its_own_source_is_refused(families, tmp_path, capsys):
     """`tessera convert DIR DIR` wrote tessera's config.json and weights over the Hugging Face checkpoint (and

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tessera.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
+from tessera.config import TEXT_FAMILIES, FusionConfig, ModelConfig, TextConfig, VisionConfig
 from tessera.errors import ConfigError
 from tessera.interop.hub_files import FLAG, INTEGER, INTEGERS, LIST, NULL, NUMBER, OBJECT, POSITIVE, TEXT, checked
 from tessera.interop.name_map import Rule, fuse, norm, rename
@@ -90,6 +90,7 @@ def text_config_from_hf(hf: dict[str, Any] | None, where: str, default_type: str
         attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases
         sliding_window=c.get("sliding_window") if model_type == "mistral" else None, rope_scaling=scaling,
         num_extra_embeddings=MLLAMA_EXTRA_EMBEDDINGS if model_type == "mllama_text_model" else 0,
+        family=model_type if model_type in TEXT_FAMILIES else None,  # kept for export (Mistral's null window)
     )
 
 
@@ -136,10 +137,19 @@ def text_config_to_hf(text: TextConfig) -> dict[str, Any]:
         raise ConfigError("text.attention_bias=True with text.sliding_window: no transformers decoder has both "
                           "(Qwen2's window is per layer)")
     model_type = "qwen2" if text.attention_bias else "mistral" if text.sliding_window is not None else "llama"
+    if text.family == "mistral" and model_type == "llama":  # a Mistral whose sliding_window is null
+        model_type = "mistral"
+    elif text.family not in (None, model_type):
+        raise ConfigError(f"text.family={text.family!r} with text.attention_bias={text.attention_bias} and "
+                          f"text.sliding_window={text.sliding_window}: transformers' Qwen2 has q/k/v biases and no "
+                          f"window, Mistral no biases, Llama neither; expected family {model_type!r} or null")
     if text.rope_scaling and text.rope_scaling.get("rope_type") != "default" and model_type != "llama":
         raise ConfigError(f"text.rope_scaling={text.rope_scaling!r}: llama3 scaling exports only with a Llama "
                           f"decoder (no q/k/v biases, no sliding window)")
-    return {"model_type": model_type, **_decoder_fields(text)}
+    fields = _decoder_fields(text)
+    if model_type == "mistral":  # null written too: MistralConfig's default is a 4096-token window
+        fields["sliding_window"] = text.sliding_window
+    return {"model_type": model_type, **fields}
 
 
 def _decoder_fields(text: TextConfig) -> dict[str, Any]:
@@ -151,8 +161,6 @@ def _decoder_fields(text: TextConfig) -> dict[str, Any]:
                   num_key_value_heads=text.num_kv_heads, head_dim=text.head_dim, hidden_act="silu",
                   max_position_embeddings=text.max_position_embeddings, rms_norm_eps=text.rms_norm_eps,
                   tie_word_embeddings=text.tie_word_embeddings, rope_parameters=rope)
-    if text.sliding_window is not None:
-        fields["sliding_window"] = text.sliding_window
     return fields
 
 
