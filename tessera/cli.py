@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -287,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.verb != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would do the whole job, into the same files (the quickstart's data, eval's predictions)
+        print(f"tessera {args.verb}: error: started by torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}), which only "
+              f"`tessera train` shares out; expected `tessera {args.verb}` in one process", file=sys.stderr)
+        return 2
     try:
         args.run(args)
     except (TesseraError, ValueError, OSError) as e:

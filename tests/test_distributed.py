@@ -127,3 +127,14 @@ def test_a_batch_that_does_not_split_evenly_is_refused_naming_batch_size():
     assert Processes(1, 2).share([0, 1, 2, 3, 4, 5]) == [1, 3, 5]
     with pytest.raises(ConfigError, match="leaves process 2 of 3 none"):
         Processes(2, 3).share([0, 1])  # a stage whose data is smaller than the process count
+
+
+def test_other_verbs_started_by_torchrun_are_refused_before_doing_anything(tmp_path, monkeypatch, capsys):
+    """Under torchrun every process would make the quickstart's data, answer eval's records, bind serve's port:
+    only train shares the work out, so the others say so instead of racing each other into the same files."""
+    from tessera.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["data", "shapes", "--out", str(tmp_path / "data"), "--train", "2", "--test", "1"]) == 2
+    assert "started by torchrun (WORLD_SIZE=2), which only `tessera train` shares out" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
