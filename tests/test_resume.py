@@ -664,3 +664,21 @@ def test_a_run_s_stop_saved_in_the_old_shared_slot_is_removed_when_that_run_fini
     (out / "run-2-interrupted").rename(out / "interrupted")  # where that stop lay before
     result = _train(config, resume=True)
     assert result["resumed_at"] == 2 and not (out / "interrupted").exists()
+
+
+def test_a_new_run_into_an_out_with_a_stopped_run_warns_that_resume_continues_it(shapes, tmp_path, monkeypatch):
+    """Starting a run again without --resume is allowed (a new run, numbered after the stopped one, which stays
+    resumable), but more likely a slip: the log says what is there and how to continue it instead."""
+    config = _config(shapes, tmp_path / "out")
+    restore = _stop_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config)
+    restore()
+    logged = []
+    run_training(RunConfig.from_dict({**config, "steps": {"text": 1, "encoder_pretrain": 0, "align": 0,
+                                                         "instruct": 0}}), log=logged.append, progress=False)
+    warning = [line for line in logged if line.startswith("warning: ")]
+    assert warning == [f"warning: {tmp_path / 'out'} holds interrupted, left by a stopped run; this starts a new run "
+                       f"from the first step. To continue the stopped one instead: stop this and run it again with "
+                       f"--resume"]
+    assert (tmp_path / "out/interrupted").is_dir()

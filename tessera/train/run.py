@@ -144,6 +144,11 @@ def metrics_run(metrics_path: Path, resumed: TrainingState | None, source: Path 
     run = max(r.get("run", 1) for r in earlier) + 1
     log(f"{metrics_path} holds {len(earlier)} steps of earlier runs; this run's steps are appended as run {run} "
         f"(loss.png shows this run only)")
+    out = metrics_path.parent
+    stopped = [d.name for d in [out / "interrupted", *sorted(out.glob("run-*-interrupted"))] if d.is_dir()]
+    if stopped:  # a new run is allowed (the stopped one stays resumable), but a forgotten --resume is the likelier
+        log(f"warning: {out} holds {' and '.join(stopped)}, left by a stopped run; this starts a new run from the "
+            f"first step. To continue the stopped one instead: stop this and run it again with --resume")
     return run
 
 
