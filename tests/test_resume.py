@@ -388,6 +388,28 @@ def test_a_checkpoint_without_a_readable_training_state_is_refused_naming_the_fi
         _train(config, resume=stage)
 
 
+def test_resume_from_a_broken_newest_checkpoint_names_the_newest_other_to_continue_from(shapes, tmp_path):
+    """A disk that filled up or a copy cut short can break the checkpoint --resume picks; the error says which
+    other one the run can go on from."""
+    config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    _train(config)
+    newest, before = (tmp_path / f"run/checkpoints/{name}" for name in ("stage-3-instruct", "stage-2-align"))
+    advice = (f"; the newest other resumable checkpoint under {tmp_path / 'run'} is {before} (run 1, step 3): "
+              f"--resume-from {before} continues from there")
+    (newest / "model.safetensors").write_bytes(b"cut short")
+    with pytest.raises(CheckpointError, match=re.escape(f"{newest / 'model.safetensors'}: not a readable ") + ".*" +
+                       re.escape(advice) + "$"):
+        _train(config, resume=True)
+    (newest / "training_state.json").write_text("{")  # now --resume cannot even tell where it stands
+    with pytest.raises(CheckpointError, match=re.escape(f"{newest / 'training_state.json'}: not valid JSON") + ".*" +
+                       re.escape(advice) + "$"):
+        _train(config, resume=True)
+    with pytest.raises(CheckpointError) as named:  # --resume-from names its checkpoint: no other is offered
+        _train(config, resume=newest)
+    assert "resumable checkpoint under" not in str(named.value)
+    assert _train(config, resume=before)["resumed_at"] == 3
+
+
 def test_a_run_drawing_from_torch_s_rng_resumes_with_the_numbers_it_would_have_drawn(shapes, tmp_path, monkeypatch):
     """Nothing in the model draws random numbers today; a dropout layer would, from torch's global generator."""
     from tessera.model import MultimodalLM

@@ -31,8 +31,8 @@ from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, 
                                 save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
-from tessera.train.state import StageState, TrainingState, check_same_run, checkpoint_name, \
-    latest_resumable, load_state, own_stops, resumable_checkpoints, run_fingerprint
+from tessera.train.state import StageState, TrainingState, another_to_resume_from, check_same_run, \
+    checkpoint_name, latest_resumable, load_state, own_stops, resumable_checkpoints, run_fingerprint
 
 try:
     import fcntl
@@ -339,12 +339,24 @@ def stop_signals_interrupt(log):
             signal.signal(signum, handler)
 
 
+def raise_advising_another(error: CheckpointError, out: Path, source: Path | None, resume) -> None:
+    """Raise `error`, about the checkpoint --resume picked, with the newest other one to continue from, if any."""
+    advice = another_to_resume_from(out, source) if resume is True else ""
+    if not advice:
+        raise error
+    raise CheckpointError(f"{error}{advice}") from error
+
+
 def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Path, stages: list[Stage], log,
                       progress: bool, resume: str | Path | bool | None, started: float,
                       processes: Processes) -> dict[str, Any]:
     """run_training's work in OUT, under its lock."""
-    source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
-    resumed = load_state(source) if source else None
+    source = None
+    try:
+        source = (latest_resumable(out) if resume is True else Path(resume)) if resume else None
+        resumed = load_state(source) if source else None
+    except CheckpointError as e:
+        raise_advising_another(e, out, source, resume)
     if resume is True:
         check_the_newest_is_where_the_run_left_off(out, source, resumed)
     tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint else None)
@@ -362,7 +374,10 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
                                   {path.name: path for path in files})
     if resumed:  # the checkpoint's weights (an llm_checkpoint's LLM is in them already)
         check_same_run(resumed.fingerprint, fingerprint, source)
-        load_weights(model, source)
+        try:
+            load_weights(model, source)
+        except CheckpointError as e:
+            raise_advising_another(e, out, source, resume)
     elif run.llm_checkpoint:
         pretrained = MultimodalLM.from_pretrained(run.llm_checkpoint)
         check_same_llm(pretrained.config, model.config, run.llm_checkpoint)

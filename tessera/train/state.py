@@ -195,14 +195,29 @@ def latest_resumable(out: Path) -> Path:
     """The resumable checkpoint under OUT written last. Not the furthest step: after `--resume-from` an earlier
     step, the abandoned branch's later checkpoints are not where the run stopped. Checkpoints from before save
     numbers were written come first, the furthest into the latest run last."""
-    found = [((save_number(position), position["run"], position["step"], position["stage"]), directory)
-             for position, directory in resumable_checkpoints(out, strict=True)]
+    found = [(_save_order(position), directory) for position, directory in resumable_checkpoints(out, strict=True)]
     if not found:
         raise CheckpointError(f"{out}: no resumable checkpoint (OUT/interrupted, OUT/run-N-interrupted or "
                               f"OUT/checkpoints/*/{STATE_JSON}); "
                               f"expected a run into {out} that saved one (every checkpoint_every steps, at each "
                               f"stage's end, or when stopped)")
     return max(found)[1]
+
+
+def _save_order(position: dict) -> tuple:
+    return save_number(position), position["run"], position["step"], position["stage"]
+
+
+def another_to_resume_from(out: Path, broken: Path | None) -> str:
+    """Advice for when the checkpoint --resume picked (`broken`; None: one it could not even read the position of)
+    cannot be read: the newest other resumable checkpoint under OUT, or "" if there is none."""
+    found = [(_save_order(position), directory) for position, directory in resumable_checkpoints(out)
+             if directory != broken]
+    if not found:
+        return ""
+    (_, run, step, _), directory = max(found)
+    return (f"; the newest other resumable checkpoint under {out} is {directory} (run {run}, step {step}): "
+            f"--resume-from {directory} continues from there")
 
 
 def file_digest(path: Path) -> str | None:
