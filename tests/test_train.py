@@ -286,7 +286,13 @@ def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_p
         with pytest.raises(DataError) as error:
             run_training(run, log=lambda *_: None, progress=False)
         assert str(error.value) == words
-        assert not (tmp_path / "run/checkpoints").exists()  # nothing trained
+        assert not (tmp_path / "run").exists()  # nothing trained, and no empty OUT made for it left behind
+    (tmp_path / "kept").mkdir()  # an OUT that was there before the run stays, empty as it was
+    run = RunConfig.from_dict({"recipe": "llava", "data": str(tmp_path / "untyped"), "out": str(tmp_path / "kept"),
+                               "model": TINY_MODEL, "vocab_size": 400, "batch_size": 4, "steps": {"text": 2}})
+    with pytest.raises(DataError):
+        run_training(run, log=lambda *_: None, progress=False)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [".train.lock"]
 
 
 def test_text_files_skip_records_with_images(shapes, tmp_path):
