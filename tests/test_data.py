@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import struct
 import zlib
 
@@ -282,6 +283,26 @@ def test_a_data_file_starting_with_a_utf8_bom_is_read(tmp_path, processor, suffi
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     examples, report = load_examples(path, processor, strict=True)
     assert [e.example.id for e in examples] == ["bom"] and report.skipped == 0
+
+
+def test_jsonl_under_another_name_says_so_and_ndjson_is_jsonl(tmp_path, processor):
+    """Messages records one per line in data.txt or data.json were reported as invalid JSON ("Extra data") with a
+    hint to write a list of LLaVA records; .ndjson, JSONL's other usual name, was read as one JSON document."""
+    records = [{"id": str(i), "messages": [{"role": "user", "content": "What colour?"},
+                                           {"role": "assistant", "content": "red"}]} for i in range(2)]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    for name in ("data.txt", "data.json"):
+        (tmp_path / name).write_text(lines)
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / name}: one JSON record per line (JSONL), read as "
+                                                      f"one JSON document by its name; expected a name ending in "
+                                                      f".jsonl")):
+            load_examples(tmp_path / name, processor)
+    (tmp_path / "data.ndjson").write_text(lines)
+    examples, report = load_examples(tmp_path / "data.ndjson", processor, strict=True)
+    assert [e.example.id for e in examples] == ["0", "1"]
+    (tmp_path / "broken.json").write_text('[{"id": 1},\n')  # broken JSON that is not JSONL keeps its own message
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_examples(tmp_path / "broken.json", processor)
 
 
 def test_a_dataset_written_again_leaves_no_images_of_the_one_before(tmp_path):

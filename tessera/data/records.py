@@ -77,9 +77,20 @@ class RecordError(DataError):
         self.reason, self.detail = reason, detail
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _one_record_per_line(text: str) -> bool:
+    lines = [line for line in text.split("\n") if line.strip()]
+    try:
+        return len(lines) > 1 and isinstance(json.loads(lines[0]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
-    """(record id, label, raw record) triples from a LLaVA .json list or a messages .jsonl file (bad JSON lines come
-    back as RecordErrors to be skipped like any other bad record). The label names the record in messages: a JSONL
+    """(record id, label, raw record) triples from a LLaVA .json list or a messages .jsonl (or .ndjson) file (bad JSON
+    lines come back as RecordErrors to be skipped like any other bad record). The label names the record in messages: a JSONL
     record's adds its line number, as ids are often shared by many lines."""
     path = Path(path)
     if not path.is_file():
@@ -92,7 +103,7 @@ def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
         raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason}, byte {e.start}); expected a UTF-8 "
                         f"JSON or JSONL file") from None
     text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors write, which json.loads refuses
-    if path.suffix.lower() == ".jsonl":  # DATA.JSONL too
+    if path.suffix.lower() in JSONL_SUFFIXES:  # DATA.JSONL too
         pairs = []
         # only "\n" ends a JSONL line: str.splitlines would also split at U+2028, U+0085, … that JSON strings may
         # hold raw, cutting a record in two invalid halves
@@ -113,6 +124,9 @@ def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
+        if _one_record_per_line(text):  # JSONL under another name (.json, .txt): read by its name, it is one error
+            raise DataError(f"{path}: one JSON record per line (JSONL), read as one JSON document by its name; "
+                            f"expected a name ending in .jsonl for messages records") from None
         raise DataError(f"{path}: not valid JSON ({e}); expected a list of LLaVA conversation records") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
