@@ -312,3 +312,13 @@ def test_a_dataset_written_again_leaves_no_images_of_the_one_before(tmp_path):
     make_shapes_dataset(tmp_path, train=3, test=2, seed=1, text_train=0, text_test=0)
     written = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert written == [f"{split}_{i:05d}.png" for split, n in (("test", 2), ("train", 3)) for i in range(n)]
+
+
+def test_json_records_sharing_an_id_or_without_one_are_named_by_their_place(tmp_path, processor):
+    """Skipped records are listed by id, so two records sharing one were one name for both, and "id": null was
+    listed as "None"."""
+    bad = {"messages": [{"role": "user", "content": "What colour?"}]}  # no answer: skipped
+    records = [{"id": "a", **bad}, {"id": "a", **bad}, {"id": None, **bad}, {"id": "b", **bad}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    _, report = load_examples(tmp_path / "data.json", processor)
+    assert [label for labels in report.examples.values() for label in labels] == ["a (#0)", "a (#1)", "#2", "b"]

@@ -90,8 +90,9 @@ def _one_record_per_line(text: str) -> bool:
 
 def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
     """(record id, label, raw record) triples from a LLaVA .json list or a messages .jsonl (or .ndjson) file (bad JSON
-    lines come back as RecordErrors to be skipped like any other bad record). The label names the record in messages: a JSONL
-    record's adds its line number, as ids are often shared by many lines."""
+    lines come back as RecordErrors to be skipped like any other bad record). The label names the record in messages:
+    a JSONL record's adds its line number, as ids are often shared by many lines; a JSON record's, its place in the
+    list (#0 for the first) when its id is shared or missing."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -130,8 +131,11 @@ def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
         raise DataError(f"{path}: not valid JSON ({e}); expected a list of LLaVA conversation records") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    ids = [str(r.get("id", f"#{i}")) if isinstance(r, dict) else f"#{i}" for i, r in enumerate(records)]
-    return [(record_id, record_id, r) for record_id, r in zip(ids, records)]
+    # a record without an id (or with "id": null) is named by its place in the list, #0 for the first
+    ids = [str(r["id"]) if isinstance(r, dict) and r.get("id") is not None else f"#{i}" for i, r in enumerate(records)]
+    counts = Counter(ids)  # an id many records share names none of them: their places do
+    return [(record_id, record_id if counts[record_id] == 1 else f"{record_id} (#{i})", r)
+            for i, (record_id, r) in enumerate(zip(ids, records))]
 
 
 def parse_record(record: Any, record_id: str, image_root: Path) -> Example:
