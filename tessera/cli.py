@@ -89,6 +89,14 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from tessera.generation import SamplingParams
+
+    try:  # checked before the model loads, each error naming its flag rather than the setting behind it
+        SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        setting, _, problem = str(e).partition("=")
+        raise ConfigError(f"--{setting.replace('_', '-')} {problem}") from None
     model, processor = _load(args.checkpoint, args.dtype)
     messages = [processor.user_message(args.prompt, 1 if args.image else 0)]
     batch = processor([messages], [[args.image] if args.image else []], add_generation_prompt=True,

@@ -93,7 +93,10 @@ def test_generate_answers_and_reports_bad_inputs_in_one_line(trained, tmp_path):
     for args, words in [
         (["--image", tmp_path / "missing.png"], "image file not found"),
         (["--image", tmp_path / "corrupt.png"], "not a readable image"),
-        (["--top-k", -1], "top_k=-1: expected an integer >= 0"),
+        (["--top-k", -1], "--top-k -1: expected an integer >= 0"),  # the flag, not the setting behind it
+        (["--temperature", -0.5], "--temperature -0.5: expected a finite number >= 0"),
+        (["--top-p", 0], "--top-p 0.0: expected a number in (0, 1]"),
+        (["--max-new-tokens", 0], "--max-new-tokens 0: expected an integer >= 1"),
     ]:
         result = tessera("generate", "--checkpoint", checkpoint, "--prompt", "hi", *args, check=False)
         assert result.returncode == 2 and words in result.stderr
@@ -102,6 +105,8 @@ def test_generate_answers_and_reports_bad_inputs_in_one_line(trained, tmp_path):
     assert result.returncode == 2 and "config.json" in result.stderr and "Traceback" not in result.stderr
     result = tessera("generate", "--checkpoint", tmp_path / "nowhere", "--prompt", "hi", check=False)
     assert result.returncode == 2 and "no such checkpoint directory" in result.stderr
+    result = tessera("generate", "--checkpoint", tmp_path / "nowhere", "--prompt", "hi", "--top-p", 2, check=False)
+    assert "--top-p 2.0" in result.stderr  # checked before the model is looked for, let alone loaded
 
 
 def test_train_strict_stops_on_a_bad_record_and_default_skips_it(trained, tmp_path):
