@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tessera.config import is_integer, is_number
+from tessera.errors import ConfigError
+
 # Below this, temperature sampling is greedy in all but name, and dividing the logits by it overflows float32 to
 # inf (1e-40: every request sharing the batch failed). So it is decoded greedily, as vLLM does below 1e-5.
 GREEDY_BELOW = 1e-5
@@ -30,22 +33,24 @@ class SamplingParams:
     suppress_token_ids: Sequence[int] = field(default_factory=tuple)  # never generated (e.g. <image>, <pad>)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1")
-        if not 0 <= self.temperature < math.inf:  # inf would turn suppressed tokens' -inf / inf into NaN
-            raise ValueError(f"temperature={self.temperature!r}: expected a finite number >= 0 (0 is greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
+        # ConfigError is a ValueError: callers that caught ValueError still do
+        if not is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1")
+        # inf would turn suppressed tokens' -inf / inf into NaN
+        if not is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature={self.temperature!r}: expected a finite number >= 0 (0 is greedy)")
+        if not is_integer(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables it)")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
         if self.seed is not None:
             if not _is_seed(self.seed):
-                raise ValueError(f"seed={self.seed!r}: expected an integer in -2**63..2**64-1 or None")
+                raise ConfigError(f"seed={self.seed!r}: expected an integer in -2**63..2**64-1 or None")
             self.seed = operator.index(self.seed)  # torch.Generator takes no numpy integer
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
+            raise ConfigError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:

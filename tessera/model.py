@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.checkpoint import CONFIG_NAME, load_dtype, load_weights, parameters_on_meta, save_weights
-from tessera.config import ModelConfig
+from tessera.config import ModelConfig, is_integer
 from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
 from tessera.fusion.projector import Projector
@@ -337,10 +337,24 @@ class MultimodalLM(nn.Module):
                         suppress_token_ids: Sequence[int] | None = None, **settings) -> SamplingParams:
         """SamplingParams (max_new_tokens, temperature, top_k, top_p, seed, stop_strings) with this model's EOS
         and stop tokens (eos_token_id=[] never stops on EOS) and the tokens it must never generate filled in."""
-        eos = [self.config.eos_token_id, *self.config.stop_token_ids] if eos_token_id is None else eos_token_id
-        suppress = self._never_generated() if suppress_token_ids is None else tuple(suppress_token_ids)
-        return SamplingParams(**settings, eos_token_ids=tuple([eos] if isinstance(eos, int) else eos),
-                              suppress_token_ids=suppress)
+        eos = (self.config.eos_token_id, *self.config.stop_token_ids) if eos_token_id is None \
+            else self._output_ids("eos_token_id", eos_token_id)
+        suppress = self._never_generated() if suppress_token_ids is None \
+            else self._output_ids("suppress_token_ids", suppress_token_ids)
+        return SamplingParams(**settings, eos_token_ids=eos, suppress_token_ids=suppress)
+
+    def _output_ids(self, name: str, value) -> tuple[int, ...]:
+        """An id or ids (a list, a tensor) of tokens this model can generate. A string, or an id past the vocabulary,
+        would otherwise never match a generated token: generation would silently never stop on it."""
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        ids = [value] if is_integer(value) else value
+        vocab = self.config.text.vocab_size
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, range)) or \
+                not all(is_integer(i) and 0 <= i < vocab for i in ids):
+            raise ConfigError(f"{name}={value!r}: expected a token id or a list of them, each in 0..{vocab - 1} "
+                              f"(text.vocab_size={vocab}); a tokenizer's token_to_id gives a token's id")
+        return tuple(ids)
 
     def _never_generated(self) -> tuple[int, ...]:
         stops = {self.config.eos_token_id, *self.config.stop_token_ids}  # a pad token that also ends generation

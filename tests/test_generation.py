@@ -1,11 +1,16 @@
 """tessera.generation: token choice (greedy, temperature, top-k, top-p) against transformers' warpers, and the
 sampling settings' validation."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
+from tessera import MultimodalLM
+from tessera.errors import ConfigError
 from tessera.generation import SamplingParams, next_tokens, truncated
+from tests.conftest import tiny_config
 
 
 def test_choosing_a_token_leaves_the_callers_logits_as_they_were():
@@ -51,10 +56,27 @@ def test_top_p_among_tied_tokens_keeps_the_higher_ids_as_transformers_does():
     ({"temperature": float("inf")}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"temperature": -0.5}, "temperature"), ({"seed": 1.5}, "seed"), ({"seed": "7"}, "seed"),
     ({"seed": True}, "seed"), ({"seed": 2**64}, "seed"), ({"top_k": -1}, "top_k"), ({"top_p": 1.5}, "top_p"),
+    # text where a number belongs: a TypeError from inside a comparison, before
+    ({"temperature": "0.7"}, "temperature"), ({"top_p": "0.9"}, "top_p"), ({"max_new_tokens": True}, "max_new_tokens"),
 ])
 def test_bad_sampling_settings_are_refused_up_front_naming_the_field(settings, field):
-    with pytest.raises(ValueError, match=rf"^{field}="):
+    with pytest.raises(ConfigError, match=rf"^{field}="):  # tessera's own error, a ValueError too
         SamplingParams(**settings)
+
+
+@pytest.mark.parametrize("eos", ["<|end|>", 9999, -1, [2, "x"], 2.0])
+def test_an_eos_token_the_model_cannot_generate_is_refused_not_waited_for(eos):
+    """A string (split into characters) or an id past the vocabulary never matched a generated token: generation
+    ran to max_new_tokens without a word."""
+    model = MultimodalLM(tiny_config()).eval()
+    with pytest.raises(ConfigError, match=re.escape(f"eos_token_id={eos!r}: expected a token id or a list of them, "
+                                                    f"each in 0..95 (text.vocab_size=96)")):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, eos_token_id=eos)
+    with pytest.raises(ConfigError, match=r"^suppress_token_ids="):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, suppress_token_ids=[eos])
+    stopped = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, eos_token_id=torch.tensor([2]),
+                             suppress_token_ids=torch.arange(96)[torch.arange(96) != 2])  # tensors work as lists
+    assert stopped.finish_reasons == ["stop"]
 
 
 def test_the_extreme_seeds_torch_takes_are_accepted():
