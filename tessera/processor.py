@@ -135,7 +135,9 @@ class Processor:
             images.extend(part_images)
             content = self._text_ids(text) + [self.end_token_id]
             ids += [self.role_token_ids[role]] + content
-            targets += [IGNORE_INDEX] + (content if role == "assistant" else [IGNORE_INDEX] * len(content))
+            # an answer's image tokens are no target: their features replace them, and generate never makes them
+            targets += [IGNORE_INDEX] + ([IGNORE_INDEX if t == self.image_token_id else t for t in content]
+                                         if role == "assistant" else [IGNORE_INDEX] * len(content))
         if add_generation_prompt:
             ids.append(self.role_token_ids["assistant"])
             targets.append(IGNORE_INDEX)

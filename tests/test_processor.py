@@ -169,6 +169,17 @@ def test_labels_supervise_only_the_answer_and_its_end(tokenizer, processor):
     assert len(labels) == len(ids)
 
 
+def test_an_image_in_an_answer_is_not_a_target(processor):
+    """Its image tokens stand for features, which replace them; labelled, they trained the model to predict image
+    placeholders, which generate never makes (tessera's data loader skips such records; this is the API's own)."""
+    messages = [{"role": "user", "content": "Draw it."}, {"role": "assistant", "content": "<image>\nred"}]
+    ids, labels, images = processor.encode(messages)
+    image_positions = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    assert len(image_positions) == processor.config.image_seq_length and len(images) == 0
+    assert all(labels[i] == IGNORE_INDEX for i in image_positions)
+    assert [t for t in labels if t != IGNORE_INDEX][-1] == processor.end_token_id  # the text answer still is
+
+
 def test_multi_turn_supervises_every_assistant_turn(tokenizer, processor):
     messages = [
         {"role": "system", "content": "You are a helpful assistant that describes pictures."},
