@@ -143,6 +143,9 @@ class VisionConfig:
             )
         _divides("vision", "num_heads", self.num_heads, "hidden_size", self.hidden_size)
         _choice("vision", "hidden_act", self.hidden_act, VISION_ACTIVATIONS)
+        if self.num_channels != 3:  # accepted, the model was built, and its first image failed in the convolution
+            raise ConfigError(f"vision.num_channels={self.num_channels}: tessera's processor makes RGB images "
+                              f"(grayscale, RGBA, CMYK, … converted); expected 3")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if len(value) != self.num_channels:

@@ -31,6 +31,9 @@ def test_fusion_given_as_a_word():
         (lambda: FusionConfig(vision_feature_select_strategy="cls"), ["vision_feature_select_strategy"]),
         (lambda: VisionConfig(hidden_act="relu"), ["vision.hidden_act", "'gelu'"]),
         (lambda: TextConfig(vocab_size=0), ["text.vocab_size=0", "positive integer"]),
+        # accepted, it built a model whose first image failed in the patch embedding's convolution
+        (lambda: VisionConfig(num_channels=1, image_mean=[0.5], image_std=[0.5]),
+         ["vision.num_channels=1", "processor makes RGB images", "expected 3"]),
     ],
 )
 def test_invalid_values_name_field_and_allowed(build, words):
