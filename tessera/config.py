@@ -397,6 +397,15 @@ class ModelConfig:
                     f"expected at least one index in 0..{self.text.num_layers - 1} for fusion.method='cross'"
                 )
 
+    def check(self) -> ModelConfig:
+        """Every field checked again, as when the config was made: a field set since (config.fusion.method =
+        "cross") is checked only here. Returns the config."""
+        for part in (self.vision, self.text, self.fusion):
+            if dataclasses.is_dataclass(part):  # anything else: __post_init__ names it
+                part.__post_init__()
+        self.__post_init__()
+        return self
+
     @property
     def cross_attention_layers(self) -> list[int]:
         """Decoder layers preceded by a gated cross-attention block (Method B); empty for Method A."""

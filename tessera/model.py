@@ -50,7 +50,10 @@ class GenerationOutput:
 class MultimodalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
+        if not isinstance(config, ModelConfig):
+            raise ConfigError(f"MultimodalLM({config!r}): expected a ModelConfig (ModelConfig.from_dict makes one of a "
+                              f"dict, ModelConfig.load of a config.json)")
+        self.config = config.check()  # fields set after the config was made are checked too
         fusion = config.fusion
         self.vision = TiledVisionEncoder(config.vision) if config.vision.encoder == "tiled" \
             else VisionEncoder(config.vision)

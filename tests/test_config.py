@@ -142,3 +142,24 @@ def test_a_wrong_typed_field_is_an_error_naming_it(section, field, value, expect
     with pytest.raises(ConfigError) as error:
         ModelConfig.from_dict(data)
     assert expected in str(error.value)
+
+
+def test_a_field_set_after_the_config_was_made_is_checked_when_the_model_is_built():
+    """Building the model is where a config's edits take effect: config.fusion.method = "cross" on a 2-layer text
+    model built a Method B model with no cross-attention layer (images ignored), whose checkpoint then failed to
+    load; a width that no longer divides failed deep inside a forward."""
+    from tessera import MultimodalLM
+
+    config = tiny_config()
+    config.text.num_layers, config.fusion.method = 2, "cross"
+    with pytest.raises(ConfigError, match=r"fusion.cross_attention_layers resolves to \[\]"):
+        MultimodalLM(config)
+    config = tiny_config()
+    config.text.hidden_size = 30
+    with pytest.raises(ConfigError, match="text.num_heads=4 does not divide text.hidden_size=30"):
+        MultimodalLM(config)
+    config = tiny_config()
+    config.fusion = "cross"  # the switch ModelConfig(fusion="cross") takes works as an edit too
+    assert MultimodalLM(config).config.fusion.method == "cross"
+    with pytest.raises(ConfigError, match=r"MultimodalLM\(\{'fusion': 'cross'\}\): expected a ModelConfig"):
+        MultimodalLM({"fusion": "cross"})
