@@ -27,7 +27,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from tessera.checkpoint import CONFIG_NAME, write_whole, written_whole
-from tessera.config import ModelConfig
+from tessera.config import ModelConfig, _float, _positive, _sequence, is_integer
 from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, MessageTextEncoder, load_tokenizer
 from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, RESIZE_MODES, check_preprocessed_size, largest_step,
@@ -50,11 +50,17 @@ class ProcessorConfig:
     max_length: int | None = None  # longer training conversations are cut from the right (not prompts)
 
     def __post_init__(self) -> None:
-        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)  # JSON gives lists
+        # checked as a model config's fields are: a zero std gave inf pixels, a string length a TypeError later
+        _positive("processor", image_size=self.image_size, image_seq_length=self.image_seq_length)
+        for name, positive in (("image_mean", False), ("image_std", True)):
+            values = _sequence(f"processor.{name}", getattr(self, name), "a list of 3 numbers, one per channel")
+            if len(values) != 3:  # the images are RGB
+                raise ConfigError(f"processor.{name}={getattr(self, name)!r}: expected 3 numbers, one per channel")
+            setattr(self, name, tuple(_float("processor", name, v, positive=positive) for v in values))
         if self.resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"resize_mode={self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"max_length={self.max_length!r}: expected a positive integer or null")
+            raise ConfigError(f"processor.resize_mode={self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+        if self.max_length is not None and (not is_integer(self.max_length) or self.max_length < 1):
+            raise ConfigError(f"processor.max_length={self.max_length!r}: expected a positive integer or null")
 
 
 class Processor:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -915,3 +916,19 @@ def test_a_whitespace_only_text_beside_a_typed_one_is_placed_too():
     ids, labels, _ = hub.encode(conversation)
     assert ids.count(eos) == 2 and "What ends html? </s>" in hub.decode(ids)
     assert hub.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX]).strip() == "red"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("image_size", -1, "processor.image_size=-1: expected a positive integer"),
+    ("image_seq_length", 0, "processor.image_seq_length=0: expected a positive integer"),
+    ("image_mean", (0.5, 0.5), "processor.image_mean=(0.5, 0.5): expected 3 numbers, one per channel"),
+    ("image_std", (0.5, 0, 0.5), "processor.image_std=0: expected a positive number"),  # inf pixels, before
+    ("image_std", 0.5, "processor.image_std=0.5: expected a list of 3 numbers"),
+    ("max_length", "8", "processor.max_length='8': expected a positive integer or null"),  # a TypeError, before
+])
+def test_processor_settings_are_checked_as_model_settings_are(field, value, words):
+    from tessera.processor import ProcessorConfig
+
+    settings = {"image_size": 16, "image_mean": (0.5,) * 3, "image_std": (0.5,) * 3, "image_seq_length": 16}
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        ProcessorConfig(**{**settings, field: value})
