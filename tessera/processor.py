@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
@@ -105,8 +106,9 @@ class Processor:
         """The text that stands for one image in a prompt."""
         return IMAGE
 
-    def preprocess_image(self, image: str | Path | Image.Image, max_pixels: int = MAX_PREPROCESSED_PIXELS
+    def preprocess_image(self, image: str | Path | Image.Image | np.ndarray, max_pixels: int = MAX_PREPROCESSED_PIXELS
                          ) -> torch.Tensor:
+        """An image (a file path, a PIL image or a uint8 numpy array) as the model's (3, size, size) pixel tensor."""
         c = self.config
         loaded = load_image(image)
         with naming(image):

@@ -1,5 +1,7 @@
 """tessera.vision.preprocess: any PIL image → 8-bit RGB → square → normalised tensor."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -284,3 +286,23 @@ def test_pad_mode_matches_transformers_llava_do_pad():
     expected = torch.from_numpy(theirs(wide, return_tensors="np")["pixel_values"][0])
     torch.testing.assert_close(preprocess_image(wide, 16, CLIP_MEAN, CLIP_STD, resize_mode="pad"), expected,
                                atol=1e-6, rtol=0)
+
+
+def test_a_uint8_numpy_array_is_an_image_and_other_objects_are_named():
+    """A notebook's image is often a numpy array (PIL's, or OpenCV's turned RGB): it was handed to PIL as a file
+    and failed with "'numpy.ndarray' object has no attribute 'read'", as did a tensor or None."""
+    from tessera.errors import DataError
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(rgb_pixels(load_image(pixels)), pixels)
+    assert load_image(pixels[..., 0]).mode == "L" and load_image(np.dstack([pixels, pixels[..., :1]])).mode == "RGBA"
+    for source, words in [
+        (pixels.astype(np.float32), "a numpy array of shape (20, 30, 3) and dtype float32 given as an image: "
+                                    "expected uint8 pixels"),
+        (pixels[..., :2], "a numpy array of shape (20, 30, 2) and dtype uint8"),
+        (torch.zeros(3, 4, 4), "an object of type Tensor given as an image: expected a file path, a PIL image or "
+                               "a uint8 numpy array"),
+        (None, "an object of type NoneType given as an image"),
+    ]:
+        with pytest.raises(DataError, match=re.escape(words)):
+            load_image(source)

@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
@@ -305,7 +306,7 @@ class HubProcessor(Processor):
     def image_token(self) -> str:
         return self.config.image_token
 
-    def preprocess_image(self, image: str | Path | Image.Image, max_pixels: int = MAX_PREPROCESSED_PIXELS
+    def preprocess_image(self, image: str | Path | Image.Image | np.ndarray, max_pixels: int = MAX_PREPROCESSED_PIXELS
                          ) -> torch.Tensor | TiledImage:
         loaded = load_image(image)
         with naming(image):

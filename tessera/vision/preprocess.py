@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,11 +20,20 @@ RESIZE_MODES = ("squash", "pad")
 MAX_PREPROCESSED_PIXELS = 8192 * 8192
 
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
+def load_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
     """The image of a file (or a PIL image), upright: turned as its EXIF Orientation tag says, as every viewer and
-    transformers' load_image show it, instead of a phone photo reaching the model on its side."""
+    transformers' load_image show it, instead of a phone photo reaching the model on its side. A numpy array of
+    8-bit pixels, (height, width) or (height, width, 3 or 4) as PIL and OpenCV-turned-RGB give them, is an image too."""
     if isinstance(source, Image.Image):
         return upright(source)
+    if isinstance(source, np.ndarray):
+        if source.dtype == np.uint8 and (source.ndim == 2 or source.ndim == 3 and source.shape[2] in (3, 4)):
+            return Image.fromarray(source)
+        raise DataError(f"a numpy array of shape {source.shape} and dtype {source.dtype} given as an image: expected "
+                        f"uint8 pixels, (height, width) or (height, width, 3 or 4)")
+    if not isinstance(source, (str, os.PathLike)):  # else a tensor, say, failed inside PIL as having no .read
+        raise DataError(f"an object of type {type(source).__name__} given as an image: expected a file path, a PIL "
+                        f"image or a uint8 numpy array")
     try:
         with Image.open(source) as image:
             image.load()
@@ -44,12 +54,12 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 @contextmanager
-def naming(source: str | Path | Image.Image):
+def naming(source: str | Path | Image.Image | np.ndarray):
     """A DataError raised inside names the image file, when the image came from one."""
     try:
         yield
     except DataError as e:
-        if isinstance(source, Image.Image):
+        if not isinstance(source, (str, os.PathLike)):  # an image in memory: no file to name
             raise
         raise type(e)(f"{source}: {e}") from None
 
