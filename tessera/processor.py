@@ -181,6 +181,12 @@ class Processor:
         column and the next token is predicted from there."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+        if isinstance(conversations, (str, dict)) or any(isinstance(c, dict) for c in conversations):
+            # one conversation's messages, taken for conversations, failed as a malformed message
+            raise DataError("conversations holds messages: expected a list of conversations, each a list of "
+                            "messages — processor([messages]) for one")
+        if not conversations:
+            raise DataError("no conversations: expected at least one")
         if images is not None and len(images) != len(conversations):
             raise DataError(f"{len(images)} image lists for {len(conversations)} conversations; expected one each")
         if images is not None:

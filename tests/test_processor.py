@@ -932,3 +932,16 @@ def test_processor_settings_are_checked_as_model_settings_are(field, value, word
     settings = {"image_size": 16, "image_mean": (0.5,) * 3, "image_std": (0.5,) * 3, "image_seq_length": 16}
     with pytest.raises(ConfigError, match=re.escape(words)):
         ProcessorConfig(**{**settings, field: value})
+
+
+def test_one_conversation_passed_as_the_batch_says_to_wrap_it(processor):
+    """processor(messages) for processor([messages]) failed as a malformed message, or as two conversations short
+    of images; an empty batch as max() of an empty sequence."""
+    messages = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}]
+    for call in (lambda: processor(messages), lambda: processor(messages, [[image()]]), lambda: processor(messages[0])):
+        with pytest.raises(DataError, match=re.escape("conversations holds messages: expected a list of "
+                                                      "conversations, each a list of messages — processor([messages])")):
+            call()
+    with pytest.raises(DataError, match="no conversations: expected at least one"):
+        processor([])
+    assert processor([messages])["input_ids"].shape[0] == 1
