@@ -123,8 +123,12 @@ def test_unified_count_mismatch_names_sample_and_counts():
         model(ids, pixel_values=torch.randn(2, 3, 16, 16), image_counts=[1, 1])
     message = str(error.value)
     assert "sample 1" in message and f"{per_image - 1} image tokens" in message and f"{per_image} image features" in message
-    with pytest.raises(ImageTokenMismatchError, match="sample 0: the text has 16 image tokens but its 0 image"):
-        model(torch.tensor([good]))  # placeholders without any image
+    # placeholders without any image: the caller forgot pixel_values, which is what the message says
+    with pytest.raises(ImageTokenMismatchError, match="sample 0: the text has 16 image tokens but no images were "
+                                                      "given; expected the processor's pixel_values"):
+        model(torch.tensor([good]))
+    with pytest.raises(ImageTokenMismatchError, match="sample 1: the text has 16 image tokens but its 0 image"):
+        model(torch.tensor([good, good]), pixel_values=torch.randn(1, 3, 16, 16), image_counts=[1, 0])
 
 
 def test_any_number_of_images_per_sample():

@@ -30,6 +30,11 @@ def check_image_token_counts(input_ids: torch.Tensor, image_token_id: int, token
         )
     found = (input_ids == image_token_id).sum(-1).tolist()
     for sample, (n_tokens, n_images) in enumerate(zip(found, counts)):
+        if n_tokens and not num_images:  # the caller's slip, not the processor's: say which
+            raise ImageTokenMismatchError(
+                f"sample {sample}: the text has {n_tokens} image tokens but no images were given; expected the "
+                f"processor's pixel_values (and image_counts) with its input_ids"
+            )
         if n_tokens != n_images * tokens_per_image:
             raise ImageTokenMismatchError(
                 f"sample {sample}: the text has {n_tokens} image tokens but its {n_images} image(s) give "
