@@ -248,9 +248,13 @@ class MultimodalLM(nn.Module):
         num_tokens = int((targets != IGNORE_INDEX).sum())
         if num_items_in_batch is None:
             if num_tokens == 0:
+                # a label in the first column is never a target: no token comes before it to predict it
+                first = " past the first column (which no token predicts)" if (labels[:, :1] != IGNORE_INDEX).any() \
+                    else ""
                 raise DataError(
-                    "labels: every label is -100, so there is no answer token to learn from and the loss would be a "
-                    "silent 0; expected at least one supervised token (was the answer cut off by the length limit?)"
+                    f"labels: every label{first} is -100, so there is no answer token to learn from and the loss "
+                    f"would be a silent 0; expected at least one supervised token (was the answer cut off by the "
+                    f"length limit?)"
                 )
             num_items_in_batch = num_tokens
         elif num_items_in_batch <= 0:  # the divisor: 0 would make the loss inf, or NaN (0/0), silently

@@ -578,6 +578,9 @@ def test_all_labels_masked_is_an_error_not_a_zero_loss():
     ids = torch.tensor([[1, 5, 6]])
     with pytest.raises(DataError, match="every label is -100"):
         model(ids, labels=torch.full_like(ids, -100))
+    # a label in the first column is not -100, but no token predicts it: the message says where the rest is
+    with pytest.raises(DataError, match=r"every label past the first column \(which no token predicts\) is -100"):
+        model(ids, labels=torch.tensor([[1, -100, -100]]))
 
 
 @pytest.mark.parametrize("fusion, options, padded", [
