@@ -438,24 +438,31 @@ class ModelConfig:
 
     # --- JSON round trip -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Every field, nested as in config.json."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        """A config from a dict such as to_dict gives (missing fields take their defaults), every field checked;
+        errors name `source` (a file, say) and the field."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         return _build(cls, data, source)
 
     def save(self, path: str | Path) -> None:
+        """Written as JSON (config.json in a checkpoint), whole or not at all."""
         write_whole(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
+        """A config.json, read and checked."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a directory; expected a config file ({path / 'config.json'}?)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:

@@ -48,6 +48,15 @@ class GenerationOutput:
 
 
 class MultimodalLM(nn.Module):
+    """A multimodal LLM: a vision encoder (ViT, or Llama 3.2 Vision's tiled one), a projector and a decoder LLM,
+    joined as config.fusion.method says — "unified" (Method A: the projected image features take the places of the
+    image tokens in the LLM's input) or "cross" (Method B: gated cross-attention blocks inside the LLM read them).
+
+    model(input_ids, attention_mask, pixel_values, image_counts, labels=...) gives logits and the loss over the
+    answer tokens; model.generate(...) continues prompts; the components ("vision", "projector", "llm",
+    "cross_attention") freeze and unfreeze by name for staged training. Build one from a ModelConfig, or load one
+    with from_pretrained (a tessera checkpoint, or a Hugging Face LLaVA / Llama 3.2 Vision directory)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -70,10 +79,12 @@ class MultimodalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype (the LLM's embedding's: every component has the same)."""
         return self.llm.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are."""
         return self.llm.embed_tokens.weight.device
 
     # --- images ------------------------------------------------------------------------------------------------
@@ -431,6 +442,7 @@ class MultimodalLM(nn.Module):
 
     # --- staged training: freezing components ------------------------------------------------------------------
     def component(self, name: str) -> nn.Module:
+        """One of COMPONENTS by name: "vision", "projector", "llm" or "cross_attention" (empty for Method A)."""
         if name not in COMPONENTS:
             raise ConfigError(f"component {name!r}: expected one of {', '.join(map(repr, COMPONENTS))}")
         return getattr(self, name)
@@ -441,6 +453,7 @@ class MultimodalLM(nn.Module):
             self.component(name).requires_grad_(False)
 
     def unfreeze(self, *names: str) -> None:
+        """Train these components (requires_grad=True on their weights)."""
         for name in names:
             self.component(name).requires_grad_(True)
 
@@ -455,6 +468,8 @@ class MultimodalLM(nn.Module):
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json and the weights (model.safetensors; sharded with an index when large) into `directory`,
+        made if needed; returns it. The processor saves the tokenizer and its settings beside them."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)

@@ -65,6 +65,13 @@ class ProcessorConfig:
 
 
 class Processor:
+    """What turns conversations and images into a model's inputs, and its outputs back into text: the chat format
+    (<|user|>, <|assistant|> and <|end|> around each turn), each <image> placeholder expanded into the model's image
+    tokens, images preprocessed (RGB, resized, normalised), labels on the answers only, rows padded into a batch.
+
+    processor([messages, ...], images) gives a batch for model(**batch) or model.generate(**batch); for_model makes
+    one that fits a ModelConfig; from_pretrained loads a checkpoint's (a Hugging Face one's: its chat template)."""
+
     def __init__(self, tokenizer: Tokenizer, config: ProcessorConfig):
         self.tokenizer = tokenizer
         self.config = config
@@ -170,6 +177,7 @@ class Processor:
         return {"role": "user", "content": f"{IMAGE}\n" * num_images + text}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Token ids back to text, the special tokens left out unless asked for."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- batches -----------------------------------------------------------------------------------------------
@@ -244,6 +252,7 @@ class Processor:
 
     # --- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
+        """tokenizer.json and processor_config.json into `directory` (beside the model's files); returns it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with written_whole(directory / TOKENIZER_NAME) as partial:
@@ -257,6 +266,9 @@ class Processor:
         (interop/processor.py) with the checkpoint's own tokenizer, chat template and image processing. Beside a
         model's config.json, every token id must fit the model's embedding (CheckpointError otherwise)."""
         directory = Path(directory)
+        if not directory.is_dir():  # else named as a missing processor_config.json inside it
+            raise CheckpointError(f"{directory}: no such checkpoint directory; expected one holding tokenizer.json "
+                                  f"and processor_config.json (Processor.save_pretrained writes them)")
         from tessera.interop.processor import hub_processor
 
         processor = hub_processor(directory) or cls._tessera_processor(directory)

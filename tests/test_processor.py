@@ -945,3 +945,11 @@ def test_one_conversation_passed_as_the_batch_says_to_wrap_it(processor):
     with pytest.raises(DataError, match="no conversations: expected at least one"):
         processor([])
     assert processor([messages])["input_ids"].shape[0] == 1
+
+
+def test_a_missing_checkpoint_directory_or_a_directory_for_a_config_file_is_named_as_such(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'nowhere'}: no such checkpoint directory"):
+        Processor.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: a directory; expected a config file "
+                                                    f"({tmp_path / 'config.json'}?)")):
+        tessera.ModelConfig.load(tmp_path)  # an IsADirectoryError, before
