@@ -484,6 +484,9 @@ class MultimodalLM(nn.Module):
         dtype and loads a Hugging Face directory in float32."""
         if isinstance(dtype, str):
             dtype = load_dtype(dtype)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ConfigError(f"dtype={dtype!r}: expected a floating-point torch dtype (torch.float32, torch.bfloat16, "
+                              f"torch.float16) or its name")
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: no such checkpoint directory; expected one written by "

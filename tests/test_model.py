@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from tessera import CheckpointError, ImageTokenMismatchError, ModelConfig, MultimodalLM
+from tessera import CheckpointError, ConfigError, ImageTokenMismatchError, ModelConfig, MultimodalLM
 from tessera.text.cache import KVCache
 from tessera.text.decoder import DecoderLLM
 from tests.conftest import tiny_config
@@ -467,6 +467,9 @@ def test_a_checkpoint_loads_in_its_stored_dtype_or_the_one_asked_for(tmp_path):
     assert {p.dtype for p in wide.parameters()} == {torch.float32}
     assert not any(p.is_meta for p in wide.parameters())
     assert wide.llm.lm_head.weight is wide.llm.embed_tokens.weight
+    for dtype in (torch.int8, "float32x", 32):  # an integer dtype failed deep in the weight copy, naming shapes
+        with pytest.raises(ConfigError, match="dtype"):
+            MultimodalLM.from_pretrained(tmp_path, dtype=dtype)
 
 
 def test_a_loaded_model_does_not_change_when_its_file_does(tmp_path):
