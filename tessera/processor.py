@@ -332,11 +332,21 @@ def _read_message(message: Message) -> tuple[str, str, list[Any]]:
             text.append(part["text"])
         elif kind == "image":
             text.append(IMAGE)
-            if part.get("image") is not None:
-                images.append(part["image"])
+            source = image_part_source(part)
+            if source is not None:
+                images.append(source)
         else:
             raise DataError(f"message part {part!r}: expected {{'type': 'text', 'text': …}} or {{'type': 'image'}}")
     return role, join_parts(text), images
+
+
+IMAGE_PART_KEYS = ("image", "path", "url")  # where transformers' chat messages put an image part's image
+
+
+def image_part_source(part: dict[str, Any]) -> Any:
+    """The image an image part carries (a PIL image, an array, a file path or file:// URL), or None: a placeholder
+    whose image is passed apart."""
+    return next((part[key] for key in IMAGE_PART_KEYS if part.get(key) is not None), None)
 
 
 def join_parts(pieces: Sequence[str]) -> str:

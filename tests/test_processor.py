@@ -953,3 +953,18 @@ def test_a_missing_checkpoint_directory_or_a_directory_for_a_config_file_is_name
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: a directory; expected a config file "
                                                     f"({tmp_path / 'config.json'}?)")):
         tessera.ModelConfig.load(tmp_path)  # an IsADirectoryError, before
+
+
+def test_image_parts_carry_their_image_under_any_key_transformers_messages_use(processor, tmp_path):
+    """{"type": "image", "path": …} or "url" (transformers' chat messages) was read as a placeholder without its
+    image, which then failed as "0 image(s)" for one placeholder."""
+    image().save(tmp_path / "a.png")
+    batches = [processor([[{"role": "user", "content": [part, {"type": "text", "text": "What colour?"}]}]])
+               for part in ({"type": "image", "image": image()}, {"type": "image", "path": str(tmp_path / "a.png")},
+                            {"type": "image", "url": (tmp_path / "a.png").as_uri()})]
+    for batch in batches[1:]:
+        assert torch.equal(batch["pixel_values"], batches[0]["pixel_values"])
+        assert torch.equal(batch["input_ids"], batches[0]["input_ids"])
+    web = [{"role": "user", "content": [{"type": "image", "url": "https://example.com/a.png"}]}]
+    with pytest.raises(DataError, match="https://example.com/a.png: a web address; tessera reads images from files"):
+        processor([web])

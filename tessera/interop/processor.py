@@ -30,7 +30,7 @@ from tessera.errors import ConfigError, DataError
 from tessera.interop.chat_template import render
 from tessera.interop.hub_files import read_json, write_json
 from tessera.interop.image_processing import ImageProcessing, tile_arrangements
-from tessera.processor import IGNORE_INDEX, PROCESSOR_CONFIG_NAME, TOKENIZER_NAME, Processor
+from tessera.processor import IGNORE_INDEX, PROCESSOR_CONFIG_NAME, TOKENIZER_NAME, Processor, image_part_source
 from tessera.text.tokenizer import load_tokenizer
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, load_image, naming
 
@@ -449,7 +449,7 @@ def _template_content(message: dict[str, Any]) -> tuple[Any, list[Any]]:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image":
-            source = next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
+            source = image_part_source(part)
             if source is not None:
                 images.append(source)
             parts.append({"type": "image"})

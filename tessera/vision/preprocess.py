@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -34,6 +36,11 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
     if not isinstance(source, (str, os.PathLike)):  # else a tensor, say, failed inside PIL as having no .read
         raise DataError(f"an object of type {type(source).__name__} given as an image: expected a file path, a PIL "
                         f"image or a uint8 numpy array")
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise DataError(f"{source}: a web address; tessera reads images from files and fetches none (the server "
+                        f"does, with --allow-remote-images): expected a file path")
+    if isinstance(source, str) and source.startswith("file://"):  # as a chat message's image part may give it
+        source = url2pathname(urlparse(source).path)
     try:
         with Image.open(source) as image:
             image.load()
