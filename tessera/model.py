@@ -47,6 +47,18 @@ class GenerationOutput:
     texts: list[str] | None = None  # decoded and cut at the first stop string, when a tokenizer was given
 
 
+def check_token_ids(input_ids: torch.Tensor, rows: int) -> None:
+    """input_ids must be a (batch, length) tensor of ids with an embedding row each: a single row of ids, an
+    empty prompt or an id past the table failed deep inside (an unpacking, a reshape, an IndexError)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise DataError(f"input_ids of shape {shape}: expected a (batch, length) tensor of at least one token "
+                        f"(input_ids[None] makes one prompt a batch)")
+    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < rows:
+        raise DataError(f"input_ids hold {int(input_ids.min())}..{int(input_ids.max())}: expected token ids in "
+                        f"0..{rows - 1} (the model's embedding rows); was the text made by another tokenizer?")
+
+
 class MultimodalLM(nn.Module):
     """A multimodal LLM: a vision encoder (ViT, or Llama 3.2 Vision's tiled one), a projector and a decoder LLM,
     joined as config.fusion.method says — "unified" (Method A: the projected image features take the places of the
@@ -145,9 +157,11 @@ class MultimodalLM(nn.Module):
         training sequence, and a large vocabulary makes the head a big share of the step); the output's logits are
         then None unless return_logits=True asks for all of them.
         """
+        prefill = cache is None or cache.length == 0
+        if prefill and not torch.compiler.is_compiling():  # decode steps feed the tokens generate chose
+            check_token_ids(input_ids, self.config.text.embedding_rows)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(input_ids.shape)} like input_ids")
-        prefill = cache is None or cache.length == 0
         inputs_embeds, cross = self._embed(input_ids, pixel_values, image_counts, cache, image_features,
                                            aspect_ratio_ids, prefill)
         inject = self._bind_cross(*cross) if cross is not None else None
@@ -315,6 +329,7 @@ class MultimodalLM(nn.Module):
         ignored.pop("labels", None)  # a training batch may be passed as **batch
         if ignored:
             raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(ignored))}")
+        check_token_ids(input_ids, self.config.text.embedding_rows)
         params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, seed=seed, stop_strings=tuple(stop_strings),
                                       eos_token_id=eos_token_id, suppress_token_ids=suppress_token_ids)

@@ -1,6 +1,7 @@
 """Properties of the model core: the LLM left untouched by zero gates, who sees which image, cache = no cache,
 batched = one by one, checkpoints, freezing."""
 
+import re
 import threading
 
 import pytest
@@ -724,3 +725,20 @@ def test_building_without_weights_leaves_other_threads_modules_real():
         worker.join()
         built["own"] = nn.Linear(2, 2)
     assert not built["other"].weight.is_meta and built["own"].weight.is_meta
+
+
+def test_input_ids_of_the_wrong_shape_or_past_the_embedding_are_named():
+    """A single row of ids, an empty prompt or an id past the embedding table failed deep inside (an unpacking, a
+    reshape, an IndexError); in the forward and in generate alike."""
+    from tessera import DataError
+
+    model = MultimodalLM(tiny_config()).eval()
+    for ids, words in [
+        (torch.tensor([1, 5, 6]), "input_ids of shape (3,): expected a (batch, length) tensor of at least one token"),
+        (torch.zeros(1, 0, dtype=torch.long), "input_ids of shape (1, 0)"),
+        ([[1, 5]], "input_ids of shape list"),
+        (torch.tensor([[1, 5, 96]]), "input_ids hold 1..96: expected token ids in 0..95"),
+    ]:
+        for call in (lambda: model(ids), lambda: model.generate(ids, max_new_tokens=2)):
+            with pytest.raises(DataError, match=re.escape(words)):
+                call()
