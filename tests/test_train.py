@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,6 +263,34 @@ def test_an_interrupted_run_saves_its_model_and_a_rerun_appends_to_its_metrics(s
     assert all(torch.equal(v, saved.state_dict()[k])
                for k, v in MultimodalLM.from_pretrained(tmp_path / "run/interrupted").state_dict().items())
     assert not any("removed" in line for line in lines)
+
+
+def with_text_only_questions(shapes: Path, directory: Path, count: int = 40) -> Path:
+    """The shapes data and `count` question records without an image, in `directory`."""
+    directory.mkdir()
+    (directory / "images").symlink_to(shapes / "images")
+    for name in ("text_train.jsonl", "text_test.jsonl"):
+        shutil.copy(shapes / name, directory)
+    records = json.loads((shapes / "train.json").read_text()) + [
+        {"id": f"text-{i}", "type": "questions", "conversations": [
+            {"from": "human", "value": f"What comes after {i}?"}, {"from": "gpt", "value": str(i + 1)}]}
+        for i in range(count)]
+    (directory / "train.json").write_text(json.dumps(records))
+    return directory
+
+
+def test_method_b_trains_through_steps_whose_rows_have_no_image(shapes, tmp_path):
+    """With the LLM frozen, a text-only row reaches no trainable weight (its cross-attention blocks see no image):
+    its loss has no graph, and backward() raised. Its gradient is zero: the step goes on without one."""
+    data = with_text_only_questions(shapes, tmp_path / "data")
+    run = RunConfig.from_dict({"recipe": "llama3.2", "data": str(data), "out": str(tmp_path / "run"),
+                               "model": TINY_MODEL, "vocab_size": 400, "batch_size": 1,
+                               "steps": {"text": 1, "pretrain": 1, "finetune": 8}})
+    run_training(run, log=lambda *_: None, progress=False)
+    finetune = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if r["stage"] == "finetune"]
+    assert len(finetune) == 8 and all(math.isfinite(r["loss"]) for r in finetune)
+    norms = [r["grad_norm"] for r in finetune]
+    assert 0.0 in norms and any(n > 0 for n in norms)  # text-only steps and image steps both ran
 
 
 def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_path):

@@ -220,7 +220,10 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                 for batch in micro:
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         loss = model(**batch, num_items_in_batch=num_tokens).loss
-                    loss.backward()
+                    # rows that reach no trainable weight (text-only rows while Method B trains only its image path)
+                    # give a loss without a graph: their gradient is zero, which is no gradient at all
+                    if loss.requires_grad:
+                        loss.backward()
                     total += loss.item()
                 total = processes.sum(total)
                 processes.sum_gradients(trainable)
