@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,43 @@ def test_other_verbs_started_by_torchrun_are_refused_before_doing_anything(tmp_p
     assert main(["data", "shapes", "--out", str(tmp_path / "data"), "--train", "2", "--test", "1"]) == 2
     assert "started by torchrun (WORLD_SIZE=2), which only `tessera train` shares out" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_processes_that_kept_different_records_stop_before_training_naming_them(shapes, tmp_path):  # noqa: F811
+    """A process that cannot read an image the others read (a node without it) skips that record and would train
+    on other batches than the main process: the run would silently compute what no single process does."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\nimport PIL.Image\nopen_image = PIL.Image.open\n"
+        "def without_one(path, *args, **kwargs):\n"
+        "    if os.environ.get('RANK') == '1' and str(path).endswith('train_00003.png'):\n"
+        "        raise FileNotFoundError(path)\n"
+        "    return open_image(path, *args, **kwargs)\n"
+        "PIL.Image.open = without_one\n")
+    config = _config(shapes, tmp_path / "run")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "tessera.cli", "train", str(tmp_path / "run.yaml"), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert done.returncode != 0
+    assert (f"{shapes / 'train.json'}: process 1 kept 78 records (2 unreadable image) where process 0 kept 80; expected "
+            f"every process to read the same data") in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run/metrics.jsonl").exists()  # nothing trained
+
+
+def test_a_stage_with_fewer_records_than_processes_is_refused_before_the_first_step():
+    from types import SimpleNamespace
+
+    from tessera.data.records import SkipReport
+    from tessera.errors import DataError
+    from tessera.train.recipes import Stage
+    from tessera.train.run import check_stage_data
+
+    captions = [SimpleNamespace(example=SimpleNamespace(type="caption"))]
+    questions = [SimpleNamespace(example=SimpleNamespace(type="questions"))] * 4
+    stages = [Stage("align", ("projector",), "captions", steps=2), Stage("instruct", ("llm",), "questions", steps=2)]
+    report = SkipReport("train.json", kept=5)
+    check_stage_data(stages, captions + questions, report, [], None, processes=1)
+    with pytest.raises(DataError, match=re.escape("stage 'align' trains on caption records (\"type\": \"caption\"), "
+                                                  "of which train.json has 1: fewer than the 2 processes")):
+        check_stage_data(stages, captions + questions, report, [], None, processes=2)

@@ -21,6 +21,7 @@ and logs; the others read what it reads before it writes anything.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tessera.errors import ConfigError
+from tessera.errors import ConfigError, DataError
 
 BUCKET_ELEMENTS = 1 << 22  # gradients are summed in flat buckets of about this many floats (16 MB): few messages
 
@@ -100,6 +101,22 @@ class Processes:
             return
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
+
+    def check_same_records(self, source: str, ids: list[str], skipped: dict[str, int]) -> None:
+        """Every process must have kept the records of `source` the main one kept (their ids, in order): one
+        missing an image the others read would train on other batches, and the run would silently compute
+        something no single process would. Each process learns of any difference, so all stop together."""
+        if self.count == 1:
+            return
+        mine = (len(ids), hashlib.sha256("\n".join(ids).encode()).hexdigest(), skipped)
+        everyone = [None] * self.count
+        dist.all_gather_object(everyone, mine)
+        for rank, (kept, digest, reasons) in enumerate(everyone):
+            if digest != everyone[0][1]:
+                why = ", ".join(f"{count} {reason}" for reason, count in reasons.items()) or "none skipped"
+                raise DataError(f"{source}: process {rank} kept {kept} records ({why}) where process 0 kept "
+                                f"{everyone[0][0]}; expected every process to read the same data (the same files "
+                                f"and images, on a file system they share)")
 
     def wait_for_all(self) -> None:
         if self.count > 1:

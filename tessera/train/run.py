@@ -110,10 +110,17 @@ RECORD_KINDS = {
 
 
 def check_stage_data(stages: list[Stage], train_examples: list[EncodedExample], train_report: SkipReport,
-                     text_examples: list[EncodedExample], text_report: SkipReport | None) -> None:
-    """A stage with steps but no usable record of its kind is an error before the first step of the run."""
+                     text_examples: list[EncodedExample], text_report: SkipReport | None, processes: int = 1) -> None:
+    """A stage with steps but no usable record of its kind — or fewer than the run's processes, each of which takes
+    a share of every batch — is an error before the first step of the run."""
     for stage in stages:
-        if not stage.steps or select(train_examples, stage.data, text_examples):
+        found = len(select(train_examples, stage.data, text_examples))
+        if stage.steps and 0 < found < processes:
+            source = (text_report if stage.data == "text" else train_report).source
+            raise DataError(f"stage {stage.name!r} trains on {RECORD_KINDS[stage.data]}, of which {source} has "
+                            f"{found}: fewer than the {processes} processes, which each take a share of every batch; "
+                            f"expected at least {processes}")
+        if not stage.steps or found:
             continue
         report = text_report if stage.data == "text" else train_report
         captions = sum(e.example.type == "caption" for e in train_examples)
@@ -404,8 +411,12 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
             e.labels = list(e.input_ids)
     else:
         text_report = None
+    for examples, file_report in ((train_examples, report), (text_examples, text_report)):
+        if file_report is not None:
+            processes.check_same_records(file_report.source, [e.example.id for e in examples],
+                                         dict(file_report.reasons))
     # every stage's records are checked now, not when the stage starts after hours of the earlier ones
-    check_stage_data(stages, train_examples, report, text_examples, text_report)
+    check_stage_data(stages, train_examples, report, text_examples, text_report, processes.count)
     settings = TrainSettings(batch_size=run.batch_size, grad_accum=run.grad_accum, warmup=run.warmup,
                              decay=run.decay, min_lr_ratio=run.min_lr_ratio,
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
