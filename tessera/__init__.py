@@ -2,7 +2,7 @@
 
 from tessera.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from tessera.errors import (CheckpointError, ConfigError, DataError, ImageTokenMismatchError, ImageTooLargeError,
-                            TesseraError, TrainingError)
+                            ProcessGroupError, TesseraError, TrainingError)
 from tessera.model import GenerationOutput, ModelOutput, MultimodalLM
 from tessera.processor import Processor, ProcessorConfig
 from tessera.text.tokenizer import train_tokenizer
@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "FusionConfig", "GenerationOutput", "ImageTokenMismatchError",
     "ImageTooLargeError",
-    "ModelConfig", "ModelOutput", "MultimodalLM", "Processor", "ProcessorConfig",
+    "ModelConfig", "ModelOutput", "MultimodalLM", "ProcessGroupError", "Processor", "ProcessorConfig",
     "TesseraError", "TextConfig", "TrainingError", "VisionConfig", "train_tokenizer",
 ]

@@ -296,21 +296,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    if args.verb != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    # under torchrun, each process speaks for itself: the first as any run does, the others naming themselves
+    who = f"tessera {args.verb}" + (f" (process {rank} of {processes})" if rank else "")
+    if args.verb != "train" and processes > 1:
         # every process would do the whole job, into the same files (the quickstart's data, eval's predictions)
-        print(f"tessera {args.verb}: error: started by torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}), which only "
-              f"`tessera train` shares out; expected `tessera {args.verb}` in one process", file=sys.stderr)
+        if not rank:
+            _say(f"{who}: error: started by torchrun (WORLD_SIZE={processes}), which only `tessera train` shares "
+                 f"out; expected `tessera {args.verb}` in one process")
         return 2
     try:
         args.run(args)
     except (TesseraError, ValueError, OSError) as e:
-        print(f"tessera {args.verb}: error: {e}", file=sys.stderr)
+        _say(f"{who}: error: {e}")
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or training's SIGTERM/SIGHUP (tessera.train.run.Stopped)
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"tessera {args.verb}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        if not rank:  # every process got it; the first one's line says so
+            _say(f"{who}: interrupted ({signal.Signals(signum).name})")
         return 128 + signum  # as the shell reports a process the signal ended
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: the lines of processes writing at once do not run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -27,3 +27,7 @@ class ImageTooLargeError(DataError):
 
 class TrainingError(TesseraError):
     """Training cannot go on: the loss or the gradient norm is no longer a finite number."""
+
+
+class ProcessGroupError(TesseraError):
+    """Another process of a torchrun run stopped while this one waited for it to exchange numbers."""

@@ -163,8 +163,12 @@ def test_processes_that_kept_different_records_stop_before_training_naming_them(
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
     assert done.returncode != 0
-    assert (f"{shapes / 'train.json'}: process 1 kept 78 records (2 unreadable image) where process 0 kept 80; expected "
-            f"every process to read the same data") in done.stderr, done.stderr[-3000:]
+    said = f"{shapes / 'train.json'}: process 1 kept 78 records (2 unreadable image) where process 0 kept 80; " \
+           f"expected every process to read the same data"
+    # every process stops, each saying so on a line of its own (they once ran into one line); the first as any run
+    lines = sorted(line for line in done.stderr.splitlines() if line.startswith("tessera train"))
+    assert sorted(line.split(": error: ")[0] for line in lines) == ["tessera train", "tessera train (process 1 of 2)"]
+    assert all(said in line for line in lines), done.stderr[-3000:]
     assert not (tmp_path / "run/metrics.jsonl").exists()  # nothing trained
 
 
@@ -184,3 +188,44 @@ def test_a_stage_with_fewer_records_than_processes_is_refused_before_the_first_s
     with pytest.raises(DataError, match=re.escape("stage 'align' trains on caption records (\"type\": \"caption\"), "
                                                   "of which train.json has 1: fewer than the 2 processes")):
         check_stage_data(stages, captions + questions, report, [], None, processes=2)
+
+
+def _one_process_leaves(rank: int, store: str, results: str) -> None:
+    from tessera.errors import ProcessGroupError
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    if rank == 1:
+        os._exit(3)  # as a process killed, or stopped by its own error, leaves: no goodbye
+    try:
+        Processes(0, 2).sum(1.0)
+    except ProcessGroupError as e:
+        Path(results).write_text(str(e))
+
+
+def test_a_process_left_waiting_for_one_that_stopped_says_so_in_one_line(tmp_path):
+    """gloo raised a RuntimeError with a traceback and a paragraph of advice on the process whose peer stopped,
+    burying the peer's own message; it is one line now, a tessera error, which the CLI prints as such."""
+    context = mp.get_context("spawn")  # (mp.spawn would stop process 0 as soon as process 1 exits)
+    processes = [context.Process(target=_one_process_leaves, args=(rank, str(tmp_path / "store"),
+                                                                   str(tmp_path / "said"))) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 3]
+    said = (tmp_path / "said").read_text()
+    assert said.startswith("another process of this run stopped (") and said.endswith("; its own message says why")
+    assert "\n" not in said and "GLHF" not in said
+
+
+def test_the_lock_of_a_torchrun_session_names_the_launcher_the_user_started(tmp_path, monkeypatch):
+    """A second session into a torchrun run's OUT named rank 0's worker, a PID the user never saw; the one to wait
+    for or stop is torchrun's (the workers' parent)."""
+    from tessera.train.run import LOCK_FILE, training_lock
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with training_lock(tmp_path, print):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getppid()}\n"
+    monkeypatch.delenv("WORLD_SIZE")
+    with training_lock(tmp_path, print):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"

@@ -21,15 +21,17 @@ and logs; the others read what it reads before it writes anything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from tessera.errors import ConfigError, DataError
+from tessera.errors import ConfigError, DataError, ProcessGroupError
 
 BUCKET_ELEMENTS = 1 << 22  # gradients are summed in flat buckets of about this many floats (16 MB): few messages
 
@@ -64,7 +66,8 @@ class Processes:
         if self.count == 1:
             return value
         total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total)
+        with _talking():
+            dist.all_reduce(total)
         return total.item()
 
     def sum_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
@@ -74,7 +77,8 @@ class Processes:
             return
         parameters = list(parameters)
         present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int32)
-        dist.all_reduce(present)
+        with _talking():
+            dist.all_reduce(present)
         grads = []
         for p, anywhere in zip(parameters, present.tolist()):
             if anywhere and p.grad is None:
@@ -83,7 +87,8 @@ class Processes:
                 grads.append(p.grad)
         for bucket in _buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
+            with _talking():
+                dist.all_reduce(flat)
             for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(summed.view_as(g))
 
@@ -92,15 +97,17 @@ class Processes:
         if self.count == 1:
             return value
         holder = [value]
-        dist.broadcast_object_list(holder, src=0)
+        with _talking():
+            dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
     def same_weights_as_main(self, module: torch.nn.Module) -> None:
         """The main process's weights in every process (each built its model from the same seed; this makes sure)."""
         if self.count == 1:
             return
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
+        with _talking():
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
 
     def check_same_records(self, source: str, ids: list[str], skipped: dict[str, int]) -> None:
         """Every process must have kept the records of `source` the main one kept (their ids, in order): one
@@ -110,7 +117,8 @@ class Processes:
             return
         mine = (len(ids), hashlib.sha256("\n".join(ids).encode()).hexdigest(), skipped)
         everyone = [None] * self.count
-        dist.all_gather_object(everyone, mine)
+        with _talking():
+            dist.all_gather_object(everyone, mine)
         for rank, (kept, digest, reasons) in enumerate(everyone):
             if digest != everyone[0][1]:
                 why = ", ".join(f"{count} {reason}" for reason, count in reasons.items()) or "none skipped"
@@ -120,10 +128,24 @@ class Processes:
 
     def wait_for_all(self) -> None:
         if self.count > 1:
-            dist.barrier()
+            with _talking():
+                dist.barrier()
 
 
 SINGLE = Processes()
+
+
+@contextlib.contextmanager
+def _talking():
+    """An exchange between the processes. When another process has stopped (its error, Ctrl-C, kill), gloo raises
+    here at once: that is said in one line, the other process's own message being the one that says why."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo's "Connection closed by peer", "Read error", … (a plain RuntimeError)
+        # the first sentence, without gloo's source location: "Read error [127.0.0.1]:23949: Connection reset by peer"
+        what = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0].splitlines()[0] if str(e).strip() \
+            else type(e).__name__
+        raise ProcessGroupError(f"another process of this run stopped ({what}); its own message says why") from e
 
 
 def _buckets(grads: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:

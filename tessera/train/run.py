@@ -211,7 +211,8 @@ def training_lock(out: Path, log):
             locked = False
         if locked:
             f.truncate(0)
-            f.write(f"{os.getpid()}\n")
+            # under torchrun, the process to name is the launcher the user started (this worker's parent)
+            f.write(f"{os.getppid() if int(os.environ.get('WORLD_SIZE', '1')) > 1 else os.getpid()}\n")
             f.flush()
         try:
             yield
