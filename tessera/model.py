@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +20,7 @@ from torch import nn
 
 from tessera.checkpoint import CONFIG_NAME, load_dtype, load_weights, parameters_on_meta, save_weights
 from tessera.config import ModelConfig, is_integer
-from tessera.errors import CheckpointError, ConfigError, DataError
+from tessera.errors import CheckpointError, ConfigError, DataError, ImageTokenMismatchError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
 from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
@@ -57,6 +58,19 @@ def check_token_ids(input_ids: torch.Tensor, rows: int) -> None:
     if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < rows:
         raise DataError(f"input_ids hold {int(input_ids.min())}..{int(input_ids.max())}: expected token ids in "
                         f"0..{rows - 1} (the model's embedding rows); was the text made by another tokenizer?")
+
+
+def whole_counts(image_counts) -> list[int]:
+    """image_counts (a list, numpy's or torch's integers) as ints: int(1.7) read 1.7 images as 1."""
+    counts = image_counts.tolist() if isinstance(image_counts, torch.Tensor) else list(image_counts)
+    try:
+        counts = [operator.index(c) for c in counts]
+    except TypeError:
+        counts = []
+    if len(counts) != len(image_counts) or any(c < 0 for c in counts):
+        raise ImageTokenMismatchError(f"image_counts={list(image_counts)}: expected a whole number of images, 0 or "
+                                      f"more, per sample")
+    return counts
 
 
 class MultimodalLM(nn.Module):
@@ -157,6 +171,9 @@ class MultimodalLM(nn.Module):
         training sequence, and a large vocabulary makes the head a big share of the step); the output's logits are
         then None unless return_logits=True asks for all of them.
         """
+        if not is_integer(logits_to_keep) or logits_to_keep < 0:  # -1 kept all rows but the first two
+            raise ConfigError(f"logits_to_keep={logits_to_keep!r}: expected the number of last rows to keep, or 0 "
+                              f"for all")
         prefill = cache is None or cache.length == 0
         if prefill and not torch.compiler.is_compiling():  # decode steps feed the tokens generate chose
             check_token_ids(input_ids, self.config.text.embedding_rows)
@@ -189,7 +206,7 @@ class MultimodalLM(nn.Module):
             if image_counts is None:  # read them off the image tokens (none at all: every placeholder is unmatched)
                 image_counts = infer_image_counts(input_ids, self.config.image_token_id, per_image) \
                     if num_images else [0] * input_ids.shape[0]
-            image_counts = [int(c) for c in image_counts]
+            image_counts = whole_counts(image_counts)
             unified = num_images and self.config.fusion.method == "unified"
             check_image_token_counts(input_ids, self.config.image_token_id, per_image, image_counts, num_images,
                                      image_features.shape[1] if unified else None)

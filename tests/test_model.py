@@ -742,3 +742,20 @@ def test_input_ids_of_the_wrong_shape_or_past_the_embedding_are_named():
         for call in (lambda: model(ids), lambda: model.generate(ids, max_new_tokens=2)):
             with pytest.raises(DataError, match=re.escape(words)):
                 call()
+
+
+def test_image_counts_and_logits_to_keep_that_are_not_whole_counts_are_named():
+    """image_counts=[1.7] was read as 1 image, logits_to_keep=-1 kept every row but the first two."""
+    import numpy as np
+
+    model = MultimodalLM(tiny_config()).eval()
+    ids, pixels = torch.tensor([[5] + [IMG] * 16 + [6]]), torch.randn(1, 3, 16, 16)
+    for counts in ([1.7], [-1], ["1"]):
+        with pytest.raises(ImageTokenMismatchError, match=re.escape(f"image_counts={counts}: expected a whole "
+                                                                    f"number of images, 0 or more, per sample")):
+            model(ids, pixel_values=pixels, image_counts=counts)
+    expected = model(ids, pixel_values=pixels, image_counts=[1]).logits
+    for counts in ([np.int64(1)], torch.tensor([1])):  # numpy's and torch's integers are whole numbers
+        torch.testing.assert_close(model(ids, pixel_values=pixels, image_counts=counts).logits, expected)
+    with pytest.raises(ConfigError, match=r"logits_to_keep=-1: expected the number of last rows to keep, or 0"):
+        model(ids, pixel_values=pixels, logits_to_keep=-1)
