@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -347,6 +348,11 @@ class MultimodalLM(nn.Module):
         if ignored:
             raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(ignored))}")
         check_token_ids(input_ids, self.config.text.embedding_rows)
+        if attention_mask is None and bool((input_ids == self.config.pad_token_id).any()):
+            # as transformers warns: a padded batch without its mask reads the padding as text, and answers otherwise
+            warnings.warn(f"input_ids hold the pad token (id {self.config.pad_token_id}) but no attention_mask was "
+                          f"given, so the padding is read as text; pass the processor's attention_mask",
+                          stacklevel=2)
         params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, seed=seed, stop_strings=tuple(stop_strings),
                                       eos_token_id=eos_token_id, suppress_token_ids=suppress_token_ids)

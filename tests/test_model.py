@@ -759,3 +759,15 @@ def test_image_counts_and_logits_to_keep_that_are_not_whole_counts_are_named():
         torch.testing.assert_close(model(ids, pixel_values=pixels, image_counts=counts).logits, expected)
     with pytest.raises(ConfigError, match=r"logits_to_keep=-1: expected the number of last rows to keep, or 0"):
         model(ids, pixel_values=pixels, logits_to_keep=-1)
+
+
+def test_generate_warns_when_padded_prompts_come_without_their_mask():
+    model = MultimodalLM(tiny_config()).eval()
+    padded = torch.tensor([[0, 0, 5, 6], [4, 5, 6, 7]])  # left-padded with the pad token, 0
+    with pytest.warns(UserWarning, match=r"input_ids hold the pad token \(id 0\) but no attention_mask was given"):
+        model.generate(padded, max_new_tokens=1)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the mask, or without padding, nothing is said
+        model.generate(padded, padded != 0, max_new_tokens=1)
+        model.generate(padded[1:], max_new_tokens=1)
