@@ -41,6 +41,15 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     num_tokens: int = 0  # supervised (label != -100) tokens behind the loss
 
+    def __getitem__(self, key: str | int):
+        """out["loss"] as out.loss; out[0] the first of (loss, logits) that is set — transformers' outputs' ways,
+        which code written for them uses."""
+        if isinstance(key, str):
+            if key not in ("logits", "loss", "num_tokens"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return tuple(value for value in (self.loss, self.logits) if value is not None)[key]
+
 
 @dataclass
 class GenerationOutput:

@@ -771,3 +771,14 @@ def test_generate_warns_when_padded_prompts_come_without_their_mask():
         warnings.simplefilter("error")  # with the mask, or without padding, nothing is said
         model.generate(padded, padded != 0, max_new_tokens=1)
         model.generate(padded[1:], max_new_tokens=1)
+
+
+def test_a_model_output_is_read_as_transformers_outputs_are():
+    model = MultimodalLM(tiny_config()).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    out = model(ids, labels=ids, return_logits=True)
+    assert out["loss"] is out.loss and out["logits"] is out.logits
+    assert out[0] is out.loss and out[1] is out.logits  # the loss first when there is one
+    assert model(ids)[0] is not None and model(ids)[0].shape == (1, 4, 96)
+    with pytest.raises(KeyError):
+        out["hidden_states"]
