@@ -704,3 +704,22 @@ def test_a_new_run_into_an_out_with_a_stopped_run_warns_that_resume_continues_it
                        f"from the first step. To continue the stopped one instead: stop this and run it again with "
                        f"--resume"]
     assert (tmp_path / "out/interrupted").is_dir()
+
+
+def test_a_session_refused_by_the_lock_leaves_the_out_it_found_made_for_the_holder(shapes, tmp_path, monkeypatch):
+    """A session that made OUT and was then refused by another's lock (the other having taken it in between)
+    removed OUT as its own empty leftover — the holder's directory, its lock file inside."""
+    import contextlib
+
+    import tessera.train.run
+
+    @contextlib.contextmanager
+    def taken_meanwhile(out, log):
+        (out / ".train.lock").write_text("4242\n")
+        raise ConfigError(f"{out}: another training session (PID 4242) is writing into it")
+        yield  # noqa: unreachable (a generator all the same)
+
+    monkeypatch.setattr(tessera.train.run, "training_lock", taken_meanwhile)
+    with pytest.raises(ConfigError, match="another training session"):
+        _train(_config(shapes, tmp_path / "new"))
+    assert (tmp_path / "new/.train.lock").read_text() == "4242\n"

@@ -305,19 +305,21 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
     if resume is True and not out.is_dir():  # a mistyped OUT: no directory made for it before saying so
         raise CheckpointError(f"{out}: no such directory, so no resumable checkpoint in it; expected the out of a "
                               f"run that saved one")
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        # from before the session reads OUT (another session may be writing into it) until it returns or raises
-        lock = training_lock(out, log) if processes.main else contextlib.nullcontext()
-        with lock, stop_signals_interrupt(log):
+    made = processes.main and not out.exists()
+    if processes.main:  # the only process that writes into it
+        out.mkdir(parents=True, exist_ok=True)
+    # from before the session reads OUT (another session may be writing into it) until it returns or raises
+    lock = training_lock(out, log) if processes.main else contextlib.nullcontext()
+    with lock, stop_signals_interrupt(log):
+        try:
             return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started,
                                      processes)
-    except BaseException:
-        # a run that stopped before writing anything (bad data, say) leaves no empty OUT made for it behind
-        if made and processes.main and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except BaseException:
+            # a run that stopped before writing anything (bad data, say) leaves no empty OUT made for it behind —
+            # removed while this session still holds the lock (a session refused by it never gets here)
+            if made and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 class Stopped(KeyboardInterrupt):
