@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tessera.config import is_integer, is_number
+from tessera.config import is_integer
 from tessera.errors import ConfigError
 
 # Below this, temperature sampling is greedy in all but name, and dividing the logits by it overflows float32 to
@@ -36,13 +37,14 @@ class SamplingParams:
         # ConfigError is a ValueError: callers that caught ValueError still do
         if not is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1")
-        # inf would turn suppressed tokens' -inf / inf into NaN
-        if not is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+        temperature, top_p = _real(self.temperature), _real(self.top_p)
+        if temperature is None or not 0 <= temperature < math.inf:  # inf: suppressed tokens' -inf / inf is NaN
             raise ConfigError(f"temperature={self.temperature!r}: expected a finite number >= 0 (0 is greedy)")
         if not is_integer(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 disables it)")
-        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if top_p is None or not 0 < top_p <= 1:
             raise ConfigError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
+        self.temperature, self.top_p = temperature, top_p
         if self.seed is not None:
             if not _is_seed(self.seed):
                 raise ConfigError(f"seed={self.seed!r}: expected an integer in -2**63..2**64-1 or None")
@@ -63,6 +65,14 @@ class SamplingParams:
             seed %= 2**64  # as manual_seed reads a negative seed
             seed = (seed ^ (seed >> 32) * 0x9E3779B9) & 0xFFFFFFFF
         return torch.Generator(device=device).manual_seed(seed)
+
+
+def _real(value: object) -> float | None:
+    """A number as a float — numpy's and one-element tensors too —, or None for anything else: text ("0.7"),
+    which failed inside a comparison, and True."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
 def _is_seed(value: object) -> bool:

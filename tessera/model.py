@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -411,12 +412,15 @@ class MultimodalLM(nn.Module):
     def _output_ids(self, name: str, value) -> tuple[int, ...]:
         """An id or ids (a list, a tensor) of tokens this model can generate. A string, or an id past the vocabulary,
         would otherwise never match a generated token: generation would silently never stop on it."""
-        if isinstance(value, torch.Tensor):
-            value = value.tolist()
-        ids = [value] if is_integer(value) else value
         vocab = self.config.text.vocab_size
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, range)) or \
-                not all(is_integer(i) and 0 <= i < vocab for i in ids):
+        try:
+            ids = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
+            if isinstance(ids, (str, bytes)):
+                raise TypeError
+            ids = [operator.index(ids)] if not isinstance(ids, Iterable) else [operator.index(i) for i in ids]
+        except TypeError:  # text, floats, or a list holding them
+            ids = None
+        if ids is None or not all(0 <= i < vocab for i in ids):
             raise ConfigError(f"{name}={value!r}: expected a token id or a list of them, each in 0..{vocab - 1} "
                               f"(text.vocab_size={vocab}); a tokenizer's token_to_id gives a token's id")
         return tuple(ids)

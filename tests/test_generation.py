@@ -96,3 +96,14 @@ def test_seeds_apart_only_above_32_bits_sample_apart_and_small_seeds_sample_as_b
     assert torch.equal(draws(-2**63), draws(2**63))  # the same 64 bits
     for seed in (0, 5, 2**32 - 1, -1, -5, -2**31):  # what torch's own seeding draws, as before
         assert torch.equal(draws(seed), torch.rand(4, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_numpy_and_tensor_numbers_are_settings_and_token_ids_come_in_any_collection():
+    """A numpy float or a one-element tensor, as notebooks produce them, worked before the settings were checked;
+    so did a set or a numpy array of token ids."""
+    params = SamplingParams(temperature=np.float32(0.5), top_p=torch.tensor(0.5))
+    assert (params.temperature, params.top_p) == (0.5, 0.5)
+    model = MultimodalLM(tiny_config()).eval()
+    assert model.sampling_params(eos_token_id={5, 6}).eos_token_ids == (5, 6)
+    assert model.sampling_params(eos_token_id=np.array([2])).eos_token_ids == (2,)
+    assert model.sampling_params(suppress_token_ids=np.int64(4)).suppress_token_ids == (4,)

@@ -1,5 +1,6 @@
 """tessera.vision.preprocess: any PIL image → 8-bit RGB → square → normalised tensor."""
 
+import io
 import re
 
 import numpy as np
@@ -296,12 +297,16 @@ def test_a_uint8_numpy_array_is_an_image_and_other_objects_are_named():
     pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     assert np.array_equal(rgb_pixels(load_image(pixels)), pixels)
     assert load_image(pixels[..., 0]).mode == "L" and load_image(np.dstack([pixels, pixels[..., :1]])).mode == "RGBA"
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    encoded.seek(0)
+    assert np.array_equal(rgb_pixels(load_image(encoded)), pixels)  # an open file, as PIL reads them
     for source, words in [
         (pixels.astype(np.float32), "a numpy array of shape (20, 30, 3) and dtype float32 given as an image: "
                                     "expected uint8 pixels"),
         (pixels[..., :2], "a numpy array of shape (20, 30, 2) and dtype uint8"),
-        (torch.zeros(3, 4, 4), "an object of type Tensor given as an image: expected a file path, a PIL image or "
-                               "a uint8 numpy array"),
+        (torch.zeros(3, 4, 4), "an object of type Tensor given as an image: expected a file path, an open file, a "
+                               "PIL image or a uint8 numpy array"),
         (None, "an object of type NoneType given as an image"),
     ]:
         with pytest.raises(DataError, match=re.escape(words)):

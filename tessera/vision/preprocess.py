@@ -33,9 +33,10 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
             return Image.fromarray(source)
         raise DataError(f"a numpy array of shape {source.shape} and dtype {source.dtype} given as an image: expected "
                         f"uint8 pixels, (height, width) or (height, width, 3 or 4)")
-    if not isinstance(source, (str, os.PathLike)):  # else a tensor, say, failed inside PIL as having no .read
-        raise DataError(f"an object of type {type(source).__name__} given as an image: expected a file path, a PIL "
-                        f"image or a uint8 numpy array")
+    if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "read"):  # an open file PIL reads
+        # else a tensor, say, failed inside PIL as having no .read
+        raise DataError(f"an object of type {type(source).__name__} given as an image: expected a file path, an open "
+                        f"file, a PIL image or a uint8 numpy array")
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         raise DataError(f"{source}: a web address; tessera reads images from files and fetches none (the server "
                         f"does, with --allow-remote-images): expected a file path")
