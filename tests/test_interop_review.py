@@ -178,6 +178,15 @@ def test_convert_then_export_keeps_the_generation_settings(families, tmp_path):
     assert not (convert(directory, tmp_path / "ck") / "generation_config.json").exists()
 
 
+def test_an_eos_of_null_in_generation_config_defers_to_config_json(families, tmp_path):
+    """transformers reads "eos_token_id": null in generation_config.json as no say; tessera took it as no EOS at all
+    and refused the checkpoint."""
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    expected = MultimodalLM.from_pretrained(directory).config.eos_token_id
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": None, "max_length": 20}))
+    assert MultimodalLM.from_pretrained(directory).config.eos_token_id == expected
+
+
 def test_a_mistral_without_a_sliding_window_stays_mistral(families, tmp_path):
     """text_config {"model_type": "mistral", "sliding_window": null} (Mistral 7B v0.2's, llava-v1.6-mistral's) came
     back from convert → export as model_type "llama": the family was chosen by tessera's switches alone."""

@@ -650,3 +650,16 @@ def test_the_table_leaves_out_cider_for_a_handful_of_captions_and_the_json_keeps
     assert row.split()[2] == "—" and "1 captions: too few for CIDEr-D" in row and "raw 0.000 in the JSON" in row
     table = metrics_table({"captions": 300, "cider": 0.0213, "bleu4": 0.0})  # the quickstart's row, as before
     assert "  CIDEr (captions)                0.021   (300 captions)\n" in table
+
+
+def test_an_llm_checkpoint_converted_from_transformers_fits_a_run_whose_model_names_no_family():
+    """text.family (the transformers class a converted LLM exports as) changes no number the LLM computes: a
+    converted checkpoint ('llama') was refused as an llm_checkpoint for a run's model (None)."""
+    from tessera.train.run import check_same_llm
+
+    converted, ours = tiny_config(), tiny_config()
+    converted.text.family = "llama"
+    check_same_llm(converted.check(), ours, "converted")
+    converted.text.rope_theta = 500000.0
+    with pytest.raises(ConfigError, match=r"text.rope_theta \(500000.0 in the checkpoint, 10000.0 in the run's"):
+        check_same_llm(converted.check(), ours, "converted")

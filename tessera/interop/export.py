@@ -56,6 +56,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     family = llava if model.config.fusion.method == "unified" else mllama
     hf_config = family.config_to_hf(model.config)  # refuses first, before anything is written
+    # the converted source's sampling settings (convert keeps its generation_config.json), read before writing too
+    generation = read_json(Path(checkpoint) / GENERATION_CONFIG_NAME, required=False) or {}
     config, state = hf_compatible(model)
     tensors = export_weights(state, family.weight_rules(config))
     tensors.update(family.export_extras(config))
@@ -66,9 +68,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     write_weights({name: t.to(model.dtype) for name, t in tensors.items()}, out)
     write_json(out / "config.json", hf_config)
     eos = [config.eos_token_id, *config.stop_token_ids]
-    # the converted source's sampling settings (convert keeps its generation_config.json), with the special ids the
-    # model now has: they may have been changed since
-    generation = read_json(Path(checkpoint) / GENERATION_CONFIG_NAME, required=False) or {}
+    # the source's sampling settings with the special ids the model now has: they may have been changed since
     write_json(out / GENERATION_CONFIG_NAME, {**generation, "bos_token_id": bos,
                                               "eos_token_id": eos if len(eos) > 1 else eos[0],
                                               "pad_token_id": config.pad_token_id})

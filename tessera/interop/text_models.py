@@ -112,7 +112,8 @@ def _rope(c: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
 def special_ids(hf: dict[str, Any] | None, generation: dict[str, Any]) -> tuple[int | None, Any]:
     """(pad id, EOS id or ids) of a text config; generation_config.json's EOS wins, as in transformers' generate."""
     c = {**TEXT_DEFAULTS[(hf or {}).get("model_type", "llama")], **(hf or {})}
-    return c["pad_token_id"], generation.get("eos_token_id", c["eos_token_id"])
+    eos = generation.get("eos_token_id")  # null there defers to config.json's, as in transformers
+    return c["pad_token_id"], c["eos_token_id"] if eos is None else eos
 
 
 def model_config(vision: VisionConfig, text: TextConfig, fusion: FusionConfig, image_token_id: int,

@@ -80,12 +80,15 @@ def select(examples: list[EncodedExample], kind: str, text: list[EncodedExample]
     return examples
 
 
+NOT_COMPUTED = {"family"}  # TextConfig fields that change no number the LLM computes (the name it exports under)
+
+
 def check_same_llm(checkpoint: ModelConfig, ours: ModelConfig, path: str) -> None:
     """The run's LLM must be the checkpoint's: a different shape would fail deep in load_state_dict, a different
     rope_theta or norm epsilon would load and silently compute something else."""
     theirs, mine = dataclasses.asdict(checkpoint.text), dataclasses.asdict(ours.text)
     differing = [f"text.{name} ({theirs[name]!r} in the checkpoint, {mine[name]!r} in the run's model)"
-                 for name in theirs if theirs[name] != mine[name]]
+                 for name in theirs if theirs[name] != mine[name] and name not in NOT_COMPUTED]
     if differing:
         raise ConfigError(f"llm_checkpoint {path}: its LLM differs from the run's model in {', '.join(differing)}; "
                           f"expected the run's model text fields to match the checkpoint's config.json")
