@@ -300,6 +300,9 @@ def test_jsonl_under_another_name_says_so_and_ndjson_is_jsonl(tmp_path, processo
     (tmp_path / "data.ndjson").write_text(lines)
     examples, report = load_examples(tmp_path / "data.ndjson", processor, strict=True)
     assert [e.example.id for e in examples] == ["0", "1"]
+    from tessera.train.run import split_file
+    (tmp_path / "train.ndjson").write_text(lines)  # a training directory's too
+    assert split_file(tmp_path, "train") == tmp_path / "train.ndjson"
     (tmp_path / "broken.json").write_text('[{"id": 1},\n')  # broken JSON that is not JSONL keeps its own message
     with pytest.raises(DataError, match="not valid JSON"):
         load_examples(tmp_path / "broken.json", processor)

@@ -704,6 +704,12 @@ def test_a_new_run_into_an_out_with_a_stopped_run_warns_that_resume_continues_it
                        f"from the first step. To continue the stopped one instead: stop this and run it again with "
                        f"--resume"]
     assert (tmp_path / "out/interrupted").is_dir()
+    # a stop saved as weights only (mid-update) is not what --resume continues from: nothing to point at
+    (tmp_path / "out/interrupted/training_state.json").unlink()
+    logged.clear()
+    run_training(RunConfig.from_dict({**config, "steps": {"text": 1, "encoder_pretrain": 0, "align": 0,
+                                                         "instruct": 0}}), log=logged.append, progress=False)
+    assert not [line for line in logged if line.startswith("warning: ")]
 
 
 def test_a_session_refused_by_the_lock_leaves_the_out_it_found_made_for_the_holder(shapes, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from tessera.checkpoint import load_weights, write_whole
 from tessera.config import ModelConfig
-from tessera.data.records import EncodedExample, SkipReport, load_examples, read_raw_records
+from tessera.data.records import JSONL_SUFFIXES, EncodedExample, SkipReport, load_examples, read_raw_records
 from tessera.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tessera.eval.evaluate import text_lm_loss
 from tessera.model import MultimodalLM
@@ -31,8 +31,8 @@ from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, 
                                 save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
-from tessera.train.state import StageState, TrainingState, another_to_resume_from, check_same_run, \
-    checkpoint_name, latest_resumable, load_state, own_stops, resumable_checkpoints, run_fingerprint
+from tessera.train.state import STATE_JSON, StageState, TrainingState, another_to_resume_from, \
+    check_same_run, checkpoint_name, latest_resumable, load_state, own_stops, resumable_checkpoints, run_fingerprint
 
 try:
     import fcntl
@@ -41,11 +41,11 @@ except ImportError:  # Windows: no flock, so sessions into one OUT go unguarded 
 
 
 def split_file(data_dir: Path, split: str) -> Path:
-    """DATA/<split>.json (LLaVA) or DATA/<split>.jsonl (messages)."""
+    """DATA/<split>.json (LLaVA) or DATA/<split>.jsonl (messages; .ndjson too)."""
     if data_dir.is_file():
         raise DataError(f"data={data_dir}: a file; expected the dataset's directory ({data_dir.parent} here?), which "
                         f"holds {split}.json or {split}.jsonl")
-    for suffix in (".json", ".jsonl"):
+    for suffix in (".json", *JSONL_SUFFIXES):
         if (data_dir / f"{split}{suffix}").is_file():
             return data_dir / f"{split}{suffix}"
     raise DataError(f"{data_dir / split}.json: no such file (nor {split}.jsonl); expected a data directory with "
@@ -155,7 +155,9 @@ def metrics_run(metrics_path: Path, resumed: TrainingState | None, source: Path 
     log(f"{metrics_path} holds {len(earlier)} steps of earlier runs; this run's steps are appended as run {run} "
         f"(loss.png shows this run only)")
     out = metrics_path.parent
-    stopped = [d.name for d in [out / "interrupted", *sorted(out.glob("run-*-interrupted"))] if d.is_dir()]
+    # resumable ones only: a stop saved as weights only (mid-update) is not what --resume would continue from
+    stopped = [d.name for d in [out / "interrupted", *sorted(out.glob("run-*-interrupted"))]
+               if (d / STATE_JSON).is_file()]
     if stopped:  # a new run is allowed (the stopped one stays resumable), but a forgotten --resume is the likelier
         log(f"warning: {out} holds {' and '.join(stopped)}, left by a stopped run; this starts a new run from the "
             f"first step. To continue the stopped one instead: stop this and run it again with --resume")
