@@ -89,8 +89,8 @@ class MultimodalLM(nn.Module):
     joined as config.fusion.method says — "unified" (Method A: the projected image features take the places of the
     image tokens in the LLM's input) or "cross" (Method B: gated cross-attention blocks inside the LLM read them).
 
-    model(input_ids, attention_mask, pixel_values, image_counts, labels=...) gives logits and the loss over the
-    answer tokens; model.generate(...) continues prompts; the components ("vision", "projector", "llm",
+    model(input_ids, attention_mask, pixel_values, image_counts) gives the logits; with labels=..., the loss over
+    the answer tokens (and the logits only if return_logits=True asks for them); model.generate(...) continues prompts; the components ("vision", "projector", "llm",
     "cross_attention") freeze and unfreeze by name for staged training. Build one from a ModelConfig, or load one
     with from_pretrained (a tessera checkpoint, or a Hugging Face LLaVA / Llama 3.2 Vision directory)."""
 

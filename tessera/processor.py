@@ -189,6 +189,8 @@ class Processor:
         column and the next token is predicted from there."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+        if not isinstance(conversations, (str, dict)):
+            conversations = list(conversations)  # a generator too: it is read more than once below
         if isinstance(conversations, (str, dict)) or any(isinstance(c, dict) for c in conversations):
             # one conversation's messages, taken for conversations, failed as a malformed message
             raise DataError("conversations holds messages: expected a list of conversations, each a list of "

@@ -38,7 +38,7 @@ def _torchrun(config: dict, directory: Path, processes: int, *args: str) -> subp
 
 
 @pytest.mark.parametrize("recipe, fields, text_only", [
-    ("llava", {"grad_accum": 2}, 0),
+    ("llava", {"grad_accum": 2, "group_by_length": True, "checkpoint_every": 3}, 0),  # step checkpoints mid-stage
     # Method B, the LLM frozen: half the questions have no image, so some processes' shares reach no trainable
     # weight (no gradient there; the other process's count)
     ("llama3.2", {"steps": {"text": 2, "pretrain": 3, "finetune": 6}}, 40),
@@ -229,3 +229,46 @@ def test_the_lock_of_a_torchrun_session_names_the_launcher_the_user_started(tmp_
     monkeypatch.delenv("WORLD_SIZE")
     with training_lock(tmp_path, print):
         assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_only_a_peer_gone_is_said_as_such_and_a_group_the_caller_made_stays_theirs(tmp_path, monkeypatch):
+    from tessera.errors import ProcessGroupError
+    from tessera.train.distributed import _talking, join, leave
+
+    with pytest.raises(ProcessGroupError, match=r"another process of this run stopped \(Connection closed by peer"):
+        with _talking():
+            raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:60123")
+    for own in ("Tensors must be contiguous", "Timed out waiting 7200000ms for recv operation to complete"):
+        with pytest.raises(RuntimeError, match=own):  # this process's own error, or a timeout: as it is
+            with _talking():
+                raise RuntimeError(own)
+    # a script under torchrun that made its process group, then trains: run_training must not end the group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        processes = join()
+        assert not processes.joined
+        leave(processes)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_more_threads_than_cores_across_a_machine_s_processes_is_warned_of(shapes, tmp_path, monkeypatch):  # noqa: F811
+    """threads: is per process: a one-process config's threads: 2 run on two processes of a 2-core machine gives
+    4 threads, each waiting at every barrier for a core another holds."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    logged, threads = [], torch.get_num_threads()
+    steps = {"text": 1, "encoder_pretrain": 0, "align": 0, "instruct": 0}
+    try:
+        run_training(RunConfig.from_dict(_config(shapes, tmp_path / "a", threads=2, steps=steps)),
+                     log=logged.append, progress=False)
+        assert "warning: 2 processes × 2 threads on 2 cores; threads: is per process, expected processes × threads " \
+               "≤ cores" in logged
+        logged.clear()
+        run_training(RunConfig.from_dict(_config(shapes, tmp_path / "b", threads=1, steps=steps)),
+                     log=logged.append, progress=False)
+        assert not [line for line in logged if line.startswith("warning: ")]
+    finally:
+        torch.set_num_threads(threads)  # run_training sets this process's, which the next tests run with

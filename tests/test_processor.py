@@ -945,6 +945,7 @@ def test_one_conversation_passed_as_the_batch_says_to_wrap_it(processor):
     with pytest.raises(DataError, match="no conversations: expected at least one"):
         processor([])
     assert processor([messages])["input_ids"].shape[0] == 1
+    assert processor(m for m in [messages, messages])["input_ids"].shape[0] == 2  # a generator of conversations
 
 
 def test_a_missing_checkpoint_directory_or_a_directory_for_a_config_file_is_named_as_such(tmp_path):

@@ -26,13 +26,15 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from tessera.errors import ConfigError, DataError, ProcessGroupError
 
+PATIENCE = timedelta(hours=2)  # how long a process waits for the others at an exchange
 BUCKET_ELEMENTS = 1 << 22  # gradients are summed in flat buckets of about this many floats (16 MB): few messages
 
 
@@ -42,6 +44,7 @@ class Processes:
 
     rank: int = 0
     count: int = 1
+    joined: bool = field(default=False, compare=False)  # whether join() made the process group (leave() ends it)
 
     @property
     def main(self) -> bool:
@@ -135,6 +138,10 @@ class Processes:
 SINGLE = Processes()
 
 
+# what gloo says when the process at the other end of a connection has gone
+PEER_GONE = re.compile(r"closed by peer|reset by peer|Connection (closed|reset)|Broken pipe|Read error|Write error")
+
+
 @contextlib.contextmanager
 def _talking():
     """An exchange between the processes. When another process has stopped (its error, Ctrl-C, kill), gloo raises
@@ -142,6 +149,8 @@ def _talking():
     try:
         yield
     except RuntimeError as e:  # gloo's "Connection closed by peer", "Read error", … (a plain RuntimeError)
+        if not PEER_GONE.search(str(e)):  # this process's own error, or a timeout: as it is
+            raise
         # the first sentence, without gloo's source location: "Read error [127.0.0.1]:23949: Connection reset by peer"
         what = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0].splitlines()[0] if str(e).strip() \
             else type(e).__name__
@@ -166,11 +175,15 @@ def join() -> Processes:
     count = int(os.environ.get("WORLD_SIZE", "1"))
     if count == 1:
         return SINGLE
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")  # torchrun's environment says where to meet
-    return Processes(rank=dist.get_rank(), count=dist.get_world_size())
+    joined = not dist.is_initialized()
+    if joined:  # torchrun's environment says where to meet
+        # the others wait while the main process alone trains the tokenizer or saves a checkpoint, which can take
+        # longer than gloo's default half hour on a big run (a process that dies is noticed at once regardless)
+        dist.init_process_group("gloo", timeout=PATIENCE)
+    return Processes(rank=dist.get_rank(), count=dist.get_world_size(), joined=joined)
 
 
 def leave(processes: Processes) -> None:
-    if processes.count > 1 and dist.is_initialized():
+    """Leave the process group join() made (one the caller made stays theirs)."""
+    if processes.joined and dist.is_initialized():
         dist.destroy_process_group()

@@ -113,12 +113,13 @@ RECORD_KINDS = {
 
 
 def check_stage_data(stages: list[Stage], train_examples: list[EncodedExample], train_report: SkipReport,
-                     text_examples: list[EncodedExample], text_report: SkipReport | None, processes: int = 1) -> None:
-    """A stage with steps but no usable record of its kind — or fewer than the run's processes, each of which takes
-    a share of every batch — is an error before the first step of the run."""
-    for stage in stages:
+                     text_examples: list[EncodedExample], text_report: SkipReport | None, processes: int = 1,
+                     first: int = 0) -> None:
+    """A stage with steps but no usable record of its kind — or, from stage `first` (a resumed run's), fewer than
+    the run's processes, each of which takes a share of every batch — is an error before the first step."""
+    for index, stage in enumerate(stages):
         found = len(select(train_examples, stage.data, text_examples))
-        if stage.steps and 0 < found < processes:
+        if stage.steps and 0 < found < processes and index >= first:
             source = (text_report if stage.data == "text" else train_report).source
             raise DataError(f"stage {stage.name!r} trains on {RECORD_KINDS[stage.data]}, of which {source} has "
                             f"{found}: fewer than the {processes} processes, which each take a share of every batch; "
@@ -291,6 +292,11 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
                   processes: Processes) -> dict[str, Any]:
     if run.threads:
         torch.set_num_threads(run.threads)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes.count))  # this machine's processes
+    if local > 1 and torch.get_num_threads() * local > (os.cpu_count() or 1):
+        # threads waiting at every barrier for a core another process holds: several times slower, not faster
+        log(f"warning: {local} processes × {torch.get_num_threads()} threads on {os.cpu_count()} cores; threads: "
+            f"is per process, expected processes × threads ≤ cores")
     torch.manual_seed(run.seed)
     data_dir, out = Path(run.data), Path(run.out)
     train_file = split_file(data_dir, "train")
@@ -393,8 +399,9 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
     vocab = padded_vocab(tokenizer.get_vocab_size())
     model = MultimodalLM(model_config(run, vocab))
     files = [train_file, data_dir / "text_train.jsonl", data_dir / "text_test.jsonl"]
-    fingerprint = run_fingerprint(run, stages, model.config, training_precision(run.precision),
-                                  {path.name: path for path in files})
+    # "auto" decided once, by the main process: machines with and without native bf16 must not mix their shares
+    precision = processes.same_as_main(training_precision(run.precision))
+    fingerprint = run_fingerprint(run, stages, model.config, precision, {path.name: path for path in files})
     if resumed:  # the checkpoint's weights (an llm_checkpoint's LLM is in them already)
         check_same_run(resumed.fingerprint, fingerprint, source)
         try:
@@ -424,17 +431,18 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
             processes.check_same_records(file_report.source, [e.example.id for e in examples],
                                          dict(file_report.reasons))
     # every stage's records are checked now, not when the stage starts after hours of the earlier ones
-    check_stage_data(stages, train_examples, report, text_examples, text_report, processes.count)
+    check_stage_data(stages, train_examples, report, text_examples, text_report, processes.count,
+                     first=resumed.stage if resumed else 0)
     settings = TrainSettings(batch_size=run.batch_size, grad_accum=run.grad_accum, warmup=run.warmup,
                              decay=run.decay, min_lr_ratio=run.min_lr_ratio,
                              clip=run.clip, weight_decay=run.weight_decay, gate_lr_scale=run.gate_lr_scale,
                              checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
                              group_by_length=run.group_by_length,
-                             seed=run.seed, progress=progress, precision=training_precision(run.precision),
+                             seed=run.seed, progress=progress, precision=precision,
                              processes=processes)
     log(f"precision: {settings.precision}" + (f" (asked for {run.precision})" if run.precision == "auto" else ""))
     held_out = []
-    if (data_dir / "text_test.jsonl").is_file():
+    if (data_dir / "text_test.jsonl").is_file() and processes.main:  # measured and reported by the main process alone
         held_out, held_out_report = load_examples(data_dir / "text_test.jsonl", processor, strict=run.strict,
                                                   text_only=True)
         log(held_out_report.summary())
