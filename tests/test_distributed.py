@@ -71,11 +71,12 @@ def test_a_run_on_two_processes_computes_what_it_computes_on_one(shapes, tmp_pat
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-4, msg=name)
 
 
-def test_a_run_stopped_on_two_processes_resumes_on_one(shapes, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("resumed_on", [1, 2])
+def test_a_run_stopped_on_two_processes_resumes_on_any_number(shapes, tmp_path, resumed_on):  # noqa: F811
     """The first process saves OUT/interrupted when torchrun's workers are stopped; the run is a run, however many
-    processes train it, so one process continues it to the numbers of the run that was never stopped."""
+    processes train it, so one process, or two again, continue it to the numbers of the run never stopped."""
     config = _config(shapes, tmp_path / "straight")
-    straight = run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False)
+    run_training(RunConfig.from_dict(config), log=lambda *_: None, progress=False)
     stopped = {**config, "out": str(tmp_path / "stopped")}
     # an error in run step 6 of both processes (gradients summed, nothing applied) stops the run as Ctrl-C would
     (tmp_path / "sitecustomize.py").write_text(
@@ -93,13 +94,19 @@ def test_a_run_stopped_on_two_processes_resumes_on_one(shapes, tmp_path):  # noq
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
     assert done.returncode != 0 and (tmp_path / "stopped/interrupted").is_dir(), done.stderr[-3000:]
     assert len(_records(tmp_path / "stopped")) == 5
-    resumed = run_training(RunConfig.from_dict(stopped), log=lambda *_: None, progress=False, resume=True)
-    assert resumed["resumed_at"] == 5
+    if resumed_on == 1:
+        assert run_training(RunConfig.from_dict(stopped), log=lambda *_: None, progress=False,
+                            resume=True)["resumed_at"] == 5
+    else:
+        done = _torchrun(stopped, tmp_path, 2, "--resume")
+        assert done.returncode == 0 and "resumed at run step 5" in done.stdout, done.stderr[-3000:]
+    assert not (tmp_path / "stopped/interrupted").exists()  # the finished run removed its stop
     ours, theirs = _records(tmp_path / "stopped"), _records(tmp_path / "straight")
     assert [r["step"] for r in ours] == [r["step"] for r in theirs]
     assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=1e-5)
-    for name, tensor in straight["model"].state_dict().items():
-        torch.testing.assert_close(resumed["model"].state_dict()[name], tensor, rtol=0, atol=1e-4, msg=name)
+    resumed = load_file(tmp_path / "stopped/checkpoint/model.safetensors")
+    for name, tensor in load_file(tmp_path / "straight/checkpoint/model.safetensors").items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-4, msg=name)
 
 
 def _sum_gradients_in(rank: int, store: str, results: str) -> None:
