@@ -450,7 +450,8 @@ class ModelConfig:
         return _build(cls, data, source)
 
     def save(self, path: str | Path) -> None:
-        """Written as JSON (config.json in a checkpoint), whole or not at all."""
+        """Written as JSON (config.json in a checkpoint), whole or not at all; its directory is made if needed."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_whole(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

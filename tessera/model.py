@@ -298,6 +298,11 @@ class MultimodalLM(nn.Module):
     def _loss(self, logits, labels, num_items_in_batch, supervised) -> ModelOutput:
         """logits: (batch, seq, vocab), or (supervised positions, vocab) in order when `supervised` marks them."""
         targets = labels[:, 1:]  # token t predicts token t+1
+        vocab = self.config.text.vocab_size
+        outside = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+        if bool(outside.any()):  # else torch's IndexError ("Target -1 is out of bounds") from inside the loss
+            raise DataError(f"labels hold {int(targets[outside][0])}: expected token ids in 0..{vocab - 1} "
+                            f"(text.vocab_size={vocab}) or {IGNORE_INDEX} for positions that are not learned")
         num_tokens = int((targets != IGNORE_INDEX).sum())
         if num_items_in_batch is None:
             if num_tokens == 0:
@@ -522,6 +527,8 @@ class MultimodalLM(nn.Module):
         """config.json and the weights (model.safetensors; sharded with an index when large) into `directory`,
         made if needed; returns it. The processor saves the tokenizer and its settings beside them."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():  # else mkdir's FileExistsError, naming nothing useful
+            raise CheckpointError(f"{directory}: a file; expected a directory to save the checkpoint into")
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
         save_weights(self, directory)

@@ -82,10 +82,13 @@ class Processor:
         self.role_token_ids = {role: self._special_id(token) for role, token in ROLE_TOKENS.items()}
 
     @classmethod
-    def for_model(cls, model_config: ModelConfig, tokenizer: Tokenizer, max_length: int | None = None,
+    def for_model(cls, model_config: ModelConfig, tokenizer: Tokenizer | str | Path, max_length: int | None = None,
                   resize_mode: str = "squash") -> Processor:
         """A processor whose image size, normalisation and image-token count follow the model's config; the
-        tokenizer's special ids must be the ones the model was built with."""
+        tokenizer (a tokenizers.Tokenizer, or its tokenizer.json's path) must have the special ids the model was
+        built with."""
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
         processor = cls(tokenizer, ProcessorConfig(
             image_size=model_config.vision.image_size, image_mean=model_config.vision.image_mean,
             image_std=model_config.vision.image_std, image_seq_length=model_config.image_seq_length,

@@ -782,3 +782,18 @@ def test_a_model_output_is_read_as_transformers_outputs_are():
     assert model(ids)[0] is not None and model(ids)[0].shape == (1, 4, 96)
     with pytest.raises(KeyError):
         out["hidden_states"]
+
+
+def test_labels_outside_the_vocabulary_and_a_file_as_checkpoint_directory_are_named(tmp_path):
+    from tessera import DataError
+
+    model = MultimodalLM(tiny_config())
+    ids = torch.tensor([[1, 5, 6]])
+    for bad in (-1, 96):  # torch's IndexError ("Target -1 is out of bounds") from inside the loss, before
+        with pytest.raises(DataError, match=rf"labels hold {bad}: expected token ids in 0..95 .* or -100"):
+            model(ids, labels=torch.tensor([[-100, bad, 6]]))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="file: a file; expected a directory to save the checkpoint into"):
+        model.save_pretrained(tmp_path / "file")
+    model.config.save(tmp_path / "new/dir/config.json")  # its directory made, not a temporary file's name in an error
+    assert ModelConfig.load(tmp_path / "new/dir/config.json") == model.config

@@ -969,3 +969,10 @@ def test_image_parts_carry_their_image_under_any_key_transformers_messages_use(p
     web = [{"role": "user", "content": [{"type": "image", "url": "https://example.com/a.png"}]}]
     with pytest.raises(DataError, match="https://example.com/a.png: a web address; tessera reads images from files"):
         processor([web])
+
+
+def test_a_processor_for_a_model_takes_the_tokenizer_file_s_path(tokenizer, tmp_path):
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    config = model_config()
+    by_path = Processor.for_model(config, tmp_path / "tokenizer.json")
+    assert by_path([QA])["input_ids"].tolist() == Processor.for_model(config, tokenizer)([QA])["input_ids"].tolist()
