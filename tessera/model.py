@@ -76,9 +76,9 @@ def whole_counts(image_counts) -> list[int]:
     counts = image_counts.tolist() if isinstance(image_counts, torch.Tensor) else list(image_counts)
     try:
         counts = [operator.index(c) for c in counts]
-    except TypeError:
-        counts = []
-    if len(counts) != len(image_counts) or any(c < 0 for c in counts):
+    except TypeError:  # 1.7, "1"
+        counts = None
+    if counts is None or any(c < 0 for c in counts):
         raise ImageTokenMismatchError(f"image_counts={list(image_counts)}: expected a whole number of images, 0 or "
                                       f"more, per sample")
     return counts
@@ -90,9 +90,10 @@ class MultimodalLM(nn.Module):
     image tokens in the LLM's input) or "cross" (Method B: gated cross-attention blocks inside the LLM read them).
 
     model(input_ids, attention_mask, pixel_values, image_counts) gives the logits; with labels=..., the loss over
-    the answer tokens (and the logits only if return_logits=True asks for them); model.generate(...) continues prompts; the components ("vision", "projector", "llm",
-    "cross_attention") freeze and unfreeze by name for staged training. Build one from a ModelConfig, or load one
-    with from_pretrained (a tessera checkpoint, or a Hugging Face LLaVA / Llama 3.2 Vision directory)."""
+    the answer tokens (and the logits only if return_logits=True asks for them). model.generate(...) continues
+    prompts; the components ("vision", "projector", "llm", "cross_attention") freeze and unfreeze by name for staged
+    training. Build one from a ModelConfig, or load one with from_pretrained (a tessera checkpoint, or a Hugging Face
+    LLaVA / Llama 3.2 Vision directory)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
