@@ -9,7 +9,7 @@ additions differs).
 
 The weights stay ordinary float32 parameters in PyTorch's (out, in) layout, so checkpoints, the Hugging Face
 interop, optimizers and `state_dict` see nothing new. What changes is only which kernel multiplies:
-- float32 on CPU, eager: oneDNN, forward and input gradient (`_OneDNNLinear`);
+- float32 on CPU with gradients, eager or compiled: oneDNN, forward and input gradient (`_OneDNNLinear`);
 - batch-1 decoding (no gradients, one row): a matrix-vector product, which only streams the weight from memory;
   cut into blocks of rows and multiplied as one batch of small products, the weight streams about 1.6× as fast
   as through oneDNN (see `matrix_vector`);
@@ -24,7 +24,8 @@ interop, optimizers and `state_dict` see nothing new. What changes is only which
   would cost bf16 the memory it is chosen to save. The blocked copies are made only while memory has room for
   them (PACKING_MEMORY_RESERVE);
 - anything else — other bf16 products (or autocast, whose bf16 matmuls PyTorch already sends to oneDNN), other
-  devices, `torch.compile` (inductor picks its own CPU kernels), an empty batch, small products — plain `F.linear`.
+  devices, `torch.compile` without gradients (inductor picks its own CPU kernels), an empty batch, small
+  products — plain `F.linear`.
 
 `TESSERA_LINEAR_BACKEND=aten` sends every product back to `F.linear` (for a CPU where MKL turns out faster, or to
 compare).
@@ -86,7 +87,24 @@ def backend() -> str:
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weightᵀ + bias. oneDNN reads strided (transposed) operands directly, without a copy."""
+    if torch.compiler.is_compiling():
+        return _compiled_matmul(x, weight, bias)
     return _OP(x, weight, bias, "none", [], "")
+
+
+# Compiled, the product is a custom operator: inductor treats it as an opaque kernel and fuses the element-wise work
+# around it, where with F.linear it would pick MKL's sgemm (and it cannot lower oneDNN's op itself outside frozen
+# inference graphs). Eager code calls oneDNN directly: a custom operator's Python dispatch cost 100–200 µs a call.
+# On the AVX2-only development CPU, the benchmark's training step (interleaved in one process, two rounds, medians
+# of 5): compiled with these 4.62 and 5.02 s, compiled with MKL's 5.26 and 5.61 s, eager 4.77 and 5.57 s
+@torch.library.custom_op("tessera::onednn_matmul", mutates_args=())
+def _compiled_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _OP(x, weight, bias, "none", [], "")
+
+
+@_compiled_matmul.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -222,14 +240,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # would take MKL's matrix-vector product, which reads the weights at half the speed of row blocks (the
         # compiled batch-1 decode step of the benchmark LLM took 20.8 against 12.1 ms eager); row blocks are a bmm
         return y
-    if torch.compiler.is_compiling():  # otherwise inductor picks its own kernels
+    needs_grad = grad and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if torch.compiler.is_compiling():
+        # with gradients, oneDNN's product as an operator inductor keeps (see `_compiled_matmul`); without, inductor
+        # picks its own kernels (the blocked weight copies are opaque oneDNN tensors a graph cannot hold)
+        if needs_grad and x.dtype is torch.float32:
+            return _OneDNNLinear.apply(x, weight, bias)
         return F.linear(x, weight, bias)
     blocked_rows = rows >= 2 and (x.dtype is torch.float32 or rows <= MAX_PACKED_BF16_ROWS)
     if packed is not None and not grad and blocked_rows and (blocked := packed()) is not None:
         return _matmul(x, blocked, bias)  # batched decoding (float32 or bf16) or a float32 prefill
     if x.dtype is torch.bfloat16:  # everything else in bf16: F.linear already multiplies it in oneDNN
         return F.linear(x, weight, bias)
-    if grad and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if needs_grad:
         return _OneDNNLinear.apply(x, weight, bias)
     # gradients on but none needed (a frozen model evaluated outside no_grad): without gradients it was tried above
     if rows == 1 and grad and (y := matrix_vector(x, weight, bias)) is not None:

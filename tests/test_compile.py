@@ -161,3 +161,40 @@ def test_a_compiled_one_row_step_multiplies_in_row_blocks():
     step_graph = backend.modules[-1].graph  # the decode step's (the prefill's came first)
     products = [node.target for node in step_graph.nodes if node.op == "call_function"]
     assert products.count(torch.bmm) == 5, products  # q/k/v, output, gate/up, down, LM head: all in row blocks
+
+
+@pytest.mark.skipif(linear_module.backend() != "onednn", reason="the oneDNN route is tessera's CPU routing")
+def test_compiled_training_multiplies_through_onednn_forward_and_backward():
+    """Compiled with gradients, the float32 products stay tessera's oneDNN operator (a custom op inductor cannot
+    swap for MKL's sgemm), in the forward and in the backward graph; loss and gradients equal eager's."""
+    config = TextConfig(vocab_size=512, hidden_size=512, num_layers=1, num_heads=8, num_kv_heads=4,
+                        intermediate_size=512, max_position_embeddings=64)
+    eager = DecoderLLM(config).train()
+    forward_graphs, backward_graphs = CountingBackend(), CountingBackend()
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def backend(graph_module, example_inputs):  # AOT autograd splits the graph into a forward and a backward
+        return aot_module_simplified(graph_module, example_inputs,
+                                     fw_compiler=lambda g, inputs: make_boxed_func(forward_graphs(g, inputs)),
+                                     bw_compiler=lambda g, inputs: make_boxed_func(backward_graphs(g, inputs)))
+
+    compiled_llm = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_llm, fullgraph=True, backend=backend)
+    ids = torch.randint(0, 512, (2, 12))
+    losses = [model(ids).float().logsumexp(-1).mean() for model in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=ATOL)
+    for (name, p), q in zip(eager.named_parameters(), compiled_llm.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+    def targets(graphs):
+        return [str(node.target) for module in graphs.modules for node in module.graph.nodes
+                if node.op == "call_function"]
+
+    forward, backward = targets(forward_graphs), targets(backward_graphs)
+    # q/k/v, output, gate/up, down, LM head forward; their input gradients backward (the embedding's needs none)
+    assert sum("onednn_matmul" in t for t in forward) == 5, forward
+    assert sum("onednn_matmul" in t for t in backward) == 5, backward
+    assert not any(t.startswith(("aten.addmm", "aten.linear")) for t in forward + backward)  # forward and input gradients: none left to MKL

@@ -293,6 +293,31 @@ def test_method_b_trains_through_steps_whose_rows_have_no_image(shapes, tmp_path
     assert 0.0 in norms and any(n > 0 for n in norms)  # text-only steps and image steps both ran
 
 
+@pytest.mark.parametrize("recipe", ["llava", "llama3.2"])
+def test_a_compiled_run_trains_its_stages_through_the_compiled_parts(shapes, tmp_path, monkeypatch, recipe):
+    """compile: true compiles the model (MultimodalLM.compile, each part one graph: a graph break is an error) and
+    every stage trains through it, freezing and unfreezing between them. The "eager" backend keeps this fast: dynamo
+    traces the graphs, no inductor kernel is built."""
+    from tests.test_compile import CountingBackend
+
+    backend = CountingBackend()
+    compile_model = MultimodalLM.compile
+    monkeypatch.setattr(MultimodalLM, "compile", lambda model: compile_model(model, backend=backend))
+    torch._dynamo.reset()
+    stages = ["text", *(stage.name for stage in RECIPES[recipe].stages)]
+    run = RunConfig.from_dict({"recipe": recipe, "data": str(shapes), "out": str(tmp_path / "run"),
+                               "model": TINY_MODEL, "vocab_size": 400, "batch_size": 4, "compile": True,
+                               "pretrain_encoder": False, "steps": {stage: 2 for stage in stages}})
+    try:
+        run_training(run, log=lambda *_: None, progress=False)
+    finally:
+        torch._dynamo.reset()
+    records = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["stage"] for r in records] == [stage for stage in stages for _ in range(2)]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert backend.graphs >= 2  # the vision encoder and the layer stack at least
+
+
 def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_path):
     """A LLaVA file without "type" has no captions: the run stops before its text stage, not after it."""
     records = json.loads((shapes / "train.json").read_text())

@@ -413,6 +413,8 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         check_same_llm(pretrained.config, model.config, run.llm_checkpoint)
         model.llm.load_state_dict(pretrained.llm.state_dict())
     processes.same_weights_as_main(model)
+    if run.compile:
+        model.compile()
     processor = Processor.for_model(model.config, tokenizer, max_length=run.max_length)
     cache: dict = {}
     train_examples, report = load_examples(train_file, processor, strict=run.strict, image_cache=cache)

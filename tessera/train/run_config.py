@@ -61,6 +61,10 @@ class RunConfig:
     keep_checkpoints: int = 0
     group_by_length: bool = False  # batch records of similar length together (less padding; see TrainSettings)
     precision: str = "fp32"  # fp32 | bf16-mixed | auto (bf16-mixed where the CPU has native bf16 matmuls)
+    # torch.compile the model (MultimodalLM.compile): inductor fuses the element-wise work around the products. The
+    # benchmark's training step ran 1.03–1.11× faster; but each stage (its frozen parts), new batch shape and
+    # evaluation compiles first, so it pays on long runs of big models, not on the quickstart's (BENCHMARKS.md)
+    compile: bool = False
     seed: int = 0
     strict: bool = False
     threads: int | None = None
@@ -88,7 +92,7 @@ class RunConfig:
             setattr(self, name, _integer(name, getattr(self, name), minimum=0))
         if self.threads is not None:
             self.threads = _integer("threads", self.threads, minimum=1)
-        for name in ("group_by_length", "strict"):
+        for name in ("group_by_length", "strict", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
         # YAML 1.1 reads "1e-3" (no dot) as a string: numbers accept it as the number everybody means.
