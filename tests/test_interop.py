@@ -20,6 +20,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 transformers = pytest.importorskip("transformers")
@@ -657,6 +658,19 @@ def test_sharded_checkpoints_load_and_a_missing_shard_is_named(families, importe
     reference, _ = imported["llava-clip-llama"]
     for (name, a), b in zip(sharded.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
+    # a tensor's fault is named in the shard that holds it, not only in the index
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    name = "model.language_model.layers.1.mlp.down_proj.weight"
+    holder = directory / index["weight_map"][name]
+    held = load_file(str(holder))
+    save_file({**held, name: held[name][:-1], "model.extra.weight": torch.zeros(2)}, str(holder))
+    index["weight_map"]["model.extra.weight"] = holder.name
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(holder))}: tensor '{name}' has shape"):
+        MultimodalLM.from_pretrained(directory)
+    save_file({**held, "model.extra.weight": torch.zeros(2)}, str(holder))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(holder))}: unexpected tensor 'model.extra.weight'"):
+        MultimodalLM.from_pretrained(directory)
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"{shards[-1].name}: missing shard"):
         MultimodalLM.from_pretrained(directory)

@@ -7,6 +7,7 @@ safetensors only: a `pytorch_model.bin` is a pickle, and tessera never unpickles
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,25 @@ def is_hf_checkpoint(directory: str | Path) -> bool:
     return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
 
 
-def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Every tensor of the checkpoint, and a description of where they came from (for error messages)."""
+@dataclass(frozen=True)
+class WeightFiles:
+    """Where a checkpoint's tensors were read from, for error messages: one file, or an index and its shards (a
+    tensor's fault is named in the shard holding it, not only in the index)."""
+    path: str  # model.safetensors, or the index
+    shards: dict[str, str] = field(default_factory=dict)  # tensor name → its shard's path
+
+    def of(self, name: str) -> str:
+        return self.shards.get(name, self.path)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], WeightFiles]:
+    """Every tensor of the checkpoint, and where they came from."""
     single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if single.is_file():
-        return _load(single), str(single)
+        return _load(single), WeightFiles(str(single))
     if index.is_file():
         weight_map = (read_json(index) or {}).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -91,15 +106,18 @@ def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
             if not isinstance(shard, str) or not shard:
                 raise CheckpointError(f"{index}: weight_map[{name!r}]={shard!r}; expected a shard file name")
         tensors: dict[str, torch.Tensor] = {}
+        shards: dict[str, str] = {}
         for shard in sorted(set(weight_map.values())):
             path = directory / shard
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing shard; {index.name} lists it")
-            tensors.update(_load(path))
+            loaded = _load(path)
+            shards.update(dict.fromkeys(loaded, str(path)))
+            tensors.update(loaded)
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"{index}: tensor {missing[0]!r} is listed but in no shard")
-        return tensors, str(index)
+        return tensors, WeightFiles(str(index), shards)
     if (directory / "pytorch_model.bin").is_file() or list(directory.glob("pytorch_model-*.bin")):
         raise CheckpointError(f"{directory}: only pickle weights (pytorch_model*.bin); tessera reads safetensors "
                               f"only — convert them with transformers' save_pretrained(safe_serialization=True)")

@@ -19,6 +19,7 @@ from torch import nn
 
 from tessera.checkpoint import assign_weights, tied_names
 from tessera.errors import CheckpointError
+from tessera.interop.hub_files import WeightFiles
 
 Shape = tuple[int, ...]
 
@@ -66,7 +67,7 @@ def rename_keys(names: list[str], patterns: list[tuple[str, str]]) -> dict[str, 
     return out
 
 
-def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, torch.Tensor], source: str,
+def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, torch.Tensor], source: WeightFiles,
                    ignored: Iterable[str] = (), dtype: torch.dtype | None = None, assign: bool = False,
                    stored_names: dict[str, str] | None = None) -> None:
     """Fill `model` from Hugging Face `tensors`: every tessera tensor from its rule, every Hugging Face tensor used
@@ -90,7 +91,7 @@ def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, t
             if name not in tensors:
                 raise CheckpointError(f"{source}: tensor {name!r} is missing; config.json implies it")
             if tuple(tensors[name].shape) != shape:
-                raise CheckpointError(f"{source}: tensor {stored.get(name, name)!r} has shape "
+                raise CheckpointError(f"{source.of(name)}: tensor {stored.get(name, name)!r} has shape "
                                       f"{tuple(tensors[name].shape)}; config.json implies {shape}")
             pieces.append(tensors.pop(name).reshape(-1))
         target = ours[rule.ours]
@@ -98,10 +99,11 @@ def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, t
         # a copy even in the stored dtype: with assign=True a tensor mapping the file would become the parameter
         loaded[rule.ours] = joined.reshape(target.shape).to(dtype or target.dtype, copy=len(pieces) == 1)
     if tensors:
-        unexpected = sorted(stored.get(name, name) for name in tensors)
+        unexpected = sorted(tensors, key=lambda name: stored.get(name, name))
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{more}; tessera has no place for it "
-                              f"in this architecture")
+        first = unexpected[0]
+        raise CheckpointError(f"{source.of(first)}: unexpected tensor {stored.get(first, first)!r}{more}; tessera "
+                              f"has no place for it in this architecture")
     if assign:
         assign_weights(model, loaded)
     else:
