@@ -413,6 +413,9 @@ class MultimodalLM(nn.Module):
             else self._output_ids("eos_token_id", eos_token_id)
         suppress = self._never_generated() if suppress_token_ids is None \
             else self._output_ids("suppress_token_ids", suppress_token_ids)
+        if len(set(suppress)) == self.config.text.vocab_size:  # every logit -inf: it would emit token 0 regardless
+            raise ConfigError(f"suppress_token_ids: all {self.config.text.vocab_size} tokens of the vocabulary; "
+                              f"expected at least one token left to generate")
         return SamplingParams(**settings, eos_token_ids=eos, suppress_token_ids=suppress)
 
     def _output_ids(self, name: str, value) -> tuple[int, ...]:

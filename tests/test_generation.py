@@ -79,6 +79,12 @@ def test_an_eos_token_the_model_cannot_generate_is_refused_not_waited_for(eos):
     assert stopped.finish_reasons == ["stop"]
 
 
+def test_suppressing_every_token_is_refused_not_answered_with_token_0():
+    model = MultimodalLM(tiny_config()).eval()
+    with pytest.raises(ConfigError, match=r"^suppress_token_ids: all 96 tokens of the vocabulary; expected at least "):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, suppress_token_ids=list(range(96)) + [3])
+
+
 def test_the_extreme_seeds_torch_takes_are_accepted():
     for seed in (-2**63, 2**64 - 1, np.int64(3)):
         assert SamplingParams(temperature=1.0, seed=seed).generator(torch.device("cpu")) is not None
