@@ -24,7 +24,7 @@ VISION_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 CROSS_ATTENTION_SCOPES = ("previous", "latest")
 CROSS_ATTENTION_PLACEMENTS = ("before", "replace")
 CROSS_ATTENTION_BLIND_ROWS = ("skip", "attend_all")
-VISION_ENCODERS = ("vit", "tiled")
+VISION_ENCODERS = ("vit", "tiled", "none")
 ROPE_TYPES = ("default", "llama3")
 TEXT_FAMILIES = ("llama", "mistral", "qwen2")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -97,6 +97,10 @@ class VisionConfig:
     tiles of image_size², each tile gets aspect-ratio embeddings, `num_layers` local blocks run over all tiles of one
     image, then `num_global_layers` gated blocks, and the outputs of the local blocks listed in
     `intermediate_layers` are appended on channels.
+
+    encoder="none" is Fuyu's encoder-free design: no ViT at all; each patch's raw pixels (channels·patch² values,
+    normalised) are a feature, and the projector alone embeds them into the LLM. Only image_size, patch_size, the
+    channels and the normalisation apply; the ViT's fields are kept but unused.
     """
 
     image_size: int = 224
@@ -372,13 +376,14 @@ class ModelConfig:
             raise ConfigError(f"vision.encoder='tiled' with fusion.method={self.fusion.method!r}: the tiled encoder "
                               f"feeds cross-attention; expected fusion.method='cross'")
         num_states = self.vision.num_layers + 1  # the embedding output, then one per block
-        for index in self.fusion.feature_layers:
+        for index in self.fusion.feature_layers if self.vision.encoder != "none" else ():  # no layers to pick
             if not -num_states <= index < num_states:
                 raise ConfigError(
                     f"fusion.vision_feature_layer={self.fusion.vision_feature_layer!r}: index {index} is out of range "
                     f"for a {self.vision.num_layers}-layer encoder; expected -{num_states}..{num_states - 1}"
                 )
-        if self.fusion.vision_feature_select_strategy == "default" and not self.vision.use_cls_token:
+        if self.fusion.vision_feature_select_strategy == "default" and not self.vision.use_cls_token \
+                and self.vision.encoder != "none":
             raise ConfigError(
                 "fusion.vision_feature_select_strategy='default' drops the CLS token but vision.use_cls_token is "
                 "False; expected 'full'"
@@ -417,9 +422,12 @@ class ModelConfig:
 
     @property
     def num_feature_tokens(self) -> int:
-        """Image feature vectors per image after CLS selection (tiled: every tile's CLS + patches)."""
+        """Image feature vectors per image after CLS selection (tiled: every tile's CLS + patches; encoder-free:
+        the patches)."""
         if self.vision.encoder == "tiled":
             return self.vision.max_num_tiles * (self.vision.num_patches + 1)
+        if self.vision.encoder == "none":
+            return self.vision.num_patches
         keep_cls = self.vision.use_cls_token and self.fusion.vision_feature_select_strategy == "full"
         return self.vision.num_patches + int(keep_cls)
 
@@ -428,6 +436,8 @@ class ModelConfig:
         """Channels of the encoder output the projector reads."""
         if self.vision.encoder == "tiled":
             return self.vision.feature_width
+        if self.vision.encoder == "none":  # a patch's raw pixels
+            return self.vision.num_channels * self.vision.patch_size**2
         return self.vision.hidden_size * len(self.fusion.feature_layers)
 
     @property

@@ -23,8 +23,11 @@ TRAIN = 3  # forward + backward
 
 
 def patch_flops(config: ModelConfig, images: int, patches_per_image: int) -> float:
-    """Forward FLOPs of the patch embedding: one (channels·patch²) → width product per patch."""
+    """Forward FLOPs of the patch embedding: one (channels·patch²) → width product per patch (none without an
+    encoder: the projector embeds the patches)."""
     v = config.vision
+    if v.encoder == "none":
+        return 0.0
     return images * patches_per_image * 2 * (v.num_channels * v.patch_size**2) * v.hidden_size
 
 
@@ -43,6 +46,8 @@ def vision_block_flops(config: ModelConfig, images: int, tokens_per_image: int) 
     through the deepest block a selected feature needs (LLaVA's default, the penultimate, leaves the last unread);
     the tiled encoder runs all its local blocks, then its global ones."""
     v = config.vision
+    if v.encoder == "none":
+        return 0.0
     if v.encoder == "tiled":
         layers = v.num_layers + v.num_global_layers
     else:
@@ -100,7 +105,10 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
         forward += len(config.cross_attention_layers) * batch * cross_block_flops(config, text_tokens, image_tokens)
     forward += batch * labelled_tokens * 2 * t.hidden_size * t.vocab_size
     # the pixels take no gradient: the patch embedding's backward is its weight gradient alone
-    return TRAIN * forward + 2 * patch_flops(config, batch, patches)
+    total = TRAIN * forward + 2 * patch_flops(config, batch, patches)
+    if config.vision.encoder == "none":  # no encoder: the projector's first product is the patch embedding
+        total -= batch * image_tokens * 2 * config.image_feature_width * t.hidden_size
+    return total
 
 
 def image_encoding_flops(config: ModelConfig) -> float:

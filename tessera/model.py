@@ -30,6 +30,7 @@ from tessera.generation import SamplingParams, StopChecker, TokenChooser
 from tessera.text.cache import KVCache
 from tessera.text.decoder import DecoderLLM, padding_moved_to_the_front
 from tessera.vision.encoder import VisionEncoder, deepest_layer, select_image_features
+from tessera.vision.patch_embedding import RawPatches
 from tessera.vision.tiled import TiledVisionEncoder
 
 IGNORE_INDEX = -100
@@ -85,9 +86,10 @@ def whole_counts(image_counts) -> list[int]:
 
 
 class MultimodalLM(nn.Module):
-    """A multimodal LLM: a vision encoder (ViT, or Llama 3.2 Vision's tiled one), a projector and a decoder LLM,
-    joined as config.fusion.method says — "unified" (Method A: the projected image features take the places of the
-    image tokens in the LLM's input) or "cross" (Method B: gated cross-attention blocks inside the LLM read them).
+    """A multimodal LLM: a vision encoder (ViT, Llama 3.2 Vision's tiled one, or none: Fuyu's raw patches), a
+    projector and a decoder LLM, joined as config.fusion.method says — "unified" (Method A: the projected image
+    features take the places of the image tokens in the LLM's input) or "cross" (Method B: gated cross-attention
+    blocks inside the LLM read them).
 
     model(input_ids, attention_mask, pixel_values, image_counts) gives the logits; with labels=..., the loss over
     the answer tokens (and the logits only if return_logits=True asks for them). model.generate(...) continues
@@ -102,8 +104,8 @@ class MultimodalLM(nn.Module):
                               f"dict, ModelConfig.load of a config.json)")
         self.config = config.check()  # fields set after the config was made are checked too
         fusion = config.fusion
-        self.vision = TiledVisionEncoder(config.vision) if config.vision.encoder == "tiled" \
-            else VisionEncoder(config.vision)
+        encoders = {"vit": VisionEncoder, "tiled": TiledVisionEncoder, "none": RawPatches}
+        self.vision = encoders[config.vision.encoder](config.vision)
         self.projector = Projector(config.image_feature_width, config.text.hidden_size, fusion.projector,
                                    fusion.projector_bias)
         replaced = config.cross_attention_layers if fusion.cross_attention_placement == "replace" else ()
@@ -134,6 +136,8 @@ class MultimodalLM(nn.Module):
             ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, pixel_values.shape[0])
             features = self.vision(pixel_values.to(self.dtype), ratio_ids)
             return self.projector(features).flatten(1, 2)
+        if self.config.vision.encoder == "none":  # Fuyu: the projector embeds the raw patches
+            return self.projector(self.vision(pixel_values.to(self.dtype)))
         fusion, layers = self.config.fusion, self.config.fusion.feature_layers
         num_layers = self.config.vision.num_layers
         hidden = self.vision(pixel_values.to(self.dtype), up_to_layer=deepest_layer(layers, num_layers))

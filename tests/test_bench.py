@@ -72,8 +72,8 @@ def test_method_b_needs_fewer_flops_than_method_a_as_the_image_grows():
     assert 1 < ratios[0] < ratios[1] < ratios[2]
 
 
-@pytest.mark.parametrize("fusion", ["unified", "cross"])
-def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch):
+@pytest.mark.parametrize("fusion, encoder", [("unified", "vit"), ("cross", "vit"), ("unified", "none")])
+def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, encoder, monkeypatch):
     """The MFU's numerator, against PyTorch's FLOP counter over a real step (products through `F.linear` and the
     math attention, which the counter sees). The only surplus allowed: the last layer computes the rows from the
     first labelled one to the end, and the very last row predicts nothing; and its fused projection makes queries
@@ -90,7 +90,7 @@ def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, monkeypatch
     monkeypatch.setattr(tessera.linear, "_OP", None)
     config = ModelConfig.from_dict({
         "vision": {"image_size": 128, "patch_size": 16, "hidden_size": 64, "num_layers": 3, "num_heads": 2,
-                   "intermediate_size": 256, "pre_layernorm": True},
+                   "intermediate_size": 256, "pre_layernorm": True, "encoder": encoder},
         "text": {"vocab_size": 512, "hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
                  "intermediate_size": 172},
         "fusion": {"method": fusion, "vision_feature_layer": -2, "cross_attention_layers": [1]}})
@@ -119,6 +119,7 @@ TILED = {"encoder": "tiled", "image_size": 32, "patch_size": 16, "hidden_size": 
     ({"method": "unified", "vision_feature_layer": -2}, None),
     ({"method": "cross", "cross_attention_layers": [0, 2]}, None),
     ({"method": "cross", "cross_attention_layers": [1], "cross_attention_placement": "replace"}, TILED),
+    ({"method": "unified"}, {"encoder": "none", "image_size": 64, "patch_size": 16}),
 ])
 def test_an_images_worth_in_prompt_tokens_is_what_its_encoding_and_a_tokens_prefill_spend(fusion, vision,
                                                                                         monkeypatch):

@@ -375,13 +375,15 @@ def test_a_tessera_trained_llava_exports_and_transformers_agrees(tmp_path):
         torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("pre_layernorm, projector, field", [
-    (False, "mlp", "vision.use_cls_token=True with vision.pre_layernorm=False"),  # tessera's default ViT
-    (True, "linear", "fusion.projector='linear'"),
+@pytest.mark.parametrize("pre_layernorm, projector, encoder, field", [
+    (False, "mlp", "vit", "vision.use_cls_token=True with vision.pre_layernorm=False"),  # tessera's default ViT
+    (True, "linear", "vit", "fusion.projector='linear'"),
+    (True, "mlp", "none", "vision.encoder='none'"),  # Fuyu's: no tower
 ])
-def test_export_refuses_a_part_transformers_lacks(tmp_path, pre_layernorm, projector, field):
+def test_export_refuses_a_part_transformers_lacks(tmp_path, pre_layernorm, projector, encoder, field):
     config = tiny_config("unified", projector=projector)
     config.vision.pre_layernorm = pre_layernorm
+    config.vision.encoder = encoder
     _save_tessera(tmp_path, config)
     with pytest.raises(ConfigError, match=field):
         export_hf(tmp_path / "ck", tmp_path / "hf")

@@ -1,5 +1,5 @@
-"""Both fusion methods can learn to read an image: the loss on a fixed batch of 8 image/question/answer samples
-falls below 0.05 within a bounded number of steps."""
+"""Both fusion methods, and Method A without an encoder (Fuyu), can learn to read an image: the loss on a fixed batch
+of 8 image/question/answer samples falls below 0.05 within a bounded number of steps."""
 
 import pytest
 import torch
@@ -24,11 +24,13 @@ def _samples():
     return samples
 
 
-@pytest.mark.parametrize("fusion", ["unified", "cross"])
+@pytest.mark.parametrize("fusion", ["unified", "cross", "encoder-free"])
 def test_loss_on_a_fixed_batch_falls_below_0_05(fusion):
     samples = _samples()
     tokenizer = train_tokenizer([m[1]["content"] + " " + m[0]["content"] for m, _ in samples] * 4, vocab_size=300)
-    base = tiny_config(fusion, cross_attention_layers=[0, 2])
+    base = tiny_config("unified" if fusion == "encoder-free" else fusion, cross_attention_layers=[0, 2])
+    if fusion == "encoder-free":  # Fuyu: raw patches, projected straight into the LLM
+        base.vision.encoder = "none"
     config = ModelConfig.from_dict({**base.to_dict(), "text": {**base.to_dict()["text"], "vocab_size": 320}})
     processor = Processor.for_model(config, tokenizer)
     batch = processor([m for m, _ in samples], [[image] for _, image in samples])

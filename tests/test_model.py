@@ -233,6 +233,29 @@ def test_batched_generation_equals_one_by_one(fusion, linear_route):
         assert single.sequences[0] == batched.sequences[i], f"sample {i}"
 
 
+@pytest.mark.parametrize("fusion", ["unified", "cross"])
+def test_the_encoder_free_model_generates_alike_cached_or_not_batched_or_alone_saved_or_not(tmp_path, fusion):
+    """Fuyu's design (vision.encoder="none") through the same properties as the others, in either method."""
+    config = tiny_config(fusion, cross_attention_layers=[0, 2])
+    config.vision.encoder = "none"
+    model = MultimodalLM(config).eval()
+    _open_gates(model, 0.7)
+    rows, ids, mask, pixels, counts = _generation_batch(fusion)
+    cached = model.generate(ids, mask, pixels, counts, max_new_tokens=8, eos_token_id=[]).sequences
+    assert cached == model.generate(ids, mask, pixels, counts, max_new_tokens=8, eos_token_id=[],
+                                    use_cache=False).sequences
+    assert len({tuple(s) for s in cached}) > 1
+    starts = [sum(counts[:i]) for i in range(len(rows))]
+    for i, row in enumerate(rows):
+        own = pixels[starts[i]:starts[i] + counts[i]]
+        alone = model.generate(torch.tensor([row]), None, own, [counts[i]], max_new_tokens=8, eos_token_id=[])
+        assert alone.sequences[0] == cached[i], f"sample {i}"
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalLM.from_pretrained(tmp_path)
+    assert loaded.config.vision.encoder == "none"
+    assert loaded.generate(ids, mask, pixels, counts, max_new_tokens=8, eos_token_id=[]).sequences == cached
+
+
 def test_prefill_logits_batched_match_single(linear_route):
     model = MultimodalLM(tiny_config("unified")).eval()
     rows, ids, mask, pixels, counts = _generation_batch("unified")

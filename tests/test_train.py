@@ -318,6 +318,20 @@ def test_a_compiled_run_trains_its_stages_through_the_compiled_parts(shapes, tmp
     assert backend.graphs >= 2  # the vision encoder and the layer stack at least
 
 
+def test_an_encoder_free_model_trains_through_its_recipe_without_an_encoder_stage(shapes, tmp_path):
+    """Fuyu's design (vision.encoder="none"): no encoder to pretrain, so "auto" adds no encoder_pretrain stage; the
+    projector, which embeds the raw patches, and the LLM train."""
+    run = RunConfig.from_dict({"recipe": "llava", "data": str(shapes), "out": str(tmp_path / "run"),
+                               "model": {**TINY_MODEL, "vision": {**TINY_MODEL["vision"], "encoder": "none"}},
+                               "vocab_size": 400, "batch_size": 4, "steps": {"text": 2, "align": 2, "instruct": 6}})
+    run_training(run, log=lambda *_: None, progress=False)
+    records = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["stage"] for r in records] == ["text"] * 2 + ["align"] * 2 + ["instruct"] * 6
+    assert all(math.isfinite(r["loss"]) for r in records)
+    trained = MultimodalLM.from_pretrained(tmp_path / "run/checkpoint")
+    assert trained.config.vision.encoder == "none" and not list(trained.vision.parameters())
+
+
 def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_path):
     """A LLaVA file without "type" has no captions: the run stops before its text stage, not after it."""
     records = json.loads((shapes / "train.json").read_text())
@@ -561,12 +575,17 @@ def test_run_config_overrides_and_validation(tmp_path):
     ("model.text.max_position_embeddings=128", "max_length=256 exceeds the model's text.max_position_embeddings=128"),
     ("model.text.layers=2", "model: text: unknown field 'layers'"),
     ("steps.align=[", "override 'steps.align=[': '[' is not a YAML value"),
+    ("model.vision.encoder=none pretrain_encoder=true",
+     "pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected false or auto"),
+    ("model.vision.encoder=none recipe=qwen2-vl",
+     "recipe 'qwen2-vl': stage 'encoder' trains only the encoder, which vision.encoder='none' does not have; "
+     "expected a recipe whose every stage trains more (llava, molmo, baichuan-omni, nvlm-d)"),
 ])
 def test_every_run_config_value_is_checked_at_load_naming_its_key(tmp_path, override, words):
     path = tmp_path / "run.yaml"
     path.write_text("recipe: llava\ndata: somewhere\n")
     with pytest.raises(ConfigError) as error:
-        RunConfig.load(path, [override])
+        RunConfig.load(path, override.split())
     assert words in str(error.value)
 
 

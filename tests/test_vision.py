@@ -61,3 +61,25 @@ def test_position_embeddings_interpolate_to_another_size():
     torch.testing.assert_close(bigger[:, 0], encoder.position_embedding[:, 0])  # CLS position untouched
     hidden = encoder(torch.randn(1, 3, 32, 24))
     assert hidden[-1].shape == (1, 49, 32)
+
+
+def test_the_encoder_free_model_embeds_raw_patches_as_a_vit_s_first_step_does():
+    """Fuyu (vision.encoder="none"): no encoder weights; a linear projector over the raw patches is a patch embedding
+    straight into the LLM's width — the same map as a Conv2d(kernel = stride = patch) with its weights."""
+    from tessera import ModelConfig, MultimodalLM
+
+    config = ModelConfig.from_dict({
+        "vision": {"encoder": "none", "image_size": 32, "patch_size": 8},
+        "text": {"vocab_size": 64, "hidden_size": 48, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
+                 "intermediate_size": 64},
+        "fusion": {"method": "unified", "projector": "linear"}})
+    model = MultimodalLM(config)
+    assert sum(p.numel() for p in model.vision.parameters()) == 0
+    assert (config.num_feature_tokens, config.image_feature_width, config.image_seq_length) == (16, 3 * 8 * 8, 16)
+    pixels = torch.randn(2, 3, 32, 32)
+    conv = torch.nn.Conv2d(3, 48, kernel_size=8, stride=8)
+    with torch.no_grad():
+        conv.weight.copy_(model.projector.linear_1.weight.view(48, 3, 8, 8))
+        conv.bias.copy_(model.projector.linear_1.bias)
+        want = conv(pixels).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(model.encode_images(pixels), want, atol=1e-5, rtol=1e-5)

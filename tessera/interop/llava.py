@@ -98,6 +98,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     if config.fusion.method != "unified":
         raise ConfigError(f"fusion.method={config.fusion.method!r}: LlavaForConditionalGeneration is Method A; "
                           f"expected 'unified'")
+    if config.vision.encoder != "vit":  # Fuyu's encoder-free model has its own class, with another LLM
+        raise ConfigError(f"vision.encoder={config.vision.encoder!r}: LlavaForConditionalGeneration reads images "
+                          f"through a ViT tower; expected 'vit'")
     if config.fusion.projector != "mlp":
         raise ConfigError(f"fusion.projector={config.fusion.projector!r}: LLaVA's projector is Linear → GELU → "
                           f"Linear; no transformers equivalent for a single Linear (expected 'mlp')")

@@ -251,7 +251,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def build_stages(run: RunConfig) -> list[Stage]:
     recipe = get_recipe(run.recipe)
     stages = [] if run.llm_checkpoint else [TEXT_PRETRAINING]
-    if run.pretrain_encoder is True or (run.pretrain_encoder == "auto" and "vision" not in recipe.stages[0].train):
+    encoder_free = model_config(run, padded_vocab(run.vocab_size)).vision.encoder == "none"
+    if encoder_free:  # Fuyu's: the projector alone embeds the patches, there is no encoder to train
+        if run.pretrain_encoder is True:
+            raise ConfigError("pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected "
+                              "false or auto")
+        def trains_only_the_encoder(stage: Stage) -> bool:
+            return set(stage.train) <= {"vision"}
+
+        idle = next((stage for stage in recipe.stages if trains_only_the_encoder(stage)), None)
+        if idle is not None:
+            fitting = [r.name for r in RECIPES.values() if r.fusion == recipe.fusion
+                       and not any(trains_only_the_encoder(stage) for stage in r.stages)]
+            raise ConfigError(f"recipe {run.recipe!r}: stage {idle.name!r} trains only the encoder, which "
+                              f"vision.encoder='none' does not have; expected a recipe whose every stage trains "
+                              f"more ({', '.join(fitting)})")
+    elif run.pretrain_encoder is True or (run.pretrain_encoder == "auto"
+                                          and "vision" not in recipe.stages[0].train):
         stages.append(encoder_pretraining(run.fusion or recipe.fusion))
     stages += recipe.stages
     names = {s.name for s in stages}

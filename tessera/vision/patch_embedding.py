@@ -3,12 +3,17 @@
 The article shows two equal forms of the first step of a ViT: cut the image into P×P patches, flatten each, and
 apply one shared Linear; or run a Conv2d whose kernel and stride are both P. We use the convolution (one fused op)
 and keep `patchify` + `as_linear` so the equivalence can be checked and taught.
+
+Fuyu drops the encoder and keeps only this first step: `RawPatches` hands the flattened patches themselves to the
+projector, whose Linear is then the patch embedding, straight into the LLM's width.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from tessera.config import VisionConfig
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -40,3 +45,16 @@ class PatchEmbedding(nn.Module):
             if self.proj.bias is not None:
                 linear.bias.copy_(self.proj.bias)
         return linear
+
+
+class RawPatches(nn.Module):
+    """The encoder-free "encoder" (vision.encoder="none", Fuyu): no weights; each patch's pixels, flattened, are
+    its feature. Row-major like the ViT's patches, so the LLM reads them row by row in its own positions."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, (H/P)·(W/P), C·P·P)."""
+        return patchify(pixel_values, self.patch_size)
