@@ -295,6 +295,18 @@ class Processor:
         return cls(load_tokenizer(directory / TOKENIZER_NAME), config)
 
 
+def checkpoint_model_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of a tessera checkpoint or of a Hugging Face LLaVA / Llama 3.2 Vision directory, read
+    without its weights."""
+    from tessera.interop.hub_files import is_hf_checkpoint
+
+    if is_hf_checkpoint(directory):
+        from tessera.interop.convert import hf_model_config
+
+        return hf_model_config(directory)[1]
+    return ModelConfig.load(directory / CONFIG_NAME)
+
+
 def check_tokenizer_fits_model(tokenizer: Tokenizer, directory: Path) -> None:
     """CheckpointError if the tokenizer gives ids past the embedding of the model in `directory` (each one would be
     an IndexError deep in generation). Fewer tokens than the vocabulary are fine: models pad their vocabulary. No
@@ -302,14 +314,7 @@ def check_tokenizer_fits_model(tokenizer: Tokenizer, directory: Path) -> None:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         return
-    from tessera.interop.hub_files import is_hf_checkpoint
-
-    if is_hf_checkpoint(directory):
-        from tessera.interop.convert import hf_model_config
-
-        text = hf_model_config(directory)[1].text
-    else:
-        text = ModelConfig.load(config_path).text
+    text = checkpoint_model_config(directory).text
     highest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if highest >= text.embedding_rows:  # rows past vocab_size are ids the model reads but never predicts
         extra = f" + num_extra_embeddings={text.num_extra_embeddings}" if text.num_extra_embeddings else ""
