@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from tessera.checkpoint import load_weights, write_whole
+from tessera.checkpoint import load_weights, parameters_on_meta, write_whole
 from tessera.config import ModelConfig
 from tessera.data.records import JSONL_SUFFIXES, EncodedExample, SkipReport, load_examples, read_raw_records
 from tessera.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -94,12 +94,13 @@ def check_same_llm(checkpoint: ModelConfig, ours: ModelConfig, path: str) -> Non
                           f"expected the run's model text fields to match the checkpoint's config.json")
 
 
-def check_same_tokenizer(path: str, llm_checkpoint: str) -> None:
+def check_same_tokenizer(path: str, checkpoint: str, key: str = "llm_checkpoint") -> None:
     """A pretrained LLM's embeddings are indexed by its own tokenizer's ids: another tokenizer would feed it ids
     that mean other words, and nothing would fail."""
-    theirs = load_tokenizer(Path(llm_checkpoint) / "tokenizer.json").get_vocab(with_added_tokens=True)
-    if load_tokenizer(path).get_vocab(with_added_tokens=True) != theirs:
-        raise ConfigError(f"tokenizer {path}: not the tokenizer of llm_checkpoint {llm_checkpoint} (their "
+    # an imported model's tokenizer has none of tessera's special tokens: only the vocabularies are compared
+    theirs = load_tokenizer(Path(checkpoint) / "tokenizer.json", required_tokens=()).get_vocab(with_added_tokens=True)
+    if load_tokenizer(path, required_tokens=()).get_vocab(with_added_tokens=True) != theirs:
+        raise ConfigError(f"tokenizer {path}: not the tokenizer of {key} {checkpoint} (their "
                           f"vocabularies differ), whose LLM reads its own tokenizer's ids; expected no tokenizer (the "
                           f"checkpoint's tokenizer.json is used) or that one")
 
@@ -304,7 +305,8 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
                         f"(or set llm_checkpoint to start from a trained LLM)")
-    if not run.llm_checkpoint and not stages[0].steps and any(s.steps for s in stages[1:]):  # stages[0]: text
+    if not (run.llm_checkpoint or run.init_checkpoint) and not stages[0].steps and any(s.steps for s in stages[1:]):
+        # stages[0]: text
         # not an error: an untrained LLM can be the experiment
         log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
@@ -313,6 +315,8 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
                           f"of a trained LLM (a text-stage checkpoint: OUT/checkpoints/stage-0-text)")
     if run.llm_checkpoint and run.tokenizer:
         check_same_tokenizer(run.tokenizer, run.llm_checkpoint)
+    if run.init_checkpoint and run.tokenizer:
+        check_same_tokenizer(run.tokenizer, run.init_checkpoint, "init_checkpoint")
     if resume is True and not out.is_dir():  # a mistyped OUT: no directory made for it before saying so
         raise CheckpointError(f"{out}: no such directory, so no resumable checkpoint in it; expected the out of a "
                               f"run that saved one")
@@ -388,34 +392,51 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
         raise_advising_another(e, out, source, resume)
     if resume is True:
         check_the_newest_is_where_the_run_left_off(out, source, resumed)
-    tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint else None)
-    if source:  # the tokenizer the run has been training with, not one trained anew
-        tokenizer_file = source / "tokenizer.json"
-    if tokenizer_file:  # a pretrained LLM comes with the tokenizer it was trained with
-        tokenizer = load_tokenizer(tokenizer_file)
-    else:  # trained once, by the main process, so that every process has the very same vocabulary
-        trained = train_tokenizer(dataset_texts(data_dir), run.vocab_size).to_str() if processes.main else None
-        tokenizer = Tokenizer.from_str(processes.same_as_main(trained))
-    vocab = padded_vocab(tokenizer.get_vocab_size())
-    model = MultimodalLM(model_config(run, vocab))
+    processor = None
+    if run.init_checkpoint:
+        # the whole model's own tokenizer, chat template and image processing — a resumed run's, saved with it, are
+        # the same — with the run's length limit
+        processor = Processor.from_pretrained(source or run.init_checkpoint)
+        processor.config = dataclasses.replace(processor.config, max_length=run.max_length)
+        config = model_config(run, None)
+    else:
+        tokenizer_file = run.tokenizer or (str(Path(run.llm_checkpoint) / "tokenizer.json") if run.llm_checkpoint
+                                           else None)
+        if source:  # the tokenizer the run has been training with, not one trained anew
+            tokenizer_file = source / "tokenizer.json"
+        if tokenizer_file:  # a pretrained LLM comes with the tokenizer it was trained with
+            tokenizer = load_tokenizer(tokenizer_file)
+        else:  # trained once, by the main process, so that every process has the very same vocabulary
+            trained = train_tokenizer(dataset_texts(data_dir), run.vocab_size).to_str() if processes.main else None
+            tokenizer = Tokenizer.from_str(processes.same_as_main(trained))
+        config = model_config(run, padded_vocab(tokenizer.get_vocab_size()))
     files = [train_file, data_dir / "text_train.jsonl", data_dir / "text_test.jsonl"]
     # "auto" decided once, by the main process: machines with and without native bf16 must not mix their shares
     precision = processes.same_as_main(training_precision(run.precision))
-    fingerprint = run_fingerprint(run, stages, model.config, precision, {path.name: path for path in files})
-    if resumed:  # the checkpoint's weights (an llm_checkpoint's LLM is in them already)
+    fingerprint = run_fingerprint(run, stages, config, precision, {path.name: path for path in files})
+    if resumed:  # the checkpoint's weights (an llm_checkpoint's LLM, an init_checkpoint's model are in them already)
         check_same_run(resumed.fingerprint, fingerprint, source)
+        # a pretrained whole model is not initialised at random only to be overwritten
+        with parameters_on_meta() if run.init_checkpoint else contextlib.nullcontext():
+            model = MultimodalLM(config)
         try:
-            load_weights(model, source)
+            load_weights(model, source, torch.float32 if run.init_checkpoint else None)
         except CheckpointError as e:
             raise_advising_another(e, out, source, resume)
-    elif run.llm_checkpoint:
-        pretrained = MultimodalLM.from_pretrained(run.llm_checkpoint)
-        check_same_llm(pretrained.config, model.config, run.llm_checkpoint)
-        model.llm.load_state_dict(pretrained.llm.state_dict())
+    elif run.init_checkpoint:
+        # float32 whatever it is stored in (a bf16 conversion too): the trainer's weights are its master copy, and
+        # bf16-mixed precision rounds only the products
+        model = MultimodalLM.from_pretrained(run.init_checkpoint, dtype=torch.float32)
+    else:
+        model = MultimodalLM(config)
+        if run.llm_checkpoint:
+            pretrained = MultimodalLM.from_pretrained(run.llm_checkpoint)
+            check_same_llm(pretrained.config, model.config, run.llm_checkpoint)
+            model.llm.load_state_dict(pretrained.llm.state_dict())
     processes.same_weights_as_main(model)
     if run.compile:
         model.compile()
-    processor = Processor.for_model(model.config, tokenizer, max_length=run.max_length)
+    processor = processor or Processor.for_model(model.config, tokenizer, max_length=run.max_length)
     cache: dict = {}
     train_examples, report = load_examples(train_file, processor, strict=run.strict, image_cache=cache)
     log(report.summary())

@@ -7,6 +7,10 @@ trains — into a ConfigError that names the key, before anything is loaded or t
     out: runs/llava
     model: tiny              # a preset name, ModelConfig fields, or {preset: tiny, text: {...}}
     steps: {text: 300, align: 150, instruct: 600}
+
+or, to fine-tune a pretrained whole model (its config, weights, tokenizer and processor) instead of a preset:
+
+    init_checkpoint: ckpt/llava   # a tessera checkpoint, or a transformers LLaVA / Llama 3.2 Vision directory
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import yaml
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError
 from tessera.presets.tiny import PRESETS
+from tessera.processor import checkpoint_model_config
 from tessera.text.tokenizer import SMALLEST_VOCAB
 from tessera.train.loop import PRECISIONS
-from tessera.train.recipes import RECIPES, SCHEDULES, TEXT_PRETRAINING, Stage, encoder_pretraining, get_recipe
+from tessera.train.recipes import (RECIPES, SCHEDULES, TEXT_PRETRAINING, Recipe, Stage, encoder_pretraining,
+                                   get_recipe)
 
 
 @dataclass
@@ -33,15 +39,19 @@ class RunConfig:
     recipe: str
     data: str
     out: str = "runs/default"
-    # a preset name; ModelConfig fields (on ModelConfig's defaults); or {preset: NAME, …fields to change in it}
-    model: str | dict = "tiny"
+    # a preset name; ModelConfig fields (on ModelConfig's defaults); or {preset: NAME, …fields to change in it};
+    # default: tiny (none with init_checkpoint, whose model is the checkpoint's)
+    model: str | dict | None = None
     fusion: str | None = None  # default: the recipe's
     llm_checkpoint: str | None = None  # start from a trained LLM (skips text pretraining)
+    # start from a pretrained whole model — encoder, projector, LLM, its tokenizer and processor (skips text and
+    # encoder pretraining)
+    init_checkpoint: str | None = None
     # caption-pretrain the encoder first, standing in for CLIP/SigLIP pretraining; "auto": only when the recipe's
     # first stage keeps the encoder frozen (a recipe that trains the encoder from its first step needs none)
     pretrain_encoder: bool | str = "auto"
     tokenizer: str | None = None  # tokenizer.json; default: train one on the dataset's text
-    vocab_size: int = 512
+    vocab_size: int | None = None  # of the tokenizer trained; default 512 (none with init_checkpoint: it has one)
     max_length: int = 256
     steps: dict[str, int] = field(default_factory=dict)  # per stage name
     lr: dict[str, float] = field(default_factory=dict)  # per stage name
@@ -72,7 +82,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in ("recipe", "data", "out"):
             setattr(self, name, _text(name, getattr(self, name)))
-        for name in ("llm_checkpoint", "tokenizer"):
+        for name in ("llm_checkpoint", "init_checkpoint", "tokenizer"):
             if getattr(self, name) is not None:
                 setattr(self, name, _text(name, getattr(self, name)))
         get_recipe(self.recipe)
@@ -81,13 +91,19 @@ class RunConfig:
         check_fusion_is_trained(self.recipe, self.fusion)
         if not (isinstance(self.pretrain_encoder, bool) or self.pretrain_encoder == "auto"):  # 1 == True in Python
             raise ConfigError(f"pretrain_encoder={self.pretrain_encoder!r}: expected true, false or auto")
-        if not isinstance(self.model, (str, dict)):
+        if self.init_checkpoint is not None:
+            check_init_checkpoint_alone(self)
+        elif self.model is None:
+            self.model = "tiny"
+        if not isinstance(self.model, (str, dict)) and not self.init_checkpoint:
             raise ConfigError(f"model={self.model!r}: expected a preset ({', '.join(PRESETS)}) or a mapping of "
                               f"ModelConfig fields")
         for name in ("batch_size", "grad_accum", "max_length"):
             setattr(self, name, _integer(name, getattr(self, name), minimum=1))
         # a byte-level BPE holds every byte and the special tokens before any merge: vocab_size 5 gave 263 silently
-        self.vocab_size = _integer("vocab_size", self.vocab_size, minimum=SMALLEST_VOCAB)
+        if not self.init_checkpoint:
+            self.vocab_size = _integer("vocab_size", 512 if self.vocab_size is None else self.vocab_size,
+                                       minimum=SMALLEST_VOCAB)
         for name in ("checkpoint_every", "keep_checkpoints", "seed"):
             setattr(self, name, _integer(name, getattr(self, name), minimum=0))
         if self.threads is not None:
@@ -123,7 +139,8 @@ class RunConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         build_stages(self)  # stage names in steps, lr, lr_scale and schedule
-        model_config(self, padded_vocab(self.vocab_size))  # the model's fields, and max_length against it
+        # the model's fields (an init_checkpoint's config and fusion), and max_length against it
+        model_config(self, padded_vocab(self.vocab_size) if self.vocab_size else None)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -205,6 +222,47 @@ def check_fusion_is_trained(recipe_name: str, fusion: str | None) -> None:
                           f"({', '.join(trains_it)})")
 
 
+def check_init_checkpoint_alone(run: RunConfig) -> None:
+    """init_checkpoint brings the whole model, its tokenizer and processor: a field that would build or size another
+    model beside it is an error, not silently ignored."""
+    where = f"init_checkpoint {run.init_checkpoint}"
+    if run.llm_checkpoint is not None:
+        raise ConfigError(f"llm_checkpoint={run.llm_checkpoint} with {where}: the whole model's LLM is in the "
+                          f"checkpoint already; expected one of init_checkpoint and llm_checkpoint")
+    if run.model is not None:
+        raise ConfigError(f"model={run.model!r} with {where}: the model is the checkpoint's (its config.json); "
+                          f"expected no model")
+    if run.vocab_size is not None:
+        raise ConfigError(f"vocab_size={run.vocab_size!r} with {where}: the checkpoint's tokenizer is used, and "
+                          f"vocab_size only sizes a tokenizer trained for the run; expected no vocab_size")
+    if run.pretrain_encoder is True:
+        raise ConfigError(f"pretrain_encoder=true with {where}: its encoder is pretrained already (pretraining "
+                          f"stands in for CLIP/SigLIP's); expected pretrain_encoder: auto or false")
+
+
+def checkpoint_fusion_config(run: RunConfig) -> ModelConfig:
+    """The init_checkpoint's model config, checked against the run's fusion (a Method A model cannot be trained
+    by a recipe of Method B's cross-attention blocks, which it has none of)."""
+    path = Path(run.init_checkpoint)
+    expected = ("expected a checkpoint directory: a tessera checkpoint (config.json, model.safetensors, e.g. "
+                "runs/x/checkpoint) or a transformers LLaVA / Llama 3.2 Vision directory")
+    if not path.is_dir():
+        raise ConfigError(f"init_checkpoint={path}: no such directory; {expected}")
+    if not (path / "config.json").is_file():
+        inside = f" ({path / 'checkpoint'}?)" if (path / "checkpoint" / "config.json").is_file() else ""
+        raise ConfigError(f"init_checkpoint={path}: no config.json in it{inside}; {expected}")
+    config = checkpoint_model_config(path)
+    method, fusion = config.fusion.method, run.fusion or get_recipe(run.recipe).fusion
+    if method != fusion:
+        if run.fusion:
+            raise ConfigError(f"fusion={run.fusion!r}: init_checkpoint {path} is a {method!r} model; expected "
+                              f"fusion: {method} or no fusion")
+        others = [r.name for r in RECIPES.values() if r.fusion == method]
+        raise ConfigError(f"recipe={run.recipe!r} trains fusion {fusion!r} but init_checkpoint {path} is a "
+                          f"{method!r} model; expected a recipe of fusion {method} ({', '.join(others) or 'none'})")
+    return config
+
+
 def apply_override(data: dict, item: str) -> None:
     """`steps.text=200` or `seed=3`: a dotted key and a YAML value. `model.text.num_layers=2` changes the preset in
     use (model: {preset: tiny, text: {num_layers: 2}}) rather than starting from ModelConfig's defaults."""
@@ -248,34 +306,52 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def check_encoder_free_recipe(run: RunConfig, recipe: Recipe) -> None:
+    """Fuyu's design (vision.encoder="none") has no encoder: the projector alone embeds the patches. Pretraining an
+    encoder, or a stage that trains nothing but the encoder, would train nothing."""
+    if run.pretrain_encoder is True:
+        raise ConfigError("pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected false or "
+                          "auto")
+
+    def trains_only_the_encoder(stage: Stage) -> bool:
+        return set(stage.train) <= {"vision"}
+
+    idle = next((stage for stage in recipe.stages if trains_only_the_encoder(stage)), None)
+    if idle is not None:
+        fitting = [r.name for r in RECIPES.values() if r.fusion == recipe.fusion
+                   and not any(trains_only_the_encoder(stage) for stage in r.stages)]
+        raise ConfigError(f"recipe {run.recipe!r}: stage {idle.name!r} trains only the encoder, which "
+                          f"vision.encoder='none' does not have; expected a recipe whose every stage trains more "
+                          f"({', '.join(fitting)})")
+
+
 def build_stages(run: RunConfig) -> list[Stage]:
     recipe = get_recipe(run.recipe)
-    stages = [] if run.llm_checkpoint else [TEXT_PRETRAINING]
-    encoder_free = model_config(run, padded_vocab(run.vocab_size)).vision.encoder == "none"
-    if encoder_free:  # Fuyu's: the projector alone embeds the patches, there is no encoder to train
-        if run.pretrain_encoder is True:
-            raise ConfigError("pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected "
-                              "false or auto")
-        def trains_only_the_encoder(stage: Stage) -> bool:
-            return set(stage.train) <= {"vision"}
-
-        idle = next((stage for stage in recipe.stages if trains_only_the_encoder(stage)), None)
-        if idle is not None:
-            fitting = [r.name for r in RECIPES.values() if r.fusion == recipe.fusion
-                       and not any(trains_only_the_encoder(stage) for stage in r.stages)]
-            raise ConfigError(f"recipe {run.recipe!r}: stage {idle.name!r} trains only the encoder, which "
-                              f"vision.encoder='none' does not have; expected a recipe whose every stage trains "
-                              f"more ({', '.join(fitting)})")
-    elif run.pretrain_encoder is True or (run.pretrain_encoder == "auto"
-                                          and "vision" not in recipe.stages[0].train):
-        stages.append(encoder_pretraining(run.fusion or recipe.fusion))
+    stages = [] if run.llm_checkpoint or run.init_checkpoint else [TEXT_PRETRAINING]
+    encoder = encoder_pretraining(run.fusion or recipe.fusion)
+    if model_config(run, padded_vocab(run.vocab_size) if run.vocab_size else None).vision.encoder == "none":
+        check_encoder_free_recipe(run, recipe)  # and no encoder to pretrain
+    elif not run.init_checkpoint and (run.pretrain_encoder is True or (run.pretrain_encoder == "auto" and
+                                                                       "vision" not in recipe.stages[0].train)):
+        stages.append(encoder)
     stages += recipe.stages
     names = {s.name for s in stages}
     if len(names) != len(stages):
         raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
     schedules = run.schedule if isinstance(run.schedule, dict) else {s.name: run.schedule for s in stages}
     tables = {"steps": run.steps, "lr": run.lr, "lr_scale": run.lr_scale, "schedule": schedules}
-    skipped = {TEXT_PRETRAINING.name} if run.llm_checkpoint else set()  # settings for it may stay in the file
+    # settings for a skipped stage may stay in the file
+    skipped = {TEXT_PRETRAINING.name} if run.llm_checkpoint else set()
+    if run.init_checkpoint:
+        skipped = {TEXT_PRETRAINING.name, encoder.name} - names
+        # but not steps: a pretrained whole model's LLM and encoder would be pretrained again from where they are,
+        # on the run's data — asked for, that is most likely a config written for a run from scratch
+        asked = sorted(name for name in skipped if run.steps.get(name))
+        if asked:
+            raise ConfigError(f"steps.{asked[0]}={run.steps[asked[0]]} with init_checkpoint {run.init_checkpoint}: "
+                              f"a pretrained whole model skips the {' and '.join(sorted(skipped))} stages; expected "
+                              f"no steps.{asked[0]} (or 0), or the recipe's stages "
+                              f"({', '.join(s.name for s in stages)}) to train it")
     for table, per_stage in tables.items():
         unknown = sorted(set(per_stage) - names - skipped, key=str)
         if unknown:
@@ -291,9 +367,13 @@ def padded_vocab(size: int) -> int:
     return -(-size // 64) * 64
 
 
-def model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
+def model_config(run: RunConfig, vocab_size: int | None) -> ModelConfig:
+    """The run's model config: an init_checkpoint's (vocab_size unused), or the `model` field's for a tokenizer of
+    vocab_size tokens."""
     fusion = run.fusion or get_recipe(run.recipe).fusion
-    if isinstance(run.model, str):
+    if run.init_checkpoint:
+        config = checkpoint_fusion_config(run)
+    elif isinstance(run.model, str):
         config = _preset(run.model, fusion, vocab_size)
     else:
         fields = {k: v for k, v in run.model.items() if k != "preset"}
