@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from tessera import ConfigError, MultimodalLM, Processor
+from tessera.cli import main
 from tessera.data.shapes import make_shapes_dataset
 from tessera.train.run import RunConfig, run_training
 from tests.test_interop import ATOL, _llava, _mllama, hf_tokenizer  # noqa: F401 (hf_tokenizer: a fixture)
@@ -77,6 +78,12 @@ def test_a_transformers_llava_fine_tunes_and_exports_with_the_same_logits(shapes
         ours = after(batch["input_ids"], pixel_values=batch["pixel_values"]).logits
         got = theirs(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
     assert (got - ours).abs().max() <= ATOL
+    # and the commands take it as they take any checkpoint
+    checkpoint = str(tmp_path / "run" / "checkpoint")
+    assert main(["generate", "--checkpoint", checkpoint, "--image", str(shapes / "images" / "test_00000.png"),
+                 "--prompt", "What colour is the circle?", "--max-new-tokens", "3"]) == 0
+    assert main(["eval", "--checkpoint", checkpoint, "--data", str(shapes / "test.json"), "--limit", "2",
+                 "--max-new-tokens", "3"]) == 0
 
 
 def test_a_tessera_checkpoint_fine_tunes_from_the_weights_it_saved(shapes, tmp_path):
