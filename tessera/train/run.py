@@ -305,8 +305,8 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
     if any(s.data == "text" and s.steps for s in stages) and not (data_dir / "text_train.jsonl").is_file():
         raise DataError(f"{data_dir / 'text_train.jsonl'}: no such file; the text pretraining stage needs it "
                         f"(or set llm_checkpoint to start from a trained LLM)")
+    # stages[0]: text (there is none from a pretrained LLM or whole model)
     if not (run.llm_checkpoint or run.init_checkpoint) and not stages[0].steps and any(s.steps for s in stages[1:]):
-        # stages[0]: text
         # not an error: an untrained LLM can be the experiment
         log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")

@@ -95,7 +95,7 @@ class RunConfig:
             check_init_checkpoint_alone(self)
         elif self.model is None:
             self.model = "tiny"
-        if not isinstance(self.model, (str, dict)) and not self.init_checkpoint:
+        elif not isinstance(self.model, (str, dict)):
             raise ConfigError(f"model={self.model!r}: expected a preset ({', '.join(PRESETS)}) or a mapping of "
                               f"ModelConfig fields")
         for name in ("batch_size", "grad_accum", "max_length"):
