@@ -4,6 +4,7 @@ beside; resuming such a run; the result exported back to transformers."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -140,6 +141,16 @@ def test_a_transformers_llama_vision_fine_tunes_with_the_llama_3_2_recipe(shapes
     after = MultimodalLM.from_pretrained(tmp_path / "run" / "checkpoint")
     assert after.config.fusion.method == "cross"
     assert Processor.from_pretrained(tmp_path / "run" / "checkpoint").image_token == "<|image|>"
+    # the source's sampling settings, which tessera does not read, go on into the checkpoints and the export
+    sampling = json.loads((directory / "generation_config.json").read_text()) | {"temperature": 0.25}
+    (directory / "generation_config.json").write_text(json.dumps(sampling))
+    run_training(RunConfig.from_dict({
+        "recipe": "llama3.2", "data": str(shapes), "out": str(tmp_path / "again"), "init_checkpoint": str(directory),
+        "steps": {"pretrain": 1, "finetune": 0}, "batch_size": 2}), log=quiet, progress=False)
+    for saved in ("checkpoint", "checkpoints/stage-0-pretrain"):
+        assert json.loads((tmp_path / "again" / saved / "generation_config.json").read_text()) == sampling
+    exported = export_hf(tmp_path / "again" / "checkpoint", tmp_path / "hf")
+    assert json.loads((exported / "generation_config.json").read_text())["temperature"] == 0.25
 
 
 @pytest.mark.parametrize("fields, words", [

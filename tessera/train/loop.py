@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,9 @@ class TrainSettings:
     precision: str = "fp32"
     run: int = 1  # written into every metrics record: runs into the same directory append to one metrics.jsonl
     processes: Processes = SINGLE  # torchrun's, each taking its share of every batch (see train/distributed.py)
+    # copied into every checkpoint as they are: an init_checkpoint's generation_config.json, whose sampling
+    # settings tessera does not read but `tessera export` writes back
+    kept_files: tuple[Path, ...] = ()
 
 
 def batches(examples: list[EncodedExample], processor: Processor, batch_size: int, seed: int,
@@ -257,7 +261,8 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                     metrics.flush()  # a resumed run goes on from the checkpoint's step: its records are on disk
                     name = checkpoint_name(settings.run, f"step-{first_step + step + 1:06d}")
                     written = save_checkpoint(model, processor, out_dir / "checkpoints" / name,
-                                              checkpoint_state and checkpoint_state(current()), out_dir)
+                                              checkpoint_state and checkpoint_state(current()), out_dir,
+                                              settings.kept_files)
                     if settings.keep_checkpoints:  # only once the new one is whole
                         for old, error in prune_step_checkpoints(out_dir, settings.run, settings.keep_checkpoints,
                                                                  written):
@@ -283,21 +288,24 @@ def copy_components(model: MultimodalLM, names) -> dict[str, dict[str, torch.Ten
 
 
 def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
-                    state: TrainingState | None = None, out: Path | None = None) -> Path:
-    """The weights, tokenizer and processor settings; with `state`, the training state that makes the checkpoint
-    resumable (see tessera.train.state), numbered after the other resumable checkpoints of `out`, the run's OUT."""
+                    state: TrainingState | None = None, out: Path | None = None, kept: Sequence[Path] = ()) -> Path:
+    """The weights, tokenizer and processor settings, and the `kept` files as they are; with `state`, the training
+    state that makes the checkpoint resumable (see tessera.train.state), numbered after the other resumable
+    checkpoints of `out`, the run's OUT."""
     if state is not None and out is None:
         raise ValueError(f"{directory}: a resumable checkpoint needs the run's OUT, which numbers its saves")
     with written_whole_directory(directory) as saving:  # an earlier save there stays whole until this one is
         model.save_pretrained(saving)
         processor.save_pretrained(saving)
+        for path in kept:
+            shutil.copyfile(path, saving / path.name)
         if state is not None:
             save_state(saving, state, out)
     return directory
 
 
 def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, run: int, log, where: str,
-                     state: TrainingState | None = None) -> None:
+                     state: TrainingState | None = None, kept: Sequence[Path] = ()) -> None:
     """Save into OUT/interrupted (OUT/run-N-interrupted for run N > 1) the model of a run that stops mid-stage, so
     the steps since the last checkpoint are not lost — unless its weights are no longer finite (they would only
     hide the good checkpoints) — with the training state, unless it stopped while a step was being applied."""
@@ -307,7 +315,7 @@ def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, run: 
     resumable = state is not None and not state.stage_state.mid_update
     directory = interrupted_directory(out, run)
     try:
-        save_checkpoint(model, processor, directory, state if resumable else None, out)
+        save_checkpoint(model, processor, directory, state if resumable else None, out, kept)
     except Exception as e:  # the error that stopped the run matters more than this one
         log(f"{where}; saving the model to {directory} failed too: {e}")
         return

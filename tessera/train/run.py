@@ -23,6 +23,7 @@ from tessera.config import ModelConfig
 from tessera.data.records import JSONL_SUFFIXES, EncodedExample, SkipReport, load_examples, read_raw_records
 from tessera.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tessera.eval.evaluate import text_lm_loss
+from tessera.interop.hub_files import GENERATION_CONFIG_NAME
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
@@ -463,6 +464,9 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
                              group_by_length=run.group_by_length,
                              seed=run.seed, progress=progress, precision=precision,
                              processes=processes)
+    if run.init_checkpoint:
+        settings.kept_files = tuple(path for path in [Path(run.init_checkpoint) / GENERATION_CONFIG_NAME]
+                                    if path.is_file())
     log(f"precision: {settings.precision}" + (f" (asked for {run.precision})" if run.precision == "auto" else ""))
     held_out = []
     if (data_dir / "text_test.jsonl").is_file() and processes.main:  # measured and reported by the main process alone
@@ -510,19 +514,20 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
                 save_interrupted(model, processor, out, settings.run, log,
                                  f"stopped in stage {stage.name!r} after {state.step} of its {stage.steps} steps "
                                  f"(run step {stage_start + state.step})",
-                                 training_state(index, stage_start, state))
+                                 training_state(index, stage_start, state), settings.kept_files)
             raise
         step = stage_start + state.step
         stage_losses[stage.name] = done[-1] if done else None
         name = checkpoint_name(settings.run, f"stage-{index}-{stage.name}")
         if processes.main:
             save_checkpoint(model, processor, out / "checkpoints" / name,
-                            training_state(index + 1, step, StageState(rng=torch.get_rng_state())), out)
+                            training_state(index + 1, step, StageState(rng=torch.get_rng_state())), out,
+                            settings.kept_files)
     if held_out:
         text_loss["after"] = text_lm_loss(model, processor, held_out)
         log(f"held-out text loss after training: {text_loss['after']:.4f}")
     if processes.main:
-        save_checkpoint(model, processor, out / "checkpoint")
+        save_checkpoint(model, processor, out / "checkpoint", kept=settings.kept_files)
         for leftover in own_stops(out, settings.run):  # superseded now that this run has finished; other runs' stay
             shutil.rmtree(leftover)
             log(f"removed {leftover}, left when this run stopped; it has finished: {out / 'checkpoint'}")
