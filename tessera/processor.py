@@ -179,9 +179,13 @@ class Processor:
             return {"role": "user", "content": text}
         return {"role": "user", "content": f"{IMAGE}\n" * num_images + text}
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Token ids back to text, the special tokens left out unless asked for."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = True, **options) -> str:
+        """Token ids back to text, the special tokens left out unless asked for. One id, a list or a tensor, as
+        transformers' tokenizers take them: its streamers decode a single id at the end of a line. `options` they
+        pass (clean_up_tokenization_spaces) change nothing here."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return self.tokenizer.decode([ids] if isinstance(ids, int) else list(ids),
+                                     skip_special_tokens=skip_special_tokens)
 
     # --- batches -----------------------------------------------------------------------------------------------
     def __call__(self, conversations: Sequence[Sequence[Message]], images: Sequence[Sequence[Any]] | None = None,

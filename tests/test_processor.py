@@ -976,3 +976,18 @@ def test_a_processor_for_a_model_takes_the_tokenizer_file_s_path(tokenizer, tmp_
     config = model_config()
     by_path = Processor.for_model(config, tmp_path / "tokenizer.json")
     assert by_path([QA])["input_ids"].tolist() == Processor.for_model(config, tokenizer)([QA])["input_ids"].tolist()
+
+
+def test_transformers_streamers_decode_through_the_processor_across_a_newline(processor):
+    """transformers' streamers decode one id alone when a line ends (`decode(token_cache[-1])`): the processor takes
+    an id as transformers' tokenizers do. It raised 'int' object is not iterable at the first newline."""
+    streamers = pytest.importorskip("transformers.generation.streamers")
+    ids = processor.tokenizer.encode("the red square\nis small").ids
+    newline = processor.tokenizer.encode("\n").ids
+    assert set(newline) <= set(ids)
+    streamer = streamers.TextIteratorStreamer(processor)
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert "".join(streamer) == processor.decode(ids) == "the red square\nis small"
+    assert processor.decode(ids[0]) == processor.decode([ids[0]]) == processor.decode(torch.tensor(ids[:1]))
