@@ -34,9 +34,11 @@ DATASET = {"train": 3000, "test": 300, "seed": 0}
 
 
 def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log=print,
-               progress: bool = True, precision: str = "auto") -> dict[str, Any]:
+               progress: bool = True, precision: str = "auto", resume: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the metrics written to OUT/metrics.json. precision: see RunConfig — "auto" trains
-    in bf16-mixed where the CPU multiplies bf16 natively (the stage plans were sized with it), fp32 elsewhere."""
+    in bf16-mixed where the CPU multiplies bf16 natively (the stage plans were sized with it), fp32 elsewhere.
+    resume: continue a stopped quickstart's training from its newest resumable checkpoint (the same out, fusion
+    and precision; the dataset is made again, the same to the byte)."""
     if fusion not in DEFAULT_RECIPE:
         raise ValueError(f"fusion={fusion!r}: expected one of {', '.join(DEFAULT_RECIPE)}")
     started = time.perf_counter()
@@ -47,7 +49,8 @@ def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log
     recipe = DEFAULT_RECIPE[fusion]
     run = RunConfig.from_dict({"recipe": recipe, "data": str(data), "out": str(out / "run"), "fusion": fusion,
                                **QUICKSTART_RUNS[fusion], "precision": precision})  # the caller's precision wins
-    trained = run_training(run, log=log, progress=progress)
+    again = f"tessera quickstart --out {out} --fusion {fusion} --precision {precision} --resume"
+    trained = run_training(run, log=log, progress=progress, resume=resume or None, resume_command=again)
     model, processor = trained["model"], trained["processor"]
     checkpoint = out / "checkpoint"
     model.save_pretrained(checkpoint)

@@ -304,8 +304,13 @@ def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
     return directory
 
 
+# what a stopped run tells the user to type (the quickstart, which has no run config, tells its own)
+RESUME_COMMAND = "tessera train CONFIG --resume (with the same overrides, if any)"
+
+
 def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, run: int, log, where: str,
-                     state: TrainingState | None = None, kept: Sequence[Path] = ()) -> None:
+                     state: TrainingState | None = None, kept: Sequence[Path] = (),
+                     resume_command: str = RESUME_COMMAND) -> None:
     """Save into OUT/interrupted (OUT/run-N-interrupted for run N > 1) the model of a run that stops mid-stage, so
     the steps since the last checkpoint are not lost — unless its weights are no longer finite (they would only
     hide the good checkpoints) — with the training state, unless it stopped while a step was being applied."""
@@ -320,8 +325,8 @@ def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, run: 
         log(f"{where}; saving the model to {directory} failed too: {e}")
         return
     if resumable:
-        log(f"{where}: saved the model and the training state to {directory}; continue the run with: tessera train "
-            f"CONFIG --resume")
+        log(f"{where}: saved the model and the training state to {directory}; continue the run with: "
+            f"{resume_command}")
     else:
         log(f"{where}: saved the model as it was to {directory} (weights only: it stopped while a step was being "
             f"applied; --resume continues from the latest checkpoint instead)")

@@ -28,8 +28,8 @@ from tessera.model import MultimodalLM
 from tessera.processor import Processor
 from tessera.text.tokenizer import IMAGE, load_tokenizer, train_tokenizer
 from tessera.train.distributed import Processes, join, leave
-from tessera.train.loop import (TrainSettings, drop_metrics_after, plot_losses, read_metrics, save_checkpoint,
-                                save_interrupted, train_stage, training_precision)
+from tessera.train.loop import (RESUME_COMMAND, TrainSettings, drop_metrics_after, plot_losses, read_metrics,
+                                save_checkpoint, save_interrupted, train_stage, training_precision)
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
 from tessera.train.state import STATE_JSON, StageState, TrainingState, another_to_resume_from, \
@@ -268,14 +268,15 @@ def check_the_newest_is_where_the_run_left_off(out: Path, source: Path, resumed:
 
 
 def run_training(run: RunConfig, log=print, progress: bool = True,
-                 resume: str | Path | bool | None = None) -> dict[str, Any]:
+                 resume: str | Path | bool | None = None, resume_command: str = RESUME_COMMAND) -> dict[str, Any]:
     """Train every stage of the run; returns the model, processor, per-stage final losses and the held-out text
     loss before and after the multimodal stages (None without DATA/text_test.jsonl), the run steps at its end and
     the run step it resumed at (0 for a new run).
 
     resume: a resumable checkpoint to continue the run from, or True for the newest under OUT (see
     tessera.train.state). The stages it had done are not run again, its metrics go on as the same run, and the
-    continuation computes what the uninterrupted run would have.
+    continuation computes what the uninterrupted run would have. resume_command: what a stopped run tells the user
+    to type to continue it.
 
     Under torchrun, the run's processes train it together (see tessera.train.distributed); the first one writes
     into OUT and logs, and every one returns the trained model."""
@@ -285,13 +286,13 @@ def run_training(run: RunConfig, log=print, progress: bool = True,
         processes.check_batch_size(run.batch_size)
         if not processes.main:  # the main process says it all, once
             log, progress = (lambda *_: None), False
-        return _run_training(run, log, progress, resume, started, processes)
+        return _run_training(run, log, progress, resume, started, processes, resume_command)
     finally:
         leave(processes)
 
 
 def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool | None, started: float,
-                  processes: Processes) -> dict[str, Any]:
+                  processes: Processes, resume_command: str) -> dict[str, Any]:
     if run.threads:
         torch.set_num_threads(run.threads)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", processes.count))  # this machine's processes
@@ -329,7 +330,7 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
     with lock, stop_signals_interrupt(log):
         try:
             return _training_session(run, data_dir, out, train_file, stages, log, progress, resume, started,
-                                     processes)
+                                     processes, resume_command)
         except BaseException:
             # a run that stopped before writing anything (bad data, say) leaves no empty OUT made for it behind —
             # removed while this session still holds the lock (a session refused by it never gets here)
@@ -383,7 +384,7 @@ def raise_advising_another(error: CheckpointError, out: Path, source: Path | Non
 
 def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Path, stages: list[Stage], log,
                       progress: bool, resume: str | Path | bool | None, started: float,
-                      processes: Processes) -> dict[str, Any]:
+                      processes: Processes, resume_command: str) -> dict[str, Any]:
     """run_training's work in OUT, under its lock."""
     source = None
     try:
@@ -514,7 +515,7 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
                 save_interrupted(model, processor, out, settings.run, log,
                                  f"stopped in stage {stage.name!r} after {state.step} of its {stage.steps} steps "
                                  f"(run step {stage_start + state.step})",
-                                 training_state(index, stage_start, state), settings.kept_files)
+                                 training_state(index, stage_start, state), settings.kept_files, resume_command)
             raise
         step = stage_start + state.step
         stage_losses[stage.name] = done[-1] if done else None
