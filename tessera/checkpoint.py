@@ -106,6 +106,17 @@ def written_whole_directory(directory: Path):
         staging.rename(directory)
 
 
+def check_directory_to_write(path: str | Path, label: str) -> None:
+    """ConfigError, starting with `label` (the flag or key and its value), if `path` cannot become a directory: it,
+    or the nearest of its parents that exists, is a file. Checked before any work: mkdir would fail later, as a
+    bare OSError naming no flag."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "a file" if existing == path else f"its parent {existing} is a file"
+        raise ConfigError(f"{label}: {what}; expected a directory (made if missing)")
+
+
 def write_whole(path: Path, text: str) -> None:
     """Write `text` to `path` whole or not at all (see `written_whole`)."""
     with written_whole(path) as partial:

@@ -1,5 +1,6 @@
 """Every `tessera` verb on a tiny run, through the installed console script, and the one-line errors."""
 
+import io
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from tessera.train.loop import training_precision
@@ -73,6 +75,9 @@ def test_eval_flags_and_unusable_held_out_text_are_one_line_errors(trained, tmp_
         (["--max-new-tokens", 0], "--max-new-tokens 0: expected an integer >= 1"),
         (["--batch-size", 0], "--batch-size 0: expected an integer >= 1"),
         (["--text-data", tmp_path / "empty.jsonl"], f"{tmp_path / 'empty.jsonl'}: no usable held-out text records"),
+        (["--data", trained / "data"], f"--data {trained / 'data'}: a directory; expected a LLaVA .json list or a "
+                                       f"messages .jsonl file"),
+        (["--text-data", tmp_path / "nope.jsonl"], f"--text-data {tmp_path / 'nope.jsonl'}: no such file"),
     ]:
         result = tessera("eval", "--checkpoint", checkpoint, "--data", data, "--limit", 3, *args, check=False)
         assert result.returncode == 2 and words in result.stderr, result.stderr
@@ -223,12 +228,46 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         json.loads((tmp_path / "cross/metrics.json").read_text())["text_loss_after"]
 
 
+def test_a_stopped_quickstart_says_how_to_resume_and_resumes(tmp_path, monkeypatch):
+    """A quickstart has no run config for `tessera train CONFIG --resume`: it names its own command, and
+    `tessera quickstart --resume` continues the training where it stopped."""
+    from tessera import MultimodalLM
+    from tessera import quickstart as qs
+    from tessera.cli import main
+
+    monkeypatch.setattr(qs, "DATASET", {"train": 24, "test": 4, "seed": 0})
+    monkeypatch.setitem(qs.QUICKSTART_RUNS, "unified", {
+        **qs.QUICKSTART_RUNS["unified"], "steps": {"text": 2, "encoder_pretrain": 2, "align": 2, "instruct": 2},
+        "model": TINY_MODEL, "vocab_size": 400, "batch_size": 4, "checkpoint_every": 1})
+    real_forward, calls = MultimodalLM.forward, []
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 6:  # Ctrl-C in the align stage's second step, before its update
+                raise KeyboardInterrupt
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultimodalLM, "forward", forward)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        qs.quickstart(tmp_path / "qs", "unified", log=lines.append, progress=False, precision="fp32")
+    command = f"tessera quickstart --out {tmp_path / 'qs'} --fusion unified --precision fp32 --resume"
+    assert any(line.endswith(f"continue the run with: {command}") for line in lines), lines
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    main(command.split()[1:] + ["--no-progress"])
+    records = [json.loads(line) for line in (tmp_path / "qs/run/metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "step" in r and r.get("run") == 1]
+    assert steps == list(range(1, 9)), steps  # each step once: the resumed run went on from its checkpoint
+    assert (tmp_path / "qs/metrics.json").is_file()
+
+
 def test_quickstart_precision_flag(tmp_path, monkeypatch):
     """--precision reaches the run; a precision the trainer doesn't know is refused by the parser."""
     from tessera import quickstart as qs
 
     seen = []
-    monkeypatch.setattr(qs, "quickstart", lambda out, fusion, progress, precision: seen.append(precision))
+    monkeypatch.setattr(qs, "quickstart", lambda out, fusion, progress, precision, resume: seen.append(precision))
     from tessera.cli import main
     main(["quickstart", "--out", str(tmp_path), "--precision", "fp32"])
     assert seen == ["fp32"]
@@ -252,3 +291,20 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md (Use it)", "exec"), {})
     assert (tmp_path / "ckpt" / "model.safetensors").is_file() and (tmp_path / "ckpt" / "tokenizer.json").is_file()
+
+
+def test_an_output_directory_that_is_a_file_is_named_before_any_work(tmp_path, capsys):
+    """mkdir failed deep inside, as a bare '[Errno 17] File exists' naming no flag."""
+    from tessera.cli import main
+
+    taken = tmp_path / "run.yaml"
+    taken.write_text("recipe: llava\ndata: data\n")
+    for args, label in [
+        (["quickstart", "--out", str(taken)], f"--out {taken}: a file"),
+        (["data", "shapes", "--out", str(taken / "data")], f"--out {taken / 'data'}: its parent {taken} is a file"),
+        (["export", str(tmp_path), str(taken), "--format", "hf"], f"out_dir {taken}: a file"),
+        (["train", str(taken), f"out={taken}"], f"out={taken}: a file"),
+    ]:
+        assert main(args) == 2, args
+        error = capsys.readouterr().err.strip()
+        assert label in error and "expected a directory (made if missing)" in error and "\n" not in error, error

@@ -227,6 +227,9 @@ def test_convert_or_export_into_its_own_source_is_refused(families, tmp_path, ca
     assert main(["export", str(converted), str(converted)]) == 2
     assert "is the checkpoint being exported" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in converted.iterdir()} == before
+    # converting a tessera checkpoint again said "architectures=[] (model_type=None)"
+    assert main(["convert", str(converted), str(tmp_path / "again")]) == 2
+    assert f"{converted}: a tessera checkpoint already; expected a transformers directory" in capsys.readouterr().err
 
 
 def test_an_export_into_a_directory_whose_files_transformers_would_read_instead_is_refused(families, tmp_path,

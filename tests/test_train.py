@@ -575,6 +575,8 @@ def test_run_config_overrides_and_validation(tmp_path):
     ("model.text.max_position_embeddings=128", "max_length=256 exceeds the model's text.max_position_embeddings=128"),
     ("model.text.layers=2", "model: text: unknown field 'layers'"),
     ("steps.align=[", "override 'steps.align=[': '[' is not a YAML value"),
+    ("lr_scale.instruct.llmm=0.1",
+     "lr_scale.instruct.llmm: no such component; expected one of vision, projector, llm, cross_attention"),
     ("model.vision.encoder=none pretrain_encoder=true",
      "pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected false or auto"),
     ("model.vision.encoder=none recipe=qwen2-vl",

@@ -94,6 +94,9 @@ def read_raw_records(path: str | Path) -> list[tuple[str, str, Any]]:
     a JSONL record's adds its line number, as ids are often shared by many lines; a JSON record's, its place in the
     list (#0 for the first) when its id is shared or missing."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory; expected a data file in it (a LLaVA .json list or a messages .jsonl, "
+                        f"such as {path / 'test.json'})")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     data = path.read_bytes()

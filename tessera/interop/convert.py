@@ -18,8 +18,8 @@ from tessera.checkpoint import parameters_on_meta
 from tessera.errors import CheckpointError, ConfigError
 from tessera.interop import llava, mllama
 from tessera.interop.hub_files import (
-    CONFIG_NAME, GENERATION_CONFIG_NAME, INTEGER, INTEGERS, NULL, check_output_dir, checked, read_json, read_weights,
-    write_json,
+    CONFIG_NAME, GENERATION_CONFIG_NAME, INTEGER, INTEGERS, NULL, check_output_dir, checked, is_hf_checkpoint,
+    read_json, read_weights, write_json,
 )
 from tessera.interop.name_map import import_weights
 from tessera.model import MultimodalLM
@@ -84,6 +84,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None =
     from tessera.interop.processor import HubProcessor
 
     check_output_dir(out_dir, hf_dir, "converted")
+    if not is_hf_checkpoint(hf_dir) and (Path(hf_dir) / CONFIG_NAME).is_file():  # its config names no class
+        raise ConfigError(f"{hf_dir}: a tessera checkpoint already; expected a transformers directory (generate, "
+                          f"eval, serve, train and export take this one as it is)")
     model = load_hf_model(hf_dir, dtype)
     processor = HubProcessor.from_hf_dir(hf_dir, model.config)
     out = model.save_pretrained(out_dir)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from tessera.errors import DataError
 from tessera.serve.protocol import APIError
@@ -102,6 +102,9 @@ def decode_image(data: bytes, max_pixels: int, param: str, check_size: SizeCheck
         raise APIError(400, f"{param}: {e}", param) from None
     except Image.DecompressionBombError as e:  # PIL's own guard, past twice its MAX_IMAGE_PIXELS
         raise APIError(400, f"{param}: refused as a decompression bomb ({e})", param) from None
+    except UnidentifiedImageError:  # its message names the in-memory buffer object, of no use to the client
+        raise APIError(400, f"{param}: the bytes are not an image format PIL reads (PNG, JPEG, WebP, GIF, …)",
+                       param) from None
     except Exception as e:  # corrupt files raise anything from OSError to SyntaxError inside PIL: all mean 400
         raise APIError(400, f"{param}: the bytes are not a decodable image ({type(e).__name__}: {e})", param) from None
 

@@ -50,7 +50,8 @@ class Stage:
                 raise ConfigError(f"stage {self.name!r}: keep={stray[0]!r} does not train in this stage")
         unknown = set(self.lr_scale) - set(COMPONENTS)
         if unknown:
-            raise ConfigError(f"stage {self.name!r}: lr_scale has unknown component {sorted(unknown)[0]!r}")
+            raise ConfigError(f"lr_scale.{self.name}.{sorted(unknown)[0]}: no such component; expected one of "
+                              f"{', '.join(COMPONENTS)}")
         idle = [c for c in self.lr_scale if c not in self.train]  # its rate would change nothing, silently
         if idle:
             raise ConfigError(f"lr_scale.{self.name}.{idle[0]}: stage {self.name!r} does not train {idle[0]} (it "

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from tessera.checkpoint import check_directory_to_write
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError
 from tessera.presets.tiny import PRESETS
@@ -82,6 +83,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in ("recipe", "data", "out"):
             setattr(self, name, _text(name, getattr(self, name)))
+        check_directory_to_write(self.out, f"out={self.out}")
         for name in ("llm_checkpoint", "init_checkpoint", "tokenizer"):
             if getattr(self, name) is not None:
                 setattr(self, name, _text(name, getattr(self, name)))
