@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train a run described by a YAML file")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. steps.instruct=400 lr.align=1e-3")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value, e.g. steps.instruct=400 lr.align=1e-3")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--no-progress", action="store_true")
     resume = p.add_mutually_exclusive_group()

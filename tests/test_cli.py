@@ -308,3 +308,12 @@ def test_an_output_directory_that_is_a_file_is_named_before_any_work(tmp_path, c
         assert main(args) == 2, args
         error = capsys.readouterr().err.strip()
         assert label in error and "expected a directory (made if missing)" in error and "\n" not in error, error
+
+
+def test_train_without_a_config_asks_for_the_config_only(capsys):
+    from tessera.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("the following arguments are required: config")  # not overrides
