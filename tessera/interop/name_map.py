@@ -91,7 +91,8 @@ def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, t
             if name not in tensors:
                 raise CheckpointError(f"{source}: tensor {name!r} is missing; config.json implies it")
             if tuple(tensors[name].shape) != shape:
-                raise CheckpointError(f"{source.of(name)}: tensor {stored.get(name, name)!r} has shape "
+                as_stored = stored.get(name, name)
+                raise CheckpointError(f"{source.of(as_stored)}: tensor {as_stored!r} has shape "
                                       f"{tuple(tensors[name].shape)}; config.json implies {shape}")
             pieces.append(tensors.pop(name).reshape(-1))
         target = ours[rule.ours]
@@ -101,9 +102,9 @@ def import_weights(model: nn.Module, rules: Iterable[Rule], tensors: dict[str, t
     if tensors:
         unexpected = sorted(tensors, key=lambda name: stored.get(name, name))
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        first = unexpected[0]
-        raise CheckpointError(f"{source.of(first)}: unexpected tensor {stored.get(first, first)!r}{more}; tessera "
-                              f"has no place for it in this architecture")
+        first = stored.get(unexpected[0], unexpected[0])  # as the file names it
+        raise CheckpointError(f"{source.of(first)}: unexpected tensor {first!r}{more}; tessera has no place for it "
+                              f"in this architecture")
     if assign:
         assign_weights(model, loaded)
     else:
