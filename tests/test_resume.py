@@ -355,7 +355,7 @@ def test_resuming_a_different_run_is_refused_naming_what_differs(shapes, tmp_pat
     # what may change: where it writes, how often it saves, its threads; the data may move, not change
     data = tmp_path / "moved"
     shutil.copytree(shapes, data)
-    _train({**config, "data": str(data), "checkpoint_every": 7, "threads": 1}, resume=True)
+    _train({**config, "data": str(data), "checkpoint_every": 7, "threads": 1, "compile": True}, resume=True)
     (data / "train.json").write_text(json.dumps(json.loads((data / "train.json").read_text())[:-1]))
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's run in files\.train\.json \(sha256 \w{12}… "
                                           r"in the checkpoint, sha256 \w{12}… now\)"):

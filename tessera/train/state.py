@@ -31,9 +31,9 @@ STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.pt"
 FORMAT = 1
 # run-config fields that may change between a run and its continuation: where it writes, how often it saves and how
-# many of those saves it keeps, how many threads compute it, how it treats bad records (the records it keeps are
-# compared through the data files)
-MAY_CHANGE = ("out", "data", "checkpoint_every", "keep_checkpoints", "threads", "strict")
+# many of those saves it keeps, how many threads compute it and whether compiled (either may move the last bits of
+# the sums), how it treats bad records (the records it keeps are compared through the data files)
+MAY_CHANGE = ("out", "data", "checkpoint_every", "keep_checkpoints", "threads", "strict", "compile")
 
 
 @dataclass
