@@ -372,6 +372,11 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"stop_token_ids={self.stop_token_ids!r}: {bad[0]!r} is not a token id in "
                               f"0..{self.text.vocab_size - 1}")
+        if self.vision.encoder == "none" and self.fusion.method != "unified":
+            # raw patches carry no position, and cross-attention adds none: the image would be an unordered set
+            raise ConfigError(f"vision.encoder='none' with fusion.method={self.fusion.method!r}: raw patches have no "
+                              f"positions but the LLM's own, which cross-attention does not give them; expected "
+                              f"fusion.method='unified' (Fuyu's design)")
         if self.vision.encoder == "tiled" and self.fusion.method != "cross":
             raise ConfigError(f"vision.encoder='tiled' with fusion.method={self.fusion.method!r}: the tiled encoder "
                               f"feeds cross-attention; expected fusion.method='cross'")

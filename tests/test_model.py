@@ -233,13 +233,17 @@ def test_batched_generation_equals_one_by_one(fusion, linear_route):
         assert single.sequences[0] == batched.sequences[i], f"sample {i}"
 
 
-@pytest.mark.parametrize("fusion", ["unified", "cross"])
-def test_the_encoder_free_model_generates_alike_cached_or_not_batched_or_alone_saved_or_not(tmp_path, fusion):
-    """Fuyu's design (vision.encoder="none") through the same properties as the others, in either method."""
-    config = tiny_config(fusion, cross_attention_layers=[0, 2])
+def test_the_encoder_free_model_generates_alike_cached_or_not_batched_or_alone_saved_or_not(tmp_path):
+    """Fuyu's design (vision.encoder="none") through the same properties as the others. Method A only: Method B
+    would see raw patches as an unordered set (its image keys carry no position), so it is refused."""
+    config = tiny_config("cross", cross_attention_layers=[0, 2])
+    config.vision.encoder = "none"
+    with pytest.raises(ConfigError, match=r"^vision.encoder='none' with fusion.method='cross': raw patches have no "):
+        MultimodalLM(config)
+    config = tiny_config("unified")
     config.vision.encoder = "none"
     model = MultimodalLM(config).eval()
-    _open_gates(model, 0.7)
+    fusion = "unified"
     rows, ids, mask, pixels, counts = _generation_batch(fusion)
     cached = model.generate(ids, mask, pixels, counts, max_new_tokens=8, eos_token_id=[]).sequences
     assert cached == model.generate(ids, mask, pixels, counts, max_new_tokens=8, eos_token_id=[],

@@ -330,6 +330,12 @@ def test_an_encoder_free_model_trains_through_its_recipe_without_an_encoder_stag
     assert all(math.isfinite(r["loss"]) for r in records)
     trained = MultimodalLM.from_pretrained(tmp_path / "run/checkpoint")
     assert trained.config.vision.encoder == "none" and not list(trained.vision.parameters())
+    aligned = MultimodalLM.from_pretrained(tmp_path / "run/checkpoints/stage-1-align")
+    text = MultimodalLM.from_pretrained(tmp_path / "run/checkpoints/stage-0-text")
+    # align trained the projector (the patch embedding) alone; instruct the projector and the LLM
+    assert not torch.equal(aligned.projector.linear_1.weight, text.projector.linear_1.weight)
+    assert torch.equal(aligned.llm.embed_tokens.weight, text.llm.embed_tokens.weight)
+    assert not torch.equal(trained.llm.embed_tokens.weight, aligned.llm.embed_tokens.weight)
 
 
 def test_every_stage_has_records_of_its_kind_before_the_first_step(shapes, tmp_path):
@@ -579,6 +585,9 @@ def test_run_config_overrides_and_validation(tmp_path):
      "lr_scale.instruct.llmm: no such component; expected one of vision, projector, llm, cross_attention"),
     ("model.vision.encoder=none pretrain_encoder=true",
      "pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected false or auto"),
+    ("model.vision.encoder=none steps.encoder_pretrain=300",
+     "steps.encoder_pretrain=300: the model has no encoder to pretrain (vision.encoder='none'); expected no "
+     "steps.encoder_pretrain (or 0)"),
     ("model.vision.encoder=none recipe=qwen2-vl",
      "recipe 'qwen2-vl': stage 'encoder' trains only the encoder, which vision.encoder='none' does not have; "
      "expected a recipe whose every stage trains more (llava, molmo, baichuan-omni, nvlm-d)"),

@@ -331,7 +331,8 @@ def build_stages(run: RunConfig) -> list[Stage]:
     recipe = get_recipe(run.recipe)
     stages = [] if run.llm_checkpoint or run.init_checkpoint else [TEXT_PRETRAINING]
     encoder = encoder_pretraining(run.fusion or recipe.fusion)
-    if model_config(run, padded_vocab(run.vocab_size) if run.vocab_size else None).vision.encoder == "none":
+    encoder_free = model_config(run, padded_vocab(run.vocab_size) if run.vocab_size else None).vision.encoder == "none"
+    if encoder_free:
         check_encoder_free_recipe(run, recipe)  # and no encoder to pretrain
     elif not run.init_checkpoint and (run.pretrain_encoder is True or (run.pretrain_encoder == "auto" and
                                                                        "vision" not in recipe.stages[0].train)):
@@ -344,6 +345,11 @@ def build_stages(run: RunConfig) -> list[Stage]:
     tables = {"steps": run.steps, "lr": run.lr, "lr_scale": run.lr_scale, "schedule": schedules}
     # settings for a skipped stage may stay in the file
     skipped = {TEXT_PRETRAINING.name} if run.llm_checkpoint else set()
+    if encoder_free:
+        skipped.add(encoder.name)
+        if run.steps.get(encoder.name):  # a config written for a model with an encoder, most likely
+            raise ConfigError(f"steps.{encoder.name}={run.steps[encoder.name]}: the model has no encoder to "
+                              f"pretrain (vision.encoder='none'); expected no steps.{encoder.name} (or 0)")
     if run.init_checkpoint:
         skipped = {TEXT_PRETRAINING.name, encoder.name} - names
         # but not steps: a pretrained whole model's LLM and encoder would be pretrained again from where they are,
