@@ -585,6 +585,8 @@ def test_run_config_overrides_and_validation(tmp_path):
      "lr_scale.instruct.llmm: no such component; expected one of vision, projector, llm, cross_attention"),
     ("model.vision.encoder=none pretrain_encoder=true",
      "pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected false or auto"),
+    ("max_length=10", "max_length=10: one image alone takes 10 tokens of this model; expected a max_length that "
+                      "holds an image and its text"),
     ("model.vision.encoder=none steps.encoder_pretrain=300",
      "steps.encoder_pretrain=300: the model has no encoder to pretrain (vision.encoder='none'); expected no "
      "steps.encoder_pretrain (or 0)"),

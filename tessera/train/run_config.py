@@ -404,6 +404,10 @@ def model_config(run: RunConfig, vocab_size: int | None) -> ModelConfig:
     if run.max_length > config.text.max_position_embeddings:
         raise ConfigError(f"max_length={run.max_length} exceeds the model's text.max_position_embeddings="
                           f"{config.text.max_position_embeddings}; expected a max_length it can hold")
+    if run.max_length <= config.image_seq_length:  # every record with an image would be cut, and skipped
+        raise ConfigError(f"max_length={run.max_length}: one image alone takes {config.image_seq_length} tokens of "
+                          f"this model; expected a max_length that holds an image and its text (a LLaVA-1.5 takes "
+                          f"576 per image: max_length 1024, say)")
     return config
 
 
