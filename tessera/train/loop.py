@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,9 +69,10 @@ class TrainSettings:
     precision: str = "fp32"
     run: int = 1  # written into every metrics record: runs into the same directory append to one metrics.jsonl
     processes: Processes = SINGLE  # torchrun's, each taking its share of every batch (see train/distributed.py)
-    # copied into every checkpoint as they are: an init_checkpoint's generation_config.json, whose sampling
-    # settings tessera does not read but `tessera export` writes back
-    kept_files: tuple[Path, ...] = ()
+    # written into every checkpoint as they are (name → bytes, read once when the run starts: the source may move
+    # or change while it trains): an init_checkpoint's generation_config.json, whose sampling settings tessera does
+    # not read but `tessera export` writes back
+    kept_files: dict[str, bytes] = field(default_factory=dict)
 
 
 def batches(examples: list[EncodedExample], processor: Processor, batch_size: int, seed: int,
@@ -288,7 +288,8 @@ def copy_components(model: MultimodalLM, names) -> dict[str, dict[str, torch.Ten
 
 
 def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
-                    state: TrainingState | None = None, out: Path | None = None, kept: Sequence[Path] = ()) -> Path:
+                    state: TrainingState | None = None, out: Path | None = None,
+                    kept: dict[str, bytes] | None = None) -> Path:
     """The weights, tokenizer and processor settings, and the `kept` files as they are; with `state`, the training
     state that makes the checkpoint resumable (see tessera.train.state), numbered after the other resumable
     checkpoints of `out`, the run's OUT."""
@@ -297,8 +298,8 @@ def save_checkpoint(model: MultimodalLM, processor: Processor, directory: Path,
     with written_whole_directory(directory) as saving:  # an earlier save there stays whole until this one is
         model.save_pretrained(saving)
         processor.save_pretrained(saving)
-        for path in kept:
-            shutil.copyfile(path, saving / path.name)
+        for name, data in (kept or {}).items():
+            (saving / name).write_bytes(data)
         if state is not None:
             save_state(saving, state, out)
     return directory
@@ -309,7 +310,7 @@ RESUME_COMMAND = "tessera train CONFIG --resume (with the same overrides, if any
 
 
 def save_interrupted(model: MultimodalLM, processor: Processor, out: Path, run: int, log, where: str,
-                     state: TrainingState | None = None, kept: Sequence[Path] = (),
+                     state: TrainingState | None = None, kept: dict[str, bytes] | None = None,
                      resume_command: str = RESUME_COMMAND) -> None:
     """Save into OUT/interrupted (OUT/run-N-interrupted for run N > 1) the model of a run that stops mid-stage, so
     the steps since the last checkpoint are not lost — unless its weights are no longer finite (they would only

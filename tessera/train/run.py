@@ -466,8 +466,8 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
                              seed=run.seed, progress=progress, precision=precision,
                              processes=processes)
     if run.init_checkpoint:
-        settings.kept_files = tuple(path for path in [Path(run.init_checkpoint) / GENERATION_CONFIG_NAME]
-                                    if path.is_file())
+        generation = Path(run.init_checkpoint) / GENERATION_CONFIG_NAME
+        settings.kept_files = {generation.name: generation.read_bytes()} if generation.is_file() else {}
     log(f"precision: {settings.precision}" + (f" (asked for {run.precision})" if run.precision == "auto" else ""))
     held_out = []
     if (data_dir / "text_test.jsonl").is_file() and processes.main:  # measured and reported by the main process alone
