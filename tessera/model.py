@@ -493,7 +493,7 @@ class MultimodalLM(nn.Module):
 
         Compiled, each as one graph (fullgraph=True: a graph break is an error here, not a silent slowdown):
         - the generation decode step: the whole forward of the new tokens through the KV cache;
-        - the vision encoder (ViT or tiled);
+        - the vision encoder (ViT, tiled, or the encoder-free raw patches);
         - the decoder's layer stack with Method B's blocks (`DecoderLLM.run_layers`).
         The rest of a prefill or training forward stays eager around them: it checks the image-token counts, works
         out which image each token sees and which positions carry a label — data-dependent Python that would break
