@@ -1,7 +1,8 @@
 """Model configuration: nested dataclasses with a JSON round trip and validation.
 
 A `ModelConfig` holds the three parts the article names — the image encoder (`VisionConfig`), the decoder LLM
-(`TextConfig`) and how the two are joined (`FusionConfig`: Method A "unified" or Method B "cross").
+(`TextConfig`) and how the two are joined (`FusionConfig`: Method A "unified", Method B "cross", or NVLM-H's
+"hybrid" of the two).
 Every invalid value raises `ConfigError` naming the field and what is allowed.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 from tessera.checkpoint import write_whole
 from tessera.errors import ConfigError
 
-FUSION_METHODS = ("unified", "cross")
+FUSION_METHODS = ("unified", "cross", "hybrid")
 PROJECTORS = ("linear", "mlp")
 SELECT_STRATEGIES = ("default", "full")
 VISION_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
@@ -81,6 +82,15 @@ def _choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None
         raise ConfigError(f"{owner}.{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
 
 
+def check_grid_list(field_name: str, grids: Any, max_field: str, max_tiles: int) -> None:
+    """Tile grids: a non-empty list of [rows, columns] pairs of at most max_tiles tiles."""
+    if (not isinstance(grids, (list, tuple)) or not grids
+            or any(not isinstance(g, (list, tuple)) or len(g) != 2 or not all(is_integer(n) and n > 0 for n in g)
+                   or g[0] * g[1] > max_tiles for g in grids)):
+        raise ConfigError(f"{field_name}={grids!r}: expected a non-empty list of [rows, columns] pairs of at most "
+                          f"{max_field}={max_tiles} tiles, or null")
+
+
 def _divides(owner: str, heads_field: str, heads: int, width_field: str, width: int) -> None:
     if width % heads:
         raise ConfigError(
@@ -97,6 +107,9 @@ class VisionConfig:
     tiles of image_size², each tile gets aspect-ratio embeddings, `num_layers` local blocks run over all tiles of one
     image, then `num_global_layers` gated blocks, and the outputs of the local blocks listed in
     `intermediate_layers` are appended on channels.
+
+    With fusion.method="hybrid" (NVLM-H) the ViT reads an image as a thumbnail and up to `max_num_tiles` tiles of
+    image_size² (dynamic high resolution: the grid among `aspect_ratios` closest to the image's shape).
 
     encoder="none" is Fuyu's encoder-free design: no ViT at all; each patch's raw pixels (channels·patch² values,
     normalised) are a feature, and the projector alone embeds them into the LLM. Only image_size, patch_size, the
@@ -119,9 +132,10 @@ class VisionConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     patch_bias: bool = True  # CLIP's patch convolution has no bias, SigLIP's has one
     encoder: str = "vit"
-    # encoder="tiled" only:
+    # encoder="tiled", and the ViT under fusion.method="hybrid":
     max_num_tiles: int = 4
     supported_aspect_ratios: list[list[int]] | None = None  # tile grids; None: every grid of <= max_num_tiles tiles
+    # encoder="tiled" only:
     num_global_layers: int = 0
     intermediate_layers: list[int] = field(default_factory=list)  # local blocks (0-based) whose outputs are kept
 
@@ -158,7 +172,7 @@ class VisionConfig:
             raise ConfigError(f"vision.image_std={self.image_std!r}: expected positive values")
 
     def _check_tiling(self) -> None:
-        _positive("vision", max_num_tiles=self.max_num_tiles)
+        self.check_tile_grids()
         if not is_integer(self.num_global_layers) or self.num_global_layers < 0:
             raise ConfigError(f"vision.num_global_layers={self.num_global_layers!r}: expected an integer >= 0")
         if not self.use_cls_token:
@@ -170,13 +184,13 @@ class VisionConfig:
         if bad:
             raise ConfigError(f"vision.intermediate_layers={self.intermediate_layers!r}: index {bad[0]!r} is out of "
                               f"range; expected local block indices in 0..{self.num_layers - 1}")
-        ratios = self.supported_aspect_ratios
-        if ratios is not None and (
-                not isinstance(ratios, (list, tuple)) or not ratios
-                or any(not isinstance(r, (list, tuple)) or len(r) != 2 or not all(is_integer(n) and n > 0 for n in r)
-                       or r[0] * r[1] > self.max_num_tiles for r in ratios)):
-            raise ConfigError(f"vision.supported_aspect_ratios={ratios!r}: expected a non-empty list of [rows, "
-                              f"columns] pairs of at most max_num_tiles={self.max_num_tiles} tiles, or null")
+
+    def check_tile_grids(self) -> None:
+        """max_num_tiles and supported_aspect_ratios, which any tiling reads."""
+        _positive("vision", max_num_tiles=self.max_num_tiles)
+        if self.supported_aspect_ratios is not None:
+            check_grid_list("vision.supported_aspect_ratios", self.supported_aspect_ratios, "max_num_tiles",
+                             self.max_num_tiles)
 
     @property
     def aspect_ratios(self) -> list[list[int]]:
@@ -284,6 +298,8 @@ class FusionConfig:
     method="unified" (Method A): projected image tokens replace `<image>` slots in the token sequence.
     method="cross" (Method B): projected image features are keys/values of gated cross-attention blocks that run
     before the decoder layers listed in `cross_attention_layers` (None: every 4th layer, as in Llama 3.2).
+    method="hybrid" (NVLM-H): each image is cut into high-resolution tiles beside a thumbnail of the whole; the
+    thumbnail's features replace `<image>` slots as in Method A, the tiles' are the keys/values of Method B's blocks.
     With cross_attention_placement="replace" a block takes the place of its decoder layer instead (Llama 3.2
     Vision's layout: the layer at that index is a cross-attention layer, not a self-attention one).
     """
@@ -372,6 +388,11 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"stop_token_ids={self.stop_token_ids!r}: {bad[0]!r} is not a token id in "
                               f"0..{self.text.vocab_size - 1}")
+        if self.fusion.method == "hybrid":
+            if self.vision.encoder != "vit":  # the tiles need an encoder that places patches, and one image size
+                raise ConfigError(f"fusion.method='hybrid' with vision.encoder={self.vision.encoder!r}: the hybrid "
+                                  f"encodes a thumbnail and tiles with one ViT; expected vision.encoder='vit'")
+            self.vision.check_tile_grids()
         if self.vision.encoder == "none" and self.fusion.method != "unified":
             # raw patches carry no position, and cross-attention adds none: the image would be an unordered set
             raise ConfigError(f"vision.encoder='none' with fusion.method={self.fusion.method!r}: raw patches have no "
@@ -393,7 +414,7 @@ class ModelConfig:
                 "fusion.vision_feature_select_strategy='default' drops the CLS token but vision.use_cls_token is "
                 "False; expected 'full'"
             )
-        if self.fusion.method == "cross":
+        if self.fusion.method in ("cross", "hybrid"):
             layers = self.cross_attention_layers
             bad = [i for i in layers if not 0 <= i < self.text.num_layers]
             if bad:
@@ -404,7 +425,8 @@ class ModelConfig:
             if not layers:
                 raise ConfigError(
                     f"fusion.cross_attention_layers resolves to [] for text.num_layers={self.text.num_layers}; "
-                    f"expected at least one index in 0..{self.text.num_layers - 1} for fusion.method='cross'"
+                    f"expected at least one index in 0..{self.text.num_layers - 1} for fusion.method="
+                    f"{self.fusion.method!r}"
                 )
 
     def check(self) -> ModelConfig:
@@ -418,12 +440,18 @@ class ModelConfig:
 
     @property
     def cross_attention_layers(self) -> list[int]:
-        """Decoder layers preceded by a gated cross-attention block (Method B); empty for Method A."""
-        if self.fusion.method != "cross":
+        """Decoder layers preceded by a gated cross-attention block (Method B, hybrid); empty for Method A."""
+        if self.fusion.method == "unified":
             return []
         if self.fusion.cross_attention_layers is None:
             return list(range(3, self.text.num_layers, 4))
         return list(self.fusion.cross_attention_layers)
+
+    @property
+    def tiled_images(self) -> bool:
+        """Do images reach cross-attention as tiles (Llama 3.2 Vision's encoder, the hybrid's high-resolution
+        tiles)? Their keys then come in one run per tile slot, vision.max_num_tiles per image."""
+        return self.vision.encoder == "tiled" or self.fusion.method == "hybrid"
 
     @property
     def num_feature_tokens(self) -> int:
@@ -447,9 +475,9 @@ class ModelConfig:
 
     @property
     def image_seq_length(self) -> int:
-        """How many `<image>` tokens stand for one image in the text: the feature count for Method A, one marker
-        for Method B (whose features enter through cross-attention instead)."""
-        return self.num_feature_tokens if self.fusion.method == "unified" else 1
+        """How many `<image>` tokens stand for one image in the text: the feature count for Method A (the
+        thumbnail's for the hybrid), one marker for Method B (whose features enter through cross-attention)."""
+        return 1 if self.fusion.method == "cross" else self.num_feature_tokens
 
     # --- JSON round trip -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -10,7 +10,9 @@ projection and MLP), which no later layer reads — unless a cross-attention blo
 (`cross_attention_placement="replace"`): the block then reads every row. A replaced layer is no self-attention
 layer. The ViT's blocks only up to the deepest selected feature; the tiled encoder's local and global blocks all
 run, over every tile slot of an image, each tile padded to a multiple of 8 tokens (real tokens attend to the
-padding). These are the FLOPs a step must spend, whatever an implementation spends on top.
+padding). The hybrid (NVLM-H) encodes a thumbnail and tiles per image, counted at its most tiles: the thumbnail's
+tokens join the sequence, the tiles' are the cross-attention blocks' keys and values. These are the FLOPs a step
+must spend, whatever an implementation spends on top.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def patch_flops(config: ModelConfig, images: int, patches_per_image: int) -> flo
     if v.encoder == "none":
         return 0.0
     return images * patches_per_image * 2 * (v.num_channels * v.patch_size**2) * v.hidden_size
+
+
+def encoded_per_image(config: ModelConfig) -> int:
+    """Images the encoder runs for one image: the hybrid's thumbnail and its most tiles, else one."""
+    return 1 + config.vision.max_num_tiles if config.fusion.method == "hybrid" else 1
 
 
 def vision_tokens(config: ModelConfig) -> tuple[int, int]:
@@ -89,23 +96,27 @@ def training_step_flops(config: ModelConfig, batch: int, image_tokens: int, text
                         labelled_tokens: int) -> float:
     """FLOPs of one training step (everything trains) on `batch` samples of one image each.
 
-    image_tokens: tokens per image as the LLM sees them; text_tokens: text tokens per sample; labelled_tokens:
-    tokens per sample whose next token is a label (the LM head's work)."""
+    image_tokens: tokens per image as the LLM sees them (the hybrid: its thumbnail's, and as many per tile through
+    cross-attention); text_tokens: text tokens per sample; labelled_tokens: tokens per sample whose next token is a
+    label (the LM head's work)."""
     patches, vit_tokens = vision_tokens(config)
-    forward = vision_block_flops(config, batch, vit_tokens) + projector_flops(config, batch * image_tokens)
+    encoded = batch * encoded_per_image(config)
+    forward = vision_block_flops(config, encoded, vit_tokens) + projector_flops(config, encoded * image_tokens)
     t = config.text
-    sequence = image_tokens + text_tokens if config.fusion.method == "unified" else text_tokens
+    method = config.fusion.method
+    sequence = image_tokens + text_tokens if method != "cross" else text_tokens
+    keys = image_tokens * config.vision.max_num_tiles if method == "hybrid" else image_tokens
     replaced = config.cross_attention_layers if config.fusion.cross_attention_placement == "replace" else []
     last_trimmed = t.num_layers - 1 not in replaced  # a block in the last layer's place reads every row
     full_layers = t.num_layers - len(replaced) - int(last_trimmed)
     forward += full_layers * batch * decoder_layer_flops(config, sequence, sequence)
     if last_trimmed:
         forward += batch * decoder_layer_flops(config, sequence, sequence, outputs=labelled_tokens)
-    if config.fusion.method != "unified":
-        forward += len(config.cross_attention_layers) * batch * cross_block_flops(config, text_tokens, image_tokens)
+    if method != "unified":  # the hybrid's thumbnail tokens read the tiles too
+        forward += len(config.cross_attention_layers) * batch * cross_block_flops(config, sequence, keys)
     forward += batch * labelled_tokens * 2 * t.hidden_size * t.vocab_size
     # the pixels take no gradient: the patch embedding's backward is its weight gradient alone
-    total = TRAIN * forward + 2 * patch_flops(config, batch, patches)
+    total = TRAIN * forward + 2 * patch_flops(config, encoded, patches)
     if config.vision.encoder == "none":  # no encoder: the projector's first product is the patch embedding
         total -= batch * image_tokens * 2 * config.image_feature_width * t.hidden_size
     return total
@@ -115,16 +126,18 @@ def image_encoding_flops(config: ModelConfig) -> float:
     """Forward FLOPs of encoding one image: patch embedding, encoder blocks and projector. A tiled encoder's image
     counts at its most tiles."""
     patches, positions = vision_tokens(config)
-    return (patch_flops(config, 1, patches) + vision_block_flops(config, 1, positions)
-            + projector_flops(config, config.num_feature_tokens))
+    encoded = encoded_per_image(config)
+    return (patch_flops(config, encoded, patches) + vision_block_flops(config, encoded, positions)
+            + projector_flops(config, encoded * config.num_feature_tokens))
 
 
 def image_keys_values_flops(config: ModelConfig) -> float:
-    """Method B: forward FLOPs of every cross-attention block's keys and values of one encoded image (0 for
-    Method A)."""
+    """Method B: forward FLOPs of every cross-attention block's keys and values of one encoded image (the hybrid:
+    of its most tiles; 0 for Method A)."""
     t = config.text
     kv = 2 * t.hidden_size * 2 * t.num_kv_heads * t.head_dim
-    return len(config.cross_attention_layers) * config.num_feature_tokens * kv
+    tiles = config.vision.max_num_tiles if config.fusion.method == "hybrid" else 1
+    return len(config.cross_attention_layers) * tiles * config.num_feature_tokens * kv
 
 
 def prompt_token_flops(config: ModelConfig) -> float:

@@ -1,4 +1,5 @@
-"""MultimodalLM: image encoder → projector → decoder LLM, joined by Method A (unified) or Method B (cross).
+"""MultimodalLM: image encoder → projector → decoder LLM, joined by Method A (unified), Method B (cross) or
+NVLM-H's hybrid of the two.
 
     model = MultimodalLM(ModelConfig(fusion="cross"))
     out = model(**batch)                       # logits, and the loss when labels are given
@@ -24,6 +25,7 @@ from tessera.checkpoint import CONFIG_NAME, load_dtype, load_weights, parameters
 from tessera.config import ModelConfig, is_integer
 from tessera.errors import CheckpointError, ConfigError, DataError, ImageTokenMismatchError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
+from tessera.fusion.hybrid import split_thumbnail_and_tiles
 from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
 from tessera.generation import SamplingParams, StopChecker, TokenChooser
@@ -32,6 +34,7 @@ from tessera.text.decoder import DecoderLLM, padding_moved_to_the_front
 from tessera.vision.encoder import VisionEncoder, deepest_layer, select_image_features
 from tessera.vision.patch_embedding import RawPatches
 from tessera.vision.tiled import TiledVisionEncoder
+from tessera.vision.tiling import real_tiles
 
 IGNORE_INDEX = -100
 COMPONENTS = ("vision", "projector", "llm", "cross_attention")
@@ -88,8 +91,9 @@ def whole_counts(image_counts) -> list[int]:
 class MultimodalLM(nn.Module):
     """A multimodal LLM: a vision encoder (ViT, Llama 3.2 Vision's tiled one, or none: Fuyu's raw patches), a
     projector and a decoder LLM, joined as config.fusion.method says — "unified" (Method A: the projected image
-    features take the places of the image tokens in the LLM's input) or "cross" (Method B: gated cross-attention
-    blocks inside the LLM read them).
+    features take the places of the image tokens in the LLM's input), "cross" (Method B: gated cross-attention
+    blocks inside the LLM read them) or "hybrid" (NVLM-H: a thumbnail's features in the input, the high-resolution
+    tiles' through the gated blocks).
 
     model(input_ids, attention_mask, pixel_values, image_counts) gives the logits; with labels=..., the loss over
     the answer tokens (and the logits only if return_logits=True asks for them). model.generate(...) continues
@@ -131,33 +135,66 @@ class MultimodalLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None
                       ) -> torch.Tensor:
         """(N, C, H, W) pixels → (N, S, text width) projected image features. A tiled encoder takes
-        (N, max_num_tiles, C, H, W) tiles and each image's aspect-ratio id, and gives S = tiles × tokens per tile."""
+        (N, max_num_tiles, C, H, W) tiles and each image's aspect-ratio id, and gives S = tiles × tokens per tile;
+        the hybrid takes (N, 1 + max_num_tiles, C, H, W), a thumbnail and the tiles, and gives S = (1 +
+        max_num_tiles) × tokens per tile, zeros for the padding tiles (which are not encoded)."""
+        if self.config.fusion.method == "hybrid":
+            return self._encode_thumbnails_and_tiles(pixel_values, aspect_ratio_ids)
         if self.config.vision.encoder == "tiled":
             ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, pixel_values.shape[0])
             features = self.vision(pixel_values.to(self.dtype), ratio_ids)
             return self.projector(features).flatten(1, 2)
         if self.config.vision.encoder == "none":  # Fuyu: the projector embeds the raw patches
             return self.projector(self.vision(pixel_values.to(self.dtype)))
+        return self.projector(self._vit_features(pixel_values))
+
+    def _vit_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) pixels → the ViT features the projector reads (fusion.vision_feature_layer's blocks)."""
         fusion, layers = self.config.fusion, self.config.fusion.feature_layers
         num_layers = self.config.vision.num_layers
         hidden = self.vision(pixel_values.to(self.dtype), up_to_layer=deepest_layer(layers, num_layers))
         drop_cls = fusion.vision_feature_select_strategy == "default"
-        return self.projector(select_image_features(hidden, layers, num_layers, drop_cls))
+        return select_image_features(hidden, layers, num_layers, drop_cls)
+
+    def _encode_thumbnails_and_tiles(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None
+                                     ) -> torch.Tensor:
+        """The hybrid's images: every thumbnail and real tile through the ViT in one batch, the padding tiles
+        skipped (an image of one tile would otherwise pay for max_num_tiles)."""
+        slots = 1 + self.config.vision.max_num_tiles
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != slots:
+            raise DataError(f"pixel_values of shape {tuple(pixel_values.shape)}: the hybrid expects (images, {slots}, "
+                            f"channels, height, width), a thumbnail and vision.max_num_tiles="
+                            f"{slots - 1} tile slots per image, as the processor makes them")
+        images = pixel_values.shape[0]
+        real = torch.cat([torch.ones(images, 1, dtype=torch.bool, device=pixel_values.device),
+                          self._tile_mask(self._aspect_ratio_ids(aspect_ratio_ids, images))], dim=1)
+        features = self.projector(self._vit_features(pixel_values[real]))
+        placed = features.new_zeros(images, slots, *features.shape[1:])
+        placed[real] = features
+        return placed.flatten(1, 2)
 
     def _aspect_ratio_ids(self, aspect_ratio_ids: torch.Tensor | None, num_images: int) -> torch.Tensor:
-        """The tiled encoder's aspect-ratio ids, one per image, checked: a missing, miscounted or unknown id would
+        """Tiled images' aspect-ratio ids, one per image, checked: a missing, miscounted or unknown id would
         otherwise fail deep inside (or, one too many, mark the wrong tiles real without a word)."""
         if aspect_ratio_ids is None:
-            raise DataError("aspect_ratio_ids: the tiled encoder needs each image's aspect-ratio id; expected "
-                            "the processor's aspect_ratio_ids beside pixel_values (or image_features)")
+            raise DataError("aspect_ratio_ids: tiled images need each image's aspect-ratio id; expected the "
+                            "processor's aspect_ratio_ids beside pixel_values (or image_features)")
         ids = aspect_ratio_ids.reshape(-1)
         if ids.numel() != num_images:
             raise DataError(f"aspect_ratio_ids holds {ids.numel()} ids for {num_images} images; expected one per "
                             f"image")
         most = len(self.config.vision.aspect_ratios)
-        if ids.numel() and not bool(((ids >= 0) & (ids <= most)).all()):
-            raise DataError(f"aspect_ratio_ids={ids.tolist()}: expected ids in 0..{most} (vision.aspect_ratios)")
+        least = 1 if self.config.fusion.method == "hybrid" else 0  # the tiled encoder's 0 is a padding image
+        if ids.numel() and not bool(((ids >= least) & (ids <= most)).all()):
+            raise DataError(f"aspect_ratio_ids={ids.tolist()}: expected ids in {least}..{most} "
+                            f"(vision.aspect_ratios)")
         return ids
+
+    def _tile_mask(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """(images, max_num_tiles) bool: which tile slots of each image hold part of it."""
+        if self.config.vision.encoder == "tiled":
+            return self.vision.tile_mask(aspect_ratio_ids)
+        return real_tiles(aspect_ratio_ids, self.config.vision.aspect_ratios, self.config.vision.max_num_tiles)
 
     # --- forward -----------------------------------------------------------------------------------------------
     def forward(
@@ -178,8 +215,8 @@ class MultimodalLM(nn.Module):
         """pixel_values holds every image of the batch in order (sample 0's images first); image_counts says how
         many belong to each sample (read off the `<image>` tokens when omitted). image_features may replace
         pixel_values when the images are already encoded. With a cache, only the first call (prefill) takes images.
-        A tiled encoder also needs aspect_ratio_ids, one per image (with image_features too: they say which tiles
-        are real).
+        Tiled images (Llama 3.2 Vision's encoder, the hybrid's tiles) also need aspect_ratio_ids, one per image (with
+        image_features too: they say which tiles are real).
 
         The loss is summed over supervised tokens and divided by their count — or by num_items_in_batch, the count
         over all micro-batches of an accumulated step, so every token weighs the same. With labels, the LM head
@@ -223,14 +260,19 @@ class MultimodalLM(nn.Module):
                 image_counts = infer_image_counts(input_ids, self.config.image_token_id, per_image) \
                     if num_images else [0] * input_ids.shape[0]
             image_counts = whole_counts(image_counts)
-            unified = num_images and self.config.fusion.method == "unified"
+            method = self.config.fusion.method
+            in_sequence = image_features
+            if num_images and method == "hybrid":  # the thumbnails go in the sequence, the tiles to cross-attention
+                in_sequence, image_features = split_thumbnail_and_tiles(image_features, per_image,
+                                                                        self.config.vision.max_num_tiles)
+            unified = num_images and method != "cross"
             check_image_token_counts(input_ids, self.config.image_token_id, per_image, image_counts, num_images,
-                                     image_features.shape[1] if unified else None)
+                                     in_sequence.shape[1] if unified else None)
             if unified:
-                inputs_embeds = merge_image_features(inputs_embeds, input_ids, image_features,
+                inputs_embeds = merge_image_features(inputs_embeds, input_ids, in_sequence,
                                                      self.config.image_token_id)
         cross = None
-        if self.config.fusion.method == "cross":
+        if self.config.fusion.method != "unified":
             cross = self._cross_state(input_ids, image_features, image_counts, cache, prefill, aspect_ratio_ids)
         return inputs_embeds, cross
 
@@ -247,10 +289,11 @@ class MultimodalLM(nn.Module):
                 return None  # no image in the batch: every block would add exactly zero
             images, real = pack_images(image_features, image_counts)
             visible = image_visibility(input_ids, self.config.image_token_id, images.shape[1],
-                                       self.config.fusion.cross_attention_scope) & real[:, None, :]
-            if self.config.vision.encoder == "tiled":  # a token sees the real tiles of the images it sees
+                                       self.config.fusion.cross_attention_scope,
+                                       self.config.image_seq_length) & real[:, None, :]
+            if self.config.tiled_images:  # a token sees the real tiles of the images it sees
                 ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, image_features.shape[0])
-                tiles, _ = pack_images(self.vision.tile_mask(ratio_ids), image_counts)
+                tiles, _ = pack_images(self._tile_mask(ratio_ids), image_counts)
                 visible = (visible[..., None] & tiles[:, None]).flatten(2)
                 real = real.repeat_interleave(tiles.shape[-1], dim=-1)  # every tile of a real image
             keys_values = {int(i): block.image_keys_values(images) for i, block in self.cross_attention.items()}

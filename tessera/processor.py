@@ -8,8 +8,8 @@ Chat template (one conversation):
 
     <|begin|><|system|>…<|end|><|user|><image>\nWhat colour is the circle?<|end|><|assistant|>red<|end|>
 
-Method A expands each `<image>` into as many image tokens as the encoder + projector produce; Method B keeps one
-marker per image. Labels are -100 everywhere except the assistant answers and the `<|end|>` closing them (so the
+Method A expands each `<image>` into as many image tokens as the encoder + projector produce (the hybrid: as many
+as its thumbnail gives); Method B keeps one marker per image. Labels are -100 everywhere except the assistant answers and the `<|end|>` closing them (so the
 model learns when to stop).
 """
 
@@ -28,11 +28,12 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from tessera.checkpoint import CONFIG_NAME, write_whole, written_whole
-from tessera.config import ModelConfig, _float, _positive, _sequence, is_integer
+from tessera.config import ModelConfig, _float, _positive, _sequence, check_grid_list, is_integer
 from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, MessageTextEncoder, load_tokenizer
 from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, RESIZE_MODES, check_preprocessed_size, largest_step,
                                       load_image, naming, preprocess_image)
+from tessera.vision.tiling import TiledImage, preprocess_tiled, tiling_step
 
 IGNORE_INDEX = -100
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -49,6 +50,10 @@ class ProcessorConfig:
     image_seq_length: int  # tokens that stand for one image in the text
     resize_mode: str = "squash"
     max_length: int | None = None  # longer training conversations are cut from the right (not prompts)
+    # Dynamic high resolution (the hybrid): a thumbnail plus the image cut into the closest of these (rows, columns)
+    # grids of image_size² tiles, padded to max_tiles slots. None: one image_size² image.
+    tile_grids: list[list[int]] | None = None
+    max_tiles: int | None = None
 
     def __post_init__(self) -> None:
         # checked as a model config's fields are: a zero std gave inf pixels, a string length a TypeError later
@@ -62,6 +67,13 @@ class ProcessorConfig:
             raise ConfigError(f"processor.resize_mode={self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
         if self.max_length is not None and (not is_integer(self.max_length) or self.max_length < 1):
             raise ConfigError(f"processor.max_length={self.max_length!r}: expected a positive integer or null")
+        if (self.tile_grids is None) != (self.max_tiles is None):
+            raise ConfigError(f"processor.tile_grids={self.tile_grids!r} with processor.max_tiles={self.max_tiles!r}: "
+                              f"expected both set (dynamic high resolution) or both null")
+        if self.tile_grids is not None:
+            _positive("processor", max_tiles=self.max_tiles)
+            check_grid_list("processor.tile_grids", self.tile_grids, "processor.max_tiles", self.max_tiles)
+            self.tile_grids = [list(grid) for grid in self.tile_grids]
 
 
 class Processor:
@@ -89,10 +101,11 @@ class Processor:
         built with."""
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
+        vision, tiled = model_config.vision, model_config.fusion.method == "hybrid"
         processor = cls(tokenizer, ProcessorConfig(
-            image_size=model_config.vision.image_size, image_mean=model_config.vision.image_mean,
-            image_std=model_config.vision.image_std, image_seq_length=model_config.image_seq_length,
-            resize_mode=resize_mode, max_length=max_length,
+            image_size=vision.image_size, image_mean=vision.image_mean, image_std=vision.image_std,
+            image_seq_length=model_config.image_seq_length, resize_mode=resize_mode, max_length=max_length,
+            tile_grids=vision.aspect_ratios if tiled else None, max_tiles=vision.max_num_tiles if tiled else None,
         ))
         for name, ours in (("image_token_id", processor.image_token_id), ("pad_token_id", processor.pad_token_id),
                            ("eos_token_id", processor.end_token_id)):
@@ -117,11 +130,15 @@ class Processor:
         return IMAGE
 
     def preprocess_image(self, image: str | Path | Image.Image | np.ndarray, max_pixels: int = MAX_PREPROCESSED_PIXELS
-                         ) -> torch.Tensor:
-        """An image (a file path, a PIL image or a uint8 numpy array) as the model's (3, size, size) pixel tensor."""
+                         ) -> torch.Tensor | TiledImage:
+        """An image (a file path, a PIL image or a uint8 numpy array) as the model's (3, size, size) pixel tensor —
+        or, with tile grids, its thumbnail and tiles (vision/tiling.py)."""
         c = self.config
         loaded = load_image(image)
         with naming(image):
+            if c.tile_grids is not None:
+                return preprocess_tiled(loaded, c.image_size, c.image_mean, c.image_std, c.tile_grids, c.max_tiles,
+                                        c.resize_mode, max_pixels)
             return preprocess_image(loaded, c.image_size, c.image_mean, c.image_std, c.resize_mode, max_pixels)
 
     def check_image_size(self, width: int, height: int, max_pixels: int = MAX_PREPROCESSED_PIXELS) -> None:
@@ -130,7 +147,10 @@ class Processor:
         check_preprocessed_size((width, height), *self._largest_step(width, height), max_pixels)
 
     def _largest_step(self, width: int, height: int) -> tuple[str, tuple[int, int]]:
-        return largest_step(width, height, self.config.image_size, self.config.resize_mode)
+        c = self.config
+        if c.tile_grids is not None:
+            return tiling_step(width, height, c.image_size, c.tile_grids, c.resize_mode)
+        return largest_step(width, height, c.image_size, c.resize_mode)
 
     # --- text --------------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
@@ -228,6 +248,22 @@ class Processor:
     def pad_batch(self, rows: Sequence[tuple[list[int], list[int]]], pixel_values: Sequence[Sequence[torch.Tensor]],
                   padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Already encoded (ids, labels) rows and each row's preprocessed images → one padded batch."""
+        out = self.pad_rows(rows, padding_side)
+        flat = [pixels for row in pixel_values for pixels in row]
+        size = self.config.image_size
+        if self.config.tile_grids is not None:  # each image a TiledImage: its thumbnail and tiles, and its grid's id
+            slots = 1 + self.config.max_tiles
+            out["pixel_values"] = torch.stack([image.pixels for image in flat]) if flat \
+                else torch.zeros(0, slots, 3, size, size)
+            out["aspect_ratio_ids"] = torch.tensor([image.aspect_ratio_id for image in flat], dtype=torch.long)
+        else:
+            out["pixel_values"] = torch.stack(flat) if flat else torch.zeros(0, 3, size, size)
+        out["image_counts"] = torch.tensor([len(row) for row in pixel_values], dtype=torch.long)
+        return out
+
+    def pad_rows(self, rows: Sequence[tuple[list[int], list[int]]], padding_side: str = "right"
+                 ) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and labels of already encoded (ids, labels) rows, padded to one width."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
         width = max(len(ids) for ids, _ in rows)
@@ -241,12 +277,7 @@ class Processor:
             batch["input_ids"].append(fill(list(ids), self.pad_token_id))
             batch["attention_mask"].append(fill([1] * len(ids), 0))
             batch["labels"].append(fill(list(labels), IGNORE_INDEX))
-        out = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
-        flat = [pixels for row in pixel_values for pixels in row]
-        size = self.config.image_size
-        out["pixel_values"] = torch.stack(flat) if flat else torch.zeros(0, 3, size, size)
-        out["image_counts"] = torch.tensor([len(row) for row in pixel_values], dtype=torch.long)
-        return out
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
     def truncate(self, ids: list[int], labels: list[int], index: int | None = None) -> tuple[list[int], list[int]]:
         """Cut to max_length from the right — never through an image's tokens."""

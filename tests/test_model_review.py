@@ -241,7 +241,7 @@ def _tiled_model() -> MultimodalLM:
 
 
 @pytest.mark.parametrize("given, ratio_ids, message", [
-    ("features", None, "the tiled encoder needs each image's aspect-ratio id"),  # was AttributeError on None
+    ("features", None, "tiled images need each image's aspect-ratio id"),  # was AttributeError on None
     ("pixels", [1], "aspect_ratio_ids holds 1 ids for 2 images"),  # was a RuntimeError from a view
     ("features", [1, 2, 3], "aspect_ratio_ids holds 3 ids for 2 images"),  # was accepted: the wrong tiles real
     ("pixels", [1, 99], r"aspect_ratio_ids=\[1, 99\]: expected ids in 0..8"),  # was 'index out of range in self'

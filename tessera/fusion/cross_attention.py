@@ -1,5 +1,5 @@
 """Method B, cross-modality attention: text hidden states (queries) attend to image features (keys/values) in
-gated blocks inserted before some decoder layers (Flamingo, Llama 3.2 Vision, NVLM-X).
+gated blocks inserted before some decoder layers (Flamingo, Llama 3.2 Vision, NVLM-X; NVLM-H's tiles).
 
 Each block adds its attention and MLP outputs through tanh(gate) with the gates starting at 0, so a freshly built
 block is the identity and the LLM behaves exactly as it did before training.
@@ -17,23 +17,26 @@ from tessera.text.mlp import SwiGLU
 from tessera.text.norm import RMSNorm
 
 
-def image_visibility(input_ids: torch.Tensor, image_token_id: int, max_images: int, scope: str) -> torch.Tensor:
+def image_visibility(input_ids: torch.Tensor, image_token_id: int, max_images: int, scope: str,
+                     tokens_per_image: int = 1) -> torch.Tensor:
     """(batch, seq, max_images) bool: may token i attend to image j of its sample?
 
-    Image j is the j-th `<image>` marker of the sample. "previous": from its marker on to the end. "latest": from
-    its marker until the next run of markers starts (consecutive markers form one run and stay visible together).
+    Image j starts at the sample's j-th run of tokens_per_image image tokens (one marker for Method B; the
+    thumbnail's tokens for the hybrid). "previous": from its start on to the end. "latest": from its start until
+    the next run of images starts (images that follow one another directly stay visible together).
     """
     batch, seq = input_ids.shape
     visible = torch.zeros(batch, seq, max_images, dtype=torch.bool, device=input_ids.device)
     for b in range(batch):
-        positions = (input_ids[b] == image_token_id).nonzero().flatten().tolist()[:max_images]
+        tokens = (input_ids[b] == image_token_id).nonzero().flatten().tolist()
+        positions = tokens[::tokens_per_image][:max_images]
         for j, start in enumerate(positions):
             end = seq
             if scope == "latest":
                 later = positions[j + 1:]
                 run_end = start
-                for p in later:  # skip the rest of this run of consecutive markers
-                    if p != run_end + 1:
+                for p in later:  # skip the rest of this run of images that follow one another directly
+                    if p != run_end + tokens_per_image:
                         break
                     run_end = p
                 end = next((p for p in later if p > run_end), seq)

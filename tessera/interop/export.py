@@ -54,6 +54,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model = MultimodalLM.from_pretrained(checkpoint)
     processor = Processor.from_pretrained(checkpoint)
     out = Path(out_dir)
+    if model.config.fusion.method == "hybrid":  # refused first, before anything is written
+        raise ConfigError(f"{checkpoint}: fusion.method='hybrid' (NVLM-H) has no transformers model class to export "
+                          f"to (transformers has LLaVA for Method A and Mllama for Method B); expected a unified or "
+                          f"cross model")
     family = llava if model.config.fusion.method == "unified" else mllama
     hf_config = family.config_to_hf(model.config)  # refuses first, before anything is written
     # the converted source's sampling settings (convert keeps its generation_config.json), read before writing too

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from tessera.interop.image_processing import ImageProcessing, tile_arrangements
 from tessera.processor import IGNORE_INDEX, PROCESSOR_CONFIG_NAME, TOKENIZER_NAME, Processor, image_part_source
 from tessera.text.tokenizer import load_tokenizer
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, load_image, naming
+from tessera.vision.tiling import TiledImage
 
 FAMILIES = ("llava", "mllama")
 # A message text's place holder when the template renders again to find it (see HubProcessor._locate):
@@ -41,11 +42,6 @@ _MARK, _MARK_END = "\U0010fff0", "\U0010fff1"
 _WS = "\u3000"  # ideographic space: whitespace to str.strip, written by no template
 _MARKER = re.compile(f"({_MARK}([0-9a-f]{{8}})-[0-9]+{_MARK_END})")  # compiled once: the nonce is a group
 KIND = "hf"  # processor_config.json "kind" of a HubProcessor (tessera's own processor has none)
-
-
-class TiledImage(NamedTuple):
-    pixels: torch.Tensor  # (max_tiles, C, tile, tile), padding tiles zero
-    aspect_ratio_id: int  # index of its (rows, columns) grid + 1
 
 
 @dataclass
@@ -323,7 +319,7 @@ class HubProcessor(Processor):
 
     def pad_batch(self, rows, pixel_values, padding_side: str = "right") -> dict[str, torch.Tensor]:
         flat = [image for row in pixel_values for image in row]
-        batch = super().pad_batch(rows, [[] for _ in rows], padding_side)
+        batch = self.pad_rows(rows, padding_side)
         batch["image_counts"] = torch.tensor([len(row) for row in pixel_values], dtype=torch.long)
         h, w = self.config.image_processing.output_size
         if self.config.family == "llava":

@@ -17,7 +17,7 @@ def tiny_config(fusion: str = "unified", vocab_size: int = 512) -> ModelConfig:
                         intermediate_size=352, max_position_embeddings=512),
         fusion=FusionConfig(method=fusion, projector="mlp", vision_feature_layer=-1,
                             vision_feature_select_strategy="full",
-                            cross_attention_layers=[0, 2] if fusion == "cross" else None),
+                            cross_attention_layers=None if fusion == "unified" else [0, 2]),
     )
 
 

@@ -417,8 +417,8 @@ def _new_cross_storage(model, like: CrossAttentionState, rows: int, slots: int, 
         return {layer: tuple(text_cache.unzeroed(shape, k.dtype, k.device) for _ in range(2))
                 for layer in like.keys_values}
 
-    vision = model.config.vision
-    groups_per_image = vision.max_num_tiles if vision.encoder == "tiled" else 1
+    config = model.config
+    groups_per_image = config.vision.max_num_tiles if config.tiled_images else 1
     roomy = max(rows, capacity), max(slots, image_room * groups_per_image * _per_group(like))
     size = 2 * len(like.keys_values) * roomy[0] * k.shape[1] * roomy[1] * k.shape[3] * k.dtype.itemsize
     if roomy != (rows, slots) and _room_fits(model, size):

@@ -136,6 +136,11 @@ def preprocess_image(image: Image.Image, size: int, mean: tuple[float, ...], std
         image = square
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return normalised_pixels(image, mean, std)
+
+
+def normalised_pixels(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """An RGB image as a (3, height, width) float tensor, scaled to 0..1 and normalised with the encoder's mean/std."""
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
