@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("quickstart", help="make data, train a tiny model, evaluate it (about 5 minutes on a CPU "
                                             "with native bf16, about 10 without)")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--fusion", choices=("unified", "cross"), default="unified",
-                   help="unified: Method A with the llava recipe; cross: Method B with the llama3.2 recipe")
+    p.add_argument("--fusion", choices=("unified", "cross", "hybrid"), default="unified",
+                   help="unified: Method A with the llava recipe; cross: Method B with the llama3.2 recipe; hybrid: "
+                        "NVLM-H with the nvlm-h recipe")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="training precision; auto: bf16-mixed where the CPU has native bf16 matmuls, else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")

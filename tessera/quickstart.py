@@ -4,6 +4,7 @@ what it learned.
 
     tessera quickstart --out runs/quickstart --fusion unified     # LLaVA's recipe (Method A)
     tessera quickstart --out runs/quickstart --fusion cross       # Llama 3.2's recipe (Method B, LLM frozen)
+    tessera quickstart --out runs/quickstart --fusion hybrid      # NVLM-H's recipe (thumbnail + tiles)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tessera.eval.evaluate import evaluate
 from tessera.eval.report import metrics_table
 from tessera.train.run import RunConfig, run_training
 
-DEFAULT_RECIPE = {"unified": "llava", "cross": "llama3.2"}
+DEFAULT_RECIPE = {"unified": "llava", "cross": "llama3.2", "hybrid": "nvlm-h"}
 
 # Stage lengths that fit a 300 s budget on a 2-core CPU (the README reports what they reach). Method A: a short
 # text stage held at its peak rate (wsd) leaves time for a long projector alignment, which teaches the LLM to read
@@ -29,8 +30,13 @@ QUICKSTART_RUNS: dict[str, dict[str, Any]] = {
     "unified": {"steps": {"text": 150, "encoder_pretrain": 300, "align": 400, "instruct": 1500},
                 "schedule": {"text": "wsd"}},
     "cross": {"steps": {"text": 150, "pretrain": 700, "finetune": 1300}, "schedule": "wsd", "gate_lr_scale": 100.0},
+    "hybrid": {"steps": {"text": 150, "encoder_pretrain": 300, "align": 400, "finetune": 1500},
+               "schedule": {"text": "wsd"}, "gate_lr_scale": 100.0},
 }
 DATASET = {"train": 3000, "test": 300, "seed": 0}
+# The hybrid's scenes are drawn at twice the encoder's 48 px: the thumbnail sees the whole scene at 48 px, and the
+# four 48 px tiles of its 2x2 grid see it at full resolution.
+IMAGE_SIZE = {"hybrid": 96}
 
 
 def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log=print,
@@ -45,7 +51,7 @@ def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log
     out = Path(out)
     data = out / "data"
     log(f"making the shapes dataset in {data} ({DATASET['train']} training and {DATASET['test']} test scenes)")
-    make_shapes_dataset(data, **DATASET)
+    make_shapes_dataset(data, **DATASET, image_size=IMAGE_SIZE.get(fusion, 48))
     recipe = DEFAULT_RECIPE[fusion]
     run = RunConfig.from_dict({"recipe": recipe, "data": str(data), "out": str(out / "run"), "fusion": fusion,
                                **QUICKSTART_RUNS[fusion], "precision": precision})  # the caller's precision wins

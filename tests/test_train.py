@@ -576,7 +576,7 @@ def test_run_config_overrides_and_validation(tmp_path):
     ("lr.align=.inf", "lr.align=inf: expected a number >= 0"),
     ("gate_lr_scale=0", "gate_lr_scale=0: expected a number > 0"),
     ("strict=maybe", "strict='maybe': expected true or false"),
-    ("fusion=sideways", "fusion='sideways': expected unified, cross, or nothing (the recipe's)"),
+    ("fusion=sideways", "fusion='sideways': expected unified, cross, hybrid, or nothing (the recipe's)"),
     ("max_length=600", "max_length=600 exceeds the model's text.max_position_embeddings=512"),
     ("model.text.max_position_embeddings=128", "max_length=256 exceeds the model's text.max_position_embeddings=128"),
     ("model.text.layers=2", "model: text: unknown field 'layers'"),
@@ -625,15 +625,17 @@ def test_a_model_mapping_without_a_vocab_size_gets_the_tokenizer_s_as_a_preset_d
 
 
 @pytest.mark.parametrize("recipe", [name for name, r in RECIPES.items() if r.fusion == "unified"])
-def test_cross_fusion_under_a_recipe_that_never_trains_cross_attention_is_refused(recipe):
-    """Its gates would stay at 0: the projector would get no gradient and the model would learn to ignore images."""
+@pytest.mark.parametrize("fusion, what", [("cross", "the image"), ("hybrid", "the image's tiles")])
+def test_cross_fusion_under_a_recipe_that_never_trains_cross_attention_is_refused(recipe, fusion, what):
+    """Its gates would stay at 0: the projector would get no gradient and the model would learn to ignore images
+    (the hybrid: its tiles)."""
     with pytest.raises(ConfigError, match=re.escape(
-            f"fusion='cross' with recipe '{recipe}': no stage of {recipe} trains cross_attention, so nothing would "
-            f"carry the image into the LLM; expected fusion: unified (the recipe's) or a recipe that trains "
-            f"cross_attention (llama3.2, nvlm-x)")):
-        RunConfig.from_dict({"recipe": recipe, "data": "somewhere", "fusion": "cross"})
-    for name in ("llama3.2", "nvlm-x"):
-        RunConfig.from_dict({"recipe": name, "data": "somewhere", "fusion": "cross"})
+            f"fusion={fusion!r} with recipe '{recipe}': no stage of {recipe} trains cross_attention, so nothing "
+            f"would carry {what} into the LLM; expected fusion: unified (the recipe's) or a recipe that trains "
+            f"cross_attention (llama3.2, nvlm-x, nvlm-h)")):
+        RunConfig.from_dict({"recipe": recipe, "data": "somewhere", "fusion": fusion})
+    for name in ("llama3.2", "nvlm-x", "nvlm-h"):
+        RunConfig.from_dict({"recipe": name, "data": "somewhere", "fusion": fusion})
 
 
 @pytest.mark.parametrize("prediction, reference, same", [

@@ -78,7 +78,7 @@ def encoder_pretraining(fusion: str) -> Stage:
     here as an image captioner (CapPa): the whole model learns to describe every shape, colour, size and
     position, then only the encoder is kept — the LLM, projector and cross-attention layers go back to what they
     were, so the recipe that follows starts exactly where the article's systems do."""
-    train = ("vision", "projector", "llm") + (("cross_attention",) if fusion == "cross" else ())
+    train = ("vision", "projector", "llm") + (("cross_attention",) if fusion != "unified" else ())
     return Stage("encoder_pretrain", train=train, data="captions", steps=400, keep=("vision",))
 
 
@@ -113,6 +113,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("nvlm-x", "cross", "LLM frozen; cross-attention layers and projector train in every stage", [
         Stage("align", (P, X), "captions"),
         Stage("finetune", (P, X), "questions"),
+    ]),
+    # NVLM's pretraining aligns only the new modules; its SFT also trains the LLM, whose own sequence carries the
+    # thumbnail. The encoder stays frozen throughout, as in all three NVLM models.
+    Recipe("nvlm-h", "hybrid", "projector + cross-attention; then + LLM (encoder frozen)", [
+        Stage("align", (P, X), "captions"),
+        Stage("finetune", (P, L, X), "questions"),
     ]),
 ]}
 

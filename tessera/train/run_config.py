@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from tessera.checkpoint import check_directory_to_write
-from tessera.config import ModelConfig
+from tessera.config import FUSION_METHODS, ModelConfig
 from tessera.errors import ConfigError
 from tessera.presets.tiny import PRESETS
 from tessera.processor import checkpoint_model_config
@@ -88,8 +88,9 @@ class RunConfig:
             if getattr(self, name) is not None:
                 setattr(self, name, _text(name, getattr(self, name)))
         get_recipe(self.recipe)
-        if self.fusion not in (None, "unified", "cross"):
-            raise ConfigError(f"fusion={self.fusion!r}: expected unified, cross, or nothing (the recipe's)")
+        if self.fusion not in (None, *FUSION_METHODS):
+            raise ConfigError(f"fusion={self.fusion!r}: expected {', '.join(FUSION_METHODS)}, or nothing (the "
+                              f"recipe's)")
         check_fusion_is_trained(self.recipe, self.fusion)
         if not (isinstance(self.pretrain_encoder, bool) or self.pretrain_encoder == "auto"):  # 1 == True in Python
             raise ConfigError(f"pretrain_encoder={self.pretrain_encoder!r}: expected true, false or auto")
@@ -123,9 +124,9 @@ class RunConfig:
         self.weight_decay = _number("weight_decay", self.weight_decay, "a number >= 0", lambda x: x >= 0)
         self.gate_lr_scale = _number("gate_lr_scale", self.gate_lr_scale, "a number > 0", lambda x: x > 0)
         fusion = self.fusion or get_recipe(self.recipe).fusion
-        if self.gate_lr_scale != 1 and fusion != "cross":  # it would change nothing, silently
+        if self.gate_lr_scale != 1 and fusion == "unified":  # it would change nothing, silently
             raise ConfigError(f"gate_lr_scale={self.gate_lr_scale}: fusion {fusion!r} has no gates (only "
-                              f"cross-attention blocks do); expected fusion: cross, or no gate_lr_scale")
+                              f"cross-attention blocks do); expected fusion: cross or hybrid, or no gate_lr_scale")
         self.steps = {stage: _integer(f"steps.{stage}", value, minimum=0)
                       for stage, value in _mapping("steps", self.steps, "steps: {instruct: 200}").items()}
         self.lr = {stage: _number(f"lr.{stage}", value, "a number >= 0", lambda x: x >= 0)
@@ -214,12 +215,14 @@ def _text(name: str, value: Any) -> str:
 
 def check_fusion_is_trained(recipe_name: str, fusion: str | None) -> None:
     """Method B reads the image only through cross-attention blocks whose gates start at 0: under a recipe that
-    never trains them the gates stay shut, the projector gets no gradient, and the model learns to ignore images."""
+    never trains them the gates stay shut, the projector gets no gradient, and the model learns to ignore images
+    (the hybrid, its high-resolution tiles)."""
     recipe = get_recipe(recipe_name)
-    if fusion == "cross" and not any("cross_attention" in s.train for s in recipe.stages):
+    if fusion in ("cross", "hybrid") and not any("cross_attention" in s.train for s in recipe.stages):
         trains_it = [r.name for r in RECIPES.values() if any("cross_attention" in s.train for s in r.stages)]
-        raise ConfigError(f"fusion='cross' with recipe {recipe.name!r}: no stage of {recipe.name} trains "
-                          f"cross_attention, so nothing would carry the image into the LLM; expected fusion: "
+        what = "the image" if fusion == "cross" else "the image's tiles"
+        raise ConfigError(f"fusion={fusion!r} with recipe {recipe.name!r}: no stage of {recipe.name} trains "
+                          f"cross_attention, so nothing would carry {what} into the LLM; expected fusion: "
                           f"{recipe.fusion} (the recipe's) or a recipe that trains cross_attention "
                           f"({', '.join(trains_it)})")
 
