@@ -106,9 +106,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         Stage("encoder", (V, P), "captions"),
         Stage("joint", (V, P, L), "mix"),
     ]),
-    Recipe("nvlm-d", "unified", "projector; then everything", [
+    Recipe("nvlm-d", "unified", "projector; then projector + LLM (encoder frozen)", [
         Stage("align", (P,), "captions"),
-        Stage("joint", (V, P, L), "mix"),
+        Stage("joint", (P, L), "mix"),  # NVLM keeps its InternViT-6B frozen in every stage
     ]),
     Recipe("nvlm-x", "cross", "LLM frozen; cross-attention layers and projector train in every stage", [
         Stage("align", (P, X), "captions"),
