@@ -199,7 +199,7 @@ def test_train_on_wrong_typed_record_fields_skips_them_or_names_them(tmp_path, c
 
 def test_recipes_lists_every_recipe():
     out = tessera("recipes").stdout
-    for name in ("llava", "llama3.2", "molmo", "qwen2-vl", "baichuan-omni", "nvlm-d", "nvlm-x"):
+    for name in ("llava", "llama3.2", "molmo", "qwen2-vl", "baichuan-omni", "nvlm-d", "nvlm-x", "nvlm-h"):
         assert name in out
 
 
@@ -210,7 +210,8 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
 
     monkeypatch.setattr(qs, "DATASET", {"train": 24, "test": 4, "seed": 0})
     for fusion, steps in (("unified", {"text": 2, "encoder_pretrain": 2, "align": 1, "instruct": 2}),
-                          ("cross", {"text": 2, "pretrain": 2, "finetune": 2})):
+                          ("cross", {"text": 2, "pretrain": 2, "finetune": 2}),
+                          ("hybrid", {"text": 2, "encoder_pretrain": 2, "align": 1, "finetune": 2})):
         monkeypatch.setitem(qs.QUICKSTART_RUNS, fusion, {**qs.QUICKSTART_RUNS[fusion], "steps": steps,
                                                          "model": TINY_MODEL, "vocab_size": 400, "batch_size": 4})
         lines = []
@@ -226,6 +227,12 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         assert "exact match" in printed and printed.count("(reference") == 3
     assert json.loads((tmp_path / "cross/metrics.json").read_text())["text_loss_before"] == \
         json.loads((tmp_path / "cross/metrics.json").read_text())["text_loss_after"]
+    # the hybrid's scenes are drawn at twice the encoder's size: a 2x2 grid of tiles beside the thumbnail
+    from PIL import Image
+
+    scene = next((tmp_path / "hybrid/data/images").iterdir())
+    assert Image.open(scene).size == (96, 96) and Image.open(next((tmp_path / "unified/data/images").iterdir())).size \
+        == (48, 48)
 
 
 def test_a_stopped_quickstart_says_how_to_resume_and_resumes(tmp_path, monkeypatch):
