@@ -102,6 +102,18 @@ def test_consecutive_markers_stay_visible_together_in_latest_scope():
     assert visible[:, 2].tolist() == [False, False, False, False, True, True]
 
 
+def test_an_image_of_several_tokens_is_seen_from_its_first_and_runs_of_them_stay_visible_together():
+    """The hybrid's images are runs of thumbnail tokens (2 each here), not single markers."""
+    from tessera.fusion.cross_attention import image_visibility
+    ids = torch.tensor([[5, IMG, IMG, IMG, IMG, 6, IMG, IMG, 7]])
+    latest = image_visibility(ids, IMG, 3, "latest", tokens_per_image=2)[0]
+    assert latest[:, 0].tolist() == [False, True, True, True, True, True, False, False, False]
+    assert latest[:, 1].tolist() == [False, False, False, True, True, True, False, False, False]
+    assert latest[:, 2].tolist() == [False] * 6 + [True] * 3
+    previous = image_visibility(ids, IMG, 3, "previous", tokens_per_image=2)[0]
+    assert previous[:, 1].tolist() == [False] * 3 + [True] * 6
+
+
 # --- Method A ----------------------------------------------------------------------------------------------------
 def test_unified_image_change_moves_logits_after_its_tokens():
     model = MultimodalLM(tiny_config("unified")).eval()
