@@ -298,3 +298,37 @@ def test_a_hybrid_checkpoint_loads_as_it_was_saved(processor, tmp_path):
     batch = processor([ask(processor, [quadrants((32, 16))], answer="red")])
     with torch.no_grad():
         assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_compiled_the_hybrid_generates_and_trains_as_eager(processor):
+    """torch.compile's opt-in (MultimodalLM.compile) on the hybrid: the ViT over thumbnails and tiles, the layer
+    stack with its gated blocks and the decode step each compile as one graph (fullgraph=True), and give eager's
+    tokens, loss and gradients."""
+    import copy
+
+    import torch._dynamo
+
+    from tests.test_compile import CountingBackend
+
+    torch._dynamo.reset()
+    try:
+        eager = open_gates(MultimodalLM(hybrid_config())).eval()
+        backend = CountingBackend()
+        compiled = copy.deepcopy(eager).compile(backend=backend)
+        prompts = processor([ask(processor, [quadrants((32, 16))]), ask(processor, [quadrants((48, 48))])],
+                            add_generation_prompt=True, padding_side="left")
+        want = eager.generate(**prompts, max_new_tokens=6, eos_token_id=[])
+        assert compiled.generate(**prompts, max_new_tokens=6, eos_token_id=[]).sequences == want.sequences
+        assert backend.graphs >= 3  # vision encoder, layer stack at prefill, decode step
+
+        batch = processor([ask(processor, [quadrants((32, 16))], answer="red"),
+                           ask(processor, [quadrants((48, 48))], answer="blue")])
+        losses = {}
+        for name, model in (("eager", eager.train()), ("compiled", compiled.train())):
+            losses[name] = model(**batch).loss
+            losses[name].backward()
+        torch.testing.assert_close(losses["compiled"], losses["eager"], atol=1e-5, rtol=1e-5)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        torch._dynamo.reset()
