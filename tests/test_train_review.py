@@ -174,9 +174,10 @@ def test_gate_lr_scale_without_gates_is_refused():
     """Method A has no gates: gate_lr_scale changed nothing there, silently."""
     with pytest.raises(ConfigError, match=re.escape(
             "gate_lr_scale=100.0: fusion 'unified' has no gates (only cross-attention blocks do); expected "
-            "fusion: cross, or no gate_lr_scale")):
+            "fusion: cross or hybrid, or no gate_lr_scale")):
         RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "gate_lr_scale": 100})
     RunConfig.from_dict({"recipe": "llama3.2", "data": "somewhere", "gate_lr_scale": 100})
+    RunConfig.from_dict({"recipe": "nvlm-h", "data": "somewhere", "gate_lr_scale": 100})  # the hybrid's blocks
     RunConfig.from_dict({"recipe": "llava", "data": "somewhere", "gate_lr_scale": 1})
 
 
