@@ -25,7 +25,7 @@ from tessera.checkpoint import CONFIG_NAME, load_dtype, load_weights, parameters
 from tessera.config import ModelConfig, is_integer
 from tessera.errors import CheckpointError, ConfigError, DataError, ImageTokenMismatchError
 from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visibility, pack_images
-from tessera.fusion.hybrid import split_thumbnail_and_tiles
+from tessera.fusion.hybrid import TilePositions, split_thumbnail_and_tiles
 from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
 from tessera.generation import SamplingParams, StopChecker, TokenChooser
@@ -112,6 +112,9 @@ class MultimodalLM(nn.Module):
         self.vision = encoders[config.vision.encoder](config.vision)
         self.projector = Projector(config.image_feature_width, config.text.hidden_size, fusion.projector,
                                    fusion.projector_bias)
+        if fusion.method == "hybrid":  # part of the projector: it trains (and is frozen) with it
+            self.projector.tile_positions = TilePositions(len(config.vision.aspect_ratios),
+                                                          config.vision.max_num_tiles, config.text.hidden_size)
         replaced = config.cross_attention_layers if fusion.cross_attention_placement == "replace" else ()
         self.llm = DecoderLLM(config.text, replaced_layers=replaced)
         # Method B's gated blocks, keyed by the decoder layer they run before (or replace); empty for Method A.
@@ -166,12 +169,14 @@ class MultimodalLM(nn.Module):
                             f"channels, height, width), a thumbnail and vision.max_num_tiles="
                             f"{slots - 1} tile slots per image, as the processor makes them")
         images = pixel_values.shape[0]
+        ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, images)
         real = torch.cat([torch.ones(images, 1, dtype=torch.bool, device=pixel_values.device),
-                          self._tile_mask(self._aspect_ratio_ids(aspect_ratio_ids, images))], dim=1)
+                          self._tile_mask(ratio_ids)], dim=1)
         features = self.projector(self._vit_features(pixel_values[real]))
         placed = features.new_zeros(images, slots, *features.shape[1:])
         placed[real] = features
-        return placed.flatten(1, 2)
+        tiles = self.projector.tile_positions(placed[:, 1:], ratio_ids) * real[:, 1:, None, None]  # padding stays 0
+        return torch.cat([placed[:, :1], tiles], dim=1).flatten(1, 2)
 
     def _aspect_ratio_ids(self, aspect_ratio_ids: torch.Tensor | None, num_images: int) -> torch.Tensor:
         """Tiled images' aspect-ratio ids, one per image, checked: a missing, miscounted or unknown id would

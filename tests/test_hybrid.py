@@ -163,7 +163,8 @@ def test_gates_at_zero_are_method_a_reading_the_thumbnail_alone(processor):
     hybrid = MultimodalLM(hybrid_config()).eval()
     unified = MultimodalLM(dataclasses.replace(hybrid.config, fusion=dataclasses.replace(
         hybrid.config.fusion, method="unified"))).eval()
-    unified.load_state_dict({k: v for k, v in hybrid.state_dict().items() if not k.startswith("cross_attention.")})
+    unified.load_state_dict({k: v for k, v in hybrid.state_dict().items()
+                             if not k.startswith(("cross_attention.", "projector.tile_positions."))})
     batch = processor([ask(processor, [quadrants((32, 16))], answer="red"),
                        ask(processor, [quadrants((16, 16)), quadrants((40, 40))], answer="blue")])
     with torch.no_grad():
@@ -190,6 +191,29 @@ def test_a_tile_reaches_only_the_tokens_that_see_its_image_and_padding_tiles_are
     second_image = (batch["input_ids"][0] == processor.image_token_id).nonzero().flatten()[16]
     differs = (after - before).abs().amax(-1)[0] > 1e-6
     assert not differs[:second_image].any() and differs[second_image:].all()
+
+
+def test_a_tile_brings_its_place_in_the_image_once_its_positions_are_learned(processor):
+    """Cross-attention keys have no position: the same tile in another slot (or another grid) would read the same
+    without the projector's tile positions. They start at zero, so a new hybrid reads its tiles as they are."""
+    model = open_gates(MultimodalLM(hybrid_config())).eval()
+    image = processor.preprocess_image(quadrants((32, 32)))
+    swapped = image.pixels.clone()
+    swapped[[1, 2]] = swapped[[2, 1]]  # the top row's two tiles trade places
+    ids = torch.tensor([image.aspect_ratio_id])
+
+    def tile_features(pixels, grid=ids):
+        with torch.no_grad():
+            return model.encode_images(pixels[None], grid)[0].view(5, 16, -1)
+
+    def as_swapped_back(features):
+        return features[[0, 2, 1, 3, 4]]
+
+    assert torch.equal(as_swapped_back(tile_features(swapped)), tile_features(image.pixels))  # zero: no place
+    torch.nn.init.normal_(model.projector.tile_positions.embedding.weight)
+    assert not torch.allclose(as_swapped_back(tile_features(swapped)), tile_features(image.pixels), atol=1e-3)
+    wide = processor.preprocess_image(quadrants((32, 16)))
+    assert tile_features(wide.pixels, torch.tensor([wide.aspect_ratio_id]))[3:].abs().sum() == 0  # padding
 
 
 def test_generation_with_the_cache_is_generation_without_it(processor, poisoned_cache):
