@@ -23,7 +23,7 @@ from tessera.data.shapes import make_shapes_dataset
 from tessera.eval.evaluate import evaluate
 from tessera.model import MultimodalLM
 from tessera.processor import Processor
-from tessera.quickstart import DATASET, DEFAULT_RECIPE, QUICKSTART_RUNS
+from tessera.quickstart import DATASET, DEFAULT_RECIPE, QUICKSTART_RUNS, scene_size
 from tessera.train.loop import read_metrics
 from tessera.train.recipes import get_recipe
 from tessera.train.run import RunConfig, run_training
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     data = out / "data"
-    make_shapes_dataset(data, **DATASET)
+    make_shapes_dataset(data, **DATASET, image_size=scene_size(args.fusion))
     recipe = DEFAULT_RECIPE[args.fusion]
     last = get_recipe(recipe).stages[-1].name
     settings = copy.deepcopy(QUICKSTART_RUNS[args.fusion])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tessera.data.shapes import make_shapes_dataset
-from tessera.quickstart import DATASET, DEFAULT_RECIPE, QUICKSTART_RUNS
+from tessera.quickstart import DATASET, DEFAULT_RECIPE, QUICKSTART_RUNS, scene_size
 from tessera.train.loop import TrainSettings, train_stage
 from tessera.train.run import RunConfig, build_stages, run_training, select
 
@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    data = out / "data"
+    size = scene_size(args.fusion)
+    data = out / ("data" if size == 48 else f"data_{size}px")  # kept between runs: one per scene size
     if not (data / "train.json").is_file():
-        make_shapes_dataset(data, **DATASET)
+        make_shapes_dataset(data, **DATASET, image_size=size)
     plan = {key: value for key, value in QUICKSTART_RUNS[args.fusion].items() if key != "steps"}
     run = RunConfig.from_dict({"recipe": DEFAULT_RECIPE[args.fusion], "data": str(data), "out": str(out / "run"),
                                "fusion": args.fusion, **plan, "precision": "fp32",

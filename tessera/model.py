@@ -147,6 +147,10 @@ class MultimodalLM(nn.Module):
             ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, pixel_values.shape[0])
             features = self.vision(pixel_values.to(self.dtype), ratio_ids)
             return self.projector(features).flatten(1, 2)
+        if pixel_values.dim() != 4:  # else the patch convolution's error, naming none of this
+            raise DataError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, channels, height, "
+                            f"width) for fusion.method={self.config.fusion.method!r}; tiled images (images, tiles, "
+                            f"...) come from the processor of a hybrid or Llama 3.2 Vision model")
         if self.config.vision.encoder == "none":  # Fuyu: the projector embeds the raw patches
             return self.projector(self.vision(pixel_values.to(self.dtype)))
         return self.projector(self._vit_features(pixel_values))
@@ -300,7 +304,10 @@ class MultimodalLM(nn.Module):
                 ratio_ids = self._aspect_ratio_ids(aspect_ratio_ids, image_features.shape[0])
                 tiles, _ = pack_images(self._tile_mask(ratio_ids), image_counts)
                 visible = (visible[..., None] & tiles[:, None]).flatten(2)
-                real = real.repeat_interleave(tiles.shape[-1], dim=-1)  # every tile of a real image
+                if self.config.vision.encoder == "tiled":  # transformers' Mllama: every tile slot of a real image,
+                    real = real.repeat_interleave(tiles.shape[-1], dim=-1)  # padding too (an attend_all row sees it)
+                else:  # the hybrid's padding slots are zeros no row may attend to
+                    real = (real[..., None] & tiles).flatten(1)
             keys_values = {int(i): block.image_keys_values(images) for i, block in self.cross_attention.items()}
             if state is not None:
                 state.keys_values, state.visible, state.real = keys_values, visible[:, -1], real

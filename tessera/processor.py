@@ -297,7 +297,10 @@ class Processor:
         directory.mkdir(parents=True, exist_ok=True)
         with written_whole(directory / TOKENIZER_NAME) as partial:
             self.tokenizer.save(str(partial))
-        write_whole(directory / PROCESSOR_CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
+        settings = asdict(self.config)
+        if self.config.tile_grids is None:  # untiled: written as before, so older tessera reads it too
+            del settings["tile_grids"], settings["max_tiles"]
+        write_whole(directory / PROCESSOR_CONFIG_NAME, json.dumps(settings, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -327,7 +330,22 @@ class Processor:
             raise ConfigError(f"{path}: invalid processor settings ({e})") from None
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        if (directory / CONFIG_NAME).is_file():
+            check_tiling_fits_model(config, path, checkpoint_model_config(directory))
         return cls(load_tokenizer(directory / TOKENIZER_NAME), config)
+
+
+def check_tiling_fits_model(config: ProcessorConfig, path: Path, model_config: ModelConfig) -> None:
+    """CheckpointError unless the processor cuts images into the model's tile grids, in the model's order: an aspect
+    ratio id names a grid by its place in the list, so grids listed in another order would have the model read a
+    1x2 image as 3x1, a padding slot as a tile, without a word."""
+    hybrid = model_config.fusion.method == "hybrid"
+    expected = (model_config.vision.aspect_ratios, model_config.vision.max_num_tiles) if hybrid else (None, None)
+    if (config.tile_grids, config.max_tiles) != expected:
+        raise CheckpointError(f"{path}: tile_grids={config.tile_grids}, max_tiles={config.max_tiles}, but the model "
+                              f"beside it expects tile_grids={expected[0]}, max_tiles={expected[1]} "
+                              f"(vision.aspect_ratios and vision.max_num_tiles of its fusion.method="
+                              f"{model_config.fusion.method!r}); expected the processor saved with this model")
 
 
 def checkpoint_model_config(directory: Path) -> ModelConfig:

@@ -34,9 +34,13 @@ QUICKSTART_RUNS: dict[str, dict[str, Any]] = {
                "schedule": {"text": "wsd"}, "gate_lr_scale": 100.0},
 }
 DATASET = {"train": 3000, "test": 300, "seed": 0}
-# The hybrid's scenes are drawn at twice the encoder's 48 px: the thumbnail sees the whole scene at 48 px, and the
-# four 48 px tiles of its 2x2 grid see it at full resolution.
-IMAGE_SIZE = {"hybrid": 96}
+
+
+def scene_size(fusion: str) -> int:
+    """Pixels the quickstart draws its scenes at: the encoder's 48, or for the hybrid twice that — its thumbnail
+    sees the whole scene at 48 px and the four 48 px tiles of its 2x2 grid see it at full resolution (at 48 px every
+    scene would be one tile, the thumbnail again)."""
+    return 96 if fusion == "hybrid" else 48
 
 
 def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log=print,
@@ -51,7 +55,7 @@ def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log
     out = Path(out)
     data = out / "data"
     log(f"making the shapes dataset in {data} ({DATASET['train']} training and {DATASET['test']} test scenes)")
-    make_shapes_dataset(data, **DATASET, image_size=IMAGE_SIZE.get(fusion, 48))
+    make_shapes_dataset(data, **DATASET, image_size=scene_size(fusion))
     recipe = DEFAULT_RECIPE[fusion]
     run = RunConfig.from_dict({"recipe": recipe, "data": str(data), "out": str(out / "run"), "fusion": fusion,
                                **QUICKSTART_RUNS[fusion], "precision": precision})  # the caller's precision wins

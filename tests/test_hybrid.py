@@ -35,9 +35,11 @@ def processor(tokenizer):
 
 
 def open_gates(model: MultimodalLM, value: float = 0.7) -> MultimodalLM:
+    """The gates open, and the tile positions learned (random): as a trained hybrid, every path carries a signal."""
     for block in model.cross_attention.values():
         torch.nn.init.constant_(block.attn_gate, value)
         torch.nn.init.constant_(block.mlp_gate, value)
+    torch.nn.init.normal_(model.projector.tile_positions.embedding.weight, std=0.5)
     return model
 
 
@@ -197,6 +199,7 @@ def test_a_tile_brings_its_place_in_the_image_once_its_positions_are_learned(pro
     """Cross-attention keys have no position: the same tile in another slot (or another grid) would read the same
     without the projector's tile positions. They start at zero, so a new hybrid reads its tiles as they are."""
     model = open_gates(MultimodalLM(hybrid_config())).eval()
+    torch.nn.init.zeros_(model.projector.tile_positions.embedding.weight)  # as a new hybrid's
     image = processor.preprocess_image(quadrants((32, 32)))
     swapped = image.pixels.clone()
     swapped[[1, 2]] = swapped[[2, 1]]  # the top row's two tiles trade places
@@ -214,6 +217,55 @@ def test_a_tile_brings_its_place_in_the_image_once_its_positions_are_learned(pro
     assert not torch.allclose(as_swapped_back(tile_features(swapped)), tile_features(image.pixels), atol=1e-3)
     wide = processor.preprocess_image(quadrants((32, 16)))
     assert tile_features(wide.pixels, torch.tensor([wide.aspect_ratio_id]))[3:].abs().sum() == 0  # padding
+
+
+def test_padding_tiles_are_never_attended_even_by_rows_that_see_no_image(processor):
+    """Llama 3.2 Vision's rule for text before any image (cross_attention_blind_rows="attend_all") lets those rows
+    attend to every key of their sample's images: for the hybrid, the real tiles' only — whatever the padding slots
+    hold, nothing changes."""
+    model = open_gates(MultimodalLM(hybrid_config(cross_attention_blind_rows="attend_all"))).eval()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"},
+                                             {"type": "image", "image": quadrants((32, 16))}]}]
+    batch = processor([messages], add_generation_prompt=True)
+    del batch["labels"], batch["pixel_values"]
+    prompt = processor([messages], add_generation_prompt=True)
+    with torch.no_grad():
+        features = model.encode_images(prompt["pixel_values"], prompt["aspect_ratio_ids"])
+        junk = features.clone()
+        junk.view(1, 5, 16, -1)[:, 3:] = torch.randn(1, 2, 16, junk.shape[-1])  # the 1x2 grid's two padding slots
+        before = model(**batch, image_features=features).logits
+        assert torch.equal(model(**batch, image_features=junk).logits, before)
+
+
+def test_a_processor_that_cuts_other_grids_than_its_model_is_refused_at_load(processor, tmp_path):
+    """An aspect-ratio id names a grid by its place in the list: grids in another order would have the model read
+    a 1x2 image as another grid, silently."""
+    MultimodalLM(hybrid_config()).save_pretrained(tmp_path)
+    shuffled = dataclasses.replace(processor.config, tile_grids=list(reversed(processor.config.tile_grids)))
+    Processor(processor.tokenizer, shuffled).save_pretrained(tmp_path)
+    with pytest.raises(tessera.CheckpointError, match=r"processor_config.json: tile_grids=\[\[4, 1\], .* but the "
+                                                      r"model beside it expects tile_grids=\[\[1, 1\], "):
+        Processor.from_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert Processor.from_pretrained(tmp_path).config == processor.config
+
+
+def test_tiled_pixels_given_to_an_untiled_model_are_refused_naming_the_shape(processor):
+    model = MultimodalLM(dataclasses.replace(hybrid_config(), fusion=dataclasses.replace(
+        hybrid_config().fusion, method="unified"))).eval()
+    batch = processor([ask(processor, [quadrants((32, 16))], answer="red")])
+    with pytest.raises(DataError, match=r"pixel_values of shape \(1, 5, 3, 16, 16\): expected \(images, channels, "
+                                        r"height, width\) for fusion.method='unified'; tiled images"):
+        model(**batch)
+
+
+def test_an_untiled_processor_saves_its_settings_as_before(tokenizer, tmp_path):
+    """Without the tiling fields, so a tessera from before the hybrid reads a unified or cross model's processor."""
+    import json
+
+    Processor.for_model(dataclasses.replace(hybrid_config(), fusion=dataclasses.replace(
+        hybrid_config().fusion, method="cross")), tokenizer).save_pretrained(tmp_path)
+    assert not {"tile_grids", "max_tiles"} & set(json.loads((tmp_path / "processor_config.json").read_text()))
 
 
 def test_generation_with_the_cache_is_generation_without_it(processor, poisoned_cache):

@@ -22,7 +22,7 @@ from tessera.interop import llava, mllama
 from tessera.interop.hub_files import GENERATION_CONFIG_NAME, check_output_dir, read_json, write_json, write_weights
 from tessera.interop.name_map import export_weights
 from tessera.model import MultimodalLM
-from tessera.processor import Processor
+from tessera.processor import Processor, checkpoint_model_config
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD
 
 # tessera's own chat template (processor.py) in Jinja, for models trained with tessera's processor: what follows an
@@ -51,13 +51,15 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError(f"{out_dir}: holds {', '.join(superseding)}, which an export does not write and which "
                           f"transformers would read in place of (or beside) what it writes (an older chat template, "
                           f"say); expected a new directory, or those files removed")
-    model = MultimodalLM.from_pretrained(checkpoint)
-    processor = Processor.from_pretrained(checkpoint)
-    out = Path(out_dir)
-    if model.config.fusion.method == "hybrid":  # refused first, before anything is written
+    # refused from its config, before the weights are read (a missing config.json: from_pretrained says so below)
+    config_file = Path(checkpoint) / "config.json"
+    if config_file.is_file() and checkpoint_model_config(Path(checkpoint)).fusion.method == "hybrid":
         raise ConfigError(f"{checkpoint}: fusion.method='hybrid' (NVLM-H) has no transformers model class to export "
                           f"to (transformers has LLaVA for Method A and Mllama for Method B); expected a unified or "
                           f"cross model")
+    model = MultimodalLM.from_pretrained(checkpoint)
+    processor = Processor.from_pretrained(checkpoint)
+    out = Path(out_dir)
     family = llava if model.config.fusion.method == "unified" else mllama
     hf_config = family.config_to_hf(model.config)  # refuses first, before anything is written
     # the converted source's sampling settings (convert keeps its generation_config.json), read before writing too
