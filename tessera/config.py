@@ -194,7 +194,8 @@ class VisionConfig:
 
     @property
     def aspect_ratios(self) -> list[list[int]]:
-        """Tile grids the tiled encoder (or the hybrid's tiling) knows; aspect-ratio id i + 1 is grid i (0 is padding)."""
+        """Tile grids the tiled encoder (or the hybrid's tiling) knows; aspect-ratio id i + 1 is grid i (0 is
+        padding)."""
         if self.supported_aspect_ratios is not None:
             return [list(r) for r in self.supported_aspect_ratios]
         n = self.max_num_tiles

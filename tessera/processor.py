@@ -9,8 +9,8 @@ Chat template (one conversation):
     <|begin|><|system|>…<|end|><|user|><image>\nWhat colour is the circle?<|end|><|assistant|>red<|end|>
 
 Method A expands each `<image>` into as many image tokens as the encoder + projector produce (the hybrid: as many
-as its thumbnail gives); Method B keeps one marker per image. Labels are -100 everywhere except the assistant answers and the `<|end|>` closing them (so the
-model learns when to stop).
+as its thumbnail gives); Method B keeps one marker per image. Labels are -100 everywhere except the assistant
+answers and the `<|end|>` closing them (so the model learns when to stop).
 """
 
 from __future__ import annotations

@@ -270,7 +270,8 @@ def test_an_untiled_processor_saves_its_settings_as_before(tokenizer, tmp_path):
 
 def test_generation_with_the_cache_is_generation_without_it(processor, poisoned_cache):
     model = open_gates(MultimodalLM(hybrid_config())).eval()
-    prompts = processor([ask(processor, [quadrants((32, 16))]), ask(processor, [quadrants((16, 16)), quadrants((48, 48))])],
+    prompts = processor([ask(processor, [quadrants((32, 16))]),
+                         ask(processor, [quadrants((16, 16)), quadrants((48, 48))])],
                         add_generation_prompt=True, padding_side="left")
     cached = model.generate(**prompts, max_new_tokens=8)
     uncached = model.generate(**prompts, max_new_tokens=8, use_cache=False)

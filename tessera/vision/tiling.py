@@ -22,7 +22,7 @@ from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, check_preprocess
 
 
 class TiledImage(NamedTuple):
-    pixels: torch.Tensor  # (slots, C, tile, tile): the tiles (a thumbnail first, for dynamic high resolution), padding zero
+    pixels: torch.Tensor  # (slots, C, tile, tile): the tiles (the thumbnail first, for the hybrid), padding zero
     aspect_ratio_id: int  # index of its (rows, columns) grid + 1; 0 marks a padding image
 
 
