@@ -307,15 +307,21 @@ class Processor:
     def from_pretrained(cls, directory: str | Path) -> Processor:
         """tessera's processor, or — for a Hugging Face checkpoint or one converted from it — a HubProcessor
         (interop/processor.py) with the checkpoint's own tokenizer, chat template and image processing. Beside a
-        model's config.json, every token id must fit the model's embedding (CheckpointError otherwise)."""
+        model's config.json, every token id must fit the model's embedding and the tile grids must be the model's
+        (CheckpointError otherwise); a processor saved on its own has no model to compare with."""
         directory = Path(directory)
         if not directory.is_dir():  # else named as a missing processor_config.json inside it
             raise CheckpointError(f"{directory}: no such checkpoint directory; expected one holding tokenizer.json "
                                   f"and processor_config.json (Processor.save_pretrained writes them)")
         from tessera.interop.processor import hub_processor
 
-        processor = hub_processor(directory) or cls._tessera_processor(directory)
-        check_tokenizer_fits_model(processor.tokenizer, directory)
+        hub = hub_processor(directory)
+        processor = hub or cls._tessera_processor(directory)
+        if (directory / CONFIG_NAME).is_file():  # a model beside it: read once, for both checks
+            model_config = checkpoint_model_config(directory)
+            check_tokenizer_fits_model(processor.tokenizer, directory, model_config)
+            if hub is None:
+                check_tiling_fits_model(processor.config, directory / PROCESSOR_CONFIG_NAME, model_config)
         return processor
 
     @classmethod
@@ -330,8 +336,6 @@ class Processor:
             raise ConfigError(f"{path}: invalid processor settings ({e})") from None
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-        if (directory / CONFIG_NAME).is_file():
-            check_tiling_fits_model(config, path, checkpoint_model_config(directory))
         return cls(load_tokenizer(directory / TOKENIZER_NAME), config)
 
 
@@ -360,14 +364,11 @@ def checkpoint_model_config(directory: Path) -> ModelConfig:
     return ModelConfig.load(directory / CONFIG_NAME)
 
 
-def check_tokenizer_fits_model(tokenizer: Tokenizer, directory: Path) -> None:
+def check_tokenizer_fits_model(tokenizer: Tokenizer, directory: Path, model_config: ModelConfig) -> None:
     """CheckpointError if the tokenizer gives ids past the embedding of the model in `directory` (each one would be
-    an IndexError deep in generation). Fewer tokens than the vocabulary are fine: models pad their vocabulary. No
-    config.json: a processor saved on its own, with no model to compare with."""
+    an IndexError deep in generation). Fewer tokens than the vocabulary are fine: models pad their vocabulary."""
     config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        return
-    text = checkpoint_model_config(directory).text
+    text = model_config.text
     highest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if highest >= text.embedding_rows:  # rows past vocab_size are ids the model reads but never predicts
         extra = f" + num_extra_embeddings={text.num_extra_embeddings}" if text.num_extra_embeddings else ""
