@@ -54,6 +54,18 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ConfigError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse EOS or suppressed ids this vocabulary does not hold (an EOS id past it would silently never stop
+        generation), and suppressing every token: with every logit at -inf, argmax emits token 0 regardless."""
+        for name in ("eos_token_ids", "suppress_token_ids"):
+            ids = getattr(self, name)
+            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+                raise ConfigError(f"{name}={tuple(ids)!r}: expected token ids in 0..{vocab_size - 1} "
+                                  f"(the model's vocabulary of {vocab_size})")
+        if len(set(self.suppress_token_ids)) == vocab_size:
+            raise ConfigError(f"suppress_token_ids: all {vocab_size} tokens of the vocabulary; expected at least one "
+                              f"token left to generate")
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
@@ -117,7 +129,10 @@ class TokenChooser:
     one per row — each row then has its own settings and its own seeded stream, so a request samples the same
     tokens whatever it is batched with, and a greedy row stays exactly greedy."""
 
-    def __init__(self, params: SamplingParams | Sequence[SamplingParams], batch_size: int, device: torch.device):
+    def __init__(self, params: SamplingParams | Sequence[SamplingParams], batch_size: int, device: torch.device,
+                 vocab_size: int):
+        for p in [params] if isinstance(params, SamplingParams) else params:
+            p.check_vocabulary(vocab_size)
         if isinstance(params, SamplingParams):
             self.shared: tuple[SamplingParams, torch.Generator | None] | None = (params, params.generator(device))
             self.rows = []

@@ -472,10 +472,9 @@ class MultimodalLM(nn.Module):
             else self._output_ids("eos_token_id", eos_token_id)
         suppress = self._never_generated() if suppress_token_ids is None \
             else self._output_ids("suppress_token_ids", suppress_token_ids)
-        if len(set(suppress)) == self.config.text.vocab_size:  # every logit -inf: it would emit token 0 regardless
-            raise ConfigError(f"suppress_token_ids: all {self.config.text.vocab_size} tokens of the vocabulary; "
-                              f"expected at least one token left to generate")
-        return SamplingParams(**settings, eos_token_ids=eos, suppress_token_ids=suppress)
+        params = SamplingParams(**settings, eos_token_ids=eos, suppress_token_ids=suppress)
+        params.check_vocabulary(self.config.text.vocab_size)
+        return params
 
     def _output_ids(self, name: str, value) -> tuple[int, ...]:
         """An id or ids (a list, a tensor) of tokens this model can generate. A string, or an id past the vocabulary,
@@ -511,7 +510,7 @@ class MultimodalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = padding_moved_to_the_front(input_ids, attention_mask)
-        choose = TokenChooser(params, batch, self.device)
+        choose = TokenChooser(params, batch, self.device, self.config.text.vocab_size)
         max_new_tokens = choose.max_new_tokens
         if prompt_len + max_new_tokens > self.config.text.max_position_embeddings:
             raise ValueError(

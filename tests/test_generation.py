@@ -85,6 +85,19 @@ def test_suppressing_every_token_is_refused_not_answered_with_token_0():
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, suppress_token_ids=list(range(96)) + [3])
 
 
+@pytest.mark.parametrize("params", [SamplingParams(suppress_token_ids=tuple(range(96))),
+                                    SamplingParams(suppress_token_ids=(96,)), SamplingParams(eos_token_ids=(-1,))])
+def test_sampling_params_made_by_hand_are_checked_against_the_vocabulary_too(params):
+    """stream_tokens (and a server's batch) take SamplingParams built without model.sampling_params: suppressing
+    every token answered token 0 there, and an id past the vocabulary failed inside the indexing."""
+    model = MultimodalLM(tiny_config()).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ConfigError, match=r"^(suppress|eos)_token_ids.*(vocabulary|0\.\.95)"):
+        next(model.stream_tokens(ids, None, None, [0], params))
+    with pytest.raises(ConfigError, match=r"^(suppress|eos)_token_ids"):
+        next(model.stream_tokens(ids, None, None, [0], [params]))
+
+
 def test_the_extreme_seeds_torch_takes_are_accepted():
     for seed in (-2**63, 2**64 - 1, np.int64(3)):
         assert SamplingParams(temperature=1.0, seed=seed).generator(torch.device("cpu")) is not None

@@ -656,13 +656,13 @@ def test_per_row_sampling_equals_each_row_alone():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     rows = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=5),
             SamplingParams(temperature=0.7, top_p=0.8, top_k=10, seed=9)]
-    together = TokenChooser(rows, 3, torch.device("cpu"))
-    alone = [TokenChooser(p, 1, torch.device("cpu")) for p in rows]
+    together = TokenChooser(rows, 3, torch.device("cpu"), 50)
+    alone = [TokenChooser(p, 1, torch.device("cpu"), 50) for p in rows]
     picks = [together(logits.clone()).tolist() for _ in range(20)]
     assert picks == [[alone[i](logits[i:i + 1].clone()).item() for i in range(3)] for _ in range(20)]
     assert {p[0] for p in picks} == {int(logits[0].argmax())} and len({p[1] for p in picks}) > 1
     with pytest.raises(ValueError, match="one per row"):
-        TokenChooser(rows, 2, torch.device("cpu"))
+        TokenChooser(rows, 2, torch.device("cpu"), 50)
 
 
 def test_a_tiny_temperature_decodes_greedily():
@@ -670,7 +670,7 @@ def test_a_tiny_temperature_decodes_greedily():
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1)) * 10
     for temperature in (1e-40, 5e-324, 1e-6):
         rows = [SamplingParams(temperature=temperature, seed=3), SamplingParams(temperature=temperature, top_p=0.5)]
-        assert TokenChooser(rows, 2, torch.device("cpu"))(logits.clone()).tolist() == logits.argmax(-1).tolist()
+        assert TokenChooser(rows, 2, torch.device("cpu"), 50)(logits.clone()).tolist() == logits.argmax(-1).tolist()
 
 
 def test_a_tiny_temperature_answers_as_greedy_through_the_server(server):

@@ -412,6 +412,21 @@ def test_a_leave_copies_only_to_give_memory_back_and_only_if_it_can(served, monk
     left.step()  # and it decodes on
     with pytest.raises(RuntimeError, match="can't allocate"):  # a copy asked for cannot fall back
         left.select([0])
+
+
+def test_a_batch_refuses_sampling_params_that_suppress_every_token(served):
+    """The engine's batch takes SamplingParams as given: with every token suppressed it chose token 0 for good."""
+    from tessera.errors import ConfigError
+    from tessera.serve.batch import RunningBatch
+
+    model, processor = served
+    ids, _ = make_request(processor, random.Random(0), 0, 0)
+    inputs = processor.pad_batch([(ids, ids)], [[]], padding_side="left")
+    everything = SamplingParams(max_new_tokens=2, suppress_token_ids=tuple(range(model.config.text.vocab_size)))
+    with pytest.raises(ConfigError, match="^suppress_token_ids: all"):
+        RunningBatch.prefill(model, [0], [everything], inputs, capacity=1)
+
+
 @pytest.mark.parametrize("what", ["answered", "cancelled", "a chunk fails"])
 def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(served, what, monkeypatch):
     """With prefill_chunk, a newcomer's long prompt runs a chunk per iteration and the running row decodes between

@@ -250,6 +250,8 @@ class Prefill:
     def __init__(self, model, rows: list[Any], params: Sequence[SamplingParams], inputs: dict[str, torch.Tensor],
                  capacity: int = 0, image_room: int = 0, chunk: int = 0, image_sources: Sequence[int] | None = None):
         """image_sources: for each row, the row whose images it has (its request's first row); default its own."""
+        for p in params:
+            p.check_vocabulary(model.config.text.vocab_size)
         self.model, self.rows, self.params, self.inputs = model, list(rows), list(params), inputs
         self.image_room = image_room
         input_ids = inputs["input_ids"]
