@@ -312,6 +312,9 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
         # not an error: an untrained LLM can be the experiment
         log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
+    if run.llm_checkpoint and run.steps.get("text"):  # allowed (a file written for both ways), but said
+        log(f"note: steps.text={run.steps['text']} is not used: llm_checkpoint {run.llm_checkpoint} is a trained LLM, "
+            f"so the run skips text pretraining")
     if run.llm_checkpoint and not Path(run.llm_checkpoint).is_dir():  # named, not its tokenizer.json's absence
         raise ConfigError(f"llm_checkpoint={run.llm_checkpoint}: no such directory; expected the checkpoint directory "
                           f"of a trained LLM (a text-stage checkpoint: OUT/checkpoints/stage-0-text)")
