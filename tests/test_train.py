@@ -415,9 +415,16 @@ def test_an_llm_checkpoint_must_match_the_run_s_model(shapes, tmp_path):
             f"llm_checkpoint {tmp_path / 'llm'}: its LLM differs from the run's model in text.hidden_size (32 in the "
             f"checkpoint, 64 in the run's model)")):
         run_training(wider, log=lambda *_: None, progress=False)
-    same = run_training(RunConfig.from_dict({**config, "model": {**TINY_MODEL, "text": text}}), log=lambda *_: None,
+    lines = []
+    same = run_training(RunConfig.from_dict({**config, "model": {**TINY_MODEL, "text": text}}), log=lines.append,
                         progress=False)
-    assert same["steps"] == 1
+    assert same["steps"] == 1 and not any("steps.text" in line for line in lines)
+    # text steps beside a trained LLM are not an error (one file for both ways) but not passed over in silence
+    lines = []
+    run_training(RunConfig.from_dict({**config, "model": {**TINY_MODEL, "text": text}, "steps": {"text": 5, "train": 0},
+                                      "out": str(tmp_path / "run2")}), log=lines.append, progress=False)
+    assert (f"note: steps.text=5 is not used: llm_checkpoint {tmp_path / 'llm'} is a trained LLM, so the run skips "
+            f"text pretraining") in lines
 
 
 def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):
@@ -555,6 +562,9 @@ def test_run_config_overrides_and_validation(tmp_path):
     assert [s.name for s in build_stages(plain)] == ["text", "pretrain", "finetune"]
     # starting from a trained LLM skips text pretraining
     assert build_stages(RunConfig.load(path, ["llm_checkpoint=ck"]))[0].name == "encoder_pretrain"
+    # an encoder-free model runs a recipe whose encoder-only stage is given 0 steps, without that stage
+    fuyu = build_stages(RunConfig.load(path, ["recipe=qwen2-vl", "model.vision.encoder=none", "steps.encoder=0"]))
+    assert [s.name for s in fuyu] == ["text", "joint", "instruct"]
     # … and the skipped stage's settings may stay in the file (README's example sets steps.text)
     kept = build_stages(RunConfig.load(path, ["llm_checkpoint=ck", "steps.text=300", "lr.text=1e-3"]))
     assert "text" not in {s.name for s in kept}
@@ -592,7 +602,8 @@ def test_run_config_overrides_and_validation(tmp_path):
      "steps.encoder_pretrain (or 0)"),
     ("model.vision.encoder=none recipe=qwen2-vl",
      "recipe 'qwen2-vl': stage 'encoder' trains only the encoder, which vision.encoder='none' does not have; "
-     "expected a recipe whose every stage trains more (llava, molmo, baichuan-omni, nvlm-d)"),
+     "expected a recipe whose every stage trains more (llava, molmo, baichuan-omni, nvlm-d), or steps.encoder: 0 to "
+     "leave the stage out"),
 ])
 def test_every_run_config_value_is_checked_at_load_naming_its_key(tmp_path, override, words):
     path = tmp_path / "run.yaml"

@@ -311,23 +311,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def trains_only_the_encoder(stage: Stage) -> bool:
+    return set(stage.train) <= {"vision"}
+
+
 def check_encoder_free_recipe(run: RunConfig, recipe: Recipe) -> None:
     """Fuyu's design (vision.encoder="none") has no encoder: the projector alone embeds the patches. Pretraining an
-    encoder, or a stage that trains nothing but the encoder, would train nothing."""
+    encoder, or a stage that trains nothing but the encoder, would train nothing — unless that stage is given 0
+    steps, which leaves it out."""
     if run.pretrain_encoder is True:
         raise ConfigError("pretrain_encoder=true: the model has no encoder (vision.encoder='none'); expected false or "
                           "auto")
-
-    def trains_only_the_encoder(stage: Stage) -> bool:
-        return set(stage.train) <= {"vision"}
-
-    idle = next((stage for stage in recipe.stages if trains_only_the_encoder(stage)), None)
+    idle = next((stage for stage in recipe.stages
+                 if trains_only_the_encoder(stage) and run.steps.get(stage.name, stage.steps)), None)
     if idle is not None:
         fitting = [r.name for r in RECIPES.values() if r.fusion == recipe.fusion
                    and not any(trains_only_the_encoder(stage) for stage in r.stages)]
         raise ConfigError(f"recipe {run.recipe!r}: stage {idle.name!r} trains only the encoder, which "
                           f"vision.encoder='none' does not have; expected a recipe whose every stage trains more "
-                          f"({', '.join(fitting)})")
+                          f"({', '.join(fitting)}), or steps.{idle.name}: 0 to leave the stage out")
 
 
 def build_stages(run: RunConfig) -> list[Stage]:
@@ -340,7 +342,8 @@ def build_stages(run: RunConfig) -> list[Stage]:
     elif not run.init_checkpoint and (run.pretrain_encoder is True or (run.pretrain_encoder == "auto" and
                                                                        "vision" not in recipe.stages[0].train)):
         stages.append(encoder)
-    stages += recipe.stages
+    # an encoder-free model's encoder-only stages are left out (check_encoder_free_recipe: they have 0 steps)
+    stages += [stage for stage in recipe.stages if not (encoder_free and trains_only_the_encoder(stage))]
     names = {s.name for s in stages}
     if len(names) != len(stages):
         raise ConfigError(f"recipe {run.recipe!r}: two stages share a name; expected unique stage names")
@@ -349,7 +352,7 @@ def build_stages(run: RunConfig) -> list[Stage]:
     # settings for a skipped stage may stay in the file
     skipped = {TEXT_PRETRAINING.name} if run.llm_checkpoint else set()
     if encoder_free:
-        skipped.add(encoder.name)
+        skipped |= {encoder.name} | {stage.name for stage in recipe.stages if trains_only_the_encoder(stage)}
         if run.steps.get(encoder.name):  # a config written for a model with an encoder, most likely
             raise ConfigError(f"steps.{encoder.name}={run.steps[encoder.name]}: the model has no encoder to "
                               f"pretrain (vision.encoder='none'); expected no steps.{encoder.name} (or 0)")
