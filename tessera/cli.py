@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tessera.checkpoint import LOAD_DTYPES, check_directory_to_write
 from tessera.errors import ConfigError, DataError, TesseraError
+from tessera.linear import check_backend
 from tessera.train.loop import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -319,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"out; expected `tessera {args.verb}` in one process")
         return 2
     try:
+        check_backend()  # an environment variable set wrong: said before any work, whatever the verb
         args.run(args)
     except (TesseraError, ValueError, OSError) as e:
         _say(f"{who}: error: {e}")

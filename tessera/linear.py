@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tessera.errors import ConfigError
 from tessera.memory import available_memory
 
 BACKENDS = ("onednn", "aten")
@@ -58,14 +59,18 @@ def _onednn_linear_op():
         return None
 
 
-def _backend_from_environment() -> str:
-    backend = os.environ.get("TESSERA_LINEAR_BACKEND", "onednn")
-    if backend not in BACKENDS:
-        raise ValueError(f"TESSERA_LINEAR_BACKEND={backend!r}: expected one of {', '.join(BACKENDS)}")
-    return backend
+# read once, at import. An unknown value is refused where layers are made (and by the CLI before any work), not
+# here: raised at import, it was a traceback from `import tessera`, before the CLI could name the problem
+_BACKEND = os.environ.get("TESSERA_LINEAR_BACKEND", "onednn")
 
 
-_OP = _onednn_linear_op() if _backend_from_environment() == "onednn" else None
+def check_backend() -> None:
+    if _BACKEND not in BACKENDS:
+        raise ConfigError(f"TESSERA_LINEAR_BACKEND={_BACKEND!r}: expected one of {', '.join(BACKENDS)} "
+                          f"(or the variable unset: onednn)")
+
+
+_OP = _onednn_linear_op() if _BACKEND == "onednn" else None
 
 
 def _bf16_packing_supported() -> bool:
@@ -82,6 +87,7 @@ BF16_PACKING = _bf16_packing_supported()
 
 def backend() -> str:
     """Which kernel multiplies float32 on CPU: "onednn", or "aten" (PyTorch's `F.linear`)."""
+    check_backend()
     return "onednn" if _OP is not None else "aten"
 
 
@@ -264,6 +270,10 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict), multiplying through `linear`."""
 
     _packed: tuple[tuple[int, int, int], torch.Tensor | None, float] | None = None  # (key, copy, retry after)
+
+    def __init__(self, *args, **kwargs):
+        check_backend()
+        super().__init__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, packed=self.packed_weight)

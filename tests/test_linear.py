@@ -127,10 +127,20 @@ def test_the_environment_switches_onednn_off():
     assert result.returncode == 0 and result.stdout.strip() == "aten"
 
 
-def test_an_unknown_backend_is_named():
+def test_an_unknown_backend_is_named_where_layers_are_made_and_by_the_cli_in_one_line():
     result = _backend_in_a_fresh_process("cublas")
     assert result.returncode != 0
-    assert "TESSERA_LINEAR_BACKEND='cublas'" in result.stderr and "onednn, aten" in result.stderr
+    assert "ConfigError: TESSERA_LINEAR_BACKEND='cublas': expected one of onednn, aten" in result.stderr
+    env = dict(os.environ, TESSERA_LINEAR_BACKEND="cublas")
+    layer = subprocess.run([sys.executable, "-c", "import tessera; print('imported'); tessera.linear.Linear(4, 4)"],
+                           capture_output=True, text=True, env=env)  # importing is not refused, making a layer is
+    assert layer.returncode != 0 and layer.stdout == "imported\n"
+    assert "ConfigError: TESSERA_LINEAR_BACKEND='cublas'" in layer.stderr
+    cli = subprocess.run([sys.executable, "-c", "import sys; from tessera.cli import main; sys.exit(main(['recipes']))"],
+                         capture_output=True, text=True, env=env)
+    assert cli.returncode == 2 and cli.stdout == ""
+    assert cli.stderr == ("tessera recipes: error: TESSERA_LINEAR_BACKEND='cublas': expected one of onednn, aten "
+                          "(or the variable unset: onednn)\n")
 
 
 # --- batch-1 decoding: the matrix-vector product as a batch of row blocks ------------------------------------------
