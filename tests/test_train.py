@@ -179,6 +179,27 @@ def test_a_stage_that_trains_a_component_at_a_learning_rate_of_0_says_so(shapes,
                         "weight)", "warning: stage 'instruct' trains llm at a learning rate of 0"]
 
 
+def test_a_stage_whose_gradients_and_moments_outgrow_memory_is_warned_about(shapes, tmp_path, monkeypatch):
+    import tessera.train.loop as loop
+
+    model, processor, examples, _ = _model_and_data(shapes, "unified")
+    stage = Stage("instruct", ("projector", "llm"), "questions", steps=1)
+    trainable = sum(p.numel() for name in stage.train for p in model.component(name).parameters())
+    needed = 3 * 4 * trainable  # float32: a gradient and two moments a weight
+    for available, warned in [(needed - 1, True), (needed, False)]:
+        monkeypatch.setattr(loop, "available_memory", lambda: (available, 2 * needed))
+        lines = []
+        train_stage(model, processor, stage, examples, TrainSettings(batch_size=4, progress=False), tmp_path,
+                    tmp_path / "m.jsonl", log=lines.append)
+        warnings = [line for line in lines if line.startswith("warning:")]
+        assert bool(warnings) == warned and all(f"{trainable / 1e9:.2f}B parameters" in w for w in warnings)
+    monkeypatch.setattr(loop, "available_memory", lambda: None)  # not Linux: nothing to compare with, no warning
+    lines = []
+    train_stage(model, processor, stage, examples, TrainSettings(batch_size=4, progress=False), tmp_path,
+                tmp_path / "m.jsonl", log=lines.append)
+    assert not [line for line in lines if line.startswith("warning:")]
+
+
 def test_a_nan_loss_stops_the_stage_before_the_update(shapes, tmp_path):
     model, processor, examples, _ = _model_and_data(shapes, "unified")
     with torch.no_grad():

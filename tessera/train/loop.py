@@ -22,6 +22,7 @@ from tqdm import tqdm
 from tessera.checkpoint import write_whole, written_whole_directory
 from tessera.data.records import EncodedExample
 from tessera.errors import TrainingError
+from tessera.memory import available_memory
 from tessera.model import COMPONENTS, MultimodalLM
 from tessera.processor import Processor
 from tessera.train.distributed import SINGLE, Processes
@@ -142,6 +143,27 @@ def parameter_table(model: MultimodalLM) -> str:
     return "\n".join(rows)
 
 
+# What a stage adds to the weights already in memory: a gradient and AdamW's two moments for every trainable weight,
+# each of the weight's size (12 bytes a parameter in float32); activations come on top
+TRAINING_COPIES_PER_WEIGHT = 3
+
+
+def warn_if_training_state_outgrows_memory(model: MultimodalLM, stage: Stage, log) -> None:
+    """A 7B model fine-tuned whole in float32 needs ~84 GB for its gradients and moments alone: on a smaller
+    machine the kernel kills the run at its first step, minutes of loading later, without a word from tessera.
+    Said before the first step (a warning: swap or a lazily allocated moment may still carry it)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    needed = TRAINING_COPIES_PER_WEIGHT * sum(p.numel() * p.element_size() for p in trainable)
+    memory = available_memory()
+    if memory is None or needed <= memory[0]:
+        return
+    count = sum(p.numel() for p in trainable)
+    log(f"warning: stage {stage.name!r} trains {count / 1e9:.2f}B parameters, whose gradients and AdamW moments "
+        f"take {needed / 2**30:.1f} GiB, more than the {memory[0] / 2**30:.1f} GiB this process has available "
+        f"(activations come on top); it will most likely run out of memory. Train fewer components in this stage, "
+        f"or use a machine with more memory")
+
+
 def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, examples: list[EncodedExample],
                 settings: TrainSettings, out_dir: Path, metrics_path: Path, first_step: int = 0,
                 log=print, losses: list[float] | None = None, state: StageState | None = None,
@@ -165,6 +187,7 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
     if frozen_by_rate:  # allowed (a way to freeze a component for one stage), but said: it may be a slip
         nothing = " (so the stage changes no weight)" if len(frozen_by_rate) == len(stage.train) else ""
         log(f"warning: stage {stage.name!r} trains {', '.join(frozen_by_rate)} at a learning rate of 0{nothing}")
+    warn_if_training_state_outgrows_memory(model, stage, log)
     restore = state.restore
     if stage.keep is not None and restore is None:  # snapshot what must come out of the stage unchanged
         restore = copy_components(model, [name for name in stage.train if name not in stage.keep])
