@@ -33,7 +33,7 @@ from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, MessageTextEncoder, load_tokenizer
 from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, RESIZE_MODES, check_preprocessed_size, largest_step,
                                       load_image, naming, preprocess_image)
-from tessera.vision.tiling import TiledImage, preprocess_tiled, tiling_step
+from tessera.vision.tiling import TiledImage, pad_tiles, preprocess_tiled, tiling_step
 
 IGNORE_INDEX = -100
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -137,8 +137,8 @@ class Processor:
         loaded = load_image(image)
         with naming(image):
             if c.tile_grids is not None:
-                return preprocess_tiled(loaded, c.image_size, c.image_mean, c.image_std, c.tile_grids, c.max_tiles,
-                                        c.resize_mode, max_pixels)
+                return preprocess_tiled(loaded, c.image_size, c.image_mean, c.image_std, c.tile_grids, c.resize_mode,
+                                        max_pixels)
             return preprocess_image(loaded, c.image_size, c.image_mean, c.image_std, c.resize_mode, max_pixels)
 
     def check_image_size(self, width: int, height: int, max_pixels: int = MAX_PREPROCESSED_PIXELS) -> None:
@@ -253,8 +253,7 @@ class Processor:
         size = self.config.image_size
         if self.config.tile_grids is not None:  # each image a TiledImage: its thumbnail and tiles, and its grid's id
             slots = 1 + self.config.max_tiles
-            out["pixel_values"] = torch.stack([image.pixels for image in flat]) if flat \
-                else torch.zeros(0, slots, 3, size, size)
+            out["pixel_values"] = pad_tiles(flat, slots) if flat else torch.zeros(0, slots, 3, size, size)
             out["aspect_ratio_ids"] = torch.tensor([image.aspect_ratio_id for image in flat], dtype=torch.long)
         else:
             out["pixel_values"] = torch.stack(flat) if flat else torch.zeros(0, 3, size, size)

@@ -12,7 +12,7 @@ import tessera
 from tessera import ConfigError, DataError, ImageTokenMismatchError, ModelConfig, MultimodalLM, Processor
 from tessera.text.cache import KVCache
 from tessera.vision.preprocess import preprocess_image
-from tessera.vision.tiling import closest_grid, preprocess_tiled, real_tiles
+from tessera.vision.tiling import closest_grid, pad_tiles, preprocess_tiled, real_tiles
 from tests.conftest import tiny_config
 from tests.test_processor import SENTENCES, VOCAB
 
@@ -105,16 +105,21 @@ def test_an_image_gets_the_grid_closest_to_its_shape(size, grid):
 def test_tiles_are_the_image_resized_onto_its_grid_row_by_row_after_the_thumbnail():
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     image = quadrants((32, 32))  # its 2x2 grid's canvas: the tiles are its quarters, unresized
-    tiled = preprocess_tiled(image, 16, mean, std, GRIDS, max_tiles=4)
+    tiled = preprocess_tiled(image, 16, mean, std, GRIDS)
     assert tiled.pixels.shape == (5, 3, 16, 16) and GRIDS[tiled.aspect_ratio_id - 1] == [2, 2]
     assert torch.equal(tiled.pixels[0], preprocess_image(image, 16, mean, std))
     for slot, colour in zip(range(1, 5), [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)]):  # one quarter each
         expected = (torch.tensor(colour, dtype=torch.float32) - 0.5) / 0.25
         assert torch.allclose(tiled.pixels[slot], expected[:, None, None].expand(3, 16, 16), atol=1e-5)
 
-    wide = preprocess_tiled(quadrants((32, 16)), 16, mean, std, GRIDS, max_tiles=4)
+    wide = preprocess_tiled(quadrants((32, 16)), 16, mean, std, GRIDS)
     assert GRIDS[wide.aspect_ratio_id - 1] == [1, 2]
-    assert wide.pixels[3:].abs().sum() == 0  # the two padding slots
+    assert wide.pixels.shape == (3, 3, 16, 16)  # kept without padding; a batch pads it
+    batch = pad_tiles([wide, tiled], 5)
+    assert torch.equal(batch[0, :3], wide.pixels) and batch[0, 3:].abs().sum() == 0
+    assert torch.equal(batch[1], tiled.pixels)
+    with pytest.raises(DataError, match=r"^image 1 of the batch has 5 tiles with its thumbnail; expected at most 3"):
+        pad_tiles([wide, tiled], 3)
     assert real_tiles(torch.tensor([wide.aspect_ratio_id, tiled.aspect_ratio_id]), GRIDS, 4).tolist() == \
         [[True, True, False, False], [True, True, True, True]]
 
@@ -216,7 +221,7 @@ def test_a_tile_brings_its_place_in_the_image_once_its_positions_are_learned(pro
     torch.nn.init.normal_(model.projector.tile_positions.embedding.weight)
     assert not torch.allclose(as_swapped_back(tile_features(swapped)), tile_features(image.pixels), atol=1e-3)
     wide = processor.preprocess_image(quadrants((32, 16)))
-    assert tile_features(wide.pixels, torch.tensor([wide.aspect_ratio_id]))[3:].abs().sum() == 0  # padding
+    assert tile_features(pad_tiles([wide], 5)[0], torch.tensor([wide.aspect_ratio_id]))[3:].abs().sum() == 0
 
 
 def test_padding_tiles_are_never_attended_even_by_rows_that_see_no_image(processor):

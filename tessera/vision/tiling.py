@@ -4,9 +4,10 @@ The encoder sees every tile at its own resolution, so a large image keeps its de
 encoder-sized square. NVLM-H puts the thumbnail's tokens in the LLM's sequence and lets the tiles in through
 cross-attention (fusion.method="hybrid").
 
-Each image becomes a TiledImage: (1 + max_tiles, C, size, size) pixels — the thumbnail, its grid's tiles row by
-row, then zero padding — and the id of its grid (index in VisionConfig.aspect_ratios + 1), from which the model
-knows which tiles are real.
+Each image becomes a TiledImage: (1 + tiles, C, size, size) pixels — the thumbnail, then its grid's tiles row by
+row — and the id of its grid (index in VisionConfig.aspect_ratios + 1). A batch pads every image to 1 + max_tiles
+slots with zeros (the processor's pad_batch), and the model knows from the id which of them are real: a dataset's
+preprocessed images are kept without their padding.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
+from tessera.errors import DataError
+
 from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, check_preprocessed_size, largest_step,
                                       normalised_pixels, preprocess_image, to_rgb)
 
 
 class TiledImage(NamedTuple):
-    pixels: torch.Tensor  # (slots, C, tile, tile): the tiles (the thumbnail first, for the hybrid), padding zero
+    pixels: torch.Tensor  # (slots, C, tile, tile): the tiles (the thumbnail first, for the hybrid; Mllama's padded)
     aspect_ratio_id: int  # index of its (rows, columns) grid + 1; 0 marks a padding image
 
 
@@ -59,11 +62,11 @@ def tiling_step(width: int, height: int, size: int, grids: Sequence[Sequence[int
 
 
 def preprocess_tiled(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                     grids: Sequence[Sequence[int]], max_tiles: int, resize_mode: str = "squash",
+                     grids: Sequence[Sequence[int]], resize_mode: str = "squash",
                      max_pixels: int = MAX_PREPROCESSED_PIXELS) -> TiledImage:
     """The thumbnail (preprocessed as a single image is, with resize_mode) and the tiles of the closest grid: the
     image resized onto rows x columns tiles of size² (stretched a little to the grid's shape, as NVLM does), each
-    normalised with the encoder's mean and std."""
+    normalised with the encoder's mean and std. No padding slots (see pad_tiles)."""
     check_preprocessed_size(image.size, *tiling_step(*image.size, size, grids, resize_mode), max_pixels)
     image = to_rgb(image)
     index = closest_grid(image.width, image.height, grids, size)
@@ -72,7 +75,17 @@ def preprocess_tiled(image: Image.Image, size: int, mean: tuple[float, ...], std
     channels = canvas.shape[0]
     tiles = canvas.view(channels, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(rows * cols, channels,
                                                                                          size, size)
-    pixels = canvas.new_zeros(1 + max_tiles, channels, size, size)
-    pixels[0] = preprocess_image(image, size, mean, std, resize_mode, max_pixels)
-    pixels[1:1 + rows * cols] = tiles
-    return TiledImage(pixels, index + 1)
+    thumbnail = preprocess_image(image, size, mean, std, resize_mode, max_pixels)
+    return TiledImage(torch.cat([thumbnail[None], tiles]), index + 1)
+
+
+def pad_tiles(images: Sequence[TiledImage], slots: int) -> torch.Tensor:
+    """(images, slots, C, size, size): each image's thumbnail and tiles, then zeros up to slots."""
+    first = images[0].pixels
+    out = first.new_zeros(len(images), slots, *first.shape[1:])
+    for i, image in enumerate(images):
+        if len(image.pixels) > slots:
+            raise DataError(f"image {i} of the batch has {len(image.pixels)} tiles with its thumbnail; expected at "
+                            f"most {slots} (1 + the processor's max_tiles)")
+        out[i, :len(image.pixels)] = image.pixels
+    return out
