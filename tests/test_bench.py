@@ -41,12 +41,12 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
             assert _finite(llava["decode"][batch][name]["tokens_per_s"])
     assert set(results["fusion_scaling"]) == set(map(str, suite.QUICK.scaling_image_tokens))
     for row in results["fusion_scaling"].values():
-        for fusion in ("unified", "cross"):
-            assert _finite(row[fusion]["seconds"]) and _finite(row[fusion]["flops"])
-        assert _finite(row["b_speedup"])
+        for fusion in ("unified", "cross", "hybrid"):
+            assert _finite(row[fusion]["seconds"]) and _finite(row[fusion]["flops"]) and _finite(row[fusion]["mfu"])
+        assert _finite(row["b_speedup"]) and _finite(row["hybrid_speedup"])
     assert _finite(results["mllama_reference"]["seconds"]) and results["mllama_reference"]["cross_attention_layers"]
-    for line in ("training step", "MFU", "prefill", "greedy decode, batch 1", "Method A (unified)", "Mllama",
-                 "Targets", "A `--quick` run", "decode batch 2 vs transformers"):
+    for line in ("training step", "MFU", "prefill", "greedy decode, batch 1", "Method A (unified)", "H faster by",
+                 "Mllama", "Targets", "A `--quick` run", "decode batch 2 vs transformers"):
         assert line in printed, line
     assert len(report.targets(results)) == 6
 
@@ -108,6 +108,37 @@ def test_analytic_flops_are_the_flops_a_training_step_spends(fusion, encoder, mo
     t = config.text
     unread_queries = TRAIN * batch * (sequence - labelled - 1) * 2 * t.hidden_size * t.num_heads * t.head_dim
     analytic = training_step_flops(config, batch, image_tokens, text_tokens, labelled)
+    assert counter.get_total_flops() == analytic + trailing_row + unread_queries
+
+
+@pytest.mark.parametrize("fusion", suite.FUSIONS)
+def test_the_scaling_table_s_flops_are_what_its_steps_spend(fusion, monkeypatch):
+    """The A / B / hybrid table's GFLOP and MFU columns: the bench's own models and batches (the quick sizes),
+    against PyTorch's FLOP counter, with the surpluses the test above allows."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import tessera.linear
+    from tessera.flops import TRAIN, decoder_layer_flops, training_step_flops
+    from tessera.model import MultimodalLM
+
+    monkeypatch.setattr(tessera.linear, "_OP", None)
+    s, n, batch = suite.QUICK, 64, 1
+    config = suite.tessera_config(s, fusion, n)
+    torch.manual_seed(0)
+    model = MultimodalLM(config).train()
+    inputs = suite.llava_batch(s, batch, s.text_tokens, labelled=True, image_tokens=n, fusion=fusion)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(**inputs, image_counts=[1] * batch).loss.backward()
+
+    sequence, labelled = inputs["input_ids"].shape[1], s.text_tokens
+    in_sequence = {"unified": n, "cross": 0, "hybrid": n // suite.HYBRID_TILES}[fusion]
+    trailing_row = TRAIN * batch * (decoder_layer_flops(config, sequence, sequence, outputs=labelled + 1)
+                                    - decoder_layer_flops(config, sequence, sequence, outputs=labelled))
+    t = config.text
+    unread_queries = TRAIN * batch * (sequence - labelled - 1) * 2 * t.hidden_size * t.num_heads * t.head_dim
+    analytic = training_step_flops(config, batch, in_sequence or n, sequence - in_sequence, labelled)
     assert counter.get_total_flops() == analytic + trailing_row + unread_queries
 
 

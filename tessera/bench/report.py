@@ -111,13 +111,18 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{entry['tessera']['tokens_per_s']:.1f} | {entry['transformers']['tokens_per_s']:.1f} | "
                      f"{_ratio(entry, 'tokens_per_s'):.2f}× |")
     lines += ["", f"Method A (unified) vs Method B (cross) training step in tessera, batch {s['scaling_batch']}, "
-                  f"{s['text_tokens']} text tokens, everything trains:", "",
-              "| image tokens | A: ms | A: GFLOP | A: MFU | B: ms | B: GFLOP | B: MFU | B faster by |",
-              "|---|---|---|---|---|---|---|---|"]
+                  f"{s['text_tokens']} text tokens, everything trains; and the hybrid (H, NVLM-H), which reads the "
+                  f"same image as a thumbnail of a quarter of its tokens in the sequence and a 2x2 grid of tiles "
+                  f"through Method B's blocks:", "",
+              "| image tokens | A: ms | A: GFLOP | A: MFU | B: ms | B: GFLOP | B: MFU | B faster by | H: ms | H: GFLOP "
+              "| H: MFU | H faster by |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, row in results["fusion_scaling"].items():
-        a, b = row["unified"], row["cross"]
+        cells = [f"{row[f]['seconds'] * 1e3:.0f} | {row[f]['flops'] / 1e9:.1f} | {row[f]['mfu']:.1%} | {row[key]:.2f}×"
+                 for f, key in (("cross", "b_speedup"), ("hybrid", "hybrid_speedup"))]
+        a = row["unified"]
         lines.append(f"| {n} | {a['seconds'] * 1e3:.0f} | {a['flops'] / 1e9:.1f} | {a['mfu']:.1%} | "
-                     f"{b['seconds'] * 1e3:.0f} | {b['flops'] / 1e9:.1f} | {b['mfu']:.1%} | {row['b_speedup']:.2f}× |")
+                     f"{' | '.join(cells)} |")
     ref = results["mllama_reference"]
     lines += ["", f"transformers `MllamaForConditionalGeneration` (cross-attention layers "
                   f"{ref['cross_attention_layers']}), same sizes, {ref['image_tokens']} image tokens: "

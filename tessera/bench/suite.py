@@ -25,6 +25,10 @@ from tessera.linear import linear
 
 IMAGE_TOKEN = 3
 BOS = 1
+# the hybrid (NVLM-H) reads an image of n tokens' side as a thumbnail of n / 4 tokens in the sequence and a 2x2 grid
+# of tiles of n / 4 tokens each through cross-attention: the image's n tokens, at its full resolution
+HYBRID_TILES = 4
+FUSIONS = ("unified", "cross", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -96,15 +100,21 @@ def llava_pair(s: Sizes, directory: Path):
 
 def llava_batch(s: Sizes, batch: int, text_tokens: int, labelled: bool, image_tokens: int | None = None,
                 fusion: str = "unified") -> dict[str, torch.Tensor]:
-    """BOS, the image's tokens (one marker for Method B), then text; labels on the text only."""
+    """BOS, the image's tokens (one marker for Method B, the thumbnail's for the hybrid), then text; labels on the
+    text only. The hybrid's image is its thumbnail and a 2x2 grid of tiles, each a quarter of the image's side."""
     n = image_tokens or s.image_tokens
     side = int(round(n**0.5)) * s.patch
     generator = torch.Generator().manual_seed(1)
     text = torch.randint(10, s.vocab, (batch, text_tokens), generator=generator)
-    image = torch.full((batch, n if fusion == "unified" else 1), IMAGE_TOKEN)
+    in_sequence = {"unified": n, "cross": 1, "hybrid": n // HYBRID_TILES}[fusion]
+    image = torch.full((batch, in_sequence), IMAGE_TOKEN)
     input_ids = torch.cat([torch.full((batch, 1), BOS), image, text], dim=1)
-    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-           "pixel_values": torch.randn(batch, 3, side, side, generator=generator)}
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if fusion == "hybrid":
+        out["pixel_values"] = torch.randn(batch, 1 + HYBRID_TILES, 3, side // 2, side // 2, generator=generator)
+        out["aspect_ratio_ids"] = torch.ones(batch, dtype=torch.long)  # the one grid, 2x2
+    else:
+        out["pixel_values"] = torch.randn(batch, 3, side, side, generator=generator)
     if labelled:
         labels = input_ids.clone()
         labels[:, : 1 + image.shape[1]] = -100
@@ -198,13 +208,15 @@ def _generators(ours, theirs, prompt: dict[str, torch.Tensor], new_tokens: int,
 
 
 def tessera_config(s: Sizes, fusion: str, image_tokens: int | None = None):
-    """The benchmark model built by tessera alone (no transformers): Method A or Method B (a cross-attention block
-    before every 4th layer, as Llama 3.2)."""
+    """The benchmark model built by tessera alone (no transformers): Method A, Method B (a cross-attention block
+    before every 4th layer, as Llama 3.2) or the hybrid (the same blocks; its encoder reads tiles of half the side)."""
     from tessera.config import ModelConfig
 
     side = int(round((image_tokens or s.image_tokens) ** 0.5)) * s.patch
+    tiling = {"image_size": side // 2, "max_num_tiles": HYBRID_TILES, "supported_aspect_ratios": [[2, 2]]} \
+        if fusion == "hybrid" else {"image_size": side}
     return ModelConfig.from_dict({
-        "vision": {"image_size": side, "patch_size": s.patch, "hidden_size": s.vision_width,
+        "vision": {**tiling, "patch_size": s.patch, "hidden_size": s.vision_width,
                    "num_layers": s.vision_layers, "num_heads": s.vision_heads,
                    "intermediate_size": 4 * s.vision_width, "pre_layernorm": True},
         "text": {"vocab_size": s.vocab, "hidden_size": s.text_width, "num_layers": s.text_layers,
@@ -216,13 +228,13 @@ def tessera_config(s: Sizes, fusion: str, image_tokens: int | None = None):
 
 
 def fusion_scaling(s: Sizes, compile: bool = False) -> dict[str, Any]:
-    """Method A vs Method B training step as the image grows, at a fixed text length (tessera only)."""
+    """Method A, Method B and the hybrid training step as the image grows, at a fixed text length (tessera only)."""
     from tessera.model import MultimodalLM
 
     rows = {}
     for n in s.scaling_image_tokens:
         models, steps = {}, {}
-        for fusion in ("unified", "cross"):
+        for fusion in FUSIONS:
             config = tessera_config(s, fusion, n)
             torch.manual_seed(0)
             model = MultimodalLM(config).train()
@@ -235,10 +247,12 @@ def fusion_scaling(s: Sizes, compile: bool = False) -> dict[str, Any]:
         times = interleaved(steps, s.repeats)
         row = {}
         for fusion, (model, config) in models.items():
-            text = s.text_tokens + (1 if fusion == "unified" else 2)
-            flops = training_step_flops(config, s.scaling_batch, n, text, s.text_tokens)
+            text = s.text_tokens + (2 if fusion == "cross" else 1)  # BOS, and Method B's image marker
+            in_sequence = n // HYBRID_TILES if fusion == "hybrid" else n  # the hybrid's: its thumbnail's
+            flops = training_step_flops(config, s.scaling_batch, in_sequence, text, s.text_tokens)
             row[fusion] = {"seconds": times[fusion], "flops": flops}
         row["b_speedup"] = times["unified"] / times["cross"]
+        row["hybrid_speedup"] = times["unified"] / times["hybrid"]
         rows[n] = row
         del models, steps
     return rows
@@ -347,7 +361,7 @@ def _add_mfu(results: dict[str, Any], peak: float) -> None:
     for name in ("tessera", "transformers"):
         train[name]["mfu"] = _mfu(train["flops"], train[name]["seconds"], peak)
     for row in results["fusion_scaling"].values():
-        for fusion in ("unified", "cross"):
+        for fusion in FUSIONS:
             row[fusion]["mfu"] = _mfu(row[fusion]["flops"], row[fusion]["seconds"], peak)
 
 
