@@ -59,7 +59,7 @@ class SamplingParams:
         generation), and suppressing every token: with every logit at -inf, argmax emits token 0 regardless."""
         for name in ("eos_token_ids", "suppress_token_ids"):
             ids = getattr(self, name)
-            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            if not all(_is_token_id(i) and 0 <= i < vocab_size for i in ids):
                 raise ConfigError(f"{name}={tuple(ids)!r}: expected token ids in 0..{vocab_size - 1} "
                                   f"(the model's vocabulary of {vocab_size})")
         if len(set(self.suppress_token_ids)) == vocab_size:
@@ -85,6 +85,11 @@ def _real(value: object) -> float | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
+def _is_token_id(value: object) -> bool:
+    """An integer, numpy's too (True is not a token)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_seed(value: object) -> bool:

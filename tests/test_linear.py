@@ -136,8 +136,8 @@ def test_an_unknown_backend_is_named_where_layers_are_made_and_by_the_cli_in_one
                            capture_output=True, text=True, env=env)  # importing is not refused, making a layer is
     assert layer.returncode != 0 and layer.stdout == "imported\n"
     assert "ConfigError: TESSERA_LINEAR_BACKEND='cublas'" in layer.stderr
-    cli = subprocess.run([sys.executable, "-c", "import sys; from tessera.cli import main; sys.exit(main(['recipes']))"],
-                         capture_output=True, text=True, env=env)
+    command = "import sys; from tessera.cli import main; sys.exit(main(['recipes']))"
+    cli = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, env=env)
     assert cli.returncode == 2 and cli.stdout == ""
     assert cli.stderr == ("tessera recipes: error: TESSERA_LINEAR_BACKEND='cublas': expected one of onednn, aten "
                           "(or the variable unset: onednn)\n")

@@ -335,7 +335,7 @@ def run(quick: bool = False, log=print, compile: bool = False) -> dict[str, Any]
                                "compile": compile}
     log("  tessera vs transformers (training step, prefill, decode) …")
     results["llava"] = compare_with_transformers(s, compile)
-    log("  Method A vs Method B as the image grows …")
+    log("  Method A, Method B and the hybrid as the image grows …")
     results["fusion_scaling"] = fusion_scaling(s, compile)
     log("  transformers Mllama reference …")
     results["mllama_reference"] = mllama_reference(s)
