@@ -173,6 +173,22 @@ def test_what_an_init_checkpoint_is_refused_beside_is_named(llava_dir, fields, w
         RunConfig.from_dict({"recipe": "llava", "data": "d", "init_checkpoint": str(llava_dir), **fields})
 
 
+def test_an_encoder_free_checkpoint_runs_a_recipe_whose_encoder_only_stage_has_0_steps(tmp_path):
+    """The error for qwen2-vl on an encoder-free model advises steps.encoder: 0; from a pretrained whole model that
+    advice then failed as "no stage 'encoder'" (the skipped stages' names were overwritten)."""
+    from tessera.train.run_config import build_stages
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.vision.encoder = "none"
+    MultimodalLM(config).save_pretrained(tmp_path / "fuyu")
+    run = RunConfig.from_dict({"recipe": "qwen2-vl", "data": "d", "init_checkpoint": str(tmp_path / "fuyu"),
+                               "steps": {"encoder": 0, "joint": 2}})
+    assert [stage.name for stage in build_stages(run)] == ["joint", "instruct"]
+    with pytest.raises(ConfigError, match="stage 'encoder' trains only the encoder"):
+        build_stages(RunConfig.from_dict({"recipe": "qwen2-vl", "data": "d", "init_checkpoint": str(tmp_path / "fuyu")}))
+
+
 def test_settings_of_the_skipped_stages_may_stay(llava_dir):
     run = RunConfig.from_dict({"recipe": "llava", "data": "d", "init_checkpoint": str(llava_dir),
                                "steps": {"text": 0, "align": 3}, "lr": {"text": 1e-3}})

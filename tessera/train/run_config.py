@@ -357,14 +357,15 @@ def build_stages(run: RunConfig) -> list[Stage]:
             raise ConfigError(f"steps.{encoder.name}={run.steps[encoder.name]}: the model has no encoder to "
                               f"pretrain (vision.encoder='none'); expected no steps.{encoder.name} (or 0)")
     if run.init_checkpoint:
-        skipped = {TEXT_PRETRAINING.name, encoder.name} - names
+        pretraining = {TEXT_PRETRAINING.name, encoder.name} - names
+        skipped |= pretraining
         # but not steps: a pretrained whole model's LLM and encoder would be pretrained again from where they are,
         # on the run's data — asked for, that is most likely a config written for a run from scratch
-        asked = sorted(name for name in skipped if run.steps.get(name))
+        asked = sorted(name for name in pretraining if run.steps.get(name))
         if asked:
             raise ConfigError(f"steps.{asked[0]}={run.steps[asked[0]]} with init_checkpoint {run.init_checkpoint}: "
-                              f"a pretrained whole model skips the {' and '.join(sorted(skipped))} stages; expected "
-                              f"no steps.{asked[0]} (or 0), or the recipe's stages "
+                              f"a pretrained whole model skips the {' and '.join(sorted(pretraining))} stages; "
+                              f"expected no steps.{asked[0]} (or 0), or the recipe's stages "
                               f"({', '.join(s.name for s in stages)}) to train it")
     for table, per_stage in tables.items():
         unknown = sorted(set(per_stage) - names - skipped, key=str)
