@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tessera.config import is_integer
@@ -53,14 +54,20 @@ class SamplingParams:
             self.stop_strings = (self.stop_strings,)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ConfigError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
+        for name in ("eos_token_ids", "suppress_token_ids"):  # as ints: a tensor's 0-d elements match no token
+            value = getattr(self, name)
+            ids = token_ids(value)
+            if ids is None:
+                raise ConfigError(f"{name}={value!r}: expected a token id or a collection of them")
+            setattr(self, name, ids)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Refuse EOS or suppressed ids this vocabulary does not hold (an EOS id past it would silently never stop
         generation), and suppressing every token: with every logit at -inf, argmax emits token 0 regardless."""
         for name in ("eos_token_ids", "suppress_token_ids"):
             ids = getattr(self, name)
-            if not all(_is_token_id(i) and 0 <= i < vocab_size for i in ids):
-                raise ConfigError(f"{name}={tuple(ids)!r}: expected token ids in 0..{vocab_size - 1} "
+            if not all(0 <= i < vocab_size for i in ids):
+                raise ConfigError(f"{name}={ids!r}: expected token ids in 0..{vocab_size - 1} "
                                   f"(the model's vocabulary of {vocab_size})")
         if len(set(self.suppress_token_ids)) == vocab_size:
             raise ConfigError(f"suppress_token_ids: all {vocab_size} tokens of the vocabulary; expected at least one "
@@ -87,9 +94,16 @@ def _real(value: object) -> float | None:
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
-def _is_token_id(value: object) -> bool:
-    """An integer, numpy's too (True is not a token)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def token_ids(value: object) -> tuple[int, ...] | None:
+    """A token id or ids (a list, a set, a tensor, a numpy array; numpy's integers too) as a tuple of ints, or None
+    for anything else: text would be split into characters, floats are no ids."""
+    try:
+        ids = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
+        if isinstance(ids, (str, bytes)):
+            raise TypeError
+        return (operator.index(ids),) if not isinstance(ids, Iterable) else tuple(operator.index(i) for i in ids)
+    except TypeError:  # text, floats, or a collection holding them
+        return None
 
 
 def _is_seed(value: object) -> bool:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +27,7 @@ from tessera.fusion.cross_attention import GatedCrossAttentionBlock, image_visib
 from tessera.fusion.hybrid import TilePositions, split_thumbnail_and_tiles
 from tessera.fusion.projector import Projector
 from tessera.fusion.unified import check_image_token_counts, infer_image_counts, merge_image_features
-from tessera.generation import SamplingParams, StopChecker, TokenChooser
+from tessera.generation import SamplingParams, StopChecker, TokenChooser, token_ids
 from tessera.text.cache import KVCache
 from tessera.text.decoder import DecoderLLM, padding_moved_to_the_front
 from tessera.vision.encoder import VisionEncoder, deepest_layer, select_image_features
@@ -480,17 +479,11 @@ class MultimodalLM(nn.Module):
         """An id or ids (a list, a tensor) of tokens this model can generate. A string, or an id past the vocabulary,
         would otherwise never match a generated token: generation would silently never stop on it."""
         vocab = self.config.text.vocab_size
-        try:
-            ids = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
-            if isinstance(ids, (str, bytes)):
-                raise TypeError
-            ids = [operator.index(ids)] if not isinstance(ids, Iterable) else [operator.index(i) for i in ids]
-        except TypeError:  # text, floats, or a list holding them
-            ids = None
+        ids = token_ids(value)
         if ids is None or not all(0 <= i < vocab for i in ids):
             raise ConfigError(f"{name}={value!r}: expected a token id or a list of them, each in 0..{vocab - 1} "
                               f"(text.vocab_size={vocab}); a tokenizer's token_to_id gives a token's id")
-        return tuple(ids)
+        return ids
 
     def _never_generated(self) -> tuple[int, ...]:
         stops = {self.config.eos_token_id, *self.config.stop_token_ids}  # a pad token that also ends generation

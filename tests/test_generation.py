@@ -98,6 +98,17 @@ def test_sampling_params_made_by_hand_are_checked_against_the_vocabulary_too(par
         next(model.stream_tokens(ids, None, None, [0], [params]))
 
 
+def test_hand_built_sampling_params_take_ids_as_the_model_does():
+    """A tensor's elements are 0-d tensors, which matched no generated token; a bare int was not iterable."""
+    params = SamplingParams(eos_token_ids=torch.tensor([2, 5]), suppress_token_ids=np.int64(4))
+    assert params.eos_token_ids == (2, 5) and params.suppress_token_ids == (4,)
+    assert SamplingParams(eos_token_ids=2).eos_token_ids == (2,)
+    assert all(type(i) is int for i in params.eos_token_ids + params.suppress_token_ids)
+    for bad in ("<|end|>", [2.5], [2, "x"]):
+        with pytest.raises(ConfigError, match=r"^eos_token_ids=.*: expected a token id or a collection of them"):
+            SamplingParams(eos_token_ids=bad)
+
+
 def test_the_extreme_seeds_torch_takes_are_accepted():
     for seed in (-2**63, 2**64 - 1, np.int64(3)):
         assert SamplingParams(temperature=1.0, seed=seed).generator(torch.device("cpu")) is not None
