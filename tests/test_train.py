@@ -186,18 +186,40 @@ def test_a_stage_whose_gradients_and_moments_outgrow_memory_is_warned_about(shap
     stage = Stage("instruct", ("projector", "llm"), "questions", steps=1)
     trainable = sum(p.numel() for name in stage.train for p in model.component(name).parameters())
     needed = 3 * 4 * trainable  # float32: a gradient and two moments a weight
-    for available, warned in [(needed - 1, True), (needed, False)]:
-        monkeypatch.setattr(loop, "available_memory", lambda: (available, 2 * needed))
+
+    def warnings(available, **environment):
+        monkeypatch.setattr(loop, "available_memory", lambda: None if available is None else (available, 2**40))
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
         lines = []
         train_stage(model, processor, stage, examples, TrainSettings(batch_size=4, progress=False), tmp_path,
                     tmp_path / "m.jsonl", log=lines.append)
-        warnings = [line for line in lines if line.startswith("warning:")]
-        assert bool(warnings) == warned and all(f"{trainable / 1e9:.2f}B parameters" in w for w in warnings)
-    monkeypatch.setattr(loop, "available_memory", lambda: None)  # not Linux: nothing to compare with, no warning
+        return [line for line in lines if line.startswith("warning:")]
+
+    assert warnings(needed - 1) == [
+        f"warning: stage 'instruct' trains {trainable / 1e6:.2f}M parameters, whose gradients and AdamW moments take "
+        f"{needed / 2**30:.1f} GiB more, beyond the {(needed - 1) / 2**30:.1f} GiB available (activations come on "
+        f"top); it will most likely run out of memory. Train fewer components in this stage, or use a machine with "
+        f"more memory"]
+    assert warnings(needed) == [] and warnings(None) == []  # None: not Linux, nothing to compare with
+    # two processes on this machine each hold their own
+    assert "in each of this machine's 2 processes" in warnings(needed, LOCAL_WORLD_SIZE="2")[0]
+
+
+def test_a_resumed_stage_s_moments_in_memory_count_as_held(monkeypatch):
+    import tessera.train.loop as loop
+
+    model = MultimodalLM(tiny_config("unified", 512))
+    model.freeze("vision", "projector")
+    weights = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    monkeypatch.setattr(loop, "available_memory", lambda: (weights, 2**40))  # room for one copy, not three
+    stage = Stage("instruct", ("llm",), "questions")
     lines = []
-    train_stage(model, processor, stage, examples, TrainSettings(batch_size=4, progress=False), tmp_path,
-                tmp_path / "m.jsonl", log=lines.append)
-    assert not [line for line in lines if line.startswith("warning:")]
+    loop.warn_if_training_state_outgrows_memory(model, stage, lines.append)
+    assert len(lines) == 1
+    lines = []
+    loop.warn_if_training_state_outgrows_memory(model, stage, lines.append, held=2 * weights)  # its two moments
+    assert lines == []
 
 
 def test_a_nan_loss_stops_the_stage_before_the_update(shapes, tmp_path):

@@ -148,20 +148,38 @@ def parameter_table(model: MultimodalLM) -> str:
 TRAINING_COPIES_PER_WEIGHT = 3
 
 
-def warn_if_training_state_outgrows_memory(model: MultimodalLM, stage: Stage, log) -> None:
+def warn_if_training_state_outgrows_memory(model: MultimodalLM, stage: Stage, log, held: int = 0,
+                                           processes: int = 1) -> None:
     """A 7B model fine-tuned whole in float32 needs ~84 GB for its gradients and moments alone: on a smaller
     machine the kernel kills the run at its first step, minutes of loading later, without a word from tessera.
-    Said before the first step (a warning: swap or a lazily allocated moment may still carry it)."""
+    Said before the first step (a warning: swap or a lazily allocated moment may still carry it). held: bytes of it
+    in memory already (a resumed stage's moments); processes: this machine's, each holding its own."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    needed = TRAINING_COPIES_PER_WEIGHT * sum(p.numel() * p.element_size() for p in trainable)
+    needed = processes * (TRAINING_COPIES_PER_WEIGHT * sum(p.numel() * p.element_size() for p in trainable) - held)
     memory = available_memory()
     if memory is None or needed <= memory[0]:
         return
     count = sum(p.numel() for p in trainable)
-    log(f"warning: stage {stage.name!r} trains {count / 1e9:.2f}B parameters, whose gradients and AdamW moments "
-        f"take {needed / 2**30:.1f} GiB, more than the {memory[0] / 2**30:.1f} GiB this process has available "
+    each = f" in each of this machine's {processes} processes" if processes > 1 else ""
+    log(f"warning: stage {stage.name!r} trains {_parameter_count(count)} parameters{each}, whose gradients and "
+        f"AdamW moments take {needed / 2**30:.1f} GiB more, beyond the {memory[0] / 2**30:.1f} GiB available "
         f"(activations come on top); it will most likely run out of memory. Train fewer components in this stage, "
         f"or use a machine with more memory")
+
+
+def _parameter_count(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+
+
+def _tensor_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) optimizer state."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, examples: list[EncodedExample],
@@ -187,7 +205,8 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
     if frozen_by_rate:  # allowed (a way to freeze a component for one stage), but said: it may be a slip
         nothing = " (so the stage changes no weight)" if len(frozen_by_rate) == len(stage.train) else ""
         log(f"warning: stage {stage.name!r} trains {', '.join(frozen_by_rate)} at a learning rate of 0{nothing}")
-    warn_if_training_state_outgrows_memory(model, stage, log)
+    warn_if_training_state_outgrows_memory(model, stage, log, held=_tensor_bytes(state.optimizer),
+                                           processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     restore = state.restore
     if stage.keep is not None and restore is None:  # snapshot what must come out of the stage unchanged
         restore = copy_components(model, [name for name in stage.train if name not in stage.keep])
