@@ -120,7 +120,7 @@ def test_the_scaling_table_s_flops_are_what_its_steps_spend(fusion, monkeypatch)
     from torch.utils.flop_counter import FlopCounterMode
 
     import tessera.linear
-    from tessera.flops import TRAIN, decoder_layer_flops, training_step_flops
+    from tessera.flops import TRAIN, decoder_layer_flops
     from tessera.model import MultimodalLM
 
     monkeypatch.setattr(tessera.linear, "_OP", None)
@@ -133,13 +133,14 @@ def test_the_scaling_table_s_flops_are_what_its_steps_spend(fusion, monkeypatch)
         model(**inputs, image_counts=[1] * batch).loss.backward()
 
     sequence, labelled = inputs["input_ids"].shape[1], s.text_tokens
-    in_sequence = {"unified": n, "cross": 0, "hybrid": n // suite.HYBRID_TILES}[fusion]
     trailing_row = TRAIN * batch * (decoder_layer_flops(config, sequence, sequence, outputs=labelled + 1)
                                     - decoder_layer_flops(config, sequence, sequence, outputs=labelled))
     t = config.text
     unread_queries = TRAIN * batch * (sequence - labelled - 1) * 2 * t.hidden_size * t.num_heads * t.head_dim
-    analytic = training_step_flops(config, batch, in_sequence or n, sequence - in_sequence, labelled)
+    analytic = suite.scaling_step_flops(s, config, n, batch)  # what the table reports
     assert counter.get_total_flops() == analytic + trailing_row + unread_queries
+    with pytest.raises(ValueError, match="even number of patches"):
+        suite.tessera_config(s, "hybrid", 49)
 
 
 TILED = {"encoder": "tiled", "image_size": 32, "patch_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 2,

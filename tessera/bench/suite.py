@@ -212,7 +212,10 @@ def tessera_config(s: Sizes, fusion: str, image_tokens: int | None = None):
     before every 4th layer, as Llama 3.2) or the hybrid (the same blocks; its encoder reads tiles of half the side)."""
     from tessera.config import ModelConfig
 
-    side = int(round((image_tokens or s.image_tokens) ** 0.5)) * s.patch
+    n = image_tokens or s.image_tokens
+    side = int(round(n ** 0.5)) * s.patch
+    if fusion == "hybrid" and (side // s.patch) % 2:  # the 2x2 grid cuts the image's side of patches in halves
+        raise ValueError(f"{n} image tokens: the hybrid's 2x2 tiles need a square of an even number of patches a side")
     tiling = {"image_size": side // 2, "max_num_tiles": HYBRID_TILES, "supported_aspect_ratios": [[2, 2]]} \
         if fusion == "hybrid" else {"image_size": side}
     return ModelConfig.from_dict({
@@ -225,6 +228,14 @@ def tessera_config(s: Sizes, fusion: str, image_tokens: int | None = None):
         "fusion": {"method": fusion, "vision_feature_layer": -2,
                    "cross_attention_layers": list(range(3, s.text_layers, 4)) or [s.text_layers - 1]},
     })
+
+
+def scaling_step_flops(s: Sizes, config, image_tokens: int, batch: int) -> float:
+    """FLOPs of a training step on `llava_batch(s, batch, s.text_tokens, True, image_tokens, fusion)`."""
+    fusion = config.fusion.method
+    text = s.text_tokens + (2 if fusion == "cross" else 1)  # BOS, and Method B's image marker
+    in_sequence = image_tokens // HYBRID_TILES if fusion == "hybrid" else image_tokens  # the hybrid's: its thumbnail's
+    return training_step_flops(config, batch, in_sequence, text, s.text_tokens)
 
 
 def fusion_scaling(s: Sizes, compile: bool = False) -> dict[str, Any]:
@@ -247,10 +258,7 @@ def fusion_scaling(s: Sizes, compile: bool = False) -> dict[str, Any]:
         times = interleaved(steps, s.repeats)
         row = {}
         for fusion, (model, config) in models.items():
-            text = s.text_tokens + (2 if fusion == "cross" else 1)  # BOS, and Method B's image marker
-            in_sequence = n // HYBRID_TILES if fusion == "hybrid" else n  # the hybrid's: its thumbnail's
-            flops = training_step_flops(config, s.scaling_batch, in_sequence, text, s.text_tokens)
-            row[fusion] = {"seconds": times[fusion], "flops": flops}
+            row[fusion] = {"seconds": times[fusion], "flops": scaling_step_flops(s, config, n, s.scaling_batch)}
         row["b_speedup"] = times["unified"] / times["cross"]
         row["hybrid_speedup"] = times["unified"] / times["hybrid"]
         rows[n] = row
