@@ -606,7 +606,8 @@ def test_run_config_overrides_and_validation(tmp_path):
     # starting from a trained LLM skips text pretraining
     assert build_stages(RunConfig.load(path, ["llm_checkpoint=ck"]))[0].name == "encoder_pretrain"
     # an encoder-free model runs a recipe whose encoder-only stage is given 0 steps, without that stage
-    fuyu = build_stages(RunConfig.load(path, ["recipe=qwen2-vl", "model.vision.encoder=none", "steps.encoder=0"]))
+    (tmp_path / "fuyu.yaml").write_text("recipe: qwen2-vl\ndata: somewhere\n")
+    fuyu = build_stages(RunConfig.load(tmp_path / "fuyu.yaml", ["model.vision.encoder=none", "steps.encoder=0"]))
     assert [s.name for s in fuyu] == ["text", "joint", "instruct"]
     # … and the skipped stage's settings may stay in the file (README's example sets steps.text)
     kept = build_stages(RunConfig.load(path, ["llm_checkpoint=ck", "steps.text=300", "lr.text=1e-3"]))
