@@ -3,7 +3,8 @@ LLaVA model of `tessera bench` (random weights), --rows rows decoded to --tokens
 and a 32-token prompt, 64 new tokens) joins and the first row leaves. Each is timed with the storage having room
 (in place: the running rows stay where they are) and without (copied, as every join and leave was before), side by
 side in each round, with the median of three decode steps after the join. Prints medians over --repeats rounds.
---fusion cross: the bench's Method B model, whose rows also hold their image's keys/values (`cache.cross`).
+--fusion cross: the bench's Method B model, whose rows also hold their image's keys/values (`cache.cross`);
+--fusion hybrid: the bench's NVLM-H model (a thumbnail in the sequence, keys/values of four tiles an image).
 
     python benchmarks/join_cost.py                 # 8 rows of 789 tokens, 5 rounds
     python benchmarks/join_cost.py --fusion cross --image-tokens 1024
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tessera.bench.suite import FULL, QUICK, llava_batch, llava_pair, tessera_config
+from tessera.bench.suite import FULL, HYBRID_TILES, QUICK, llava_batch, llava_pair, tessera_config
 from tessera.model import MultimodalLM
 from tessera.serve.batch import RunningBatch
 
@@ -28,10 +29,12 @@ NEWCOMER_TOKENS = 64
 
 
 def prefill(model, sizes, rows: int, capacity: int, new_tokens: int) -> RunningBatch:
-    batch = llava_batch(sizes, rows, 32, labelled=False, image_tokens=model.config.vision.num_patches,
-                        fusion=model.config.fusion.method)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "pixel_values": batch["pixel_values"], "image_counts": torch.ones(rows, dtype=torch.long)}
+    fusion = model.config.fusion.method
+    tiles = HYBRID_TILES if fusion == "hybrid" else 1  # the hybrid's encoder reads a tile: a quarter of the image
+    batch = llava_batch(sizes, rows, 32, labelled=False, image_tokens=model.config.vision.num_patches * tiles,
+                        fusion=fusion)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs["image_counts"] = torch.ones(rows, dtype=torch.long)
     params = model.sampling_params(max_new_tokens=new_tokens, eos_token_id=[])
     return RunningBatch.prefill(model, list(range(rows)), [params] * rows, inputs, capacity=capacity)
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--fusion", choices=("unified", "cross"), default="unified")
+    parser.add_argument("--fusion", choices=("unified", "cross", "hybrid"), default="unified")
     parser.add_argument("--image-tokens", type=int, default=None, help="per image (default: the bench's 256)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -102,7 +102,7 @@ def test_continuous_batching(capsys):
     assert figures["rows joined a running batch"][0] == "0"  # static batching admits only between batches
 
 
-@pytest.mark.parametrize("fusion", ["unified", "cross"])
+@pytest.mark.parametrize("fusion", ["unified", "cross", "hybrid"])
 def test_join_cost(fusion, capsys):
     assert _script("join_cost").main(["--quick", "--rows", "2", "--tokens", "60", "--repeats", "1",
                                       "--fusion", fusion]) == 0
