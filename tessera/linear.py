@@ -153,7 +153,10 @@ def _rows(x: torch.Tensor) -> int:
 def _rerouted(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     """Whether this product of `rows` rows may leave `F.linear` for tessera's kernels (see the module docstring):
     float32 or bfloat16, CPU, eager, big enough."""
-    if _OP is None or not x.is_cpu or x.dtype not in ROUTED_DTYPES or weight.dtype is not x.dtype:
+    if _OP is None:  # "aten", or an unknown backend reaching linear() without a Linear (which refuses it)
+        check_backend()
+        return False
+    if not x.is_cpu or x.dtype not in ROUTED_DTYPES or weight.dtype is not x.dtype:
         return False
     if x.dtype is torch.bfloat16 and not BF16_PACKING:
         return False

@@ -136,6 +136,9 @@ def test_an_unknown_backend_is_named_where_layers_are_made_and_by_the_cli_in_one
                            capture_output=True, text=True, env=env)  # importing is not refused, making a layer is
     assert layer.returncode != 0 and layer.stdout == "imported\n"
     assert "ConfigError: TESSERA_LINEAR_BACKEND='cublas'" in layer.stderr
+    product = subprocess.run([sys.executable, "-c", "import torch, tessera.linear as l; l.linear(torch.ones(2, 4), "
+                              "torch.ones(3, 4))"], capture_output=True, text=True, env=env)  # no Linear made
+    assert product.returncode != 0 and "ConfigError: TESSERA_LINEAR_BACKEND='cublas'" in product.stderr
     command = "import sys; from tessera.cli import main; sys.exit(main(['recipes']))"
     cli = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, env=env)
     assert cli.returncode == 2 and cli.stdout == ""
