@@ -33,7 +33,7 @@ from tessera.interop.image_processing import ImageProcessing, tile_arrangements
 from tessera.processor import IGNORE_INDEX, PROCESSOR_CONFIG_NAME, TOKENIZER_NAME, Processor, image_part_source
 from tessera.text.tokenizer import load_tokenizer
 from tessera.vision.preprocess import MAX_PREPROCESSED_PIXELS, load_image, naming
-from tessera.vision.tiling import TiledImage
+from tessera.vision.tiling import TiledImage, pad_tiles
 
 FAMILIES = ("llava", "mllama")
 # A message text's place holder when the template renders again to find it (see HubProcessor._locate):
@@ -310,9 +310,7 @@ class HubProcessor(Processor):
         if self.config.family == "llava":
             return pixels
         tiles = self.config.image_processing.max_image_tiles
-        padded = pixels.new_zeros(tiles, *pixels.shape[1:])
-        padded[:pixels.shape[0]] = pixels
-        return TiledImage(padded, tile_arrangements(tiles).index(grid) + 1)
+        return TiledImage(pixels, tile_arrangements(tiles).index(grid) + 1)  # padded to max_image_tiles in a batch
 
     def _largest_step(self, width: int, height: int) -> tuple[str, tuple[int, int]]:
         return self.config.image_processing.largest_step(width, height)
@@ -326,7 +324,7 @@ class HubProcessor(Processor):
             batch["pixel_values"] = torch.stack(flat) if flat else torch.zeros(0, 3, h, w)
             return batch
         tiles = self.config.image_processing.max_image_tiles
-        batch["pixel_values"] = torch.stack([t.pixels for t in flat]) if flat else torch.zeros(0, tiles, 3, h, w)
+        batch["pixel_values"] = pad_tiles(flat, tiles) if flat else torch.zeros(0, tiles, 3, h, w)
         batch["aspect_ratio_ids"] = torch.tensor([t.aspect_ratio_id for t in flat], dtype=torch.long)
         return batch
 

@@ -25,7 +25,7 @@ from tessera.vision.preprocess import (MAX_PREPROCESSED_PIXELS, check_preprocess
 
 
 class TiledImage(NamedTuple):
-    pixels: torch.Tensor  # (slots, C, tile, tile): the tiles (the thumbnail first, for the hybrid; Mllama's padded)
+    pixels: torch.Tensor  # (tiles, C, tile, tile): the image's own tiles (the thumbnail first, for the hybrid)
     aspect_ratio_id: int  # index of its (rows, columns) grid + 1; 0 marks a padding image
 
 
@@ -80,7 +80,7 @@ def preprocess_tiled(image: Image.Image, size: int, mean: tuple[float, ...], std
 
 
 def pad_tiles(images: Sequence[TiledImage], slots: int) -> torch.Tensor:
-    """(images, slots, C, size, size): each image's thumbnail and tiles, then zeros up to slots."""
+    """(images, slots, C, size, size): each image's tiles (the hybrid's thumbnail first), then zeros up to slots."""
     first = images[0].pixels
     out = first.new_zeros(len(images), slots, *first.shape[1:])
     for i, image in enumerate(images):
