@@ -96,13 +96,16 @@ def _real(value: object) -> float | None:
 
 def token_ids(value: object) -> tuple[int, ...] | None:
     """A token id or ids (a list, a set, a tensor, a numpy array; numpy's integers too) as a tuple of ints, or None
-    for anything else: text would be split into characters, floats are no ids."""
+    for anything else: text would be split into characters, floats are no ids, and True would read as token 1."""
     try:
         ids = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
         if isinstance(ids, (str, bytes)):
             raise TypeError
-        return (operator.index(ids),) if not isinstance(ids, Iterable) else tuple(operator.index(i) for i in ids)
-    except TypeError:  # text, floats, or a collection holding them
+        ids = (ids,) if not isinstance(ids, Iterable) else tuple(ids)
+        if any(isinstance(i, (bool, np.bool_)) for i in ids):
+            raise TypeError
+        return tuple(operator.index(i) for i in ids)
+    except TypeError:  # text, floats, booleans, or a collection holding them
         return None
 
 

@@ -104,7 +104,7 @@ def test_hand_built_sampling_params_take_ids_as_the_model_does():
     assert params.eos_token_ids == (2, 5) and params.suppress_token_ids == (4,)
     assert SamplingParams(eos_token_ids=2).eos_token_ids == (2,)
     assert all(type(i) is int for i in params.eos_token_ids + params.suppress_token_ids)
-    for bad in ("<|end|>", [2.5], [2, "x"]):
+    for bad in ("<|end|>", [2.5], [2, "x"], True, [2, False], torch.tensor([True])):
         with pytest.raises(ConfigError, match=r"^eos_token_ids=.*: expected a token id or a collection of them"):
             SamplingParams(eos_token_ids=bad)
 
