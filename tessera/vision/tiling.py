@@ -85,7 +85,7 @@ def pad_tiles(images: Sequence[TiledImage], slots: int) -> torch.Tensor:
     out = first.new_zeros(len(images), slots, *first.shape[1:])
     for i, image in enumerate(images):
         if len(image.pixels) > slots:
-            raise DataError(f"image {i} of the batch has {len(image.pixels)} tiles with its thumbnail; expected at "
-                            f"most {slots} (1 + the processor's max_tiles)")
+            raise DataError(f"image {i} of the batch has {len(image.pixels)} tiles (a hybrid's thumbnail counted "
+                            f"among them); expected at most {slots}, the tile slots of the batch's pixel_values")
         out[i, :len(image.pixels)] = image.pixels
     return out
