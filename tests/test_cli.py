@@ -132,6 +132,10 @@ def test_train_strict_stops_on_a_bad_record_and_default_skips_it(trained, tmp_pa
 def test_bad_run_configs_are_one_line_errors(tmp_path):
     (tmp_path / "run.yaml").write_text("recipe: llava\ndata: nowhere\n")
     result = tessera("train", tmp_path / "run.yaml", check=False)
+    assert result.returncode == 2 and "data=nowhere: no such directory; expected the dataset's directory" in \
+        result.stderr and "tessera data shapes" not in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = tessera("train", tmp_path / "run.yaml", "data=" + str(tmp_path / "empty"), check=False)
     assert result.returncode == 2 and "train.json: no such file (nor train.jsonl)" in result.stderr
     result = tessera("train", tmp_path / "run.yaml", "steps.align=many", check=False)
     assert result.returncode == 2 and "steps.align='many'" in result.stderr

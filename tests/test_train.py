@@ -468,6 +468,17 @@ def test_an_llm_checkpoint_must_match_the_run_s_model(shapes, tmp_path):
                                       "out": str(tmp_path / "run2")}), log=lines.append, progress=False)
     assert (f"note: steps.text=5 is not used: llm_checkpoint {tmp_path / 'llm'} is a trained LLM, so the run skips "
             f"text pretraining") in lines
+    # with no text stage to run, text_train.jsonl is not read: a bad record there stopped a --strict fine-tune
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("images", "train.json", "text_test.jsonl"):
+        (data / name).symlink_to(shapes / name)
+    (data / "text_train.jsonl").write_text((shapes / "text_train.jsonl").read_text() + '{"id": "oops"}\n')
+    lines = []
+    strict = run_training(RunConfig.from_dict({**config, "model": {**TINY_MODEL, "text": text}, "data": str(data),
+                                               "strict": True, "out": str(tmp_path / "run3")}),
+                          log=lines.append, progress=False)
+    assert strict["steps"] == 1 and not any("text_train.jsonl" in line for line in lines)
 
 
 def test_frozen_llm_keeps_the_text_loss_exactly(shapes, tmp_path):
@@ -552,16 +563,27 @@ def test_a_key_given_twice_in_a_run_config_is_an_error_naming_both_lines(tmp_pat
 
 def test_a_run_config_s_paths_and_vocabulary_are_named_when_they_cannot_be_what_is_meant(shapes, tmp_path):
     """A directory given as the run config ([Errno 21]), the data's train.json given as data (the message suggested
-    `tessera data shapes --out DATA/train.json`), a missing llm_checkpoint (reported as its tokenizer.json) and a
-    vocabulary smaller than a byte-level BPE can be (5 gave 263 tokens) are each one line naming what was meant."""
+    `tessera data shapes --out DATA/train.json`), a missing llm_checkpoint (reported as its tokenizer.json), a data
+    directory with both a train.json and a train.jsonl, and a vocabulary smaller than a byte-level BPE can be (5 gave
+    263 tokens) are each one line naming what was meant."""
     with pytest.raises(ConfigError, match="a directory; expected a run config YAML file"):
         RunConfig.load(tmp_path)
     base = {"recipe": "llava", "data": str(shapes), "out": str(tmp_path / "run"), "model": TINY_MODEL}
     with pytest.raises(DataError, match=re.escape(f"data={shapes / 'train.json'}: a file; expected the dataset's "
                                                   f"directory ({shapes} here?)")):
         run_training(RunConfig.from_dict({**base, "data": str(shapes / "train.json")}), log=lambda *_: None)
+    lines = []  # not first called a trained LLM in a note about steps.text
     with pytest.raises(ConfigError, match=re.escape(f"llm_checkpoint={tmp_path / 'nope'}: no such directory")):
-        run_training(RunConfig.from_dict({**base, "llm_checkpoint": str(tmp_path / "nope")}), log=lambda *_: None)
+        run_training(RunConfig.from_dict({**base, "llm_checkpoint": str(tmp_path / "nope"), "steps": {"text": 5}}),
+                     log=lines.append)
+    assert not any("is a trained LLM" in line for line in lines)
+    both = tmp_path / "both"  # train.json silently won over one's own train.jsonl beside it
+    both.mkdir()
+    (both / "train.json").write_text("[]")
+    (both / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=re.escape(f"data={both}: train.json and train.jsonl both; expected one "
+                                                  f"train file")):
+        run_training(RunConfig.from_dict({**base, "data": str(both)}), log=lambda *_: None)
     with pytest.raises(ConfigError, match="vocab_size=5: expected an integer >= 263"):
         RunConfig.from_dict({**base, "vocab_size": 5})
 

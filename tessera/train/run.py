@@ -46,9 +46,16 @@ def split_file(data_dir: Path, split: str) -> Path:
     if data_dir.is_file():
         raise DataError(f"data={data_dir}: a file; expected the dataset's directory ({data_dir.parent} here?), which "
                         f"holds {split}.json or {split}.jsonl")
-    for suffix in (".json", *JSONL_SUFFIXES):
-        if (data_dir / f"{split}{suffix}").is_file():
-            return data_dir / f"{split}{suffix}"
+    if not data_dir.is_dir():  # a mistyped path: not advice to make a dataset there
+        raise DataError(f"data={data_dir}: no such directory; expected the dataset's directory, which holds "
+                        f"{split}.json or {split}.jsonl")
+    found = [data_dir / f"{split}{suffix}" for suffix in (".json", *JSONL_SUFFIXES)
+             if (data_dir / f"{split}{suffix}").is_file()]
+    if len(found) > 1:  # e.g. `tessera data shapes` run into a directory of one's own records: which one is meant?
+        raise DataError(f"data={data_dir}: {' and '.join(p.name for p in found)} both; expected one {split} file "
+                        f"(move the other away)")
+    if found:
+        return found[0]
     raise DataError(f"{data_dir / split}.json: no such file (nor {split}.jsonl); expected a data directory with "
                     f"{split}.json or {split}.jsonl (make one with: tessera data shapes --out {data_dir})")
 
@@ -312,12 +319,12 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
         # not an error: an untrained LLM can be the experiment
         log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
-    if run.llm_checkpoint and run.steps.get("text"):  # allowed (a file written for both ways), but said
-        log(f"note: steps.text={run.steps['text']} is not used: llm_checkpoint {run.llm_checkpoint} is a trained LLM, "
-            f"so the run skips text pretraining")
     if run.llm_checkpoint and not Path(run.llm_checkpoint).is_dir():  # named, not its tokenizer.json's absence
         raise ConfigError(f"llm_checkpoint={run.llm_checkpoint}: no such directory; expected the checkpoint directory "
                           f"of a trained LLM (a text-stage checkpoint: OUT/checkpoints/stage-0-text)")
+    if run.llm_checkpoint and run.steps.get("text"):  # allowed (a file written for both ways), but said
+        log(f"note: steps.text={run.steps['text']} is not used: llm_checkpoint {run.llm_checkpoint} is a trained LLM, "
+            f"so the run skips text pretraining")
     if run.llm_checkpoint and run.tokenizer:
         check_same_tokenizer(run.tokenizer, run.llm_checkpoint)
     if run.init_checkpoint and run.tokenizer:
@@ -446,7 +453,8 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
     train_examples, report = load_examples(train_file, processor, strict=run.strict, image_cache=cache)
     log(report.summary())
     text_examples: list[EncodedExample] = []
-    if (data_dir / "text_train.jsonl").is_file():
+    # read only for a text stage still to run: a fine-tune (no text stage) was stopped by a bad record there (--strict)
+    if any(s.data == "text" and s.steps for s in stages[resumed.stage if resumed else 0:]):
         text_examples, text_report = load_examples(data_dir / "text_train.jsonl", processor, strict=run.strict,
                                                    text_only=True)
         log(text_report.summary())
