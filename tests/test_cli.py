@@ -321,6 +321,25 @@ def test_an_output_directory_that_is_a_file_is_named_before_any_work(tmp_path, c
         assert label in error and "expected a directory (made if missing)" in error and "\n" not in error, error
 
 
+def test_data_shapes_does_not_replace_a_directory_s_dataset_unless_told(tmp_path, capsys):
+    """It rewrote one's own train.json in silence (and a train.json beside one's train.jsonl changed which file
+    trains)."""
+    from tessera.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text('{"id": "mine"}\n')
+    assert main(["data", "shapes", "--out", str(mine), "--train", "2", "--test", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (f"tessera data: error: --out {mine}: holds train.jsonl already; "
+                                               f"expected a new or empty directory (or --overwrite, to replace them "
+                                               f"with the shapes dataset)")
+    assert sorted(p.name for p in mine.iterdir()) == ["train.jsonl"]
+    assert main(["data", "shapes", "--out", str(mine), "--train", "2", "--test", "1", "--overwrite"]) == 0
+    assert main(["data", "shapes", "--out", str(mine), "--train", "2", "--test", "1"]) == 2  # its own files too
+    assert "holds train.json, train.jsonl, test.json, text_train.jsonl, text_test.jsonl already" in \
+        capsys.readouterr().err
+
+
 def test_train_without_a_config_asks_for_the_config_only(capsys):
     from tessera.cli import main
 

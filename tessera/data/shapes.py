@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tessera.data.records import JSONL_SUFFIXES
 from tessera.errors import ConfigError
 
 COLOURS = {
@@ -172,6 +173,14 @@ def _new_scene(rng: random.Random, *exclude: set[tuple]) -> Scene:
 
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048
+
+
+def data_files_in(directory: str | Path) -> list[str]:
+    """The dataset files (train and test splits, multimodal and text-only, .json or .jsonl) a directory holds."""
+    directory = Path(directory)
+    names = [f"{kind}{split}{suffix}" for kind in ("", "text_") for split in ("train", "test")
+             for suffix in (".json", *JSONL_SUFFIXES)]
+    return [name for name in names if (directory / name).is_file()]
 
 
 def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, seed: int = 0,

@@ -124,11 +124,11 @@ RECORD_KINDS = {
 def check_stage_data(stages: list[Stage], train_examples: list[EncodedExample], train_report: SkipReport,
                      text_examples: list[EncodedExample], text_report: SkipReport | None, processes: int = 1,
                      first: int = 0) -> None:
-    """A stage with steps but no usable record of its kind — or, from stage `first` (a resumed run's), fewer than
-    the run's processes, each of which takes a share of every batch — is an error before the first step."""
-    for index, stage in enumerate(stages):
+    """From stage `first` on (a resumed run's), a stage with steps but no usable record of its kind, or fewer than
+    the run's processes, each of which takes a share of every batch, is an error before the first step."""
+    for stage in stages[first:]:  # a resumed run's stages done already need no records (their files are not read)
         found = len(select(train_examples, stage.data, text_examples))
-        if stage.steps and 0 < found < processes and index >= first:
+        if stage.steps and 0 < found < processes:
             source = (text_report if stage.data == "text" else train_report).source
             raise DataError(f"stage {stage.name!r} trains on {RECORD_KINDS[stage.data]}, of which {source} has "
                             f"{found}: fewer than the {processes} processes, which each take a share of every batch; "
