@@ -237,7 +237,7 @@ class Processor:
             sample_images = list(part_images) + list(images[index] if images is not None else [])
             placeholders = ids.count(self.image_token_id) // self.config.image_seq_length
             if placeholders != len(sample_images):
-                raise DataError(f"conversation {index}: {placeholders} <image> placeholder(s) but "
+                raise DataError(f"conversation {index}: {placeholders} {self.image_token} placeholder(s) but "
                                 f"{len(sample_images)} image(s); expected one image per placeholder")
             # max_length bounds training rows; cutting a prompt's right end would drop its question and the
             # assistant turn the answer starts from (the model's own position limit still applies)

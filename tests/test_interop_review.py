@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from tessera import ConfigError, MultimodalLM, Processor  # noqa: E402
 from tessera.interop.convert import convert  # noqa: E402
-from tests.test_interop import _copy_checkpoint, families, hf_tokenizer, imported  # noqa: E402,F401
+from tests.test_interop import _ask, _copy_checkpoint, families, hf_tokenizer, imported  # noqa: E402,F401
 
 
 def _edit_json(path: Path, edit) -> None:
@@ -294,3 +294,64 @@ def test_image_processor_settings_that_are_not_an_object_are_named(settings):
 
     with pytest.raises(ConfigError, match=r"processor_config.json: .*expected an object of image processor"):
         ImageProcessing.from_hf(settings, "processor_config.json")
+
+
+# --- a chat template that cannot build a prompt: said in one line, a 400 or a failed load, never a 500 -------------
+MISTRAL_LIKE = "{% for message in messages %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endfor %}"
+
+
+def test_a_template_that_fails_while_rendering_is_a_data_error(families, tmp_path, capsys):
+    """A template written for string contents, given text parts: its `+` raised TypeError, which only
+    raise_exception's TemplateError was turned into a DataError for, so `tessera generate` printed a traceback and
+    the server answered 500 "internal server error: TypeError"."""
+    from tessera.cli import main
+    from tessera.errors import DataError
+    from tessera.serve import ServeSettings
+    from tests.test_serve import assert_error, running_server
+
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    (directory / "chat_template.jinja").write_text(MISTRAL_LIKE)
+    words = 'chat template: rendering failed: TypeError: can only concatenate str (not "list") to str'
+    processor = Processor.from_pretrained(directory)
+    with pytest.raises(DataError) as error:
+        processor([[processor.user_message("hi", 0)]], add_generation_prompt=True)
+    assert str(error.value) == words
+    assert main(["generate", "--checkpoint", str(directory), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.strip() == f"tessera generate: error: {words}"
+    with running_server(ServeSettings(checkpoint=str(directory), served_model_name="m")) as s:
+        parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        assert_error(_ask(s, parts), 400, "messages", words)
+        assert _ask(s, [{"role": "user", "content": "hi"}]).status_code == 200  # strings it can add
+
+
+def test_a_checkpoint_without_a_chat_template_fails_to_load_in_the_server(families, tmp_path):
+    """The server builds every prompt with the template: without one it started, /health said ok, and every chat
+    request was a 500 "internal server error: ConfigError" whose reason only the server log held."""
+    import httpx
+
+    from tessera.serve import ServeSettings
+    from tessera.serve.app import LOAD_FAILED
+    from tests.test_serve import _until, assert_error, running_server
+
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    for name in "chat_template.jinja", "chat_template.json":
+        (directory / name).unlink(missing_ok=True)
+    for name in "processor_config.json", "tokenizer_config.json":
+        if (directory / name).exists():
+            _edit_json(directory / name, lambda c: c.pop("chat_template", None))
+    with running_server(ServeSettings(checkpoint=str(directory), served_model_name="m"), wait=False) as s:
+        state = s.app.state.tessera
+        _until(lambda: state["engine"] is not None or state["error"] is not None, "the load to end")
+        words = f"loading the model failed: ConfigError: {directory}: no chat template (chat_template.jinja"
+        for response in httpx.get(f"{s.url}/health"), _ask(s, [{"role": "user", "content": "hi"}]):
+            assert_error(response, 503, None, words, LOAD_FAILED)
+
+
+def test_a_placeholder_count_that_does_not_match_names_the_models_image_token(imported):
+    """`tessera generate --prompt "<|image|> hi"` without --image on Llama 3.2 Vision said "1 <image>
+    placeholder(s)": tessera's own token, which this model does not have."""
+    from tessera.errors import DataError
+
+    _, processor = imported["mllama"]
+    with pytest.raises(DataError, match=r"^conversation 0: 1 <\|image\|> placeholder\(s\) but 0 image\(s\)"):
+        processor([[processor.user_message("<|image|> hi", 0)]], add_generation_prompt=True)

@@ -225,14 +225,30 @@ def test_retrieve_a_model_by_id(server):
     assert error.value.code == "model_not_found" and error.value.param == "model"
     for unknown in "gpt-4o", "tiny/extra":
         assert_error(httpx.get(f"{server.url}/v1/models/{unknown}", headers=_auth()), 404, "model",
-                     f"The model '{unknown}' does not exist", "invalid_request_error", "model_not_found")
+                     f"The model '{unknown}' does not exist; this server serves 'tiny'", "invalid_request_error",
+                     "model_not_found")
     assert_error(httpx.get(f"{server.url}/v1/models/tiny"), 401)
     # a chat completion for another model gets the same 404
     with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert error.value.code == "model_not_found" and error.value.param == "model"
-    assert_error(_post(server, _chat(model="gpt-4o")), 404, "model", "The model 'gpt-4o' does not exist",
-                 "invalid_request_error", "model_not_found")
+    assert_error(_post(server, _chat(model="gpt-4o")), 404, "model",
+                 "The model 'gpt-4o' does not exist; this server serves 'tiny'", "invalid_request_error",
+                 "model_not_found")
+
+
+def test_the_default_model_id_is_the_checkpoint_path_without_a_trailing_slash(checkpoint):
+    """`--checkpoint ck/` (shell completion adds the slash) served the id "ck/", and a request for "ck" got a 404
+    that did not say which id would do."""
+    assert ServeSettings(checkpoint="/").model_name == "/"
+    assert ServeSettings(checkpoint="ck/", served_model_name="m/").model_name == "m/"  # as the operator chose
+    with running_server(ServeSettings(checkpoint=f"{checkpoint}/", api_key=API_KEY)) as s:
+        client = s.client()
+        assert [m.id for m in client.models.list().data] == [str(checkpoint)]
+        assert client.chat.completions.create(model=str(checkpoint), messages=user(text("hi")), max_tokens=2).choices
+        assert_error(_post(s, _chat(model=f"{checkpoint}/")), 404, "model",
+                     f"The model '{checkpoint}/' does not exist; this server serves '{checkpoint}'",
+                     "invalid_request_error", "model_not_found")
 
 
 def test_text_completion_matches_the_model_and_counts_usage(server, reference):
@@ -965,6 +981,14 @@ def test_an_allowed_image_host_must_be_a_host_name(checkpoint, host):
     with pytest.raises(ConfigError, match=f"--allowed-image-hosts: {re.escape(repr(host))} is not a host name"):
         settings.check()
     ServeSettings(checkpoint=str(checkpoint), allowed_image_hosts=["example.org", "10.0.0.5", "[::1]"]).check()
+
+
+def test_the_allowed_local_dir_must_be_a_directory(checkpoint, allowed_dir):
+    """A file given as --allowed-local-dir was said to be "no such directory"."""
+    for path, problem in (allowed_dir / "a.png", "not a directory"), (allowed_dir / "nowhere", "no such directory"):
+        with pytest.raises(ConfigError, match=re.escape(f"--allowed-local-dir {path}: {problem}")):
+            ServeSettings(checkpoint=str(checkpoint), allowed_local_dir=str(path)).check()
+    ServeSettings(checkpoint=str(checkpoint), allowed_local_dir=str(allowed_dir)).check()
 
 
 @pytest.mark.parametrize("value", [-1, 2.5, True])

@@ -98,11 +98,14 @@ def render(source: str, messages: list[dict[str, Any]], add_generation_prompt: b
     template has none). `variables` are what transformers passes too: its special tokens (bos_token, …)."""
     rendered: list[str] = []
     spans: list[Span] = []
+    template = compile_template(source)  # outside the try: its DataError already says what is wrong
     try:
-        for chunk in compile_template(source).generate(messages=messages, tools=None, documents=None,
-                                                       add_generation_prompt=add_generation_prompt,
-                                                       _spans=(rendered, spans), **variables):
+        for chunk in template.generate(messages=messages, tools=None, documents=None,
+                                       add_generation_prompt=add_generation_prompt, _spans=(rendered, spans),
+                                       **variables):
             rendered.append(chunk)
-    except jinja2.exceptions.TemplateError as e:
+    except jinja2.exceptions.TemplateError as e:  # raise_exception's words, as the template wrote them
         raise DataError(f"chat template: {e}") from None
+    except Exception as e:  # noqa: BLE001 — the template's own Python ('a' + [...]): a bad input, not a server bug
+        raise DataError(f"chat template: rendering failed: {type(e).__name__}: {e}") from None
     return "".join(rendered), [span for span in spans if span[1] > span[0]]

@@ -48,7 +48,7 @@ LOAD_FAILED = "model_load_error"
 @dataclass
 class ServeSettings:
     checkpoint: str
-    served_model_name: str | None = None  # the model id clients send; default: the checkpoint path as given
+    served_model_name: str | None = None  # the model id clients send; default: the checkpoint path, less a final /
     api_key: str | None = None
     max_images_per_prompt: int = 4
     max_batch: int = 8
@@ -64,7 +64,8 @@ class ServeSettings:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.checkpoint
+        # shell completion adds a slash to a directory, which no client would send back ("/" itself stays)
+        return self.served_model_name or self.checkpoint.rstrip("/" + os.sep) or self.checkpoint
 
     def check(self) -> None:
         """Fail before the server starts, with one line naming the setting."""
@@ -73,7 +74,8 @@ class ServeSettings:
             raise CheckpointError(f"{directory}: not a checkpoint directory; expected one written by save_pretrained "
                                   f"({CONFIG_NAME} + model.safetensors + tokenizer.json)")
         if self.allowed_local_dir is not None and not Path(self.allowed_local_dir).is_dir():
-            raise ConfigError(f"--allowed-local-dir {self.allowed_local_dir}: no such directory")
+            problem = "not a directory" if Path(self.allowed_local_dir).exists() else "no such directory"
+            raise ConfigError(f"--allowed-local-dir {self.allowed_local_dir}: {problem}")
         load_dtype(self.dtype)  # a name it knows
         for flag, value, least in (("--max-batch", self.max_batch, 1), ("--threads", self.threads, 1),
                                    ("--prefill-chunk", self.prefill_chunk, 0),
@@ -126,6 +128,18 @@ def load_checkpoint(directory: str | Path, dtype: str = "auto"):
     return MultimodalLM.from_pretrained(directory, dtype=dtype), Processor.from_pretrained(directory)
 
 
+def check_chat_template(processor, checkpoint: str) -> None:
+    """The server answers chat completions only, and a Hugging Face checkpoint's chat template builds their prompts
+    (tessera's own processor has its format built in): without one, the load fails. Found at the first request
+    instead, /health said ok and every request was a 500 whose reason only the server log held."""
+    from tessera.interop.processor import HubProcessor
+
+    if isinstance(processor, HubProcessor) and processor.config.chat_template is None:
+        raise ConfigError(f"{checkpoint}: no chat template (chat_template.jinja, chat_template.json, or "
+                          f"'chat_template' in processor_config.json or tokenizer_config.json); expected one, which "
+                          f"builds the prompt of every chat completion")
+
+
 def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = None) -> FastAPI:
     """The ASGI app. loader() returns (model, processor); by default it reads settings.checkpoint."""
     loader = loader or (lambda: load_checkpoint(settings.checkpoint, settings.dtype))
@@ -139,6 +153,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         try:
             log.info("loading %s", settings.checkpoint)
             model, processor = loader()
+            check_chat_template(processor, settings.checkpoint)
             state["engine"] = Engine(model, processor, settings.max_batch, max_images=settings.max_images_per_prompt,
                                      prefill_chunk=settings.prefill_chunk).start()
             log.info("model %r ready (max batch %d)", name, settings.max_batch)
@@ -223,7 +238,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
         authorize(request)
         engine = ready()
         if model_id != name:  # OpenAI's answer for an unknown id
-            raise unknown_model(model_id)
+            raise unknown_model(model_id, name)
         return JSONResponse(model_card(engine))
 
     @app.post("/v1/chat/completions")

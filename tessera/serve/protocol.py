@@ -175,10 +175,11 @@ class ChatRequest:
                 "eos_token_id": [] if self.ignore_eos else None}
 
 
-def unknown_model(model_id: str) -> APIError:
-    """OpenAI's 404 for a model id the server does not serve (GET /v1/models/{id} and chat completions alike)."""
-    return APIError(404, f"The model '{model_id}' does not exist", "model", type="invalid_request_error",
-                    code="model_not_found")
+def unknown_model(model_id: str, served_model: str) -> APIError:
+    """OpenAI's 404 for a model id the server does not serve (GET /v1/models/{id} and chat completions alike), with
+    the id it does serve: a default id is the checkpoint path, which a client can hardly guess."""
+    return APIError(404, f"The model '{model_id}' does not exist; this server serves '{served_model}'", "model",
+                    type="invalid_request_error", code="model_not_found")
 
 
 def parse_chat_request(body: Any, served_model: str, max_images: int, max_choices: int) -> ChatRequest:
@@ -193,7 +194,7 @@ def parse_chat_request(body: Any, served_model: str, max_images: int, max_choice
         raise _schema_error(e) from None
     _refuse_unsupported(request.model_extra or {})
     if request.model is not None and request.model != served_model:
-        raise unknown_model(request.model)
+        raise unknown_model(request.model, served_model)
     n, stream = request.n or 1, bool(request.stream)
     if n > max_choices:
         raise APIError(400, f"n={n}: at most {max_choices} choices per request (the server's --max-batch)", "n")
