@@ -505,7 +505,11 @@ class ModelConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
+            # most often a run's directory given for its checkpoint: say where the checkpoint is
+            inside = path.parent / "checkpoint" / path.name
+            hint = f" ({inside.parent}?)" if inside.is_file() else ""
+            raise ConfigError(f"{path}: no such config file{hint}; expected a checkpoint directory holding "
+                              f"{path.name} (save_pretrained writes one; a training run's is OUT/checkpoint)") from None
         except IsADirectoryError:
             raise ConfigError(f"{path}: a directory; expected a config file ({path / 'config.json'}?)") from None
         except json.JSONDecodeError as e:

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -77,8 +78,13 @@ def test_load_reports_file_and_unknown_field(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.load(path)
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(ConfigError, match="no such config file; expected a checkpoint directory holding "
+                                          "missing.json"):
         ModelConfig.load(tmp_path / "missing.json")
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)  # a run's directory given for its checkpoint
+    (tmp_path / "run" / "checkpoint" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=re.escape(f"no such config file ({tmp_path / 'run' / 'checkpoint'}?)")):
+        ModelConfig.load(tmp_path / "run" / "config.json")
 
 
 def test_token_ids_inside_vocab():
