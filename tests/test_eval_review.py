@@ -141,8 +141,12 @@ def test_held_out_text_found_beside_the_data_that_cannot_be_used_is_a_warning_an
         metrics = json.loads(out.read_text())
         assert "text_loss" not in metrics and metrics["text_records"]["file"] == str(found)
         assert metrics["text_records"]["left_out"].startswith(f"{found}: ")
+        if not strict:  # why it was skipped, not only that it was (--strict stops at the record, naming why)
+            assert metrics["text_records"]["skipped_ids"] == {"image in a text-only file": ["pictured (line 1)"]}
+            assert "(1 skipped: 1 image in a text-only file)" in error
     assert main([*args, "--text-data", str(found)]) == 2
-    assert f"tessera eval: error: {found}: no usable held-out text records (1 skipped)" in capsys.readouterr().err
+    assert f"tessera eval: error: {found}: no usable held-out text records (1 skipped: 1 image in a text-only file)" \
+        in capsys.readouterr().err
 
 
 def test_a_tokenizer_whose_ids_do_not_fit_the_model_is_refused_at_load_naming_both_files(shapes, checkpoint, tmp_path,

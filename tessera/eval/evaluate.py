@@ -99,8 +99,12 @@ def _held_out_text(path: str | Path, processor: Processor, strict: bool
     if report.skipped:
         print(report.summary())
     if not examples:  # a loss over no tokens would be 0/0
-        raise DataError(f"{path}: no usable held-out text records ({report.skipped} skipped); expected text-only "
-                        f"conversations ending with an assistant turn")
+        reasons = ", ".join(f"{count} {reason}" for reason, count in report.reasons.most_common())
+        error = DataError(f"{path}: no usable held-out text records ({report.skipped} skipped"
+                          f"{': ' + reasons if reasons else ''}); expected text-only conversations ending with an "
+                          f"assistant turn")
+        error.report = report  # the metrics JSON's text_records say why too
+        raise error
     return examples, report
 
 
@@ -172,7 +176,8 @@ def evaluate(model: MultimodalLM, processor: Processor, data: str | Path, text_d
                 raise
             print(f"warning: {e}; the held-out text loss is left out (this file was found beside the data, not named "
                   f"as the held-out text)", file=sys.stderr)
-            text_records = {"file": str(text_data), "left_out": str(e)}
+            held = getattr(e, "report", None)
+            text_records = {**(held.as_json() if held else {"file": str(text_data)}), "left_out": str(e)}
     model.eval()
     answers = answer_all(model, processor, examples, batch_size, max_new_tokens, prompts)
     metrics = score_answers(examples, answers) | {"records": report.as_json()}
