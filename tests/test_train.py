@@ -783,9 +783,10 @@ def test_the_table_leaves_out_cider_for_a_handful_of_captions_and_the_json_keeps
     perfect = caption_scores({"0": ["a red circle at the top left"]}, {"0": "a red circle at the top left"})
     assert perfect == {"cider": 0.0, "bleu4": pytest.approx(1.0)}
     row = next(r for r in metrics_table({"captions": 1, **perfect}).splitlines() if "CIDEr" in r)
-    assert row.split()[2] == "—" and "1 captions: too few for CIDEr-D" in row and "raw 0.000 in the JSON" in row
+    assert row.split()[2] == "—" and "(1 caption: too few for CIDEr-D" in row and "raw 0.000 in the JSON" in row
     table = metrics_table({"captions": 300, "cider": 0.0213, "bleu4": 0.0})  # the quickstart's row, as before
     assert "  CIDEr (captions)                0.021   (300 captions)\n" in table
+    assert "(1 question)" in metrics_table({"questions": 1, "exact_match": 1.0})
 
 
 def test_an_llm_checkpoint_converted_from_transformers_fits_a_run_whose_model_names_no_family():

@@ -13,13 +13,17 @@ def _number(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def metrics_table(metrics: dict[str, Any], title: str = "evaluation") -> str:
     rows = [title, f"  {'exact match (questions)':<28s} {_number(metrics.get('exact_match')):>8s}"
-                   f"   ({metrics.get('questions', 0)} questions)"]
+                   f"   ({_count(metrics.get('questions', 0), 'question')})"]
     for kind, value in metrics.get("exact_match_by_type", {}).items():
         rows.append(f"    {kind:<26s} {_number(value):>8s}")
     if metrics.get("captions"):
-        cider, note = _number(metrics.get("cider")), f"{metrics['captions']} captions"
+        cider, note = _number(metrics.get("cider")), _count(metrics["captions"], "caption")
         if metrics["captions"] < MIN_CIDER_CAPTIONS:
             cider, note = "—", note + f": too few for CIDEr-D, whose IDF comes from them; raw {cider} in the JSON"
         rows.append(f"  {'CIDEr (captions)':<28s} {cider:>8s}   ({note})")
