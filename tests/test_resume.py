@@ -89,10 +89,13 @@ def test_a_resumed_run_computes_exactly_what_the_uninterrupted_run_computes(shap
 
     # Ctrl-C two steps after a checkpoint: OUT/interrupted is the newest resumable checkpoint, and --resume finds it
     interrupted = {**config, "out": str(tmp_path / "interrupted")}
-    undo = _stop_at(monkeypatch, stop + 2)
+    undo, lines = _stop_at(monkeypatch, stop + 2), []
     with pytest.raises(KeyboardInterrupt):
-        _train(interrupted)
+        run_training(RunConfig.from_dict(interrupted), log=lines.append, progress=False)
     undo()
+    if recipe == "llava":  # stopped in encoder_pretrain, which had not finished: nothing was "kept"
+        assert "stage 'encoder_pretrain' stopped: projector, llm put back as they were before it" in lines
+        assert not any("kept the trained" in line for line in lines)
     assert len(_records(tmp_path / "interrupted")) == stop + 1
     resumed = _train(interrupted, resume=True)
     assert (resumed["resumed_at"], resumed["steps"]) == (stop + 1, len(expected))

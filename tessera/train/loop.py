@@ -252,6 +252,7 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
 
     model.train()
     losses = [] if losses is None else losses
+    stopped = True  # until the last step is done
     try:
         bar = tqdm(range(state.step, stage.steps), initial=state.step, total=stage.steps, desc=stage.name,
                    disable=not settings.progress, dynamic_ncols=True)
@@ -311,6 +312,7 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
                             log(f"removed {old} (keep_checkpoints: {settings.keep_checkpoints})" if error is None
                                 else f"warning: could not remove {old} (keep_checkpoints: "
                                      f"{settings.keep_checkpoints}): {error}; training goes on")
+        stopped = False
     except BaseException:
         if not state.mid_update:  # what the continuation needs, before the finally puts components back
             current()
@@ -320,7 +322,10 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
         if restore:
             for name, weights in restore.items():
                 model.component(name).load_state_dict(weights)
-            log(f"stage {stage.name!r}: kept the trained {', '.join(stage.keep)}; restored {', '.join(restore)}")
+            if stopped:  # not "kept": the stage did not finish; its training of them is in the resumable state
+                log(f"stage {stage.name!r} stopped: {', '.join(restore)} put back as they were before it")
+            else:
+                log(f"stage {stage.name!r}: kept the trained {', '.join(stage.keep)}; restored {', '.join(restore)}")
         model.eval()
     return losses
 
