@@ -206,6 +206,15 @@ def test_a_stage_whose_gradients_and_moments_outgrow_memory_is_warned_about(shap
     assert "in each of this machine's 2 processes" in warnings(needed, LOCAL_WORLD_SIZE="2")[0]
 
 
+def test_a_stage_of_0_steps_is_one_line_that_says_it_is_left_out(shapes, tmp_path):
+    """It printed the header and the parameter table of a stage that would train nothing."""
+    model, processor, examples, _ = _model_and_data(shapes, "unified")
+    lines = []
+    done = train_stage(model, processor, Stage("align", ("projector",), "captions", steps=0), examples,
+                       TrainSettings(batch_size=4, progress=False), tmp_path, tmp_path / "m.jsonl", log=lines.append)
+    assert done == [] and lines == ["stage 'align': 0 steps, left out"]
+
+
 def test_a_resumed_stage_s_moments_in_memory_count_as_held(monkeypatch):
     import tessera.train.loop as loop
 

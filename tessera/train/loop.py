@@ -195,12 +195,13 @@ def train_stage(model: MultimodalLM, processor: Processor, stage: Stage, example
 
     However the stage ends — done, interrupted or failed — the components it must not keep are put back."""
     state = StageState() if state is None else state
+    if stage.steps == 0:  # (not a header and a table of what would have trained)
+        log(f"stage {stage.name!r}: 0 steps, left out")
+        return []
     model.freeze(*COMPONENTS)
     model.unfreeze(*stage.train)
     log(f"stage {stage.name!r}: {stage.steps} steps on {stage.data} ({len(examples)} examples), "
         f"training {', '.join(stage.train)}\n{parameter_table(model)}")
-    if stage.steps == 0:
-        return []
     frozen_by_rate = [name for name in stage.train if stage.lr * stage.lr_scale.get(name, 1.0) == 0]
     if frozen_by_rate:  # allowed (a way to freeze a component for one stage), but said: it may be a slip
         nothing = " (so the stage changes no weight)" if len(frozen_by_rate) == len(stage.train) else ""
