@@ -22,7 +22,7 @@ import torch
 from tessera.data.shapes import make_shapes_dataset
 from tessera.quickstart import DATASET, DEFAULT_RECIPE, QUICKSTART_RUNS, scene_size
 from tessera.train.loop import TrainSettings, train_stage
-from tessera.train.run import RunConfig, build_stages, run_training, select
+from tessera.train.run import RunConfig, build_stages, run_training, select, text_pretraining_examples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                                "steps": dict.fromkeys(QUICKSTART_RUNS[args.fusion]["steps"], 0)})
     built = run_training(run, log=lambda *_: None, progress=False)  # the model, processor and data; no steps
     model, processor = built["model"], built["processor"]
-    examples, text = built["train_examples"], built["text_examples"]
+    examples = built["train_examples"]
+    text, _ = text_pretraining_examples(data / "text_train.jsonl", processor)  # a run of 0 steps reads none
     print(f"fusion={args.fusion}, {torch.get_num_threads()} threads, {args.steps} steps × {args.repeats} repeats, "
           f"ms per step (median)")
     print(f"{'stage':18s} {'trains':34s} {'fp32':>8s} {'bf16-mixed':>11s} {'speed-up':>9s}")

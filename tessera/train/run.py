@@ -78,6 +78,16 @@ def dataset_texts(data_dir: Path) -> list[str]:
     return texts
 
 
+def text_pretraining_examples(path: Path, processor: Processor, strict: bool = False
+                              ) -> tuple[list[EncodedExample], SkipReport]:
+    """The text stage's records (text_train.jsonl): language-model pretraining learns every token, not just the
+    answers."""
+    examples, report = load_examples(path, processor, strict=strict, text_only=True)
+    for e in examples:
+        e.labels = list(e.input_ids)
+    return examples, report
+
+
 def select(examples: list[EncodedExample], kind: str, text: list[EncodedExample]) -> list[EncodedExample]:
     if kind == "text":
         return text
@@ -455,11 +465,8 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
     text_examples: list[EncodedExample] = []
     # read only for a text stage still to run: a fine-tune (no text stage) was stopped by a bad record there (--strict)
     if any(s.data == "text" and s.steps for s in stages[resumed.stage if resumed else 0:]):
-        text_examples, text_report = load_examples(data_dir / "text_train.jsonl", processor, strict=run.strict,
-                                                   text_only=True)
+        text_examples, text_report = text_pretraining_examples(data_dir / "text_train.jsonl", processor, run.strict)
         log(text_report.summary())
-        for e in text_examples:  # language-model pretraining learns every token, not just the answers
-            e.labels = list(e.input_ids)
     else:
         text_report = None
     for examples, file_report in ((train_examples, report), (text_examples, text_report)):
