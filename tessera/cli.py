@@ -39,7 +39,8 @@ def _check_at_least(minimum: int, *flags: tuple[str, int | None]) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-    from tessera.data.shapes import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, data_files_in, make_shapes_dataset
+    from tessera.data.shapes import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, data_files_in, make_shapes_dataset,
+                                     remove_data_files)
 
     _check_at_least(0, ("--train", args.train), ("--test", args.test), ("--text-train", args.text_train),
                     ("--text-test", args.text_test))
@@ -50,6 +51,8 @@ def _data(args: argparse.Namespace) -> None:
     if held and not args.overwrite:  # one's own records, replaced in silence
         raise ConfigError(f"--out {args.out}: holds {', '.join(held)} already; expected a new or empty directory "
                           f"(or --overwrite, to replace them with the shapes dataset)")
+    if held:
+        remove_data_files(args.out)
     summary = make_shapes_dataset(args.out, train=args.train, test=args.test, seed=args.seed,
                                   image_size=args.image_size, text_train=args.text_train, text_test=args.text_test,
                                   all_questions=args.all_questions)
@@ -211,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--all-questions", action="store_true",
                         help="a training image asks everything it answers, not one question of each kind")
     shapes.add_argument("--overwrite", action="store_true",
-                        help="replace the dataset files --out holds already (refused without it)")
+                        help="replace the dataset --out holds already (its split files and images; refused "
+                             "without it)")
     shapes.set_defaults(run=_data)
 
     p = verbs.add_parser("train", help="train a run described by a YAML file")

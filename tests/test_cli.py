@@ -335,9 +335,15 @@ def test_data_shapes_does_not_replace_a_directory_s_dataset_unless_told(tmp_path
                                                f"with the shapes dataset)")
     assert sorted(p.name for p in mine.iterdir()) == ["train.jsonl"]
     assert main(["data", "shapes", "--out", str(mine), "--train", "2", "--test", "1", "--overwrite"]) == 0
+    assert not (mine / "train.jsonl").exists()  # replaced: beside train.json it would make training refuse `mine`
     assert main(["data", "shapes", "--out", str(mine), "--train", "2", "--test", "1"]) == 2  # its own files too
-    assert "holds train.json, train.jsonl, test.json, text_train.jsonl, text_test.jsonl already" in \
-        capsys.readouterr().err
+    assert ("holds train.json, test.json, text_train.jsonl, text_test.jsonl, images/train_*.png and test_*.png (3 "
+            "files) already") in capsys.readouterr().err
+    pictures = tmp_path / "pictures"  # images alone: writing there deletes its train_*.png
+    (pictures / "images").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(pictures / "images" / "train_00007.png")
+    assert main(["data", "shapes", "--out", str(pictures), "--train", "2", "--test", "1"]) == 2
+    assert (pictures / "images" / "train_00007.png").is_file()
 
 
 def test_train_without_a_config_asks_for_the_config_only(capsys):

@@ -176,11 +176,23 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048
 
 
 def data_files_in(directory: str | Path) -> list[str]:
-    """The dataset files (train and test splits, multimodal and text-only, .json or .jsonl) a directory holds."""
+    """The dataset files (train and test splits, multimodal and text-only, .json or .jsonl) a directory holds, and
+    the images/train_*.png and images/test_*.png that writing the shapes dataset there would replace."""
     directory = Path(directory)
     names = [f"{kind}{split}{suffix}" for kind in ("", "text_") for split in ("train", "test")
              for suffix in (".json", *JSONL_SUFFIXES)]
-    return [name for name in names if (directory / name).is_file()]
+    held = [name for name in names if (directory / name).is_file()]
+    images = sum(1 for pattern in ("train_*.png", "test_*.png") for _ in (directory / "images").glob(pattern))
+    return held + ([f"images/train_*.png and test_*.png ({images} files)"] if images else [])
+
+
+def remove_data_files(directory: str | Path) -> None:
+    """Clear the dataset files of `data_files_in` away, so that a directory written over holds one dataset: a
+    train.jsonl left beside the new train.json would make training refuse the directory."""
+    directory = Path(directory)
+    for name in data_files_in(directory):
+        if not name.startswith("images/"):  # (the images: make_shapes_dataset replaces them)
+            (directory / name).unlink()
 
 
 def make_shapes_dataset(out: str | Path, train: int = 3000, test: int = 300, seed: int = 0,
