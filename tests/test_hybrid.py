@@ -118,8 +118,8 @@ def test_tiles_are_the_image_resized_onto_its_grid_row_by_row_after_the_thumbnai
     batch = pad_tiles([wide, tiled], 5)
     assert torch.equal(batch[0, :3], wide.pixels) and batch[0, 3:].abs().sum() == 0
     assert torch.equal(batch[1], tiled.pixels)
-    with pytest.raises(DataError, match=r"^image 1 of the batch has 5 tiles \(a hybrid's thumbnail counted among "
-                                        r"them\); expected at most 3, the tile slots"):
+    with pytest.raises(DataError, match=r"^image 1 of the batch has 5 tiles \(a hybrid's thumbnail, if any, "
+                                        r"counted among them\); expected at most 3, the tile slots"):
         pad_tiles([wide, tiled], 3)
     assert real_tiles(torch.tensor([wide.aspect_ratio_id, tiled.aspect_ratio_id]), GRIDS, 4).tolist() == \
         [[True, True, False, False], [True, True, True, True]]

@@ -85,7 +85,8 @@ def pad_tiles(images: Sequence[TiledImage], slots: int) -> torch.Tensor:
     out = first.new_zeros(len(images), slots, *first.shape[1:])
     for i, image in enumerate(images):
         if len(image.pixels) > slots:
-            raise DataError(f"image {i} of the batch has {len(image.pixels)} tiles (a hybrid's thumbnail counted "
-                            f"among them); expected at most {slots}, the tile slots of the batch's pixel_values")
+            raise DataError(f"image {i} of the batch has {len(image.pixels)} tiles (a hybrid's thumbnail, if any, "
+                            f"counted among them); expected at most {slots}, the tile slots of the batch's "
+                            f"pixel_values")
         out[i, :len(image.pixels)] = image.pixels
     return out
