@@ -762,8 +762,8 @@ def test_a_multi_turn_record_is_evaluated_on_its_first_turn_with_only_that_turn_
 
 
 @pytest.mark.parametrize("records, skipped", [
-    ("", 0),  # empty
-    (json.dumps({"id": "unanswered", "messages": [{"role": "user", "content": "hi"}]}) + "\n", 1),
+    ("", "0 skipped"),  # empty
+    (json.dumps({"id": "unanswered", "messages": [{"role": "user", "content": "hi"}]}) + "\n", "1 skipped: 1 no answer"),
 ])
 def test_held_out_text_without_a_usable_record_is_a_data_error_naming_the_file(shapes, tmp_path, capsys, records,
                                                                               skipped):
@@ -771,9 +771,9 @@ def test_held_out_text_without_a_usable_record_is_a_data_error_naming_the_file(s
     model, processor, _, _ = _model_and_data(shapes, "unified")
     text = tmp_path / "text.jsonl"
     text.write_text(records)
-    with pytest.raises(DataError, match=re.escape(f"{text}: no usable held-out text records ({skipped} skipped)")):
+    with pytest.raises(DataError, match=re.escape(f"{text}: no usable held-out text records ({skipped})")):
         evaluate(model, processor, shapes / "test.json", text, limit=2)
-    if skipped:
+    if records:
         assert f"{text}: 0 records kept, 1 skipped" in capsys.readouterr().out
 
 
