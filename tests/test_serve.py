@@ -347,6 +347,15 @@ def test_assistant_messages_echoed_back_from_openai_are_taken():
         with pytest.raises(APIError) as caught:
             parse_chat_request({"messages": [message]}, "tiny", max_images=2, max_choices=1)
         assert caught.value.status == 400 and caught.value.param == param and "assistant" in caught.value.message
+    # where an object was expected, the message names none of tessera's own classes (Message, StreamOptions)
+    for body, expected in [({"messages": ["hi"]}, "messages[0]: Input should be a JSON object (got 'hi')"),
+                           ({"messages": [{"role": "user", "content": ["a"]}]},
+                            "messages[0].content[0]: Input should be a JSON object (got 'a')"),
+                           ({"messages": [{"role": "user", "content": "x"}], "stream_options": True},
+                            "stream_options: Input should be a JSON object (got True)")]:
+        with pytest.raises(APIError) as caught:
+            parse_chat_request(body, "tiny", max_images=2, max_choices=1)
+        assert caught.value.status == 400 and caught.value.message == expected
 
 
 def test_text_too_long_for_the_context_whatever_its_tokens_is_refused_before_it_is_tokenized(reference,

@@ -344,6 +344,8 @@ def _schema_error(error: ValidationError) -> APIError:
     detail = max(error.errors(), key=lambda e: len(e["loc"]))
     param = _param(detail["loc"])
     message = detail["msg"].removeprefix("Value error, ")
+    if detail["type"] in ("model_type", "model_attributes_type"):  # not "… or instance of Message": our class names
+        message = "Input should be a JSON object"
     value = detail.get("input")
     if detail["type"] != "missing" and isinstance(value, (str, int, float, bool)):
         message += f" (got {value!r:.60})"
