@@ -365,6 +365,24 @@ def test_resuming_a_different_run_is_refused_naming_what_differs(shapes, tmp_pat
         _train({**config, "data": str(data)}, resume=True)
 
 
+def test_resume_refused_by_the_newest_checkpoint_of_another_run_config_names_one_of_this_config(shapes, tmp_path):
+    """Run 2, another config, wrote into run 1's OUT: --resume with run 1's config took run 2's newest checkpoint and
+    refused it, with no word of run 1's own checkpoint."""
+    config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
+    _train(config)
+    _train({**config, "seed": 5})  # run 2
+    own = tmp_path / "run/checkpoints/stage-3-instruct"
+    with pytest.raises(ConfigError, match=re.escape(
+            "seed (5 in the checkpoint, 0 now); expected the same run to continue it (only ")) as error:
+        _train(config, resume=True)
+    assert str(error.value).endswith(f"; {own} (run 1, step 4) is of this run config: --resume-from {own} continues "
+                                     f"it")
+    with pytest.raises(ConfigError) as error:  # no checkpoint of this config: no advice
+        _train({**config, "seed": 6}, resume=True)
+    assert str(error.value).endswith("or a new run without --resume")
+    assert _train(config, resume=own)["resumed_at"] == 4
+
+
 def test_a_checkpoint_without_a_readable_training_state_is_refused_naming_the_file(shapes, tmp_path):
     config = _config(shapes, tmp_path / "run", steps={"text": 1, "encoder_pretrain": 1, "align": 1, "instruct": 1})
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run'}: no such directory, so no resumable "

@@ -33,7 +33,8 @@ from tessera.train.loop import (RESUME_COMMAND, TrainSettings, drop_metrics_afte
 from tessera.train.recipes import Stage
 from tessera.train.run_config import RunConfig, build_stages, model_config, padded_vocab
 from tessera.train.state import STATE_JSON, StageState, TrainingState, another_to_resume_from, \
-    check_same_run, checkpoint_name, latest_resumable, load_state, own_stops, resumable_checkpoints, run_fingerprint
+    check_same_run, checkpoint_name, latest_resumable, load_state, one_this_run_continues, own_stops, \
+    resumable_checkpoints, run_fingerprint
 
 try:
     import fcntl
@@ -437,7 +438,13 @@ def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Pat
     precision = processes.same_as_main(training_precision(run.precision))
     fingerprint = run_fingerprint(run, stages, config, precision, {path.name: path for path in files})
     if resumed:  # the checkpoint's weights (an llm_checkpoint's LLM, an init_checkpoint's model are in them already)
-        check_same_run(resumed.fingerprint, fingerprint, source)
+        try:
+            check_same_run(resumed.fingerprint, fingerprint, source)
+        except ConfigError as e:  # the newest checkpoint may be another run's, written into the same OUT later
+            advice = one_this_run_continues(out, fingerprint, source) if resume is True else ""
+            if not advice:
+                raise
+            raise ConfigError(f"{e}{advice}") from None
         # a pretrained whole model is not initialised at random only to be overwritten
         with parameters_on_meta() if run.init_checkpoint else contextlib.nullcontext():
             model = MultimodalLM(config)

@@ -220,6 +220,18 @@ def another_to_resume_from(out: Path, broken: Path | None) -> str:
             f"--resume-from {directory} continues from there")
 
 
+def one_this_run_continues(out: Path, fingerprint: dict[str, Any], refused: Path) -> str:
+    """Advice for when the checkpoint --resume picked (`refused`) is of another run config: the newest resumable
+    checkpoint under OUT that this run config continues, or "" if there is none."""
+    found = [(_save_order(position), directory) for position, directory in resumable_checkpoints(out)
+             if directory != refused and position.get("fingerprint") == fingerprint]
+    if not found:
+        return ""
+    (_, run, step, _), directory = max(found)
+    return (f"; {directory} (run {run}, step {step}) is of this run config: --resume-from {directory} continues "
+            f"it")
+
+
 def file_digest(path: Path) -> str | None:
     if not path.is_file():
         return None
