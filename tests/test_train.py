@@ -763,7 +763,8 @@ def test_a_multi_turn_record_is_evaluated_on_its_first_turn_with_only_that_turn_
 
 @pytest.mark.parametrize("records, skipped", [
     ("", "0 skipped"),  # empty
-    (json.dumps({"id": "unanswered", "messages": [{"role": "user", "content": "hi"}]}) + "\n", "1 skipped: 1 no answer"),
+    (json.dumps({"id": "unanswered", "messages": [{"role": "user", "content": "hi"}]}) + "\n",
+     "1 skipped: 1 no answer"),
 ])
 def test_held_out_text_without_a_usable_record_is_a_data_error_naming_the_file(shapes, tmp_path, capsys, records,
                                                                               skipped):
