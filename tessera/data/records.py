@@ -62,6 +62,11 @@ class SkipReport:
     def skipped(self) -> int:
         return sum(self.reasons.values())
 
+    @property
+    def reasons_line(self) -> str:
+        """'3 missing image, 1 no answer': the skip reasons on one line, most common first ('' for none)."""
+        return ", ".join(f"{count} {reason}" for reason, count in self.reasons.most_common())
+
     def summary(self) -> str:
         lines = [f"{self.source}: {self.kept} records kept, {self.skipped} skipped"]
         for reason, count in self.reasons.most_common():

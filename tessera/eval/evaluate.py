@@ -99,7 +99,7 @@ def _held_out_text(path: str | Path, processor: Processor, strict: bool
     if report.skipped:
         print(report.summary())
     if not examples:  # a loss over no tokens would be 0/0
-        reasons = ", ".join(f"{count} {reason}" for reason, count in report.reasons.most_common())
+        reasons = report.reasons_line
         error = DataError(f"{path}: no usable held-out text records ({report.skipped} skipped"
                           f"{': ' + reasons if reasons else ''}); expected text-only conversations ending with an "
                           f"assistant turn")

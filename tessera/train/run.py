@@ -149,7 +149,7 @@ def check_stage_data(stages: list[Stage], train_examples: list[EncodedExample], 
         report = text_report if stage.data == "text" else train_report
         captions = sum(e.example.type == "caption" for e in train_examples)
         kept = "" if stage.data == "text" else f" ({captions} captions, {len(train_examples) - captions} questions)"
-        reasons = ", ".join(f"{count} {reason}" for reason, count in report.reasons.most_common())
+        reasons = report.reasons_line
         skipped = f"{report.skipped} skipped" + (f" ({reasons})" if reasons else "")
         raise DataError(f"stage {stage.name!r} trains on {RECORD_KINDS[stage.data]} but {report.source} has none: "
                         f"{report.kept} records kept{kept}, {skipped}")

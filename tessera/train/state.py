@@ -208,14 +208,24 @@ def _save_order(position: dict) -> tuple:
     return save_number(position), position["run"], position["step"], position["stage"]
 
 
+def _newest_other(out: Path, besides: Path | None, fingerprint: dict[str, Any] | None = None
+                  ) -> tuple[int, int, Path] | None:
+    """(run, step, directory) of the newest resumable checkpoint under OUT other than `besides`, of the run config
+    `fingerprint` if given; None if there is none."""
+    found = [(_save_order(position), directory) for position, directory in resumable_checkpoints(out)
+             if directory != besides and (fingerprint is None or position.get("fingerprint") == fingerprint)]
+    if not found:
+        return None
+    (_, run, step, _), directory = max(found)
+    return run, step, directory
+
+
 def another_to_resume_from(out: Path, broken: Path | None) -> str:
     """Advice for when the checkpoint --resume picked (`broken`; None: one it could not even read the position of)
     cannot be read: the newest other resumable checkpoint under OUT, or "" if there is none."""
-    found = [(_save_order(position), directory) for position, directory in resumable_checkpoints(out)
-             if directory != broken]
-    if not found:
+    if (other := _newest_other(out, broken)) is None:
         return ""
-    (_, run, step, _), directory = max(found)
+    run, step, directory = other
     return (f"; the newest other resumable checkpoint under {out} is {directory} (run {run}, step {step}): "
             f"--resume-from {directory} continues from there")
 
@@ -223,11 +233,9 @@ def another_to_resume_from(out: Path, broken: Path | None) -> str:
 def one_this_run_continues(out: Path, fingerprint: dict[str, Any], refused: Path) -> str:
     """Advice for when the checkpoint --resume picked (`refused`) is of another run config: the newest resumable
     checkpoint under OUT that this run config continues, or "" if there is none."""
-    found = [(_save_order(position), directory) for position, directory in resumable_checkpoints(out)
-             if directory != refused and position.get("fingerprint") == fingerprint]
-    if not found:
+    if (other := _newest_other(out, refused, fingerprint)) is None:
         return ""
-    (_, run, step, _), directory = max(found)
+    run, step, directory = other
     return (f"; {directory} (run {run}, step {step}) is of this run config: --resume-from {directory} continues "
             f"it")
 
