@@ -20,6 +20,8 @@ from tessera.linear import check_backend
 from tessera.train.loop import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
+OVERWRITE_HELP = ("out_dir may hold another checkpoint: it is replaced, once this one is written whole (without "
+                  "the flag, out_dir must be new or empty)")
 LOAD_DTYPE_HELP = "weights in memory: auto = as a tessera checkpoint stores them, float32 for a Hugging Face " \
                   "directory (bfloat16 halves float32's memory)"
 
@@ -152,7 +154,7 @@ def _convert(args: argparse.Namespace) -> None:
     from tessera.interop.convert import convert
 
     check_directory_to_write(args.out_dir, f"out_dir {args.out_dir}")
-    out = convert(args.hf_dir, args.out_dir, getattr(torch, args.dtype))
+    out = convert(args.hf_dir, args.out_dir, getattr(torch, args.dtype), overwrite=args.overwrite)
     print(f"wrote {out}: a tessera checkpoint of {args.hf_dir}")
 
 
@@ -160,7 +162,7 @@ def _export(args: argparse.Namespace) -> None:
     from tessera.interop.export import export_hf
 
     check_directory_to_write(args.out_dir, f"out_dir {args.out_dir}")
-    out = export_hf(args.checkpoint, args.out_dir)
+    out = export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {out}: {args.checkpoint} in transformers' layout")
 
 
@@ -264,12 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="a local directory (e.g. from huggingface-cli download); nothing is downloaded")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(run=_convert)
 
     p = verbs.add_parser("export", help="write a checkpoint in transformers' layout (LLaVA or Llama 3.2 Vision)")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--format", choices=("hf",), default="hf", help="hf: loadable with transformers' from_pretrained")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(run=_export)
 
     p = verbs.add_parser("serve", help="serve a checkpoint: OpenAI-compatible chat API with images + web playground")

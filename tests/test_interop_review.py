@@ -175,7 +175,7 @@ def test_convert_then_export_keeps_the_generation_settings(families, tmp_path):
     generation = GenerationConfig.from_pretrained(exported)
     assert {key: getattr(generation, key) for key in settings} == settings
     (directory / "generation_config.json").unlink()  # a source without one: an earlier conversion's is not kept
-    assert not (convert(directory, tmp_path / "ck") / "generation_config.json").exists()
+    assert not (convert(directory, tmp_path / "ck", overwrite=True) / "generation_config.json").exists()
 
 
 def test_an_eos_of_null_in_generation_config_defers_to_config_json(families, tmp_path):
@@ -232,10 +232,10 @@ def test_convert_or_export_into_its_own_source_is_refused(families, tmp_path, ca
     assert f"{converted}: a tessera checkpoint already; expected a transformers directory" in capsys.readouterr().err
 
 
-def test_an_export_into_a_directory_whose_files_transformers_would_read_instead_is_refused(families, tmp_path,
-                                                                                            capsys):
-    """Another model's chat_template.json (or special_tokens_map.json) left in the target won over the exported
-    chat_template.jinja, in transformers and in tessera alike, without a word."""
+def test_an_output_directory_holding_files_is_refused_and_overwrite_replaces_it_whole(families, tmp_path, capsys):
+    """convert and export wrote into a directory holding another model file by file: its config and weights were
+    replaced without a word, and its other files stayed to be read beside the new ones (another chat_template.json
+    won over the exported chat_template.jinja, in transformers and in tessera alike)."""
     from tessera.cli import main
 
     converted = convert(families["llava-clip-llama"].directory, tmp_path / "ck")
@@ -243,11 +243,53 @@ def test_an_export_into_a_directory_whose_files_transformers_would_read_instead_
     target.mkdir()
     (target / "chat_template.json").write_text('{"chat_template": "OLD {{ messages }}"}')
     assert main(["export", str(converted), str(target)]) == 2
-    assert "holds chat_template.json, which an export does not write" in capsys.readouterr().err
+    assert (f"{target}: holds chat_template.json; expected a new or empty directory, or --overwrite"
+            in capsys.readouterr().err)
     assert [path.name for path in target.iterdir()] == ["chat_template.json"]  # nothing written
-    (target / "chat_template.json").unlink()
-    assert main(["export", str(converted), str(target)]) == 0
-    assert main(["export", str(converted), str(target)]) == 0  # an earlier export's files are its own
+    assert main(["export", str(converted), str(target), "--overwrite"]) == 0
+    exported = sorted(path.name for path in target.iterdir())
+    assert "chat_template.json" not in exported and "config.json" in exported
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
+    # a second conversion into the first one's directory, and an export into a conversion's
+    source = families["llava-clip-llama"].directory
+    assert main(["convert", str(source), str(converted)]) == 2
+    assert f"{converted}: holds config.json, generation_config.json" in capsys.readouterr().err
+    assert main(["convert", str(source), str(converted), "--overwrite"]) == 0
+    assert main(["export", str(converted), str(target)]) == 2
+    assert main(["export", str(converted), str(target), "--overwrite"]) == 0
+    assert sorted(path.name for path in target.iterdir()) == exported
+
+
+def test_overwrite_never_replaces_a_directory_holding_directories(families, tmp_path, capsys):
+    """--overwrite replaces the output directory whole: pointed at `.` or a run's output by mistake, it would have
+    taken everything in it. No checkpoint holds a directory, so one that does is refused, untouched."""
+    from tessera.cli import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert main(["convert", str(families["llava-clip-llama"].directory), str(run), "--overwrite"]) == 2
+    assert (f"{run}: holds the directories checkpoints/, which no checkpoint has; --overwrite replaces only a "
+            f"directory of a checkpoint's files" in capsys.readouterr().err)
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+
+def test_a_write_stopped_half_way_leaves_the_directory_as_it_was(families, tmp_path, monkeypatch):
+    from tessera.interop import export
+
+    converted = convert(families["llava-clip-llama"].directory, tmp_path / "ck")
+    target = tmp_path / "out"
+    export.export_hf(converted, target)
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_processor", stopped)  # the weights and config.json are written by then
+    with pytest.raises(KeyboardInterrupt):
+        export.export_hf(converted, target, overwrite=True)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
 def test_weights_written_over_an_older_layout_replace_it(tmp_path):

@@ -18,7 +18,7 @@ from tessera.checkpoint import parameters_on_meta
 from tessera.errors import CheckpointError, ConfigError
 from tessera.interop import llava, mllama
 from tessera.interop.hub_files import (
-    CONFIG_NAME, GENERATION_CONFIG_NAME, INTEGER, INTEGERS, NULL, check_output_dir, checked, is_hf_checkpoint,
+    CONFIG_NAME, GENERATION_CONFIG_NAME, INTEGER, INTEGERS, NULL, checked, is_hf_checkpoint, output_directory,
     read_json, read_weights, write_json,
 )
 from tessera.interop.name_map import import_weights
@@ -78,24 +78,24 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype | None = None) -> Mu
     return model.eval()
 
 
-def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+            overwrite: bool = False) -> Path:
     """Write a tessera checkpoint (config.json, model.safetensors, tokenizer, processor settings and the source's
-    generation_config.json) for a Hugging Face checkpoint."""
+    generation_config.json) for a Hugging Face checkpoint into `out_dir`, a new or empty directory (`overwrite`:
+    or one holding another checkpoint, replaced once this one is written; see `output_directory`)."""
     from tessera.interop.processor import HubProcessor
 
-    check_output_dir(out_dir, hf_dir, "converted")
     if not is_hf_checkpoint(hf_dir) and (Path(hf_dir) / CONFIG_NAME).is_file():  # its config names no class
         raise ConfigError(f"{hf_dir}: a tessera checkpoint already; expected a transformers directory (generate, "
                           f"eval, serve, train and export take this one as it is)")
-    model = load_hf_model(hf_dir, dtype)
-    processor = HubProcessor.from_hf_dir(hf_dir, model.config)
-    out = model.save_pretrained(out_dir)
-    processor.save_pretrained(out)
-    # tessera reads only its EOS ids, but the sampling settings (max_length, do_sample, temperature, …) are the
-    # model's own: kept for `tessera export` to write back. An earlier conversion's file must not stand in for none.
-    generation = read_json(Path(hf_dir) / GENERATION_CONFIG_NAME, required=False)
-    if generation is None:
-        (out / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
-    else:
-        write_json(out / GENERATION_CONFIG_NAME, generation)
-    return out
+    with output_directory(out_dir, hf_dir, "converted", overwrite) as staging:
+        model = load_hf_model(hf_dir, dtype)
+        processor = HubProcessor.from_hf_dir(hf_dir, model.config)
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        # tessera reads only its EOS ids, but the sampling settings (max_length, do_sample, temperature, …) are the
+        # model's own: kept for `tessera export` to write back
+        generation = read_json(Path(hf_dir) / GENERATION_CONFIG_NAME, required=False)
+        if generation is not None:
+            write_json(staging / GENERATION_CONFIG_NAME, generation)
+    return Path(out_dir)

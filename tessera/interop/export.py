@@ -19,7 +19,7 @@ import torch
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError
 from tessera.interop import llava, mllama
-from tessera.interop.hub_files import GENERATION_CONFIG_NAME, check_output_dir, read_json, write_json, write_weights
+from tessera.interop.hub_files import GENERATION_CONFIG_NAME, output_directory, read_json, write_json, write_weights
 from tessera.interop.name_map import export_weights
 from tessera.model import MultimodalLM
 from tessera.processor import Processor, checkpoint_model_config
@@ -38,48 +38,39 @@ TESSERA_CHAT_TEMPLATE = (
 )
 
 
-# files transformers reads that an export does not write: left from another model, they would win over its own
-SUPERSEDING = ("chat_template.json", "special_tokens_map.json", "preprocessor_config.json", "tokenizer.model",
-               "added_tokens.json", "vocab.json", "merges.txt")
-
-
-def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write `checkpoint` (tessera's, or one converted from Hugging Face) in transformers' layout."""
-    check_output_dir(out_dir, checkpoint, "exported")
-    superseding = [name for name in SUPERSEDING if (Path(out_dir) / name).exists()]
-    if superseding:
-        raise ConfigError(f"{out_dir}: holds {', '.join(superseding)}, which an export does not write and which "
-                          f"transformers would read in place of (or beside) what it writes (an older chat template, "
-                          f"say); expected a new directory, or those files removed")
-    # refused from its config, before the weights are read (a missing config.json: from_pretrained says so below)
-    config_file = Path(checkpoint) / "config.json"
-    if config_file.is_file() and checkpoint_model_config(Path(checkpoint)).fusion.method == "hybrid":
-        raise ConfigError(f"{checkpoint}: fusion.method='hybrid' (NVLM-H) has no transformers model class to export "
-                          f"to (transformers has LLaVA for Method A and Mllama for Method B); expected a unified or "
-                          f"cross model")
-    model = MultimodalLM.from_pretrained(checkpoint)
-    processor = Processor.from_pretrained(checkpoint)
-    out = Path(out_dir)
-    family = llava if model.config.fusion.method == "unified" else mllama
-    hf_config = family.config_to_hf(model.config)  # refuses first, before anything is written
-    # the converted source's sampling settings (convert keeps its generation_config.json), read before writing too
-    generation = read_json(Path(checkpoint) / GENERATION_CONFIG_NAME, required=False) or {}
-    config, state = hf_compatible(model)
-    tensors = export_weights(state, family.weight_rules(config))
-    tensors.update(family.export_extras(config))
-    out.mkdir(parents=True, exist_ok=True)
-    hf_config["dtype"] = str(model.dtype).removeprefix("torch.")
-    bos = bos_token_id(processor)
-    hf_config["text_config"]["bos_token_id"] = bos  # else transformers assumes its family's default
-    write_weights({name: t.to(model.dtype) for name, t in tensors.items()}, out)
-    write_json(out / "config.json", hf_config)
-    eos = [config.eos_token_id, *config.stop_token_ids]
-    # the source's sampling settings with the special ids the model now has: they may have been changed since
-    write_json(out / GENERATION_CONFIG_NAME, {**generation, "bos_token_id": bos,
-                                              "eos_token_id": eos if len(eos) > 1 else eos[0],
-                                              "pad_token_id": config.pad_token_id})
-    export_processor(processor, config, family, out)
-    return out
+def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `checkpoint` (tessera's, or one converted from Hugging Face) in transformers' layout into `out_dir`, a
+    new or empty directory (`overwrite`: or one holding another checkpoint, replaced once this one is written; see
+    `output_directory`). Another model's files left beside an export would be read too: transformers prefers a
+    chat_template.json or a tokenizer.model to what an export writes."""
+    with output_directory(out_dir, checkpoint, "exported", overwrite) as out:
+        # refused from its config, before the weights are read (a missing config.json: from_pretrained says so)
+        config_file = Path(checkpoint) / "config.json"
+        if config_file.is_file() and checkpoint_model_config(Path(checkpoint)).fusion.method == "hybrid":
+            raise ConfigError(f"{checkpoint}: fusion.method='hybrid' (NVLM-H) has no transformers model class to "
+                              f"export to (transformers has LLaVA for Method A and Mllama for Method B); expected a "
+                              f"unified or cross model")
+        model = MultimodalLM.from_pretrained(checkpoint)
+        processor = Processor.from_pretrained(checkpoint)
+        family = llava if model.config.fusion.method == "unified" else mllama
+        hf_config = family.config_to_hf(model.config)  # refuses first, before anything is written
+        # the converted source's sampling settings (convert keeps its generation_config.json)
+        generation = read_json(Path(checkpoint) / GENERATION_CONFIG_NAME, required=False) or {}
+        config, state = hf_compatible(model)
+        tensors = export_weights(state, family.weight_rules(config))
+        tensors.update(family.export_extras(config))
+        hf_config["dtype"] = str(model.dtype).removeprefix("torch.")
+        bos = bos_token_id(processor)
+        hf_config["text_config"]["bos_token_id"] = bos  # else transformers assumes its family's default
+        write_weights({name: t.to(model.dtype) for name, t in tensors.items()}, out)
+        write_json(out / "config.json", hf_config)
+        eos = [config.eos_token_id, *config.stop_token_ids]
+        # the source's sampling settings with the special ids the model now has: they may have been changed since
+        write_json(out / GENERATION_CONFIG_NAME, {**generation, "bos_token_id": bos,
+                                                  "eos_token_id": eos if len(eos) > 1 else eos[0],
+                                                  "pad_token_id": config.pad_token_id})
+        export_processor(processor, config, family, out)
+    return Path(out_dir)
 
 
 def bos_token_id(processor: Processor) -> int | None:

@@ -7,6 +7,7 @@ safetensors only: a `pytorch_model.bin` is a pickle, and tessera never unpickles
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tessera.checkpoint import write_whole
+from tessera.checkpoint import write_whole, written_whole_directory
 from tessera.config import is_integer, is_number
 from tessera.errors import CheckpointError, ConfigError
 
@@ -131,10 +132,33 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def check_output_dir(out: str | Path, source: str | Path, verb: str) -> None:
-    """Writing a checkpoint into the directory it is read from would replace it file by file."""
-    if Path(out).exists() and Path(out).resolve() == Path(source).resolve():
+@contextmanager
+def output_directory(out: str | Path, source: str | Path, verb: str, overwrite: bool = False):
+    """Yields an empty directory to write the `verb` (converted, exported) copy of `source` into; it becomes `out`
+    only once written whole (`written_whole_directory`). `out` must be new or empty: written into file by file, a
+    directory holding another model kept its files where the new model wrote none (its chat template, shards of
+    another index, …), and a write stopped half-way left neither model. `overwrite` replaces a directory of files
+    (a checkpoint) with the new one, never one holding directories, which no checkpoint does: `.` or a run's
+    output would go with it."""
+    out = Path(out)
+    if out.exists() and out.resolve() == Path(source).resolve():
         raise ConfigError(f"{out}: is the checkpoint being {verb}; expected another output directory")
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise ConfigError(f"{out}: holds {_listing(held)}; expected a new or empty directory, or --overwrite to "
+                          f"replace what it holds")
+    folders = [path for path in held if path.is_dir()]
+    if folders:
+        raise ConfigError(f"{out}: holds the directories {_listing(folders)}, which no checkpoint has; --overwrite "
+                          f"replaces only a directory of a checkpoint's files; expected a new directory")
+    with written_whole_directory(out) as staging:
+        yield staging
+
+
+def _listing(paths: list[Path], most: int = 4) -> str:
+    names = [path.name + ("/" if path.is_dir() else "") for path in paths]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
