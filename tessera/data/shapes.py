@@ -52,7 +52,8 @@ class Shape:
     size: str
 
     def phrase(self) -> str:
-        return with_article(f"{'small ' if self.size == 'small' else ''}{self.colour} {self.shape}")  # large: unmarked
+        words = f"{'small ' if self.size == 'small' else ''}{self.colour} {self.shape}"  # large is unmarked
+        return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
     @property
     def position(self) -> str:
@@ -69,11 +70,6 @@ class Scene:
     def key(self) -> tuple:
         """What the questions can tell apart: two scenes with the same key are the same scene."""
         return tuple((s.cell, s.shape, s.colour, s.size) for s in self.shapes)
-
-
-def with_article(words: str) -> str:
-    """"an orange circle", "a small orange circle"."""
-    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def caption(scene: Scene) -> str:
@@ -142,7 +138,7 @@ def questions(scene: Scene, rng: random.Random, every: bool = False) -> list[tup
         asked = [(rng.choice(sorted(present)), "yes")]
     else:
         asked = [(rng.choice(absent), "no")]
-    found += [("exists", f"Is there {with_article(f'{colour} {shape}')}?", answer) for (colour, shape), answer in asked]
+    found += [("exists", f"Is there a {colour} {shape}?", answer) for (colour, shape), answer in asked]
     if unique_shapes:
         found += [("position", f"Where is the {s.shape}?", s.position) for s in some(unique_shapes)]
     return found
