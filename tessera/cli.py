@@ -263,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("convert", help="turn a Hugging Face LLaVA / Llama 3.2 Vision directory into a tessera "
                                          "checkpoint")
-    p.add_argument("hf_dir", help="a local directory (e.g. from huggingface-cli download); nothing is downloaded")
+    p.add_argument("hf_dir", help="a local directory (e.g. from `hf download`); nothing is downloaded")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the dtype the weights are stored in (default: float32, whatever the source's; bfloat16 "
+                        "halves it)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(run=_convert)
 

@@ -503,7 +503,7 @@ class ModelConfig:
         """A config.json, read and checked."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             # most often a run's directory given for its checkpoint: say where the checkpoint is
             inside = path.parent / "checkpoint" / path.name
@@ -514,6 +514,8 @@ class ModelConfig:
             raise ConfigError(f"{path}: a directory; expected a config file ({path / 'config.json'}?)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e}); expected a JSON file") from None
         try:
             return cls.from_dict(data, source=str(path))
         except ConfigError as e:

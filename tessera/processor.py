@@ -327,14 +327,14 @@ class Processor:
     def _tessera_processor(cls, directory: Path) -> Processor:
         path = directory / PROCESSOR_CONFIG_NAME
         try:
-            settings = json.loads(path.read_text())
+            settings = json.loads(path.read_text(encoding="utf-8"))
             config = ProcessorConfig(**settings)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file; expected the processor settings") from None
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ConfigError(f"{path}: invalid processor settings ({e})") from None
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except (ValueError, TypeError) as e:  # not JSON, not UTF-8 text, or fields ProcessorConfig has not
+            raise ConfigError(f"{path}: invalid processor settings ({e})") from None
         return cls(load_tokenizer(directory / TOKENIZER_NAME), config)
 
 

@@ -4,6 +4,7 @@ silence. Uses the tiny random checkpoints of tests/test_interop.py (nothing is d
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,27 @@ def test_convert_or_export_into_its_own_source_is_refused(families, tmp_path, ca
     assert f"{converted}: a tessera checkpoint already; expected a transformers directory" in capsys.readouterr().err
 
 
+def test_a_broken_or_classless_config_json_is_named_as_such(families, tmp_path, capsys):
+    """`tessera convert` took a config.json it could not read (a download cut short) for a tessera checkpoint's,
+    and said "a tessera checkpoint already"; one without "architectures" was reported as architectures=[]."""
+    from tessera.cli import main
+
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    config = (directory / "config.json").read_text()
+    (directory / "config.json").write_text(config[: len(config) // 2])
+    assert main(["convert", str(directory), str(tmp_path / "ck")]) == 2
+    assert f"{directory / 'config.json'}: not valid JSON" in capsys.readouterr().err
+    (directory / "config.json").write_bytes(b"\xff\xfe{}")
+    assert main(["convert", str(directory), str(tmp_path / "ck")]) == 2
+    assert f"{directory / 'config.json'}: not UTF-8 text" in capsys.readouterr().err
+    (directory / "config.json").write_text(config)
+    _edit_json(directory / "config.json", lambda c: c.pop("architectures"))
+    assert main(["convert", str(directory), str(tmp_path / "ck")]) == 2
+    assert (f"{directory / 'config.json'}: no 'architectures' field, which names the model class "
+            f"(model_type='llava'); tessera imports LlavaForConditionalGeneration" in capsys.readouterr().err)
+    assert not (tmp_path / "ck").exists()
+
+
 def test_an_output_directory_holding_files_is_refused_and_overwrite_replaces_it_whole(families, tmp_path, capsys):
     """convert and export wrote into a directory holding another model file by file: its config and weights were
     replaced without a word, and its other files stayed to be read beside the new ones (another chat_template.json
@@ -387,6 +409,19 @@ def test_a_checkpoint_without_a_chat_template_fails_to_load_in_the_server(famili
         words = f"loading the model failed: ConfigError: {directory}: no chat template (chat_template.jinja"
         for response in httpx.get(f"{s.url}/health"), _ask(s, [{"role": "user", "content": "hi"}]):
             assert_error(response, 503, None, words, LOAD_FAILED)
+
+
+def test_a_chat_template_that_is_not_jinja_fails_the_servers_load(families, tmp_path):
+    """Loaded, it made every chat request a 400 "chat template: not valid Jinja": the client's fault in the API's
+    words, though no request could have passed."""
+    from tessera.serve.app import check_chat_template
+
+    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
+    (directory / "chat_template.json").unlink(missing_ok=True)
+    (directory / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }}")
+    with pytest.raises(ConfigError, match=re.escape(f"{directory}: chat template: not valid Jinja (")):
+        check_chat_template(Processor.from_pretrained(directory), str(directory))
+    check_chat_template(Processor.from_pretrained(families["llava-clip-llama"].directory), "fine")
 
 
 def test_a_placeholder_count_that_does_not_match_names_the_models_image_token(imported):

@@ -34,8 +34,10 @@ def family_of(hf_config: dict[str, Any], path: Path) -> ModuleType:
                           f"writes it (['LlavaForConditionalGeneration'], say)")
     known = [a for a in architectures if a in FAMILIES]
     if not known:
-        raise ConfigError(f"{path}: architectures={architectures!r} (model_type={hf_config.get('model_type')!r}); "
-                          f"tessera imports {', '.join(FAMILIES)}")
+        named = (f"architectures={architectures!r}" if "architectures" in hf_config
+                 else "no 'architectures' field, which names the model class")
+        raise ConfigError(f"{path}: {named} (model_type={hf_config.get('model_type')!r}); tessera imports "
+                          f"{', '.join(FAMILIES)}")
     return FAMILIES[known[0]]
 
 
@@ -85,7 +87,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None =
     or one holding another checkpoint, replaced once this one is written; see `output_directory`)."""
     from tessera.interop.processor import HubProcessor
 
-    if not is_hf_checkpoint(hf_dir) and (Path(hf_dir) / CONFIG_NAME).is_file():  # its config names no class
+    config_file = Path(hf_dir) / CONFIG_NAME
+    if config_file.is_file() and not is_hf_checkpoint(hf_dir):  # its config names no class
+        read_json(config_file)  # or is no JSON object at all (a download cut short): said so first
         raise ConfigError(f"{hf_dir}: a tessera checkpoint already; expected a transformers directory (generate, "
                           f"eval, serve, train and export take this one as it is)")
     with output_directory(out_dir, hf_dir, "converted", overwrite) as staging:

@@ -53,7 +53,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = Fal
         model = MultimodalLM.from_pretrained(checkpoint)
         processor = Processor.from_pretrained(checkpoint)
         family = llava if model.config.fusion.method == "unified" else mllama
-        hf_config = family.config_to_hf(model.config)  # refuses first, before anything is written
+        try:  # refuses first, before anything is written
+            hf_config = family.config_to_hf(model.config)
+        except ConfigError as e:
+            raise ConfigError(f"{checkpoint}: {e}") from None
         # the converted source's sampling settings (convert keeps its generation_config.json)
         generation = read_json(Path(checkpoint) / GENERATION_CONFIG_NAME, required=False) or {}
         config, state = hf_compatible(model)

@@ -47,6 +47,8 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e}); expected a JSON file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -75,7 +77,7 @@ def is_hf_checkpoint(directory: str | Path) -> bool:
     path = Path(directory) / CONFIG_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # no file, or no JSON (read_json says which, where it is read)
         return False
     return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
 

@@ -363,7 +363,7 @@ def hub_processor(directory: Path) -> HubProcessor | None:
         return HubProcessor.from_hf_dir(directory, hf_model_config(directory)[1])
     try:
         settings = json.loads((directory / PROCESSOR_CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # no file or no JSON: not a hub processor's (tessera's own reading says why)
         return None
     return HubProcessor.from_pretrained(directory) if isinstance(settings, dict) and settings.get("kind") == KIND \
         else None

@@ -34,7 +34,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.checkpoint import CONFIG_NAME, load_dtype
-from tessera.errors import CheckpointError, ConfigError, DataError
+from tessera.errors import CheckpointError, ConfigError, DataError, TesseraError
 from tessera.serve.engine import Engine, Failed, Job
 from tessera.serve.images import ImagePolicy, bare_host, decode_image, image_bytes
 from tessera.serve.protocol import (APIError, ChatRequest, Completion, choice_delta, encode_prompt,
@@ -130,14 +130,22 @@ def load_checkpoint(directory: str | Path, dtype: str = "auto"):
 
 def check_chat_template(processor, checkpoint: str) -> None:
     """The server answers chat completions only, and a Hugging Face checkpoint's chat template builds their prompts
-    (tessera's own processor has its format built in): without one, the load fails. Found at the first request
-    instead, /health said ok and every request was a 500 whose reason only the server log held."""
+    (tessera's own processor has its format built in): without one, or with one that is not Jinja, the load fails.
+    Found at the first request instead, /health said ok and every request was refused with a reason only the
+    server's files could change."""
+    from tessera.interop.chat_template import compile_template
     from tessera.interop.processor import HubProcessor
 
-    if isinstance(processor, HubProcessor) and processor.config.chat_template is None:
+    if not isinstance(processor, HubProcessor):
+        return
+    if processor.config.chat_template is None:
         raise ConfigError(f"{checkpoint}: no chat template (chat_template.jinja, chat_template.json, or "
                           f"'chat_template' in processor_config.json or tokenizer_config.json); expected one, which "
                           f"builds the prompt of every chat completion")
+    try:  # not Jinja: every request would be refused (400) for the checkpoint's fault, not the client's
+        compile_template(processor.config.chat_template)
+    except DataError as e:
+        raise ConfigError(f"{checkpoint}: {e}") from None
 
 
 def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = None) -> FastAPI:
@@ -158,7 +166,10 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = Non
                                      prefill_chunk=settings.prefill_chunk).start()
             log.info("model %r ready (max batch %d)", name, settings.max_batch)
         except Exception as e:  # the server stays up and /health reports why it cannot serve
-            log.exception("loading %s failed", settings.checkpoint)
+            if isinstance(e, TesseraError):  # a checkpoint tessera refuses says why in one line; a fault, in full
+                log.error("loading %s failed: %s", settings.checkpoint, e)
+            else:
+                log.exception("loading %s failed", settings.checkpoint)
             state["error"] = f"loading the model failed: {type(e).__name__}: {e}"
 
     # requests' tokenizing and image decoding (see prepare), as many at once as asyncio's default pool would run
