@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.data.shapes import make_shapes_dataset
+from tessera.errors import CheckpointError
 from tessera.eval.evaluate import evaluate
 from tessera.eval.report import metrics_table
 from tessera.train.run import RunConfig, run_training
@@ -55,6 +56,9 @@ def quickstart(out: str | Path = "runs/quickstart", fusion: str = "unified", log
         raise ValueError(f"fusion={fusion!r}: expected one of {', '.join(DEFAULT_RECIPE)}")
     started = time.perf_counter()
     out = Path(out)
+    if resume and not (out / "run").is_dir():  # said before the dataset is drawn, and naming the --out given
+        raise CheckpointError(f"--out {out}: no quickstart to resume in it (no {out / 'run'}); expected the --out of "
+                              f"a quickstart that was stopped, or no --resume to start one")
     data = out / "data"
     log(f"making the shapes dataset in {data} ({DATASET['train']} training and {DATASET['test']} test scenes)")
     make_shapes_dataset(data, **DATASET, image_size=scene_size(fusion))

@@ -271,6 +271,12 @@ def test_a_stopped_quickstart_says_how_to_resume_and_resumes(tmp_path, monkeypat
     steps = [r["step"] for r in records if "step" in r and r.get("run") == 1]
     assert steps == list(range(1, 9)), steps  # each step once: the resumed run went on from its checkpoint
     assert (tmp_path / "qs/metrics.json").is_file()
+    # an --out with no quickstart in it: said before the dataset was drawn, naming the --out given (not OUT/run)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert main(["quickstart", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert (f"--out {tmp_path / 'new'}: no quickstart to resume in it (no {tmp_path / 'new' / 'run'})"
+            in sys.stderr.getvalue())
+    assert not (tmp_path / "new").exists()
 
 
 def test_quickstart_precision_flag(tmp_path, monkeypatch):

@@ -586,6 +586,17 @@ def test_a_run_config_s_paths_and_vocabulary_are_named_when_they_cannot_be_what_
         run_training(RunConfig.from_dict({**base, "llm_checkpoint": str(tmp_path / "nope"), "steps": {"text": 5}}),
                      log=lines.append)
     assert not any("is a trained LLM" in line for line in lines)
+    # a run's OUT for its text stage's checkpoint was reported as a missing OUT/tokenizer.json; a file as no directory
+    text_stage = tmp_path / "llm" / "checkpoints" / "stage-0-text"
+    text_stage.mkdir(parents=True)
+    (text_stage / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=re.escape(f"llm_checkpoint={tmp_path / 'llm'}: no config.json or "
+                                                    f"tokenizer.json in it, so not a checkpoint ({text_stage}?)")):
+        run_training(RunConfig.from_dict({**base, "llm_checkpoint": str(tmp_path / "llm")}), log=lines.append)
+    with pytest.raises(ConfigError, match=re.escape(f"llm_checkpoint={text_stage / 'config.json'}: a file; expected "
+                                                    f"the checkpoint directory")):
+        run_training(RunConfig.from_dict({**base, "llm_checkpoint": str(text_stage / "config.json")}),
+                     log=lines.append)
     both = tmp_path / "both"  # train.json silently won over one's own train.jsonl beside it
     both.mkdir()
     (both / "train.json").write_text("[]")

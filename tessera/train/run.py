@@ -330,9 +330,8 @@ def _run_training(run: RunConfig, log, progress: bool, resume: str | Path | bool
         # not an error: an untrained LLM can be the experiment
         log("warning: steps.text is 0 and there is no llm_checkpoint, so the multimodal stages train on an untrained "
             "LLM (random weights); for an LLM that reads, set llm_checkpoint to a trained LLM or steps.text > 0")
-    if run.llm_checkpoint and not Path(run.llm_checkpoint).is_dir():  # named, not its tokenizer.json's absence
-        raise ConfigError(f"llm_checkpoint={run.llm_checkpoint}: no such directory; expected the checkpoint directory "
-                          f"of a trained LLM (a text-stage checkpoint: OUT/checkpoints/stage-0-text)")
+    if run.llm_checkpoint:  # named, not its tokenizer.json's absence
+        check_llm_checkpoint(Path(run.llm_checkpoint))
     if run.llm_checkpoint and run.steps.get("text"):  # allowed (a file written for both ways), but said
         log(f"note: steps.text={run.steps['text']} is not used: llm_checkpoint {run.llm_checkpoint} is a trained LLM, "
             f"so the run skips text pretraining")
@@ -401,6 +400,24 @@ def raise_advising_another(error: CheckpointError, out: Path, source: Path | Non
     if not advice:
         raise error
     raise CheckpointError(f"{error}{advice}") from error
+
+
+def check_llm_checkpoint(path: Path) -> None:
+    """ConfigError unless `path` is a checkpoint directory. The likeliest slip is a run's OUT (or OUT/checkpoints)
+    for its text stage's checkpoint, which is then named."""
+    expected = ("expected the checkpoint directory of a trained LLM (a text-stage checkpoint: "
+                "OUT/checkpoints/stage-0-text)")
+    if path.is_file():
+        raise ConfigError(f"llm_checkpoint={path}: a file; {expected}")
+    if not path.is_dir():
+        raise ConfigError(f"llm_checkpoint={path}: no such directory; {expected}")
+    missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).is_file()]
+    if missing:
+        text_stage = next((where for where in (path / "checkpoints" / "stage-0-text", path / "stage-0-text")
+                           if (where / "config.json").is_file()), None)
+        hint = f" ({text_stage}?)" if text_stage else ""
+        raise ConfigError(f"llm_checkpoint={path}: no {' or '.join(missing)} in it, so not a checkpoint{hint}; "
+                          f"{expected}")
 
 
 def _training_session(run: RunConfig, data_dir: Path, out: Path, train_file: Path, stages: list[Stage], log,
