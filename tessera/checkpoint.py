@@ -85,8 +85,8 @@ def written_whole_directory(directory: Path):
         directory = directory.resolve()
     if os.path.ismount(directory):
         raise CheckpointError(f"{directory}: a mount point; a checkpoint is written beside its directory and then "
-                              f"takes its place, which a mount point cannot give up; expected a directory inside "
-                              f"the mounted disk (a run's OUT, or OUT/checkpoints, mounted instead)")
+                              f"takes its place, which a mount point cannot give up; expected the disk mounted one "
+                              f"level up (at OUT, or OUT/checkpoints)")
     staging = directory.with_name(f".{directory.name}.saving")
     previous = directory.with_name(f".{directory.name}.previous")
     for leftover in (staging, previous):  # a save cut short before

@@ -20,8 +20,8 @@ from tessera.linear import check_backend
 from tessera.train.loop import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
-OVERWRITE_HELP = ("out_dir may hold another checkpoint: it is replaced, once this one is written whole (without "
-                  "the flag, out_dir must be new or empty)")
+OVERWRITE_HELP = ("out_dir may hold another checkpoint (a config.json and a checkpoint's kinds of file only): it is "
+                  "replaced once this one is written whole (without the flag, out_dir must be new or empty)")
 LOAD_DTYPE_HELP = "weights in memory: auto = as a tessera checkpoint stores them, float32 for a Hugging Face " \
                   "directory (bfloat16 halves float32's memory)"
 

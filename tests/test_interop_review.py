@@ -254,7 +254,8 @@ def test_a_broken_or_classless_config_json_is_named_as_such(families, tmp_path, 
     assert not (tmp_path / "ck").exists()
 
 
-def test_an_output_directory_holding_files_is_refused_and_overwrite_replaces_it_whole(families, tmp_path, capsys):
+def test_an_output_directory_holding_files_is_refused_and_overwrite_replaces_the_checkpoint(families, tmp_path,
+                                                                                          capsys):
     """convert and export wrote into a directory holding another model file by file: its config and weights were
     replaced without a word, and its other files stayed to be read beside the new ones (another chat_template.json
     won over the exported chat_template.jinja, in transformers and in tessera alike)."""
@@ -262,38 +263,53 @@ def test_an_output_directory_holding_files_is_refused_and_overwrite_replaces_it_
 
     converted = convert(families["llava-clip-llama"].directory, tmp_path / "ck")
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "chat_template.json").write_text('{"chat_template": "OLD {{ messages }}"}')
-    assert main(["export", str(converted), str(target)]) == 2
-    assert (f"{target}: holds chat_template.json; expected a new or empty directory, or --overwrite"
-            in capsys.readouterr().err)
-    assert [path.name for path in target.iterdir()] == ["chat_template.json"]  # nothing written
-    assert main(["export", str(converted), str(target), "--overwrite"]) == 0
+    assert main(["export", str(converted), str(target)]) == 0
     exported = sorted(path.name for path in target.iterdir())
-    assert "chat_template.json" not in exported and "config.json" in exported
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
-    # a second conversion into the first one's directory, and an export into a conversion's
+    (target / "chat_template.json").write_text('{"chat_template": "OLD {{ messages }}"}')  # another model's
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    assert main(["export", str(converted), str(target)]) == 2
+    assert (f"{target}: holds chat_template.jinja, chat_template.json, config.json, generation_config.json and "
+            f"4 more; expected a new or empty directory, or --overwrite" in capsys.readouterr().err)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before  # nothing written
+    assert main(["export", str(converted), str(target), "--overwrite"]) == 0
+    assert sorted(path.name for path in target.iterdir()) == exported  # the other model's file is gone
+    # a second conversion into the first one's directory
     source = families["llava-clip-llama"].directory
     assert main(["convert", str(source), str(converted)]) == 2
     assert f"{converted}: holds config.json, generation_config.json" in capsys.readouterr().err
     assert main(["convert", str(source), str(converted), "--overwrite"]) == 0
-    assert main(["export", str(converted), str(target)]) == 2
-    assert main(["export", str(converted), str(target), "--overwrite"]) == 0
-    assert sorted(path.name for path in target.iterdir()) == exported
+    assert MultimodalLM.from_pretrained(converted).config == MultimodalLM.from_pretrained(source).config
 
 
-def test_overwrite_never_replaces_a_directory_holding_directories(families, tmp_path, capsys):
-    """--overwrite replaces the output directory whole: pointed at `.` or a run's output by mistake, it would have
-    taken everything in it. No checkpoint holds a directory, so one that does is refused, untouched."""
+def test_overwrite_replaces_only_a_checkpoint(families, tmp_path, capsys, monkeypatch):
+    """--overwrite pointed at `.`, a run's output or one's documents by mistake would have taken what they hold: a
+    directory is replaced only if it holds a config.json and nothing but the kinds of file a checkpoint holds."""
     from tessera.cli import main
 
+    source = str(families["llava-clip-llama"].directory)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("{}\n")
-    assert main(["convert", str(families["llava-clip-llama"].directory), str(run), "--overwrite"]) == 2
-    assert (f"{run}: holds the directories checkpoints/, which no checkpoint has; --overwrite replaces only a "
-            f"directory of a checkpoint's files" in capsys.readouterr().err)
-    assert sorted(path.name for path in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "thesis.pdf").write_bytes(b"%PDF")
+    (papers / "config.json").write_text("{}")
+    shards = tmp_path / "shards"  # a checkpoint's kinds of file, but no config.json: no checkpoint
+    shards.mkdir()
+    (shards / "model.safetensors").write_bytes(b"")
+    for directory, what in [(run, "checkpoints/, metrics.jsonl, which no checkpoint writes"),
+                            (papers, "thesis.pdf, which no checkpoint writes"),
+                            (shards, "no config.json, so no checkpoint")]:
+        before = sorted(path.name for path in directory.iterdir())
+        assert main(["convert", source, str(directory), "--overwrite"]) == 2
+        assert (f"{directory}: holds {what}; --overwrite replaces a checkpoint's files only"
+                in capsys.readouterr().err)
+        assert sorted(path.name for path in directory.iterdir()) == before
+    empty = tmp_path / "empty"  # `.`: written into, the working directory staying where it is
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(["convert", source, "."]) == 0
+    assert (empty / "config.json").is_file() and Path.cwd() == empty
 
 
 def test_a_write_stopped_half_way_leaves_the_directory_as_it_was(families, tmp_path, monkeypatch):
@@ -310,8 +326,10 @@ def test_a_write_stopped_half_way_leaves_the_directory_as_it_was(families, tmp_p
     monkeypatch.setattr(export, "export_processor", stopped)  # the weights and config.json are written by then
     with pytest.raises(KeyboardInterrupt):
         export.export_hf(converted, target, overwrite=True)
-    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before  # no staging left in it either
+    with pytest.raises(KeyboardInterrupt):  # a new directory, stopped: not left behind, empty
+        export.export_hf(converted, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_weights_written_over_an_older_layout_replace_it(tmp_path):

@@ -7,6 +7,7 @@ safetensors only: a `pytorch_model.bin` is a pickle, and tessera never unpickles
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tessera.checkpoint import write_whole, written_whole_directory
+from tessera.checkpoint import write_whole
 from tessera.config import is_integer, is_number
 from tessera.errors import CheckpointError, ConfigError
 
@@ -134,27 +135,49 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+# what --overwrite may delete: the files a checkpoint directory holds (tessera's, transformers', the Hub's)
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model", "README.md", ".gitattributes")
+STAGING = ".tessera-writing"  # inside the output directory: it works where the directory is a mount point too
+
+
 @contextmanager
 def output_directory(out: str | Path, source: str | Path, verb: str, overwrite: bool = False):
-    """Yields an empty directory to write the `verb` (converted, exported) copy of `source` into; it becomes `out`
-    only once written whole (`written_whole_directory`). `out` must be new or empty: written into file by file, a
-    directory holding another model kept its files where the new model wrote none (its chat template, shards of
-    another index, …), and a write stopped half-way left neither model. `overwrite` replaces a directory of files
-    (a checkpoint) with the new one, never one holding directories, which no checkpoint does: `.` or a run's
-    output would go with it."""
+    """Yields an empty directory to write the `verb` (converted, exported) copy of `source` into; its files take
+    their places in `out` only once all are written, so a write stopped half-way leaves `out` as it was. `out` must
+    be new or empty: written into file by file, a directory holding another model kept its files where the new
+    model wrote none (its chat template, shards of another index, …). `overwrite` replaces another checkpoint:
+    a directory holding a config.json and only the kinds of file a checkpoint holds (CHECKPOINT_FILES), so that
+    a mistyped path (`.`, a run's output, one's documents) loses nothing."""
     out = Path(out)
     if out.exists() and out.resolve() == Path(source).resolve():
         raise ConfigError(f"{out}: is the checkpoint being {verb}; expected another output directory")
-    held = sorted(out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file; expected a directory (made if missing)")
+    held = sorted(path for path in out.iterdir() if path.name != STAGING) if out.is_dir() else []
     if held and not overwrite:
         raise ConfigError(f"{out}: holds {_listing(held)}; expected a new or empty directory, or --overwrite to "
-                          f"replace what it holds")
-    folders = [path for path in held if path.is_dir()]
-    if folders:
-        raise ConfigError(f"{out}: holds the directories {_listing(folders)}, which no checkpoint has; --overwrite "
-                          f"replaces only a directory of a checkpoint's files; expected a new directory")
-    with written_whole_directory(out) as staging:
+                          f"replace the checkpoint it holds")
+    others = [path for path in held if path.is_dir() or not any(path.match(kind) for kind in CHECKPOINT_FILES)]
+    if others or (held and not (out / CONFIG_NAME).is_file()):
+        what = f"{_listing(others)}, which no checkpoint writes" if others else f"no {CONFIG_NAME}, so no checkpoint"
+        raise ConfigError(f"{out}: holds {what}; --overwrite replaces a checkpoint's files only; expected a "
+                          f"directory holding a checkpoint, or a new one")
+    made = not out.exists()
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # a write cut short before
+    staging.mkdir(parents=True)
+    try:
         yield staging
+        for path in held:  # the other checkpoint, kept until this one was written whole
+            path.unlink()
+        for path in staging.iterdir():
+            path.rename(out / path.name)
+        staging.rmdir()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _listing(paths: list[Path], most: int = 4) -> str:

@@ -413,8 +413,9 @@ def check_llm_checkpoint(path: Path) -> None:
         raise ConfigError(f"llm_checkpoint={path}: no such directory; {expected}")
     missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).is_file()]
     if missing:
-        text_stage = next((where for where in (path / "checkpoints" / "stage-0-text", path / "stage-0-text")
-                           if (where / "config.json").is_file()), None)
+        # in a run's OUT, its checkpoints directory, or a quickstart's --out
+        text_stages = [where / "stage-0-text" for where in (path / "checkpoints", path, path / "run" / "checkpoints")]
+        text_stage = next((where for where in text_stages if (where / "config.json").is_file()), None)
         hint = f" ({text_stage}?)" if text_stage else ""
         raise ConfigError(f"llm_checkpoint={path}: no {' or '.join(missing)} in it, so not a checkpoint{hint}; "
                           f"{expected}")
