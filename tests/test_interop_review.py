@@ -429,15 +429,25 @@ def test_a_checkpoint_without_a_chat_template_fails_to_load_in_the_server(famili
             assert_error(response, 503, None, words, LOAD_FAILED)
 
 
-def test_a_chat_template_that_is_not_jinja_fails_the_servers_load(families, tmp_path):
+@pytest.mark.parametrize("written_to", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_chat_template_that_is_not_jinja_fails_the_servers_load(families, tmp_path, written_to):
     """Loaded, it made every chat request a 400 "chat template: not valid Jinja": the client's fault in the API's
-    words, though no request could have passed."""
+    words, though no request could have passed. The error names the file the template was read from: a checkpoint
+    may hold it in any of four."""
     from tessera.serve.app import check_chat_template
 
     directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
-    (directory / "chat_template.json").unlink(missing_ok=True)
-    (directory / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }}")
-    with pytest.raises(ConfigError, match=re.escape(f"{directory}: chat template: not valid Jinja (")):
+    for name in "chat_template.jinja", "chat_template.json":
+        (directory / name).unlink(missing_ok=True)
+    for name in "processor_config.json", "tokenizer_config.json":
+        if (directory / name).exists():
+            _edit_json(directory / name, lambda c: c.pop("chat_template", None))
+    broken = "{% for message in messages %}{{ message['content'] }}"
+    if written_to == "chat_template.jinja":
+        (directory / written_to).write_text(broken)
+    else:
+        _edit_json(directory / written_to, lambda c: c.update(chat_template=broken))
+    with pytest.raises(ConfigError, match=re.escape(f"{directory / written_to}: chat template: not valid Jinja (")):
         check_chat_template(Processor.from_pretrained(directory), str(directory))
     check_chat_template(Processor.from_pretrained(families["llava-clip-llama"].directory), "fine")
 

@@ -68,9 +68,11 @@ class HubProcessorConfig:
 
 
 class HubProcessor(Processor):
-    def __init__(self, tokenizer: Tokenizer, config: HubProcessorConfig, pad_token_id: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, config: HubProcessorConfig, pad_token_id: int | None = None,
+                 chat_template_file: Path | None = None):
         self.tokenizer = tokenizer
         self.config = config
+        self.chat_template_file = chat_template_file  # where the template was read: what an error about it names
         self.image_token_id = self._token_id(config.image_token, "the image token")
         self.bos_token = config.special_tokens.get("bos_token")
         pad = config.special_tokens.get("pad_token")
@@ -114,13 +116,13 @@ class HubProcessor(Processor):
             "<|image|>" if family == "mllama" else None)
         if image_token is None:
             image_token = tokenizer.id_to_token(model_config.image_token_id)
+        template, template_file = find_chat_template(directory, processor_config, tokenizer_config)
         config = HubProcessorConfig(
             family=family, image_token=_token_text(image_token), image_seq_length=model_config.image_seq_length,
-            image_processing=image_processing, chat_template=find_chat_template(directory, processor_config,
-                                                                                tokenizer_config),
-            special_tokens=special, tokenizer_config=tokenizer_config, processor_config=processor_config,
+            image_processing=image_processing, chat_template=template, special_tokens=special,
+            tokenizer_config=tokenizer_config, processor_config=processor_config,
         )
-        processor = cls(tokenizer, config, pad_token_id=model_config.pad_token_id)
+        processor = cls(tokenizer, config, pad_token_id=model_config.pad_token_id, chat_template_file=template_file)
         if processor.image_token_id != model_config.image_token_id:
             raise ConfigError(f"{directory}: the image token {config.image_token!r} is id "
                               f"{processor.image_token_id} in tokenizer.json but {model_config.image_token_id} in "
@@ -349,7 +351,8 @@ class HubProcessor(Processor):
             config = HubProcessorConfig(**settings)
         except TypeError as e:
             raise ConfigError(f"{path}: invalid processor settings ({e})") from None
-        return cls(load_hf_tokenizer(directory / TOKENIZER_NAME), config, pad_token_id)
+        return cls(load_hf_tokenizer(directory / TOKENIZER_NAME), config, pad_token_id,
+                   chat_template_file=path if config.chat_template is not None else None)
 
 
 def hub_processor(directory: Path) -> HubProcessor | None:
@@ -391,23 +394,26 @@ def load_hf_tokenizer(path: Path) -> Tokenizer:
 
 
 def find_chat_template(directory: Path, processor_config: dict[str, Any], tokenizer_config: dict[str, Any]
-                       ) -> str | None:
-    """transformers' order for a processor: processor_config.json's "chat_template", chat_template.json,
-    chat_template.jinja; then the tokenizer's (tokenizer_config.json). Named templates: the "default" one."""
-    candidates = [processor_config.get("chat_template")]
+                       ) -> tuple[str | None, Path | None]:
+    """The template and the file it came from, in transformers' order for a processor: processor_config.json's
+    "chat_template", chat_template.json, chat_template.jinja; then the tokenizer's (tokenizer_config.json). Named
+    templates: the "default" one."""
     legacy = read_json(directory / "chat_template.json", required=False)
-    candidates.append(legacy.get("chat_template") if legacy else None)
     jinja = directory / "chat_template.jinja"
-    candidates.append(jinja.read_text(encoding="utf-8") if jinja.is_file() else None)
-    candidates.append(tokenizer_config.get("chat_template"))
-    for template in candidates:
+    candidates = [
+        (processor_config.get("chat_template"), directory / PROCESSOR_CONFIG_NAME),
+        (legacy.get("chat_template") if legacy else None, directory / "chat_template.json"),
+        (jinja.read_text(encoding="utf-8") if jinja.is_file() else None, jinja),
+        (tokenizer_config.get("chat_template"), directory / "tokenizer_config.json"),
+    ]
+    for template, source in candidates:
         if isinstance(template, list):  # [{"name": …, "template": …}, …]
             template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if isinstance(template, dict):
             template = template.get("default")
         if isinstance(template, str) and template:
-            return template
-    return None
+            return template, source
+    return None, None
 
 
 def _token_text(token: Any) -> str:

@@ -145,7 +145,7 @@ def check_chat_template(processor, checkpoint: str) -> None:
     try:  # not Jinja: every request would be refused (400) for the checkpoint's fault, not the client's
         compile_template(processor.config.chat_template)
     except DataError as e:
-        raise ConfigError(f"{checkpoint}: {e}") from None
+        raise ConfigError(f"{processor.chat_template_file or checkpoint}: {e}") from None
 
 
 def create_app(settings: ServeSettings, loader: Callable[[], tuple] | None = None) -> FastAPI:
