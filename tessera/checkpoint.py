@@ -5,6 +5,7 @@ safetensors only — a checkpoint is data, never code, so nothing here unpickles
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -121,6 +122,21 @@ def write_whole(path: Path, text: str) -> None:
     """Write `text` to `path` whole or not at all (see `written_whole`)."""
     with written_whole(path) as partial:
         partial.write_text(text, encoding="utf-8")
+
+
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, processor_config.json, …) as an object. ConfigError naming the file
+    if it is not UTF-8 text, not JSON, or not an object; OSError (no such file, a directory) is left to the caller,
+    which knows what the file should have been."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e}); expected a JSON file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def save_weights(module: nn.Module, directory: Path) -> Path:

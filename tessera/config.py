@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tessera.checkpoint import write_whole
+from tessera.checkpoint import read_json_object, write_whole
 from tessera.errors import ConfigError
 
 FUSION_METHODS = ("unified", "cross", "hybrid")
@@ -503,7 +503,7 @@ class ModelConfig:
         """A config.json, read and checked."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json_object(path)
         except FileNotFoundError:
             # most often a run's directory given for its checkpoint: say where the checkpoint is
             inside = path.parent / "checkpoint" / path.name
@@ -512,10 +512,6 @@ class ModelConfig:
                               f"{path.name} (save_pretrained writes one; a training run's is OUT/checkpoint)") from None
         except IsADirectoryError:
             raise ConfigError(f"{path}: a directory; expected a config file ({path / 'config.json'}?)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e}); expected a JSON file") from None
         try:
             return cls.from_dict(data, source=str(path))
         except ConfigError as e:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from tessera.checkpoint import CONFIG_NAME, write_whole, written_whole
+from tessera.checkpoint import CONFIG_NAME, read_json_object, write_whole, written_whole
 from tessera.config import ModelConfig, _float, _positive, _sequence, check_grid_list, is_integer
 from tessera.errors import CheckpointError, ConfigError, DataError
 from tessera.text.tokenizer import BEGIN, END, IMAGE, PAD, ROLE_TOKENS, MessageTextEncoder, load_tokenizer
@@ -327,13 +327,14 @@ class Processor:
     def _tessera_processor(cls, directory: Path) -> Processor:
         path = directory / PROCESSOR_CONFIG_NAME
         try:
-            settings = json.loads(path.read_text(encoding="utf-8"))
-            config = ProcessorConfig(**settings)
+            settings = read_json_object(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file; expected the processor settings") from None
-        except ConfigError as e:
+        try:
+            config = ProcessorConfig(**settings)
+        except ConfigError as e:  # before ValueError, which it subclasses
             raise ConfigError(f"{path}: {e}") from None
-        except (ValueError, TypeError) as e:  # not JSON, not UTF-8 text, or fields ProcessorConfig has not
+        except (ValueError, TypeError) as e:  # fields ProcessorConfig has not, or values it cannot take
             raise ConfigError(f"{path}: invalid processor settings ({e})") from None
         return cls(load_tokenizer(directory / TOKENIZER_NAME), config)
 

@@ -494,6 +494,21 @@ def test_from_pretrained_with_invalid_processor_config(processor, tmp_path):
         Processor.from_pretrained(directory)
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"{not json", "not valid JSON ("), (b'{"max_length": 60, "\xff": 1}', "not UTF-8 text ("),
+    (b"[1, 2]", "expected a JSON object, got list"),
+])
+def test_an_unreadable_processor_config_is_named_once(processor, tmp_path, content, expected):
+    """config.json, processor_config.json and a Hugging Face directory's JSON files are read by one function, so
+    each fault reads alike wherever it is, with the file named once."""
+    directory = processor.save_pretrained(tmp_path / "proc")
+    path = directory / PROCESSOR_CONFIG_NAME
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as excinfo:
+        Processor.from_pretrained(directory)
+    assert str(excinfo.value).startswith(f"{path}: {expected}") and str(excinfo.value).count(str(path)) == 1
+
+
 def test_from_pretrained_with_a_tokenizer_lacking_a_special_token(processor, tmp_path):
     directory = processor.save_pretrained(tmp_path / "proc")
     incomplete = Tokenizer(models.BPE())

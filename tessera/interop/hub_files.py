@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tessera.checkpoint import write_whole
+from tessera.checkpoint import read_json_object, write_whole
 from tessera.config import is_integer, is_number
 from tessera.errors import CheckpointError, ConfigError
 
@@ -44,15 +44,7 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
         if required:
             raise CheckpointError(f"{path}: no such file")
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e}); expected a JSON file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def checked(values: Any, kinds: dict[str, tuple[str, ...]], where: str) -> dict[str, Any]:
