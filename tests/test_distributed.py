@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tessera.errors import ConfigError
-from tessera.train.distributed import SINGLE, Processes
+from tessera.train.distributed import SINGLE, Processes, join, leave
 from tessera.train.run import RunConfig, run_training
 from tests.test_resume import _config, shapes  # noqa: F401 (a fixture)
 from tests.test_train import with_text_only_questions
@@ -130,6 +131,34 @@ def test_a_gradient_only_some_processes_have_is_summed_and_none_anywhere_stays_n
         assert torch.equal(grads["both"], torch.full((3,), 3.0))
         assert torch.equal(grads["first_only"], torch.tensor([1.0, 2.0, 3.0]))
         assert grads["neither"] is None
+
+
+def _train_a_step_and_leave_in(rank: int, port: int, results: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    processes = join()
+    model = torch.nn.Linear(3, 3)
+    model(torch.ones(2, 3)).sum().backward()
+    processes.sum_gradients(list(model.parameters()))
+    torch.optim.AdamW(model.parameters(), fused=True).step()  # built, an optimizer imports torch's compiler
+    leave(processes)
+    tasks = Path("/proc/self/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()] if tasks.is_dir() else None
+    torch.save(names, f"{results}.{rank}")
+
+
+def test_leaving_after_a_training_step_ends_the_process_groups_threads(tmp_path):
+    """They outlived the group when the optimizer, built, imported torch's compiler (which kept the group), and
+    one still releasing a collective's tensors at interpreter exit aborted the process: 1 torchrun run in 10 on a
+    busy machine failed with SIGABRT after training had finished."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_a_step_and_leave_in, args=(port, str(tmp_path / "threads")), nprocs=2)
+    for rank in (0, 1):
+        names = torch.load(tmp_path / f"threads.{rank}")
+        if names is None:
+            pytest.skip("no /proc/self/task to list a process's threads")
+        assert not [n for n in names if "gloo" in n], names
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused_naming_batch_size():

@@ -177,6 +177,14 @@ def join() -> Processes:
         return SINGLE
     joined = not dist.is_initialized()
     if joined:  # torchrun's environment says where to meet
+        # torch 2.13: importing torch._inductor while a process group exists keeps references to the group that
+        # destroy_process_group does not drop. Building the run's optimizer imports it (add_param_group is wrapped
+        # by torch._disable_dynamo, which imports torch._dynamo, which imports torch._inductor), so the group's gloo
+        # threads outlived leave(), and one still releasing a collective's tensors when the interpreter shut down
+        # needed the GIL there and aborted the process ("terminate called without an active exception": about 1
+        # torchrun run in 10 on a busy machine). Imported before the group exists, nothing holds it, and leave()
+        # ends its threads.
+        import torch._dynamo  # noqa: F401
         # the others wait while the main process alone trains the tokenizer or saves a checkpoint, which can take
         # longer than gloo's default half hour on a big run (a process that dies is noticed at once regardless)
         dist.init_process_group("gloo", timeout=PATIENCE)
