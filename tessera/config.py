@@ -514,8 +514,9 @@ class ModelConfig:
             raise ConfigError(f"{path}: a directory; expected a config file ({path / 'config.json'}?)") from None
         try:
             return cls.from_dict(data, source=str(path))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        except ConfigError as e:  # a nested field's fault names its key path only (text.hidden_size=…): add the file
+            message = str(e)
+            raise ConfigError(message if message.startswith(f"{path}: ") else f"{path}: {message}") from None
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

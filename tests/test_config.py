@@ -74,7 +74,11 @@ def test_load_reports_file_and_unknown_field(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError) as error:
         ModelConfig.load(path)
-    assert str(path) in str(error.value) and "num_experts" in str(error.value)
+    assert str(error.value).count(str(path)) == 1 and "num_experts" in str(error.value)
+    path.write_text(json.dumps({**tiny_config().to_dict(), "experts": 8}))  # a top-level field: the file once too
+    with pytest.raises(ConfigError) as error:
+        ModelConfig.load(path)
+    assert str(error.value).startswith(f"{path}: unknown field 'experts'") and str(error.value).count(str(path)) == 1
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.load(path)

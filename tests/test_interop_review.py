@@ -429,7 +429,8 @@ def test_a_checkpoint_without_a_chat_template_fails_to_load_in_the_server(famili
             assert_error(response, 503, None, words, LOAD_FAILED)
 
 
-@pytest.mark.parametrize("written_to", ["chat_template.jinja", "tokenizer_config.json"])
+@pytest.mark.parametrize("written_to", ["processor_config.json", "chat_template.json", "chat_template.jinja",
+                                        "tokenizer_config.json"])
 def test_a_chat_template_that_is_not_jinja_fails_the_servers_load(families, tmp_path, written_to):
     """Loaded, it made every chat request a 400 "chat template: not valid Jinja": the client's fault in the API's
     words, though no request could have passed. The error names the file the template was read from: a checkpoint
@@ -445,8 +446,10 @@ def test_a_chat_template_that_is_not_jinja_fails_the_servers_load(families, tmp_
     broken = "{% for message in messages %}{{ message['content'] }}"
     if written_to == "chat_template.jinja":
         (directory / written_to).write_text(broken)
-    else:
+    elif (directory / written_to).exists():
         _edit_json(directory / written_to, lambda c: c.update(chat_template=broken))
+    else:
+        (directory / written_to).write_text(json.dumps({"chat_template": broken}))
     with pytest.raises(ConfigError, match=re.escape(f"{directory / written_to}: chat template: not valid Jinja (")):
         check_chat_template(Processor.from_pretrained(directory), str(directory))
     check_chat_template(Processor.from_pretrained(families["llava-clip-llama"].directory), "fine")
