@@ -252,7 +252,8 @@ def test_a_process_left_waiting_for_one_that_stopped_says_so_in_one_line(tmp_pat
         process.join(timeout=120)
     assert [process.exitcode for process in processes] == [0, 3]
     said = (tmp_path / "said").read_text()
-    assert said.startswith("another process of this run stopped (") and said.endswith("; its own message says why")
+    assert said.startswith("another process of this run stopped (")
+    assert said.endswith("; its own message says why, or, if it was killed, torchrun's summary of the failed processes")
     assert "\n" not in said and "GLHF" not in said
 
 

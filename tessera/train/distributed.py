@@ -154,7 +154,9 @@ def _talking():
         # the first sentence, without gloo's source location: "Read error [127.0.0.1]:23949: Connection reset by peer"
         what = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0].splitlines()[0] if str(e).strip() \
             else type(e).__name__
-        raise ProcessGroupError(f"another process of this run stopped ({what}); its own message says why") from e
+        # a process killed outright (SIGKILL, out of memory) leaves no message: torchrun's summary names its signal
+        raise ProcessGroupError(f"another process of this run stopped ({what}); its own message says why, or, if it "
+                                f"was killed, torchrun's summary of the failed processes") from e
 
 
 def _buckets(grads: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
