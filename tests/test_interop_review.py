@@ -382,6 +382,16 @@ def test_image_processor_settings_that_are_not_an_object_are_named(settings):
 MISTRAL_LIKE = "{% for message in messages %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endfor %}"
 
 
+def _without_chat_template(directory: Path) -> Path:
+    """The checkpoint with none of the four places a chat template may be read from holding one."""
+    for name in "chat_template.jinja", "chat_template.json":
+        (directory / name).unlink(missing_ok=True)
+    for name in "processor_config.json", "tokenizer_config.json":
+        if (directory / name).exists():
+            _edit_json(directory / name, lambda c: c.pop("chat_template", None))
+    return directory
+
+
 def test_a_template_that_fails_while_rendering_is_a_data_error(families, tmp_path, capsys):
     """A template written for string contents, given text parts: its `+` raised TypeError, which only
     raise_exception's TemplateError was turned into a DataError for, so `tessera generate` printed a traceback and
@@ -415,12 +425,7 @@ def test_a_checkpoint_without_a_chat_template_fails_to_load_in_the_server(famili
     from tessera.serve.app import LOAD_FAILED
     from tests.test_serve import _until, assert_error, running_server
 
-    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
-    for name in "chat_template.jinja", "chat_template.json":
-        (directory / name).unlink(missing_ok=True)
-    for name in "processor_config.json", "tokenizer_config.json":
-        if (directory / name).exists():
-            _edit_json(directory / name, lambda c: c.pop("chat_template", None))
+    directory = _without_chat_template(_copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf"))
     with running_server(ServeSettings(checkpoint=str(directory), served_model_name="m"), wait=False) as s:
         state = s.app.state.tessera
         _until(lambda: state["engine"] is not None or state["error"] is not None, "the load to end")
@@ -437,12 +442,7 @@ def test_a_chat_template_that_is_not_jinja_fails_the_servers_load(families, tmp_
     may hold it in any of four."""
     from tessera.serve.app import check_chat_template
 
-    directory = _copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf")
-    for name in "chat_template.jinja", "chat_template.json":
-        (directory / name).unlink(missing_ok=True)
-    for name in "processor_config.json", "tokenizer_config.json":
-        if (directory / name).exists():
-            _edit_json(directory / name, lambda c: c.pop("chat_template", None))
+    directory = _without_chat_template(_copy_checkpoint(families["llava-clip-llama"].directory, tmp_path / "hf"))
     broken = "{% for message in messages %}{{ message['content'] }}"
     if written_to == "chat_template.jinja":
         (directory / written_to).write_text(broken)
